@@ -1,0 +1,218 @@
+"""Model and engine configuration: dataclasses validated on creation.
+
+`ModelConfig` is read from a Hugging Face `config.json`. Only what the runtime needs is kept, under
+one name per concept, whichever spelling the checkpoint used (transformers 4.x and 5.x differ:
+`rope_theta` vs `rope_parameters`, `torch_dtype` vs `dtype`, `num_experts` vs `num_local_experts`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# architecture name in config.json -> family name used by mesh.model
+ARCHITECTURES = {
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "MixtralForCausalLM": "mixtral",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, inconsistent or unsupported."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # "qwen3_moe" | "qwen2_moe" | "mixtral"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense MLP layers (mlp_only_layers)
+    moe_intermediate_size: int
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool
+    moe_layers: tuple[bool, ...]  # per layer: True when the MLP is a sparse MoE block
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    torch_dtype: str = "float32"  # what the checkpoint was saved in
+
+    def __post_init__(self) -> None:
+        if self.family not in ARCHITECTURES.values():
+            raise ConfigError(f"unknown model family {self.family!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "num_experts", "top_k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.top_k}) exceeds num_experts ({self.num_experts})")
+        if len(self.moe_layers) != self.num_layers:
+            raise ConfigError("moe_layers must have one entry per layer")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token over all layers, in the checkpoint's dtype's element size."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        if family is None:
+            raise ConfigError(
+                f"unsupported architectures {archs}; supported: {sorted(ARCHITECTURES)}")
+        try:
+            hidden = cfg["hidden_size"]
+            layers = cfg["num_hidden_layers"]
+            heads = cfg["num_attention_heads"]
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks {e.args[0]!r}") from None
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or hidden // heads
+        num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        if not num_experts:
+            raise ConfigError("config.json names no experts (num_experts / num_local_experts)")
+        if cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window")):
+            raise ConfigError("sliding-window attention is not supported; set use_sliding_window false")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported (only silu)")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"rope_type {rope_type!r} is not supported (only default)")
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+
+        if family == "mixtral":
+            moe_layers = tuple(True for _ in range(layers))
+            norm_topk = True
+        else:
+            step = cfg.get("decoder_sparse_step", 1) or 1
+            dense = set(cfg.get("mlp_only_layers") or [])
+            moe_layers = tuple((i not in dense) and (i + 1) % step == 0 for i in range(layers))
+            norm_topk = bool(cfg.get("norm_topk_prob", False))
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            family=family,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg.get("intermediate_size", 0),
+            moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg.get("intermediate_size"),
+            num_experts=num_experts,
+            top_k=cfg["num_experts_per_tok"],
+            norm_topk_prob=norm_topk,
+            moe_layers=moe_layers,
+            shared_expert_intermediate_size=(
+                cfg.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0),
+            qk_norm=family == "qwen3_moe",
+            qkv_bias=bool(cfg.get("qkv_bias", True)) if family == "qwen2_moe"
+            else bool(cfg.get("attention_bias", False)),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+            torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype") or "float32",
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{model_dir} is not a model directory: {path} is missing")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf(data)
+
+
+def default_dtype() -> str:
+    """bfloat16 where this machine multiplies it fast (CUDA, or a CPU with AVX512-BF16/AMX), else float32."""
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = field(default_factory=default_dtype)
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for the paged KV pool
+    max_num_seqs: int = 256  # running sequences per step
+    max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    prefix_namespace: str = ""  # salts block hashes (tenant, model fingerprint)
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.max_num_seqs <= 0:
+            raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least the "
+                f"block size ({self.block_size})")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '1048576' -> bytes."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
+        if s.endswith(suffix):
+            s, mult = s[:-1], m
+            break
+    try:
+        value = float(s) * mult
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as a size (e.g. 512M, 2G)") from None
+    if value <= 0:
+        raise ConfigError(f"size must be positive, got {text!r}")
+    return int(value)

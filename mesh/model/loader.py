@@ -1,0 +1,115 @@
+"""Building a `MoEDecoder` and `ExpertShard`s from a Hugging Face model directory.
+
+Every tensor's shape is checked against config.json, so a truncated or mismatched checkpoint fails at
+load time with the tensor's name, not with a shape error deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mesh.config import ModelConfig
+from mesh.model.decoder import (AttentionWeights, DenseWeights, LayerWeights, MoEBlockWeights,
+                                MoEDecoder)
+from mesh.model.families import FAMILIES
+from mesh.model.moe import ExpertShard, ExpertWeights
+from mesh.model.weights import CheckpointReader
+
+
+def load_dense(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
+               device: str | torch.device = "cpu", reader: CheckpointReader | None = None) -> DenseWeights:
+    r = reader or CheckpointReader(model_dir)
+    spec = FAMILIES[cfg.family]
+    H, D, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
+
+    def get(name, shape):
+        return r.get(name, shape, dtype).to(device)
+
+    layers = []
+    moe_index = 0
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        attn = AttentionWeights(
+            qkv=torch.cat([get(a + "q_proj.weight", (q, H)), get(a + "k_proj.weight", (kv, H)),
+                           get(a + "v_proj.weight", (kv, H))]),
+            qkv_bias=torch.cat([get(a + "q_proj.bias", (q,)), get(a + "k_proj.bias", (kv,)),
+                                get(a + "v_proj.bias", (kv,))]) if cfg.qkv_bias else None,
+            o=get(a + "o_proj.weight", (H, q)),
+            q_norm=get(a + "q_norm.weight", (D,)) if cfg.qk_norm else None,
+            k_norm=get(a + "k_norm.weight", (D,)) if cfg.qk_norm else None,
+        )
+        layer = LayerWeights(input_norm=get(p + "input_layernorm.weight", (H,)),
+                             post_norm=get(p + "post_attention_layernorm.weight", (H,)), attn=attn, moe=None)
+        if cfg.moe_layers[i]:
+            m = p + spec.moe_prefix + "."
+            block = MoEBlockWeights(router=get(spec.router_key(i), (cfg.num_experts, H)))
+            if cfg.shared_expert_intermediate_size:
+                Is = cfg.shared_expert_intermediate_size
+                block.shared_gate_up = torch.cat([get(m + "shared_expert.gate_proj.weight", (Is, H)),
+                                                  get(m + "shared_expert.up_proj.weight", (Is, H))])
+                block.shared_down = get(m + "shared_expert.down_proj.weight", (H, Is))
+                block.shared_gate = get(m + "shared_expert_gate.weight", (1, H))
+            layer.moe, layer.moe_index = block, moe_index
+            moe_index += 1
+        else:
+            I = cfg.intermediate_size
+            layer.mlp_gate_up = torch.cat([get(p + "mlp.gate_proj.weight", (I, H)),
+                                           get(p + "mlp.up_proj.weight", (I, H))])
+            layer.mlp_down = get(p + "mlp.down_proj.weight", (H, I))
+        layers.append(layer)
+    embed = get("model.embed_tokens.weight", (V, H))
+    if cfg.tie_word_embeddings and "lm_head.weight" not in r:
+        lm_head = embed
+    else:
+        lm_head = get("lm_head.weight", (V, H))
+    return DenseWeights(embed=embed, layers=layers, norm=get("model.norm.weight", (H,)), lm_head=lm_head)
+
+
+def load_experts(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
+                 slots: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
+                 reader: CheckpointReader | None = None) -> ExpertShard:
+    """Load the experts of every MoE layer; `slots[moe_index]` lists the logical expert held in each
+    local slot (default: all experts, slot == expert). Only those tensors are read from disk."""
+    r = reader or CheckpointReader(model_dir)
+    spec = FAMILIES[cfg.family]
+    H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    moe_layers = [i for i in range(cfg.num_layers) if cfg.moe_layers[i]]
+    if slots is None:
+        slots = [list(range(E)) for _ in moe_layers]
+    if len(slots) != len(moe_layers):
+        raise ValueError(f"slots has {len(slots)} layers, the model has {len(moe_layers)} MoE layers")
+    out = []
+    for layer, experts in zip(moe_layers, slots):
+        for e in experts:
+            if not 0 <= e < E:
+                raise ValueError(f"expert {e} out of range [0, {E}) in layer {layer}")
+        fused_gu, fused_d = spec.fused_keys(layer)
+        if fused_gu in r:
+            idx = torch.tensor(list(experts), dtype=torch.long)
+            gate_up = r.get(fused_gu, (E, 2 * I, H), dtype)[idx]
+            down = r.get(fused_d, (E, H, I), dtype)[idx]
+        else:
+            gate_up = torch.stack([
+                torch.cat([r.get(spec.expert_key(layer, e, spec.gate), (I, H), dtype),
+                           r.get(spec.expert_key(layer, e, spec.up), (I, H), dtype)])
+                for e in experts])  # [S, 2I, H]
+            down = torch.stack([r.get(spec.expert_key(layer, e, spec.down), (H, I), dtype)
+                                for e in experts])  # [S, H, I]
+        out.append(ExpertWeights(gate_up=gate_up.contiguous().to(device), down=down.contiguous().to(device)))
+    return ExpertShard(out)
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+               with_experts: bool = True, max_positions: int | None = None
+               ) -> tuple[MoEDecoder, ExpertShard | None]:
+    cfg = ModelConfig.from_dir(model_dir)
+    reader = CheckpointReader(model_dir)
+    dense = load_dense(model_dir, cfg, dtype, device, reader)
+    experts = load_experts(model_dir, cfg, dtype, device=device, reader=reader) if with_experts else None
+    reader.close()
+    return MoEDecoder(cfg, dense, dtype, device, max_positions), experts

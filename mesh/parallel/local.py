@@ -1,0 +1,51 @@
+"""The in-process dispatcher: every expert lives in this process, slot == logical expert id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mesh.model.moe import ExpertShard, sort_by_expert, weighted_scatter
+
+
+@dataclass
+class _Pending:
+    rows_out: torch.Tensor  # [T*K, H] expert outputs, sorted by expert
+    order: torch.Tensor  # [T*K]
+    topk_weights: torch.Tensor  # [T, K]
+    num_tokens: int
+    dtype: torch.dtype
+
+
+class LocalDispatcher:
+    def __init__(self, experts: ExpertShard, num_experts: int):
+        if experts.num_slots != num_experts:
+            raise ValueError(f"local dispatch needs all {num_experts} experts, shard holds {experts.num_slots}")
+        self.experts = experts
+        self.num_experts = num_experts
+        # tokens routed to each expert of each MoE layer since the last reset (the load that
+        # balancing and metrics read)
+        self.expert_load: torch.Tensor | None = None
+
+    def begin_step(self, num_tokens: int) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> _Pending:
+        t, k = topk_ids.shape
+        order, counts = sort_by_expert(topk_ids, self.num_experts)
+        if self.expert_load is None:
+            self.expert_load = torch.zeros(len(self.experts.layers), self.num_experts, dtype=torch.int64)
+        self.expert_load[moe_index] += counts
+        rows = hidden[torch.div(order, k, rounding_mode="floor")]  # [T*K, H]
+        out = self.experts.forward(moe_index, rows, counts.tolist())
+        return _Pending(out, order, topk_weights, t, hidden.dtype)
+
+    def combine(self, handle: _Pending) -> torch.Tensor:
+        acc = weighted_scatter(handle.rows_out, handle.order, handle.topk_weights, handle.num_tokens,
+                               handle.topk_weights.shape[1])
+        return acc.to(handle.dtype)
