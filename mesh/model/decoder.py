@@ -71,8 +71,11 @@ class MoEDecoder:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: KVCache, dispatcher: Dispatcher) -> torch.Tensor:
-        """input_ids, positions: [T] -> final-normed hidden states [T, H]."""
+                kv: KVCache, dispatcher: Dispatcher, capture: list | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final-normed hidden states [T, H].
+
+        `capture`, when given, receives the residual stream after every layer (for parity tests).
+        """
         dispatcher.begin_step(input_ids.shape[0])
         h = F.embedding(input_ids, self.w.embed)  # [T, H]
         for i, layer in enumerate(self.w.layers):
@@ -83,6 +86,8 @@ class MoEDecoder:
                 h = h + dense_mlp(x, layer.mlp_gate_up, layer.mlp_down)
             else:
                 h = h + self._moe(layer, x, dispatcher)
+            if capture is not None:
+                capture.append(h)
         dispatcher.end_step()
         return rms_norm(h, self.w.norm, self.cfg.rms_norm_eps)
 

@@ -1,0 +1,203 @@
+"""The `mesh` command line: init-model, generate, serve.
+
+Every flag also reads a `MESH_*` environment variable where one is named in its help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_ARCH, DEFAULT_PRESET = "qwen3_moe", "small"
+
+
+def _env(name: str, default=None):
+    return os.environ.get(name, default)
+
+
+def default_model_dir() -> Path:
+    """The built-in model: the `small` Qwen3-MoE preset, built once into the user's cache."""
+    root = Path(_env("MESH_CACHE_DIR", Path.home() / ".cache" / "moe-mesh"))
+    return root / "models" / f"{DEFAULT_ARCH}-{DEFAULT_PRESET}-seed0"
+
+
+def resolve_model(model: str | None) -> Path:
+    """--model DIR, else $MESH_MODEL, else the built-in default (created on first use)."""
+    model = model or _env("MESH_MODEL")
+    if model:
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"mesh: error: --model {model}: no config.json there "
+                             f"(create one with `mesh init-model --out {model}`)")
+        return path
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        from mesh.presets import init_model
+        print(f"building the built-in model in {path} (once) ...", file=sys.stderr)
+        init_model(DEFAULT_ARCH, DEFAULT_PRESET, path, seed=0, progress=_progress)
+    return path
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    from mesh.config import default_dtype
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=_env("MESH_DTYPE") or default_dtype(),
+                   help="compute dtype (default: bfloat16 where this machine has fast bf16, else float32; "
+                        "env MESH_DTYPE)")
+    g.add_argument("--kv-cache-memory", default=_env("MESH_KV_CACHE_MEMORY", "1G"),
+                   help="bytes for the paged KV pool, e.g. 512M, 4G (default 1G; env MESH_KV_CACHE_MEMORY)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    g.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most sequences running in one step (default 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; longer prompts are prefilled in chunks (default 2048)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence served, prompt plus output (default: the model's limit)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
+
+
+def engine_config(args):
+    from mesh.config import ConfigError, EngineConfig, parse_size
+    try:
+        return EngineConfig(dtype=args.dtype, block_size=args.block_size,
+                            kv_cache_memory=parse_size(str(args.kv_cache_memory)),
+                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+    except ConfigError as e:
+        raise SystemExit(f"mesh: error: {e}") from None
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (the default here), higher = more random")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def sampling_params(args):
+    from mesh.types import InvalidRequest, SamplingParams
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                              ignore_eos=args.ignore_eos)
+    except InvalidRequest as e:
+        raise SystemExit(f"mesh: error: {e}") from None
+
+
+def cmd_init_model(args) -> int:
+    from mesh.presets import init_model
+    t0 = time.perf_counter()
+    try:
+        out = init_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype, progress=_progress)
+    except ValueError as e:
+        raise SystemExit(f"mesh: error: {e}") from None
+    _progress(f"wrote {args.arch}/{args.preset} to {out} in {time.perf_counter() - t0:.1f}s")
+    if args.json:
+        print(json.dumps({"model_dir": str(out), "arch": args.arch, "preset": args.preset, "seed": args.seed}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.target:
+        from mesh.client_cli import generate_remote
+        return generate_remote(args)
+    from mesh.engine.engine import Engine
+    from mesh.types import InvalidRequest
+    params = sampling_params(args)
+    model = resolve_model(args.model)
+    engine = Engine(model, engine_config(args))
+    try:
+        req = engine.make_request(prompt=args.prompt, prompt_token_ids=args.prompt_ids, sampling=params)
+        t0 = time.perf_counter()
+        if args.json:
+            result = engine.generate([req])[0]
+            print(json.dumps(result.as_dict()))
+        else:
+            engine.add_request(req)
+            while engine.has_unfinished():
+                for out in engine.step():
+                    text = out.new_text if engine.tokenizer else " ".join(map(str, out.new_token_ids)) + " "
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+        _progress(f"[{engine.model_config.family}, {args.dtype}] {time.perf_counter() - t0:.2f}s")
+    except InvalidRequest as e:
+        raise SystemExit(f"mesh: error: {e}") from None
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mesh.presets import ARCHS, PRESETS
+    parser = argparse.ArgumentParser(prog="mesh", description="moe-mesh: serve Mixture-of-Experts code models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init-model", help="write a random-weight checkpoint and tokenizer in HF format",
+                       description="Write a random-weight Hugging Face checkpoint (config.json, safetensors, "
+                                   "a byte-level BPE tokenizer.json trained on local Python source).")
+    p.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH, help="architecture family")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="model size: tiny (tests), small (the built-in default), bench (~64M params)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype on disk")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("generate", help="generate from one prompt, in-process or against a server",
+                       description="Generate a completion. With --model (or none: the built-in model) it runs "
+                                   "in this process; with --target HOST:PORT it calls a running `mesh serve`.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--model", help="model directory in HF format (env MESH_MODEL; default: built-in)")
+    where.add_argument("--target", help="HOST:PORT of a running `mesh serve`")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    what.add_argument("--prompt-ids", type=_int_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
+    add_sampling_flags(p)
+    add_engine_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help='print {"token_ids", "text", "finish_reason", "usage"} as one JSON object')
+    p.set_defaults(func=cmd_generate)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands that live with their edge packages (serve, loadtest, ...), registered if present."""
+    out = []
+    try:
+        from router_service.cli import register as serve_register
+        out.append(serve_register)
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The engine loop: add requests, step, stream deltas.
+
+One step: schedule -> model forward (attention over paged KV, routed experts through the dispatcher)
+-> sample -> postprocess (append tokens, detokenize, check stops, free finished sequences' blocks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from mesh.config import ConfigError, EngineConfig, ModelConfig
+from mesh.engine.block_manager import BlockManager
+from mesh.engine.model_runner import ModelRunner
+from mesh.engine.sampler import sample
+from mesh.engine.scheduler import Scheduler
+from mesh.engine.sequence import Sequence, Status
+from mesh.model.attention import KVCache
+from mesh.model.loader import load_model
+from mesh.parallel.dispatcher import Dispatcher
+from mesh.parallel.local import LocalDispatcher
+from mesh.tokenizer import IncrementalDetokenizer, Tokenizer
+from mesh.types import (CompletionResult, FinishReason, InvalidRequest, Request, RequestOutput,
+                        SamplingParams, Usage)
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None,
+                 dispatcher: Dispatcher | None = None):
+        """`dispatcher` None: all experts load here and run through the local dispatcher."""
+        self.config = config = config or EngineConfig()
+        torch.manual_seed(config.seed)
+        self.model_dir = Path(model_dir)
+        self.model_config: ModelConfig = ModelConfig.from_dir(model_dir)
+        mc = self.model_config
+        dtype = config.torch_dtype
+        per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
+                                            mc.head_dim, dtype)
+        num_blocks = config.kv_cache_memory // per_block
+        if num_blocks < 2:
+            raise ConfigError(
+                f"--kv-cache-memory {config.kv_cache_memory} bytes holds {num_blocks} blocks of "
+                f"{per_block} bytes; give it at least {2 * per_block} bytes")
+        # A sequence must always fit in the pool by itself, else preemption could not make progress.
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings, num_blocks * config.block_size)
+        self.model, experts = load_model(model_dir, dtype, config.device, with_experts=dispatcher is None,
+                                         max_positions=self.max_model_len)
+        self.dispatcher = dispatcher or LocalDispatcher(experts, mc.num_experts)
+        self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+                          dtype, config.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                   config.prefix_namespace)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv, self.dispatcher)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.eos_token_ids = set(mc.eos_token_ids)
+        if self.tokenizer is not None:
+            self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._emitted_text: dict[str, int] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def make_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                     sampling: SamplingParams | None = None, request_id: str | None = None,
+                     **kw) -> Request:
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise InvalidRequest("give a prompt or prompt token ids")
+            if self.tokenizer is None:
+                raise InvalidRequest(
+                    f"{self.model_dir} has no tokenizer.json: send prompt token ids instead of text")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        return Request(request_id or f"req-{next(self._ids)}", list(prompt_token_ids),
+                       sampling or SamplingParams(), prompt=prompt, arrival_time=time.time(), **kw)
+
+    def validate(self, req: Request) -> None:
+        ids = req.prompt_token_ids
+        if not ids:
+            raise InvalidRequest("the prompt is empty: send at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; this model serves at most {self.max_model_len} "
+                f"tokens per sequence including at least one output token")
+        if req.request_id in self._seqs:
+            raise InvalidRequest(f"request id {req.request_id!r} is already in flight")
+
+    def add_request(self, req: Request) -> None:
+        self.validate(req)
+        seq = Sequence(req, arrival=0)
+        self._seqs[req.request_id] = seq
+        if self.tokenizer is not None:
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+        self._emitted_text[req.request_id] = 0
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Free the request's blocks at once. False if it is unknown or already finished."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        samplers, logits = self.runner.run(plan.scheduled)
+        for s in plan.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+            self.blocks.commit(s.seq)
+        new_tokens = sample(logits, [s.seq for s in samplers], self.generator) if samplers else []
+        self.num_steps += 1
+        return [self._postprocess(s.seq, tok) for s, tok in zip(samplers, new_tokens)]
+
+    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+        sp = seq.sampling
+        seq.token_ids.append(token)
+        reason = None
+        visible = True
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
+            reason, visible = FinishReason.STOP, False
+        elif seq.num_output_tokens >= sp.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        text = ""
+        detok = self._detok.get(seq.request_id)
+        if detok is not None:
+            if visible:
+                detok.add([token])
+            if reason is FinishReason.LENGTH:
+                detok.flush()  # release a character still split across tokens
+            full, start = detok.text, self._emitted_text[seq.request_id]
+            end = len(full)
+            if sp.stop:
+                longest = max(map(len, sp.stop))
+                cut = _find_stop(full, sp.stop, max(0, start - longest + 1))
+                if cut is not None:
+                    end, reason = cut, FinishReason.STOP
+                elif reason is None:
+                    end = max(start, end - (longest - 1))  # a tail that may still become a stop string
+            text = full[start:end]
+            self._emitted_text[seq.request_id] = end
+        if reason is not None:
+            self._finish(seq, reason)
+        return RequestOutput(seq.request_id, [token], text, reason is not None, reason, self._usage(seq))
+
+    def _usage(self, seq: Sequence) -> Usage:
+        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is not Status.FINISHED:
+            self.scheduler.remove(seq)
+        seq.finish_reason = reason
+        self._seqs.pop(seq.request_id, None)
+        self._detok.pop(seq.request_id, None)
+        self._emitted_text.pop(seq.request_id, None)
+
+    # ---- convenience ----------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> list[CompletionResult]:
+        """Run requests to completion (a batch job); results in the order given."""
+        for r in requests:
+            self.add_request(r)
+        acc: dict[str, CompletionResult] = {
+            r.request_id: CompletionResult(r.request_id, [], "", FinishReason.ABORT, Usage()) for r in requests}
+        while self.has_unfinished():
+            for out in self.step():
+                res = acc[out.request_id]
+                res.token_ids.extend(out.new_token_ids)
+                res.text += out.new_text
+                res.usage = out.usage
+                if out.finished:
+                    res.finish_reason = out.finish_reason
+        return [acc[r.request_id] for r in requests]
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    best = None
+    for s in stops:
+        i = text.find(s, start)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

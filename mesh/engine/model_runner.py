@@ -1,0 +1,70 @@
+"""Turns a scheduled batch into model inputs, runs the forward pass, returns the logits to sample."""
+
+from __future__ import annotations
+
+import torch
+
+from mesh.engine.scheduler import ScheduledSeq
+from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk
+from mesh.model.decoder import MoEDecoder
+from mesh.parallel.dispatcher import Dispatcher
+
+
+class ModelRunner:
+    def __init__(self, model: MoEDecoder, kv: KVCache, dispatcher: Dispatcher):
+        self.model = model
+        self.kv = kv
+        self.dispatcher = dispatcher
+        self.block_size = kv.block_size
+        self.device = model.device
+
+    def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """Returns the sequences that sample this step and their logits [N, V] float32, in that order.
+
+        Rows are laid out single-token chunks first (batched decode attention), then prefill chunks.
+        """
+        bs = self.block_size
+        decodes = [s for s in batch if s.num_tokens == 1]
+        prefills = [s for s in batch if s.num_tokens > 1]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for s in decodes:
+            seq, c = s.seq, s.seq.num_computed_tokens
+            ids.append(seq.token_ids[c])
+            pos.append(c)
+            slots.append(seq.block_ids[c // bs] * bs + c % bs)
+        meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(decodes))
+        if decodes:
+            ctx = [s.seq.num_computed_tokens + 1 for s in decodes]
+            width = -(-max(ctx) // bs)
+            table = [s.seq.block_ids[:width] + [0] * (width - len(s.seq.block_ids[:width])) for s in decodes]
+            meta.decode_block_table = torch.tensor(table, dtype=torch.long, device=self.device)  # [B, M]
+            ctx_t = torch.tensor(ctx, device=self.device)
+            meta.decode_mask = (torch.arange(width * bs, device=self.device)[None, :]
+                                < ctx_t[:, None])[:, None, None, :]  # [B, 1, 1, M*bs]
+        row = len(decodes)
+        sample_rows = [i for i, s in enumerate(decodes) if s.samples]
+        samplers = [s for s in decodes if s.samples]
+        prefill_slots = []
+        for s in prefills:
+            seq, c, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
+            ids.extend(seq.token_ids[c:c + n])
+            p = torch.arange(c, c + n)
+            pos.extend(range(c, c + n))
+            nblocks = -(-(c + n) // bs)
+            blocks = torch.tensor(seq.block_ids[:nblocks], dtype=torch.long)
+            prefill_slots.append(blocks[p // bs] * bs + p % bs)
+            meta.prefills.append(PrefillChunk(row, n, c + n, blocks.to(self.device)))
+            row += n
+            if s.samples:
+                sample_rows.append(row - 1)
+                samplers.append(s)
+        meta.slot_mapping = torch.cat([torch.tensor(slots, dtype=torch.long)] + prefill_slots).to(self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv, self.dispatcher)
+        if not sample_rows:
+            return [], hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return samplers, logits

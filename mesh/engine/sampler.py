@@ -1,0 +1,44 @@
+"""Batched sampling: greedy, temperature, top-k, top-p, with per-request seeds.
+
+Sampling draws exponential noise and takes argmax(p / noise), which picks token i with probability
+p_i. A seeded request draws its noise from its own generator, so its tokens do not depend on what
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mesh.engine.sequence import Sequence
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
+           ) -> list[int]:
+    """logits [N, V] float32, one row per sequence -> next token ids."""
+    n = logits.shape[0]
+    greedy = [s.sampling.greedy for s in seqs]
+    if all(greedy):
+        return logits.argmax(dim=-1).tolist()
+    out = logits.argmax(dim=-1)
+    rows = [i for i in range(n) if not greedy[i]]
+    idx = torch.tensor(rows)
+    x = logits[idx]  # [R, V]
+    temp = torch.tensor([seqs[i].sampling.temperature for i in rows], dtype=torch.float32)
+    x = x / temp[:, None]
+    top_k = torch.tensor([seqs[i].sampling.top_k if seqs[i].sampling.top_k > 0 else x.shape[1]
+                          for i in rows])
+    top_p = torch.tensor([seqs[i].sampling.top_p for i in rows], dtype=torch.float32)
+    sorted_x, order = x.sort(dim=-1, descending=True)  # [R, V]
+    ranks = torch.arange(x.shape[1])[None, :]
+    sorted_x = sorted_x.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = sorted_x.softmax(dim=-1)
+    # drop tokens once the mass before them already reaches top_p (the first always stays)
+    before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+    noise = torch.empty_like(probs)
+    for r, i in enumerate(rows):
+        g = seqs[i].generator or generator
+        noise[r].exponential_(generator=g)
+    pick = (probs / noise).argmax(dim=-1)  # [R] positions in sorted order
+    out[idx] = order.gather(1, pick[:, None]).squeeze(1)
+    return out.tolist()

@@ -1,0 +1,49 @@
+"""A request's mutable state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from mesh.types import FinishReason, Request
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request: Request, arrival: int):
+        self.request = request
+        self.request_id = request.request_id
+        self.sampling = request.sampling
+        self.token_ids: list[int] = list(request.prompt_token_ids)  # prompt + generated
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose K/V sit in this sequence's blocks
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far
+        self.num_cached_tokens = 0  # prefix-cache hit at first admission (reported in usage)
+        self.admitted = False
+        self.arrival = arrival  # admission order: later arrivals are preempted first
+        self.status = Status.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        self.generator: torch.Generator | None = None
+        if request.sampling.seed is not None:
+            # A private generator per request: its draws do not depend on what else is batched.
+            self.generator = torch.Generator().manual_seed(request.sampling.seed % (2**63))
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
