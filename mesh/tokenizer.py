@@ -63,7 +63,8 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
-        """`<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>` as ids; the model writes the middle."""
+        """`<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>` as ids; the model writes
+        the middle."""
         ids = [self.token_id(t) for t in FIM_TOKENS]
         missing = [t for t, i in zip(FIM_TOKENS, ids) if i is None]
         if missing:
@@ -104,8 +105,11 @@ class IncrementalDetokenizer:
     emitted. Only these ids are kept, so memory and work per step stay bounded by the window.
     """
 
-    # A UTF-8 character is at most 4 bytes and every token at least one byte, so a character still
-    # incomplete after this many pending tokens is invalid output and is released as U+FFFD.
+    # A UTF-8 character is at most 4 bytes and every token at least one byte, so the incomplete
+    # character at the end of valid text lies in the last 3 tokens at most.
+    MAX_SPLIT = 3
+    # Pending tokens that still decode to U+FFFD at every split are invalid output: past this many
+    # they are released as U+FFFD rather than held forever.
     MAX_PENDING = 6
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (),
@@ -125,19 +129,24 @@ class IncrementalDetokenizer:
     def add(self, new_ids: Iterable[int]) -> str:
         """Append generated ids; returns the text they complete (may be "" while a character is split)."""
         self._ids.extend(new_ids)
-        p, r = self._prefix_offset, self._read_offset
+        p, r, n = self._prefix_offset, self._read_offset, len(self._ids)
         prefix_text = self._decode(self._ids[p:r])
-        full_text = self._decode(self._ids[p:])
-        pending = len(self._ids) - r
-        if full_text.endswith(REPLACEMENT_CHAR) and pending <= self.MAX_PENDING:
-            return ""
+        full_text, new_read = self._decode(self._ids[p:]), n
         if full_text.endswith(REPLACEMENT_CHAR):
-            # Invalid bytes: release all but the last tokens, which may still start a valid character.
-            keep = len(self._ids) - 3
-            full_text = self._decode(self._ids[p:keep])
-            new_read = keep
-        else:
-            new_read = len(self._ids)
+            # Emit up to the latest split that leaves only a partial character pending.
+            for k in range(n - 1, max(r, n - self.MAX_SPLIT) - 1, -1):
+                text = self._decode(self._ids[p:k])
+                if not text.endswith(REPLACEMENT_CHAR):
+                    full_text, new_read = text, k
+                    break
+            else:
+                if n - r <= self.MAX_PENDING:
+                    return ""
+                # Invalid bytes: release all but the last tokens, which may still start a character.
+                new_read = n - self.MAX_SPLIT
+                full_text = self._decode(self._ids[p:new_read])
+        if new_read <= r:
+            return ""
         delta = full_text[len(prefix_text):] if len(full_text) > len(prefix_text) else ""
         self._advance(r, new_read)
         if delta:
