@@ -1,0 +1,76 @@
+"""Shared benchmark helpers: the model under test, machine roofline, JSON-line output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def bench_model(arch: str = "qwen3_moe", preset: str = "bench") -> Path:
+    """The preset checkpoint, built once under bench/out/."""
+    from mesh.presets import init_model
+    out = ROOT / "bench" / "out" / f"{arch}-{preset}"
+    if not (out / "config.json").is_file():
+        init_model(arch, preset, out, seed=0, progress=lambda s: print(s, file=sys.stderr))
+    return out
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def median_time(fn, repeat: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """Measured FLOP/s of a square matmul in `dtype` on this machine, now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = median_time(lambda: torch.mm(a, b), repeat=5)
+    return 2 * n ** 3 / t
+
+
+def memory_bandwidth(nbytes: int = 512 << 20) -> float:
+    """Measured bytes/s of reading a large buffer (a sum over it), now."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    t = median_time(lambda: x.sum(), repeat=5)
+    return nbytes / t
+
+
+def peak_rss_bytes() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def threads_from_env() -> None:
+    torch.set_num_threads(int(os.environ.get("MESH_BENCH_THREADS", os.cpu_count() or 1)))

@@ -1,0 +1,313 @@
+"""The torch.distributed dispatcher: attention ranks send rows to expert ranks and back, per MoE layer.
+
+One process group of A attention ranks (gateways, ranks 0..A-1, hold no experts) and W expert ranks
+(ranks A..A+W-1; expert rank w = group rank - A). `CollectiveDispatcher` is the attention side of the
+Dispatcher protocol; `ExpertServer` is the expert side's run loop. gloo on CPU, NCCL on GPU: the code
+only moves tensors on `device`.
+
+Wire protocol, in this order on every rank (all collectives span the whole group):
+0. once, at construction: all_gather int64 [9] (version, A, W, slots_per_rank, E, MoE layers, H,
+   dtype code, placement fingerprint). Any disagreement raises the same ValueError on every rank.
+1. per step: all_gather int64 header [8] = [kind, num_tokens, step_id, trace_id_hi, trace_id_lo,
+   span_id, flags, 0] (expert ranks send zeros). kind STEP on every attention rank starts a step;
+   SHUTDOWN from any attention rank ends the expert loops (and fails the peers' begin_step).
+2. per MoE layer 0..L-1, in order:
+   a. all_to_all_single of int64 [world, S] with equal splits: the per-local-slot row counts that each
+      attention rank sends to each expert rank (zeros on every other pair).
+   b. all_to_all_single of rows [N, H] in the model dtype with uneven splits: attention rank a sends
+      expert rank w its rows for w, sorted by local slot. Local slot ids are not sent: they are
+      implied by the counts of step a, rows arriving grouped slot by slot. Gate weights stay on the
+      attention side, which does the weighted sum.
+   c. all_to_all_single of expert outputs [N, H], splits reversed: each expert rank returns every
+      source's rows in the order they arrived.
+Every rank must reach every one of these collectives with matching splits, else all ranks hang:
+attention ranks send 0 rows to attention ranks, expert ranks send 0 rows to expert ranks, and an
+idle gateway still joins each step with 0 tokens (see `idle_step`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mesh.model.moe import ExpertShard, weighted_scatter
+from mesh.parallel.placement import Placement
+
+STEP, SHUTDOWN = 1, 2
+HEADER_LEN = 8
+PROTOCOL_VERSION = 1
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_HANDSHAKE = ["protocol version", "attention ranks", "expert ranks", "slots per rank", "experts",
+              "MoE layers", "hidden size", "dtype", "placement fingerprint"]
+
+# Expert ranks block in the step-header collective whenever no request is running, possibly for
+# hours; gloo and NCCL would otherwise fail that wait after the default 30 minutes. Liveness of a
+# stuck peer is the control plane's job (Ray health checks), not the collective timeout's.
+GROUP_TIMEOUT = timedelta(days=365)
+
+
+def init_mesh_group(init_method: str, world_size: int, rank: int, backend: str | None = None) -> None:
+    """Join the mesh's default process group (NCCL when CUDA is present, else gloo)."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank,
+                            timeout=GROUP_TIMEOUT)
+
+
+def _u64_halves(x: int) -> tuple[int, int]:
+    """Split an unsigned 128-bit trace id into two signed int64 halves (tensor elements are signed)."""
+    def s64(v):
+        return v - (1 << 64) if v >= 1 << 63 else v
+    return s64((x >> 64) & (2**64 - 1)), s64(x & (2**64 - 1))
+
+
+class _MeshRank:
+    """What both sides share: group geometry, the handshake, byte counters and the exchange helper."""
+
+    def __init__(self, placement: Placement, num_attention: int, group, device, layout: list[int]):
+        self.placement = placement
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.A, self.W = num_attention, placement.num_ranks
+        self.S, self.L = placement.slots_per_rank, placement.num_layers
+        if self.world != self.A + self.W:
+            raise ValueError(f"group has {self.world} ranks, expected {self.A} attention + {self.W} expert")
+        if device is None:
+            nccl = dist.get_backend(group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.device = torch.device(device)
+        self.step_bytes_sent = self.step_bytes_received = 0
+        self.total_bytes_sent = self.total_bytes_received = 0
+        self.steps = 0
+        self.layer_seconds = [0.0] * self.L  # cumulative, per MoE layer
+        self._handshake(layout)
+
+    def _handshake(self, mine: list[int]) -> None:
+        table = self._gather(torch.tensor(mine, dtype=torch.int64))  # [world, 9]
+        for r in range(self.world):
+            for i, name in enumerate(_HANDSHAKE):
+                if table[r, i] != table[0, i]:
+                    raise ValueError(f"mesh handshake: rank {r} has {name}={int(table[r, i])}, rank 0 has "
+                                     f"{int(table[0, i])}; every rank must run the same model and placement")
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """all_gather a small int64 vector from every rank -> [world, n] on the CPU."""
+        x = x.to(self.device)
+        out = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(out, x, group=self.group)
+        self._count(x.numel() * 8, x.numel() * 8 * self.world)
+        return torch.stack(out).cpu()
+
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, async_op=False):
+        # Collective over the whole group: every rank must call this, in the same order.
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+        self._count(inp.numel() * inp.element_size(), out.numel() * out.element_size())
+        return work
+
+    def _count(self, sent: int, received: int) -> None:
+        self.step_bytes_sent += sent
+        self.step_bytes_received += received
+        self.total_bytes_sent += sent
+        self.total_bytes_received += received
+
+
+@dataclass
+class _Handle:
+    moe_index: int
+    rows: torch.Tensor  # [N, H] rows sent, sorted by (expert rank, local slot)
+    order: torch.Tensor  # [N] flat (token, k) index of each sent row
+    topk_weights: torch.Tensor  # [T, K]
+    splits: list[int]  # rows per group rank (0 for attention ranks)
+    works: list  # async works of counts and rows; their buffers live in this handle
+    counts: tuple[torch.Tensor, torch.Tensor]
+    seconds: float  # time spent inside dispatch
+
+
+class CollectiveDispatcher(_MeshRank):
+    """The attention-rank side. All A attention ranks call begin_step / dispatch / combine / end_step
+    in lockstep (same steps, every MoE layer in order, combine before the next dispatch).
+
+    Counters: `expert_load` [L, E] and `slot_load` [L, P] rows routed since the last reset,
+    `layer_seconds` [L] dispatch + combine host seconds (on CUDA these exclude queued GPU work),
+    `step_bytes_sent/received` for the current step, `total_bytes_sent/received`.
+    """
+
+    def __init__(self, placement: Placement, num_attention: int, hidden_size: int, dtype: torch.dtype,
+                 group=None, device=None):
+        self.hidden_size, self.dtype = hidden_size, dtype
+        layout = [PROTOCOL_VERSION, num_attention, placement.num_ranks, placement.slots_per_rank,
+                  placement.num_experts, placement.num_layers, hidden_size, _DTYPES.index(dtype),
+                  placement.fingerprint()]
+        super().__init__(placement, num_attention, group, device, layout)
+        if not 0 <= self.rank < self.A:
+            raise ValueError(f"rank {self.rank} is an expert rank; attention ranks are 0..{self.A - 1}")
+        self.reset_counters()
+        self._in_step = self._closed = False
+        self._next_layer = 0
+        self._pending: _Handle | None = None
+
+    def reset_counters(self) -> None:
+        self.expert_load = torch.zeros(self.L, self.placement.num_experts, dtype=torch.int64)
+        self.slot_load = torch.zeros(self.L, self.placement.num_slots, dtype=torch.int64)
+        self.layer_seconds = [0.0] * self.L
+
+    def begin_step(self, num_tokens: int, trace_id: int = 0, span_id: int = 0, flags: int = 0) -> None:
+        if self._closed:
+            raise RuntimeError("the mesh dispatcher is shut down")
+        if self._in_step:
+            raise RuntimeError("begin_step called twice without end_step")
+        self.step_bytes_sent = self.step_bytes_received = 0
+        hi, lo = _u64_halves(trace_id)
+        headers = self._gather(torch.tensor([STEP, num_tokens, self.steps, hi, lo, _u64_halves(span_id)[1],
+                                             flags, 0], dtype=torch.int64))  # [world, 8]
+        if (headers[:self.A, 0] == SHUTDOWN).any():
+            self._closed = True  # a peer's shutdown consumed this header round: the experts are gone
+            raise RuntimeError("another attention rank shut the mesh down during this step's header")
+        self._in_step, self._next_layer = True, 0
+
+    def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> _Handle:
+        t0 = time.perf_counter()
+        # Expert ranks serve layers 0..L-1 in order, each as three collectives; any other order on
+        # this side would pair up mismatched collectives.
+        if not self._in_step or moe_index != self._next_layer or self._pending is not None:
+            raise RuntimeError(f"dispatch({moe_index}) out of order: expected layer {self._next_layer} "
+                               f"inside a step, after the previous layer's combine")
+        if hidden.dtype != self.dtype or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden {tuple(hidden.shape)} {hidden.dtype} does not match the mesh's "
+                             f"[*, {self.hidden_size}] {self.dtype}")
+        t, k = topk_ids.shape
+        P, zeros = self.placement.num_slots, [0] * self.world
+        phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank).reshape(-1)  # [T*K]
+        # Global slot p = w * S + local slot: sorting by p groups rows by expert rank, then slot.
+        order = torch.argsort(phys, stable=True)  # [T*K]
+        slot_counts = torch.bincount(phys, minlength=P)  # [P]
+        self.slot_load[moe_index] += slot_counts.cpu()
+        self.expert_load[moe_index] += torch.bincount(topk_ids.reshape(-1).cpu(),
+                                                      minlength=self.placement.num_experts)
+        counts_send = torch.zeros(self.world, self.S, dtype=torch.int64, device=self.device)  # [world, S]
+        counts_send[self.A:] = slot_counts.view(self.W, self.S)
+        counts_recv = torch.empty_like(counts_send)
+        splits = [0] * self.A + slot_counts.view(self.W, self.S).sum(1).tolist()
+        rows = hidden[torch.div(order, k, rounding_mode="floor")]  # [T*K, H]
+        works = [self._a2a(counts_recv, counts_send, None, None, async_op=True),
+                 self._a2a(rows[:0], rows, zeros, splits, async_op=True)]
+        self._pending = _Handle(moe_index, rows, order, topk_weights, splits, works,
+                                (counts_send, counts_recv), time.perf_counter() - t0)
+        return self._pending
+
+    def combine(self, handle: _Handle) -> torch.Tensor:
+        """Receive the expert outputs (the return all_to_all runs here, so whatever the caller did
+        since dispatch overlapped the transfer and the expert compute) and sum them -> [T, H]."""
+        t0 = time.perf_counter()
+        if handle is not self._pending:
+            raise RuntimeError("combine got a handle that is not the pending dispatch")
+        back = torch.empty_like(handle.rows)  # [N, H]
+        self._a2a(back, handle.rows[:0], handle.splits, [0] * self.world)
+        for w in handle.works:
+            w.wait()
+        t, k = handle.topk_weights.shape
+        out = weighted_scatter(back, handle.order, handle.topk_weights, t, k).to(self.dtype)  # [T, H]
+        self._pending, self._next_layer = None, self._next_layer + 1
+        self.layer_seconds[handle.moe_index] += handle.seconds + time.perf_counter() - t0
+        return out
+
+    def end_step(self) -> None:
+        if self._next_layer != self.L or self._pending is not None:
+            raise RuntimeError(f"end_step after {self._next_layer} of {self.L} MoE layers: the expert ranks "
+                               f"wait for every layer of every step")
+        self._in_step = False
+        self.steps += 1
+
+    def idle_step(self) -> None:
+        """Join one step with 0 tokens: what an idle gateway does while its peers run a step."""
+        self.begin_step(0)
+        empty = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        ids = torch.empty(0, 1, dtype=torch.int64, device=self.device)
+        for layer in range(self.L):
+            self.combine(self.dispatch(layer, empty, ids, torch.empty(0, 1, device=self.device)))
+        self.end_step()
+
+    def shutdown(self) -> None:
+        """Tell the expert ranks to leave their loop. Collective: every attention rank calls it, between
+        steps. Does not destroy the process group (its owner does)."""
+        if self._closed:
+            return
+        if self._in_step:
+            raise RuntimeError("shutdown inside a step: the expert ranks are waiting for MoE layers")
+        self._gather(torch.tensor([SHUTDOWN, 0, self.steps, 0, 0, 0, 0, 0], dtype=torch.int64))
+        self._closed = True
+
+
+class ExpertServer(_MeshRank):
+    """The expert-rank side: serve steps until an attention rank sends SHUTDOWN.
+
+    `experts` holds this rank's slots (load_experts(..., slots=placement.local_slots(rank - A))).
+    Counters: `slot_load` [L, S] rows served per local slot, `layer_seconds` [L] (including waits for
+    rows), `compute_seconds` [L], byte counters, `last_headers` [A, 8] of the latest step.
+    """
+
+    def __init__(self, experts: ExpertShard, placement: Placement, num_attention: int, group=None,
+                 device=None):
+        self.experts = experts
+        w = experts.layers[0].gate_up if experts.layers else torch.empty(0, 0, 0)
+        self.dtype, self.hidden_size = w.dtype, w.shape[-1]
+        layout = [PROTOCOL_VERSION, num_attention, placement.num_ranks, experts.num_slots,
+                  placement.num_experts, len(experts.layers), self.hidden_size,
+                  _DTYPES.index(self.dtype), placement.fingerprint()]
+        super().__init__(placement, num_attention, group, device, layout)
+        if self.rank < self.A:
+            raise ValueError(f"rank {self.rank} is an attention rank; expert ranks are {self.A}..{self.world - 1}")
+        self.slot_load = torch.zeros(self.L, self.S, dtype=torch.int64)
+        self.compute_seconds = [0.0] * self.L
+        self.last_headers = torch.zeros(self.A, HEADER_LEN, dtype=torch.int64)
+
+    def run(self) -> int:
+        """Serve until SHUTDOWN; returns the number of steps served."""
+        while self.serve_step():
+            pass
+        return self.steps
+
+    def serve_step(self) -> bool:
+        """Wait for the next step header (blocking while idle) and serve its layers; False on SHUTDOWN."""
+        self.step_bytes_sent = self.step_bytes_received = 0
+        headers = self._gather(torch.zeros(HEADER_LEN, dtype=torch.int64))[:self.A]  # [A, 8]
+        self.last_headers = headers
+        kinds = set(headers[:, 0].tolist())
+        if SHUTDOWN in kinds:
+            return False
+        if kinds != {STEP}:
+            raise RuntimeError(f"unknown step header kinds {sorted(kinds)}: protocol mismatch")
+        for layer in range(self.L):
+            self._serve_layer(layer)
+        self.steps += 1
+        return True
+
+    def _serve_layer(self, layer: int) -> None:
+        t0 = time.perf_counter()
+        A, S, zeros = self.A, self.S, [0] * self.world
+        counts_recv = torch.empty(self.world, S, dtype=torch.int64, device=self.device)  # [world, S]
+        self._a2a(counts_recv, torch.zeros_like(counts_recv), None, None)
+        counts = counts_recv[:A].cpu()  # [A, S] rows per (source attention rank, local slot)
+        per_source = counts.sum(1).tolist() + [0] * self.W
+        recv = torch.empty(sum(per_source), self.hidden_size, dtype=self.dtype, device=self.device)  # [N, H]
+        self._a2a(recv, recv[:0], per_source, zeros)
+        slot_counts = counts.sum(0)  # [S]
+        self.slot_load[layer] += slot_counts
+        t1 = time.perf_counter()
+        if A > 1:
+            # Rows arrive source by source, each sorted by slot; a stable sort by slot merges them
+            # (keeping source order within a slot) into the grouping ExpertShard.forward expects.
+            slot_of_row = torch.repeat_interleave(torch.arange(S).repeat(A), counts.reshape(-1))  # [N]
+            perm = torch.argsort(slot_of_row, stable=True).to(self.device)  # [N]
+            out = torch.empty_like(recv)
+            out[perm] = self.experts.forward(layer, recv[perm], slot_counts.tolist())
+        else:
+            out = self.experts.forward(layer, recv, slot_counts.tolist())  # [N, H]
+        self.compute_seconds[layer] += time.perf_counter() - t1
+        self._a2a(out[:0], out, zeros, per_source)
+        self.layer_seconds[layer] += time.perf_counter() - t0
