@@ -1,0 +1,171 @@
+"""The expert pool: Ray actors, one per expert rank, and the gateway's end of their process group.
+
+Control plane only: Ray starts the actors (a placement group spreads them over nodes), they load their
+own experts straight from the safetensors files, and report status. Per-layer tensors never travel
+through Ray: they go over the torch.distributed group that the gateway (rank 0) and the workers
+(ranks 1..W) join here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from expert_workers.worker import WorkerSpec, make_actor_class
+from mesh.config import DTYPES, ModelConfig
+from mesh.parallel.placement import Placement
+
+log = logging.getLogger("mesh.pool")
+
+
+class PoolError(RuntimeError):
+    pass
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _node_ip() -> str:
+    import ray
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
+
+
+class ExpertPool:
+    def __init__(self, model_dir: str, dtype: str, num_workers: int, ray_address: str | None = None,
+                 threads_per_worker: int | None = None, worker_cpus: float | None = None,
+                 placement: Placement | None = None, load_timeout: float = 300.0):
+        if num_workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {num_workers}")
+        self.model_dir, self.dtype, self.num_workers = str(model_dir), dtype, num_workers
+        self.cfg = ModelConfig.from_dir(model_dir)
+        if placement is None:
+            if self.cfg.num_experts % num_workers:
+                raise ValueError(f"--workers {num_workers} does not divide the model's {self.cfg.num_experts} "
+                                 f"experts; choose a divisor of {self.cfg.num_experts}")
+            placement = Placement.contiguous(self.cfg.num_moe_layers, self.cfg.num_experts, num_workers)
+        self.placement = placement
+        self.ray_address = ray_address
+        cpus = os.cpu_count() or 1
+        self.threads_per_worker = threads_per_worker or max(1, cpus // (num_workers + 1))
+        self.worker_cpus = worker_cpus
+        self.load_timeout = load_timeout
+        self.actors: list = []
+        self.serve_refs: list = []
+        self.dispatcher = None
+        self._started_ray = False
+        self._pg = None
+
+    # ---- start -----------------------------------------------------------------------------
+    def start(self):
+        """Start Ray (or join it), the actors, and the group; returns the gateway's CollectiveDispatcher."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from mesh.parallel.collective import CollectiveDispatcher, init_mesh_group
+
+        t0 = time.perf_counter()
+        if not ray.is_initialized():
+            if self.ray_address:
+                ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=True)
+            else:
+                # A private local cluster, sized so every worker gets a CPU slot on this machine.
+                ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, self.num_workers),
+                         log_to_driver=True)
+                self._started_ray = True
+        cpus = self.worker_cpus if self.worker_cpus is not None else 1
+        self._pg = placement_group([{"CPU": cpus}] * self.num_workers, strategy="SPREAD")
+        ray.get(self._pg.ready(), timeout=self.load_timeout)
+        host = _node_ip() if self.ray_address else "127.0.0.1"
+        init_method = f"tcp://{host}:{_free_port(host)}"
+        actor_cls = make_actor_class()
+        phy2log = self.placement.phy2log.tolist()
+        for w in range(self.num_workers):
+            spec = WorkerSpec(self.model_dir, self.dtype, w, 1, phy2log, self.placement.num_ranks,
+                              self.placement.slots_per_rank, init_method, self.threads_per_worker)
+            actor = actor_cls.options(
+                num_cpus=cpus, name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=w),
+            ).remote(spec)
+            self.actors.append(actor)
+            self.serve_refs.append(actor.serve.remote())
+        self._wait_loaded()
+        # Every worker joins right after loading; rank 0 completes the rendezvous.
+        init_mesh_group(init_method, 1 + self.num_workers, 0)
+        self.dispatcher = CollectiveDispatcher(self.placement, 1, self.cfg.hidden_size, DTYPES[self.dtype])
+        log.info("expert pool: %d workers joined in %.1fs (%s)", self.num_workers, time.perf_counter() - t0,
+                 init_method)
+        return self.dispatcher
+
+    def _wait_loaded(self) -> None:
+        import ray
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            done, _ = ray.wait(self.serve_refs, timeout=0)
+            for ref in done:  # serve() returned before the group formed: it failed
+                ray.get(ref)
+            states = self.statuses()
+            failed = [s for s in states if s["state"] == "failed"]
+            if failed:
+                raise PoolError(f"expert worker {failed[0]['rank']} failed to load:\n{failed[0]['error']}")
+            if all(s["state"] in ("loaded", "joined") for s in states):
+                return
+            if time.monotonic() > deadline:
+                raise PoolError(f"expert workers not loaded after {self.load_timeout:.0f}s: "
+                                f"{[s['state'] for s in states]}")
+            time.sleep(0.1)
+
+    # ---- watch -----------------------------------------------------------------------------
+    def statuses(self, timeout: float = 10.0) -> list[dict]:
+        import ray
+        return ray.get([a.status.remote() for a in self.actors], timeout=timeout)
+
+    def ready(self) -> bool:
+        """True when every worker has loaded its shard and joined the group."""
+        try:
+            return self.dispatcher is not None and all(s["state"] == "joined" for s in self.statuses())
+        except Exception:
+            return False
+
+    # ---- stop ------------------------------------------------------------------------------
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Release the workers from their loop, then stop them and (if we started it) Ray.
+
+        Call between engine steps (after the engine thread stopped): SHUTDOWN is a collective.
+        """
+        import ray
+        import torch.distributed as dist
+
+        if self.dispatcher is not None:
+            try:
+                self.dispatcher.shutdown()
+                ray.get(self.serve_refs, timeout=timeout)
+            except Exception as e:  # a worker already gone: fall through to killing the actors
+                log.warning("expert pool: workers did not stop cleanly: %s", e)
+            self.dispatcher = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        self.actors = []
+        if self._pg is not None:
+            try:
+                ray.util.remove_placement_group(self._pg)
+            except Exception:
+                pass
+            self._pg = None
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+

@@ -1,0 +1,107 @@
+"""One expert rank: load this rank's experts, join the mesh's process group, serve every MoE layer.
+
+`ExpertWorker` is a plain class (testable without Ray); `RayExpertWorker` is the thin actor shell.
+The actor runs `serve()` in one thread and answers `status()` from another, so the control plane can
+watch a worker that is blocked in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from mesh.config import DTYPES, ModelConfig
+from mesh.model.loader import load_experts
+from mesh.parallel.placement import Placement
+
+
+@dataclass
+class WorkerSpec:
+    model_dir: str
+    dtype: str
+    expert_rank: int  # 0..W-1
+    num_attention: int  # A: gateway ranks 0..A-1 in the group
+    phy2log: list[list[int]]  # the placement, identical on every rank (the handshake checks it)
+    num_ranks: int
+    slots_per_rank: int
+    init_method: str  # tcp://host:port of the group's rendezvous
+    threads: int = 1
+    device: str = "cpu"
+
+
+class ExpertWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.state = "created"  # created -> loading -> loaded -> joined -> stopped | failed
+        self.error: str | None = None
+        self.server = None
+        self.loaded_bytes = 0
+        self.load_seconds = 0.0
+
+    def placement(self) -> Placement:
+        s = self.spec
+        cfg = ModelConfig.from_dir(s.model_dir)
+        return Placement(torch.tensor(s.phy2log, dtype=torch.int64), s.num_ranks, s.slots_per_rank,
+                         cfg.num_experts)
+
+    def serve(self) -> int:
+        """Load, join, and serve until the gateway sends SHUTDOWN. Returns the steps served."""
+        import torch.distributed as dist
+
+        from mesh.parallel.collective import ExpertServer, init_mesh_group
+
+        s = self.spec
+        # Ray starts actors with OMP_NUM_THREADS=1; set the intra-op threads this rank may use.
+        torch.set_num_threads(max(1, s.threads))
+        try:
+            self.state = "loading"
+            t0 = time.perf_counter()
+            cfg = ModelConfig.from_dir(s.model_dir)
+            placement = self.placement()
+            shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=placement.local_slots(s.expert_rank),
+                                 device=s.device)
+            self.loaded_bytes = sum(w.gate_up.nbytes + w.down.nbytes for w in shard.layers)
+            self.load_seconds = time.perf_counter() - t0
+            self.state = "loaded"
+            init_mesh_group(s.init_method, s.num_attention + s.num_ranks, s.num_attention + s.expert_rank)
+            self.server = ExpertServer(shard, placement, s.num_attention)
+            self.state = "joined"
+            steps = self.server.run()
+            self.state = "stopped"
+            dist.destroy_process_group()
+            return steps
+        except BaseException:
+            self.state = "failed"
+            self.error = traceback.format_exc()
+            raise
+
+    def status(self) -> dict:
+        srv = self.server
+        return {"rank": self.spec.expert_rank, "state": self.state, "error": self.error,
+                "host": socket.gethostname(), "pid": os.getpid(), "loaded_bytes": self.loaded_bytes,
+                "load_seconds": self.load_seconds,
+                "steps": getattr(srv, "steps", 0) if srv is not None else 0,
+                "compute_seconds": getattr(srv, "compute_seconds", 0.0) if srv is not None else 0.0}
+
+
+def make_actor_class():
+    """The Ray actor shell, built on demand so importing this module does not import Ray."""
+    import ray
+
+    @ray.remote(max_concurrency=2)  # one thread serves the collective loop, one answers status()
+    class RayExpertWorker:
+        def __init__(self, spec: WorkerSpec):
+            self.worker = ExpertWorker(spec)
+
+        def serve(self) -> int:
+            return self.worker.serve()
+
+        def status(self) -> dict:
+            return self.worker.status()
+
+    return RayExpertWorker

@@ -1,0 +1,76 @@
+"""The engine through the Ray expert pool (gloo all-to-all) against the single-process engine and
+transformers: identical greedy tokens for every family, with concurrent requests of different lengths."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import FAMILIES, hf_greedy
+from expert_workers.pool import ExpertPool, PoolError
+from mesh.config import EngineConfig
+from mesh.engine.engine import Engine
+from mesh.types import SamplingParams
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(include_dashboard=False, num_cpus=4, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _prompts(n=6, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (k,), generator=g).tolist() for k in torch.randint(2, 60, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mesh_matches_local_engine_and_transformers(family, ray_cluster, hf_checkpoints, hf_models):
+    model_dir = hf_checkpoints[family]
+    prompts = _prompts()
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    pool = ExpertPool(str(model_dir), "float32", num_workers=2)
+    try:
+        dispatcher = pool.start()
+        assert pool.ready()
+        statuses = pool.statuses()
+        assert [s["state"] for s in statuses] == ["joined", "joined"]
+        # each worker loaded only its half of the experts
+        assert len({s["pid"] for s in statuses} | {os.getpid()}) == 3
+        assert statuses[0]["loaded_bytes"] == statuses[1]["loaded_bytes"] > 0
+        mesh = Engine(model_dir, EngineConfig(dtype="float32", max_num_batched_tokens=32), dispatcher=dispatcher)
+        assert mesh.dispatcher is dispatcher
+        outs = mesh.generate([mesh.make_request(prompt_token_ids=p, sampling=sp) for p in prompts])
+        # rows really went to both workers
+        assert (dispatcher.slot_load.view(dispatcher.L, 2, -1).sum(-1) > 0).all()
+    finally:
+        pool.shutdown()
+    assert not torch.distributed.is_initialized()
+    local = Engine(model_dir, EngineConfig(dtype="float32"))
+    ref_local = local.generate([local.make_request(prompt_token_ids=p, sampling=sp) for p in prompts])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref_local]
+    assert [o.token_ids for o in outs] == [hf_greedy(hf_models[family], p, 8) for p in prompts]
+
+
+def test_a_worker_that_cannot_load_is_reported(ray_cluster, hf_checkpoints, tmp_path):
+    import shutil
+    d = tmp_path / "broken"
+    shutil.copytree(hf_checkpoints["qwen3_moe"], d)
+    from safetensors.torch import load_file, save_file
+    t = load_file(d / "model.safetensors")
+    del t["model.layers.2.mlp.experts.7.down_proj.weight"]  # an expert that worker 1 holds
+    save_file(t, d / "model.safetensors")
+    pool = ExpertPool(str(d), "float32", num_workers=2, load_timeout=60)
+    try:
+        with pytest.raises((PoolError, ray.exceptions.RayTaskError), match="experts.7.down_proj.weight"):
+            pool.start()
+    finally:
+        pool.shutdown()
+
+
+def test_workers_must_divide_experts(hf_checkpoints):
+    with pytest.raises(ValueError, match="does not divide the model's 8 experts"):
+        ExpertPool(str(hf_checkpoints["mixtral"]), "float32", num_workers=3)
