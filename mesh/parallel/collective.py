@@ -38,6 +38,7 @@ from mesh.model.moe import ExpertShard, weighted_scatter
 from mesh.parallel.placement import Placement
 
 STEP, SHUTDOWN = 1, 2
+ECHO = 1  # header flag: expert ranks return rows unchanged (measures transport alone)
 HEADER_LEN = 8
 PROTOCOL_VERSION = 1
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -155,12 +156,15 @@ class CollectiveDispatcher(_MeshRank):
         self.slot_load = torch.zeros(self.L, self.placement.num_slots, dtype=torch.int64)
         self.layer_seconds = [0.0] * self.L
 
-    def begin_step(self, num_tokens: int, trace_id: int = 0, span_id: int = 0, flags: int = 0) -> None:
+    step_flags = 0  # header flags for steps the model starts (benchmarks set ECHO)
+
+    def begin_step(self, num_tokens: int, trace_id: int = 0, span_id: int = 0, flags: int | None = None) -> None:
         if self._closed:
             raise RuntimeError("the mesh dispatcher is shut down")
         if self._in_step:
             raise RuntimeError("begin_step called twice without end_step")
         self.step_bytes_sent = self.step_bytes_received = 0
+        flags = self.step_flags if flags is None else flags
         hi, lo = _u64_halves(trace_id)
         headers = self._gather(torch.tensor([STEP, num_tokens, self.steps, hi, lo, _u64_halves(span_id)[1],
                                              flags, 0], dtype=torch.int64))  # [world, 8]
@@ -232,6 +236,27 @@ class CollectiveDispatcher(_MeshRank):
             self.combine(self.dispatch(layer, empty, ids, torch.empty(0, 1, device=self.device)))
         self.end_step()
 
+    def bare_exchange(self, slot_counts: torch.Tensor) -> list[float]:
+        """Benchmark baseline: one ECHO step that moves, per MoE layer, the rows `slot_counts` [L, P]
+        describes with nothing but the three raw all_to_all_single calls. Returns seconds per layer."""
+        self.begin_step(0, flags=ECHO)
+        zeros, seconds = [0] * self.world, []
+        for layer in range(self.L):
+            counts = slot_counts[layer].to(torch.int64)
+            counts_send = torch.zeros(self.world, self.S, dtype=torch.int64, device=self.device)  # [world, S]
+            counts_send[self.A:] = counts.view(self.W, self.S).to(self.device)
+            splits = [0] * self.A + counts.view(self.W, self.S).sum(1).tolist()
+            rows = torch.randn(sum(splits), self.hidden_size).to(self.dtype).to(self.device)  # [N, H]
+            back = torch.empty_like(rows)
+            t0 = time.perf_counter()
+            self._a2a(torch.empty_like(counts_send), counts_send, None, None)
+            self._a2a(rows[:0], rows, zeros, splits)
+            self._a2a(back, rows[:0], splits, zeros)
+            seconds.append(time.perf_counter() - t0)
+            self._next_layer += 1
+        self.end_step()
+        return seconds
+
     def shutdown(self) -> None:
         """Tell the expert ranks to leave their loop. Collective: every attention rank calls it, between
         steps. Does not destroy the process group (its owner does)."""
@@ -282,12 +307,13 @@ class ExpertServer(_MeshRank):
             return False
         if kinds != {STEP}:
             raise RuntimeError(f"unknown step header kinds {sorted(kinds)}: protocol mismatch")
+        echo = bool(int(headers[0, 6]) & ECHO)
         for layer in range(self.L):
-            self._serve_layer(layer)
+            self._serve_layer(layer, echo)
         self.steps += 1
         return True
 
-    def _serve_layer(self, layer: int) -> None:
+    def _serve_layer(self, layer: int, echo: bool = False) -> None:
         t0 = time.perf_counter()
         A, S, zeros = self.A, self.S, [0] * self.world
         counts_recv = torch.empty(self.world, S, dtype=torch.int64, device=self.device)  # [world, S]
@@ -299,7 +325,9 @@ class ExpertServer(_MeshRank):
         slot_counts = counts.sum(0)  # [S]
         self.slot_load[layer] += slot_counts
         t1 = time.perf_counter()
-        if A > 1:
+        if echo:
+            out = recv
+        elif A > 1:
             # Rows arrive source by source, each sorted by slot; a stable sort by slot merges them
             # (keeping source order within a slot) into the grouping ExpertShard.forward expects.
             slot_of_row = torch.repeat_interleave(torch.arange(S).repeat(A), counts.reshape(-1))  # [N]
