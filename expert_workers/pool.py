@@ -64,6 +64,22 @@ class ExpertPool:
         self._pg = None
 
     # ---- start -----------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Join --ray-address, or start a private local Ray cluster that `shutdown` stops.
+
+        Call it from the main thread before installing signal handlers: Ray's core installs its own
+        for SIGTERM, and a server wants the last word on what SIGTERM does."""
+        import ray
+        if ray.is_initialized():
+            return
+        if self.ray_address:
+            ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=True)
+        else:
+            # sized so every worker gets a CPU slot on this machine
+            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, self.num_workers),
+                     log_to_driver=True)
+            self._started_ray = True
+
     def start(self):
         """Start Ray (or join it), the actors, and the group; returns the gateway's CollectiveDispatcher."""
         import ray
@@ -73,14 +89,7 @@ class ExpertPool:
         from mesh.parallel.collective import CollectiveDispatcher, init_mesh_group
 
         t0 = time.perf_counter()
-        if not ray.is_initialized():
-            if self.ray_address:
-                ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=True)
-            else:
-                # A private local cluster, sized so every worker gets a CPU slot on this machine.
-                ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, self.num_workers),
-                         log_to_driver=True)
-                self._started_ray = True
+        self.connect()
         cpus = self.worker_cpus if self.worker_cpus is not None else 1
         self._pg = placement_group([{"CPU": cpus}] * self.num_workers, strategy="SPREAD")
         ray.get(self._pg.ready(), timeout=self.load_timeout)

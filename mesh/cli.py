@@ -119,7 +119,7 @@ def cmd_init_model(args) -> int:
 
 def cmd_generate(args) -> int:
     if args.target:
-        from mesh.client_cli import generate_remote
+        from router_service.client_cli import generate_remote
         return generate_remote(args)
     from mesh.engine.engine import Engine
     from mesh.types import InvalidRequest
@@ -184,14 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands that live with their edge packages (serve, loadtest, ...), registered if present."""
-    out = []
-    try:
-        from router_service.cli import register as serve_register
-        out.append(serve_register)
-    except ImportError:
-        pass
-    return out
+    """Subcommands that live with their edge packages (imported lazily: grpc, ray and redis load only
+    when such a command runs)."""
+    from router_service.cli import register as serve_register
+    return [serve_register]
 
 
 def main(argv: list[str] | None = None) -> int:

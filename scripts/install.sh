@@ -9,3 +9,5 @@ extras=""
 # pip download a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+# the gRPC stubs are built from protos/ (also done on first import when missing or stale)
+.venv/bin/python -m router_service.protos

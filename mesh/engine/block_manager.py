@@ -54,7 +54,7 @@ class BlockManager:
         total = seq.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_ids))
 
-    def _namespace(self, seq: Sequence) -> str:
+    def namespace_of(self, seq: Sequence) -> str:
         return f"{self.namespace}|{seq.request.cache_salt}"
 
     def match_prefix(self, seq: Sequence) -> int:
@@ -67,7 +67,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         limit = (len(seq.token_ids) - 1) // bs
-        parent, ns = None, self._namespace(seq)
+        parent, ns = None, self.namespace_of(seq)
         self.prefix_queries += len(seq.token_ids)
         for i in range(limit):
             h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs], ns)
@@ -98,21 +98,30 @@ class BlockManager:
             seq.block_ids.append(block)
         return True
 
-    def commit(self, seq: Sequence) -> None:
-        """After a step: hash the blocks that became full, so later prompts can share them."""
+    def commit(self, seq: Sequence) -> list[int]:
+        """After a step: hash the blocks that became full, so later prompts can share them.
+        Returns the indices (into seq.block_ids) of the blocks hashed now."""
         if not (self.enable_prefix_caching and seq.request.use_prefix_cache):
-            return
+            return []
         bs = self.block_size
+        first = len(seq.block_hashes)
         full = seq.num_computed_tokens // bs
-        ns = self._namespace(seq)
+        ns = self.namespace_of(seq)
         for i in range(len(seq.block_hashes), full):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs], ns)
             seq.block_hashes.append(h)
-            block = seq.block_ids[i]
             if h not in self.block_of_hash:
-                self.block_of_hash[h] = block
-                self.hash_of[block] = h
+                self.block_of_hash[h] = seq.block_ids[i]
+                self.hash_of[seq.block_ids[i]] = h
+        return list(range(first, full))
+
+    def register(self, seq: Sequence, block: int, h: int) -> None:
+        """A block of `seq` filled from another tier: index it like a computed one."""
+        seq.block_hashes.append(h)
+        if h not in self.block_of_hash:
+            self.block_of_hash[h] = block
+            self.hash_of[block] = h
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references (finish, abort or preemption)."""

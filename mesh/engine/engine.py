@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from mesh.cache.fingerprint import model_namespace
+from mesh.cache.remote import TieredPrefixCache
+from mesh.cache.tier import PrefixTier
 from mesh.config import ConfigError, EngineConfig, ModelConfig
 from mesh.engine.block_manager import BlockManager
 from mesh.engine.model_runner import ModelRunner
@@ -29,8 +32,9 @@ from mesh.types import (CompletionResult, FinishReason, InvalidRequest, Request,
 
 class Engine:
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None,
-                 dispatcher: Dispatcher | None = None):
-        """`dispatcher` None: all experts load here and run through the local dispatcher."""
+                 dispatcher: Dispatcher | None = None, prefix_tier: PrefixTier | None = None):
+        """`dispatcher` None: all experts load here and run through the local dispatcher.
+        `prefix_tier`: a remote prefix-cache tier (e.g. Redis) behind the local block pool."""
         self.config = config = config or EngineConfig()
         torch.manual_seed(config.seed)
         self.model_dir = Path(model_dir)
@@ -52,9 +56,14 @@ class Engine:
         self.dispatcher = dispatcher or LocalDispatcher(experts, mc.num_experts)
         self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
                           dtype, config.device)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                   config.prefix_namespace)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        # Cached blocks are shared only within one model, dtype and block size (and salt).
+        self.namespace = model_namespace(model_dir, mc.family, config.dtype, config.block_size)
+        if config.prefix_namespace:
+            self.namespace += ":" + config.prefix_namespace
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.namespace)
+        self.prefix_cache = TieredPrefixCache(prefix_tier, self.blocks, self.kv) if prefix_tier else None
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.prefix_cache.fetch if self.prefix_cache else None)
         self.runner = ModelRunner(self.model, self.kv, self.dispatcher)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.eos_token_ids = set(mc.eos_token_ids)
@@ -132,7 +141,9 @@ class Engine:
         samplers, logits = self.runner.run(plan.scheduled)
         for s in plan.scheduled:
             s.seq.num_computed_tokens += s.num_tokens
-            self.blocks.commit(s.seq)
+            hashed = self.blocks.commit(s.seq)
+            if hashed and self.prefix_cache is not None:
+                self.prefix_cache.store(s.seq, hashed)
         new_tokens = sample(logits, [s.seq for s in samplers], self.generator) if samplers else []
         self.num_steps += 1
         return [self._postprocess(s.seq, tok) for s, tok in zip(samplers, new_tokens)]
@@ -178,6 +189,11 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
         self._emitted_text.pop(seq.request_id, None)
+
+    def close(self) -> None:
+        """Flush and stop background work (the prefix tier's writer)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
     # ---- convenience ----------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[CompletionResult]:

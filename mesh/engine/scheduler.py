@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from mesh.engine.block_manager import BlockManager
 from mesh.engine.sequence import Sequence, Status
@@ -38,8 +39,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefix_fetch: Callable[[Sequence], int] | None = None):
         self.blocks = blocks
+        # After the local prefix match, a further tier may extend it (the Redis-backed cache).
+        self.prefix_fetch = prefix_fetch
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -84,10 +88,13 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.admitted:
-                seq.num_cached_tokens = self.blocks.match_prefix(seq)
-            elif seq.num_computed_tokens == 0:
-                self.blocks.match_prefix(seq)  # re-admission after preemption: reuse what survived
+            if seq.num_computed_tokens == 0:
+                # first admission, or re-admission after preemption: reuse what is cached
+                cached = self.blocks.match_prefix(seq)
+                if self.prefix_fetch is not None:
+                    cached += self.prefix_fetch(seq)
+                if not seq.admitted:
+                    seq.num_cached_tokens = cached
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.allocate(seq, n):
                 self.blocks.release(seq)

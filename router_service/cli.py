@@ -1,0 +1,126 @@
+"""`mesh serve`: registered into the `mesh` CLI by mesh.cli when this package is importable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger("mesh.serve")
+
+from router_service import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_MAX_QUEUED, DEFAULT_PORT
+
+
+def _env(name: str, default=None):
+    return os.environ.get(name, default)
+
+
+def register(subparsers) -> None:
+    # String defaults from MESH_* go through `type` like typed flags, so a bad value is a usage error.
+    from mesh.cli import add_engine_flags
+    p = subparsers.add_parser(
+        "serve", help="serve a model over gRPC (mesh.v1.Inference, health, reflection)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a model over gRPC: mesh.v1.Inference (Generate, Complete, Tokenize, "
+                    "GetModelInfo), the standard grpc.health.v1 health service and server reflection.\n"
+                    "Health reports NOT_SERVING until the model (and all expert workers) are loaded, and "
+                    "again while draining.\nSIGTERM or SIGINT drains: new requests get UNAVAILABLE, "
+                    "in-flight ones get --grace-period seconds to finish, the rest are aborted; a second "
+                    "signal aborts at once.")
+    p.add_argument("--model", default=None,
+                   help="model directory in HF format (env MESH_MODEL; default: the built-in model, "
+                        "built on first use)")
+    p.add_argument("--workers", type=int, default=_env("MESH_WORKERS", "0"),
+                   help="expert worker processes (Ray actors) holding the experts; 0 = all experts in "
+                        "this process (default 0; env MESH_WORKERS)")
+    p.add_argument("--ray-address", default=_env("MESH_RAY_ADDRESS"),
+                   help="Ray cluster to start expert workers in, e.g. ray://head:10001 or auto "
+                        "(default: a local Ray instance; env MESH_RAY_ADDRESS; used with --workers >= 1)")
+    p.add_argument("--redis", default=_env("MESH_REDIS_URL"),
+                   help="Redis for the shared prefix cache, redis://[:PASSWORD@]HOST:PORT/DB or rediss://... "
+                        "(env MESH_REDIS_URL; default: the local block pool only)")
+    p.add_argument("--redis-timeout-ms", type=float, default=_env("MESH_REDIS_TIMEOUT_MS", "250"),
+                   help="bound on each Redis call; a slower Redis is treated as a miss (default 250)")
+    p.add_argument("--redis-ttl", type=int, default=_env("MESH_REDIS_TTL", str(24 * 3600)),
+                   help="seconds a cached block lives in Redis (default 86400)")
+    p.add_argument("--host", default=_env("MESH_HOST", DEFAULT_HOST),
+                   help=f"address to listen on; 0.0.0.0 for all interfaces (default {DEFAULT_HOST}; "
+                        "env MESH_HOST)")
+    p.add_argument("--port", type=int, default=_env("MESH_PORT", str(DEFAULT_PORT)),
+                   help=f"port to listen on; 0 picks a free one (default {DEFAULT_PORT}; env MESH_PORT)")
+    p.add_argument("--max-queued-requests", type=int,
+                   default=_env("MESH_MAX_QUEUED_REQUESTS", str(DEFAULT_MAX_QUEUED)),
+                   help="most requests admitted at once (running + waiting); more get RESOURCE_EXHAUSTED "
+                        f"(default {DEFAULT_MAX_QUEUED}; env MESH_MAX_QUEUED_REQUESTS)")
+    p.add_argument("--grace-period", type=float, default=_env("MESH_GRACE_PERIOD", str(DEFAULT_GRACE)),
+                   help="seconds in-flight requests get to finish on shutdown before they are aborted "
+                        f"(default {DEFAULT_GRACE:g}; env MESH_GRACE_PERIOD)")
+    p.add_argument("--log-level", default=_env("MESH_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO; env MESH_LOG_LEVEL)")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def build_engine_factory(args):
+    """What `mesh serve` runs: (factory, ready, on_shutdown). The factory builds the engine once, in a
+    background thread, after the port is open.
+
+    --workers 0: the single-process engine (all experts here). --workers N: the experts live in N Ray
+    actors (a private local Ray cluster, or --ray-address), reached over a torch.distributed group;
+    health turns SERVING once every worker has loaded its shard and joined. --redis adds the shared
+    prefix-cache tier."""
+    from mesh.cli import engine_config, resolve_model
+    if args.workers < 0:
+        raise SystemExit(f"mesh: error: --workers must be 0 or more, got {args.workers}")
+    model = resolve_model(args.model)
+    config = engine_config(args)
+    tier = None
+    if args.redis:
+        from router_service.redis_tier import RedisTier, redact
+        try:
+            tier = RedisTier(args.redis, timeout_s=args.redis_timeout_ms / 1000, ttl_s=args.redis_ttl)
+        except ValueError as e:
+            raise SystemExit(f"mesh: error: {e}") from None
+        log.info("prefix cache: local pool + redis %s (%s)", redact(args.redis),
+                 "reachable" if tier.ping() else "NOT reachable: serving without it until it answers")
+    pool = None
+    if args.workers > 0:
+        from expert_workers.pool import ExpertPool
+        try:
+            pool = ExpertPool(str(model), config.dtype, args.workers, ray_address=args.ray_address)
+        except ValueError as e:
+            raise SystemExit(f"mesh: error: {e}") from None
+
+    def factory():
+        from mesh.engine.engine import Engine
+        dispatcher = pool.start() if pool is not None else None
+        engine = Engine(model, config, dispatcher=dispatcher, prefix_tier=tier)
+        engine.num_expert_workers = args.workers
+        return engine
+
+    if pool is None:
+        return factory, None, None
+    pool.connect()  # here, in the main thread, before the server installs its signal handlers
+    # Both block on Ray calls: run them off the event loop.
+    import asyncio
+    return (factory, lambda: asyncio.to_thread(pool.ready),
+            lambda: asyncio.to_thread(pool.shutdown, 3.0))
+
+
+def cmd_serve(args) -> int:
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    if args.max_queued_requests < 1:
+        raise SystemExit(f"mesh: error: --max-queued-requests must be at least 1, got {args.max_queued_requests}")
+    if args.grace_period < 0:
+        raise SystemExit(f"mesh: error: --grace-period must be >= 0, got {args.grace_period}")
+    if not 0 <= args.port < 65536:
+        raise SystemExit(f"mesh: error: --port must be in [0, 65535], got {args.port}")
+    from router_service.server import run_server
+    factory, ready, on_shutdown = build_engine_factory(args)
+    try:
+        return run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
+                          grace=args.grace_period, num_workers=args.workers, ready=ready,
+                          on_shutdown=on_shutdown)
+    except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+        raise SystemExit(f"mesh: error: cannot listen on {args.host}:{args.port}: {e}") from None

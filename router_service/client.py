@@ -1,0 +1,135 @@
+"""A small synchronous client for `mesh serve`, for programs that are not gRPC-minded.
+
+    with MeshClient("127.0.0.1:50051") as c:
+        for delta in c.generate(prompt="def add(a, b):", max_tokens=32, temperature=0):
+            print(delta.new_text, end="")
+        c.complete(prompt_token_ids=[1, 2, 3], max_tokens=8)  # {"token_ids", "text", ...}
+
+Errors come back as `MeshError` with the gRPC status `code` and the server's `details`.
+Stopping the iteration of `generate` early (break, close, garbage collection) cancels the call, and
+the server aborts the request and frees its KV cache.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.types import RequestOutput
+from router_service import convert
+from router_service.protos import inference_pb2 as pb
+from router_service.protos import inference_pb2_grpc as pb_grpc
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+
+
+class MeshError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> "MeshError":
+        return cls(e.code(), e.details() or "")
+
+
+class MeshClient:
+    def __init__(self, target: str, timeout: float | None = None, channel: grpc.Channel | None = None):
+        """`timeout`: default deadline in seconds for every call (None: no deadline)."""
+        self.target, self.timeout = target, timeout
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "MeshClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    @staticmethod
+    def request(prompt: str | None = None, prompt_token_ids: list[int] | None = None, *,
+                fim: tuple[str, str] | None = None, request_id: str = "", stop_token_ids=(),
+                disable_prefix_cache: bool = False, **sampling) -> pb.GenerateRequest:
+        """Build a GenerateRequest. `sampling`: max_tokens, temperature, top_p, top_k, seed, stop,
+        ignore_eos; None or absent means the server's default."""
+        unknown = set(sampling) - set(_SAMPLING_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
+        sp = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None and k != "stop"},
+                               stop=list(sampling.get("stop") or ()))
+        msg = pb.GenerateRequest(request_id=request_id, prompt=prompt or "",
+                                 prompt_token_ids=list(prompt_token_ids or ()), sampling=sp,
+                                 stop_token_ids=list(stop_token_ids), disable_prefix_cache=disable_prefix_cache)
+        if fim is not None:
+            msg.fim.prefix, msg.fim.suffix = fim
+        return msg
+
+    def generate(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, *,
+                 timeout: float | None = None, **kw) -> Iterator[RequestOutput]:
+        """Stream deltas: each RequestOutput holds the new token ids and text; the last has
+        `finished` and `finish_reason`."""
+        call = self._stub.Generate(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout))
+        try:
+            for msg in call:
+                yield convert.output_from_pb(msg)
+        except grpc.RpcError as e:
+            raise MeshError.from_rpc(e) from None
+        finally:
+            call.cancel()  # a no-op once the stream ended; frees the request if the caller stopped early
+
+    def complete(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, *,
+                 timeout: float | None = None, **kw) -> dict:
+        """The whole result: {"request_id", "token_ids", "text", "finish_reason", "usage"}."""
+        try:
+            msg = self._stub.Complete(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise MeshError.from_rpc(e) from None
+        return {"request_id": msg.request_id, "token_ids": list(msg.token_ids), "text": msg.text,
+                "finish_reason": convert.finish_reason_name(msg.finish_reason),
+                "usage": convert.usage_from_pb(msg.usage).as_dict()}
+
+    def tokenize(self, text: str, timeout: float | None = None) -> list[int]:
+        try:
+            return list(self._stub.Tokenize(pb.TokenizeRequest(text=text), timeout=self._timeout(timeout)).token_ids)
+        except grpc.RpcError as e:
+            raise MeshError.from_rpc(e) from None
+
+    def model_info(self, timeout: float | None = None) -> dict:
+        try:
+            msg = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise MeshError.from_rpc(e) from None
+        return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service name."""
+        try:
+            resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                      timeout=self._timeout(timeout) or 5.0)
+        except grpc.RpcError as e:
+            raise MeshError.from_rpc(e) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server reports SERVING; MeshError(DEADLINE_EXCEEDED) after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(timeout=1.0) == "SERVING":
+                    return
+            except MeshError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise MeshError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{self.target} did not report SERVING within {timeout:.0f}s")
+            time.sleep(0.2)

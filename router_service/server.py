@@ -1,0 +1,297 @@
+"""The gRPC gateway: `mesh.v1.Inference`, `grpc.health.v1.Health` and server reflection on grpc.aio.
+
+Lifecycle of a `Gateway`:
+  start()  bind the port and answer health checks at once (NOT_SERVING), so orchestrators can probe
+           while the model loads.
+  load()   build the engine (in a daemon thread: loading weights or joining expert workers takes
+           seconds to minutes and must not block the event loop, nor hold up exit), then wait for
+           `ready()` (all expert workers loaded and joined), then report SERVING.
+  stop()   drain: NOT_SERVING, new calls get UNAVAILABLE, in-flight streams get `grace` seconds to
+           finish; the rest are aborted (their streams end with FINISH_REASON_ABORT), the engine
+           thread stops, then `on_shutdown()` runs (the expert pool stops its workers there).
+A request whose caller goes away (cancel, deadline) is aborted in the engine at once, so its KV
+blocks come back before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import threading
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mesh.types import InvalidRequest
+from router_service import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_MAX_QUEUED, DEFAULT_PORT, convert
+from router_service.async_engine import AsyncEngine, EngineError, Overloaded
+from router_service.protos import inference_pb2 as pb
+from router_service.protos import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("mesh.serve")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "mesh.v1.Inference"
+MAX_MESSAGE_BYTES = 64 << 20
+POST_GRACE_BUDGET = 6.0  # seconds for server stop, engine thread and on_shutdown together
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+EngineFactory = Callable[[], Any]
+Hook = Callable[[], Any] | None  # sync or async
+
+
+async def _call(hook: Callable[[], Any]) -> Any:
+    result = hook()
+    return await result if inspect.isawaitable(result) else result
+
+
+class Gateway:
+    def __init__(self, engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 *, ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
+                 grace: float = DEFAULT_GRACE, num_workers: int = 0):
+        self.engine_factory, self.host, self.port = engine_factory, host, port
+        self.ready, self.on_shutdown = ready, on_shutdown
+        self.max_queued, self.grace, self.num_workers = max_queued, grace, num_workers
+        self.engine: Any = None
+        self.aengine: AsyncEngine | None = None
+        self.health = health.aio.HealthServicer()
+        self.serving = False
+        self.draining = False
+        self._hurry = asyncio.Event()  # a second signal: skip what is left of the grace period
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        # No SO_REUSEPORT: a second server on a port in use must fail, not silently share it.
+        # Long code prompts (a whole repository as context) exceed gRPC's 4 MiB default.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                          ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server)
+        self.port = server.add_insecure_port(f"{self.host}:{self.port}")  # port 0: the OS picks one
+        await self._set_health(NOT_SERVING)
+        await server.start()
+        self.server = server
+
+    async def load(self) -> None:
+        self.engine = await _in_daemon_thread(self.engine_factory)
+        self.num_workers = getattr(self.engine, "num_expert_workers", self.num_workers)
+        self.aengine = AsyncEngine(self.engine, self.max_queued)
+        mc = self.engine.model_config
+        log.info("mesh serve: listening on %s:%d | model %s (%s) | dtype %s | %d expert workers | "
+                 "max %d queued requests", self.host, self.port, mc.family, self.engine.model_dir,
+                 self.engine.config.dtype, self.num_workers, self.max_queued)
+        while self.ready is not None and not await _call(self.ready):
+            await asyncio.sleep(0.5)
+        self.serving = True
+        await self._set_health(SERVING)
+        log.info("mesh serve: ready")
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; idempotent (a second caller waits for the first)."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping, self.draining = True, True
+        grace = self.grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
+        t0 = time.monotonic()
+        if self.aengine is not None:
+            log.info("mesh serve: draining %d requests (grace %.1fs)", self.aengine.in_flight, grace)
+            while self.aengine.in_flight and time.monotonic() - t0 < grace and not self._hurry.is_set():
+                try:
+                    await asyncio.wait_for(self._hurry.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+            if self.aengine.in_flight:
+                log.info("mesh serve: aborting %d requests after the grace period", self.aengine.in_flight)
+            self.aengine.abort_all()
+        # After the grace period everything left shares one budget, so that the default 10 s grace
+        # still exits well within the 20 s an orchestrator waits before SIGKILL.
+        end = time.monotonic() + POST_GRACE_BUDGET
+        if self.server is not None:
+            await self.server.stop(1.0)  # time to send the final (ABORT) responses; cancels stragglers
+        if self.aengine is not None:  # waits for a step in progress to end
+            await asyncio.to_thread(self.aengine.shutdown, max(0.1, min(3.0, end - time.monotonic())))
+        if self.on_shutdown is not None:
+            try:
+                await asyncio.wait_for(_call(self.on_shutdown), max(0.5, end - time.monotonic()))
+            except Exception:  # noqa: BLE001 - shutdown goes on; the hook's failure is logged
+                log.exception("mesh serve: on_shutdown failed")
+        log.info("mesh serve: stopped after %.1fs", time.monotonic() - t0)
+        self._stopped.set()
+
+    def hurry(self) -> None:
+        self._hurry.set()
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """Like asyncio.to_thread, but the thread does not keep the process alive at exit."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def work() -> None:
+        try:
+            value, ok = fn(), True
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            value, ok = e, False
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:
+            pass  # the loop is gone: nobody is waiting
+
+    threading.Thread(target=work, name="mesh-engine-load", daemon=True).start()
+    return await fut
+
+
+TENANT_HEADER = "x-tenant-id"  # gRPC metadata naming the caller's tenant (salts prefix-cache hashes)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+
+    async def _engine(self, context) -> AsyncEngine:
+        gw = self.gw
+        if gw.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+        if not gw.serving or gw.aengine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the server is still loading its model and expert workers; retry shortly")
+        return gw.aengine
+
+    async def _start(self, msg: pb.GenerateRequest, context):
+        aengine = await self._engine(context)
+        # The engine's id is always fresh, so two callers choosing the same request_id never collide.
+        engine_id = uuid.uuid4().hex
+        try:
+            tenant = dict(context.invocation_metadata() or ()).get(TENANT_HEADER, "")
+            req = await asyncio.to_thread(convert.request_from_pb, msg, aengine.engine, engine_id, tenant)
+            stream = await aengine.generate(req)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Overloaded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineError as e:
+            await self._internal(context, e)
+        return aengine, engine_id, stream, msg.request_id or engine_id
+
+    async def _internal(self, context, e: Exception) -> None:
+        await self.gw._set_health(NOT_SERVING)
+        await context.abort(grpc.StatusCode.INTERNAL, str(e))
+
+    async def Generate(self, request, context):
+        aengine, engine_id, stream, rid = await self._start(request, context)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield convert.output_to_pb(out, rid)
+        except EngineError as e:
+            await self._internal(context, e)
+        finally:
+            # Cancellation and deadlines land here (CancelledError): free the KV blocks now.
+            if not finished:
+                aengine.abort(engine_id)
+
+    async def Complete(self, request, context):
+        aengine, engine_id, stream, rid = await self._start(request, context)
+        ids, text, last = [], [], None
+        try:
+            async for out in stream:
+                ids += out.new_token_ids
+                text.append(out.new_text)
+                last = out
+        except EngineError as e:
+            await self._internal(context, e)
+        finally:
+            if last is None or not last.finished:
+                aengine.abort(engine_id)
+        if last is None:
+            await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without output")
+        resp = convert.output_to_pb(last, rid)
+        del resp.token_ids[:]
+        resp.token_ids.extend(ids)
+        resp.text = "".join(text)
+        return resp
+
+    async def Tokenize(self, request, context):
+        aengine = await self._engine(context)
+        tok = aengine.engine.tokenizer
+        if tok is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{aengine.engine.model_dir} has no tokenizer.json: this model only takes "
+                                "prompt_token_ids")
+        ids = await asyncio.to_thread(tok.encode, request.text)
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def GetModelInfo(self, request, context):
+        aengine = await self._engine(context)
+        return convert.model_info(aengine.engine, self.gw.num_workers, aengine.max_queued)
+
+
+async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+                ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
+                grace: float = DEFAULT_GRACE, num_workers: int = 0,
+                started: Callable[[Gateway], Awaitable[None] | None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (a second one cuts the grace period short). Returns the exit code:
+    0 after a clean stop, 1 when the engine failed to load. `ready`: returns true once all expert
+    workers are loaded and joined (None: ready when the engine is built). `on_shutdown`: runs last."""
+    gw = Gateway(engine_factory, host, port, ready=ready, on_shutdown=on_shutdown, max_queued=max_queued,
+                 grace=grace, num_workers=num_workers)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.info("mesh serve: %s again: aborting in-flight requests now", sig.name)
+            gw.hurry()
+        else:
+            log.info("mesh serve: %s: shutting down (grace %.1fs)", sig.name, gw.grace)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests run serve() in a thread and stop it themselves)
+    await gw.start()
+    if started is not None:
+        await _call(lambda: started(gw))
+    loading = asyncio.create_task(gw.load())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if loading.done() and loading.exception() is not None:
+        log.error("mesh: error: could not load the engine: %s", loading.exception())
+        code = 1
+    else:
+        await stopping
+        loading.cancel()
+    stopping.cancel()
+    await gw.stop()
+    return code
+
+
+def run_server(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+               **kw) -> int:
+    """Blocking form of `serve` for the CLI."""
+    return asyncio.run(serve(engine_factory, host, port, **kw))

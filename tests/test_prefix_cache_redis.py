@@ -1,0 +1,172 @@
+"""The Redis prefix-cache tier with a real redis-server: identical tokens with and without it, sharing
+across processes and restarts, tenant isolation, Redis dying and coming back, corrupt entries,
+eviction under a small maxmemory."""
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FAMILIES, ROOT, RedisServer
+from mesh.cache.codec import decode_block, encode_block
+from mesh.config import EngineConfig
+from mesh.engine.engine import Engine
+from mesh.types import SamplingParams
+from router_service.redis_tier import KEY_PREFIX, RedisTier
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+PROMPT = list(range(3, 90))  # 87 tokens: 5 full blocks of 16 are cacheable
+
+
+def _engine(model_dir, url=None, **kw):
+    tier = RedisTier(url) if url else None
+    return Engine(model_dir, EngineConfig(dtype="float32", **kw), prefix_tier=tier)
+
+
+def _run(engine, prompt=PROMPT, salt="", use_cache=True):
+    req = engine.make_request(prompt_token_ids=prompt, sampling=GREEDY, cache_salt=salt,
+                              use_prefix_cache=use_cache)
+    out = engine.generate([req])[0]
+    if engine.prefix_cache is not None:
+        assert engine.prefix_cache.flush()
+    return out
+
+
+def test_codec_round_trip_and_rejects_damage():
+    kv = torch.randn(3, 2, 16, 2, 8).to(torch.bfloat16)
+    payload = encode_block(kv)
+    assert torch.equal(decode_block(payload, torch.bfloat16, tuple(kv.shape)), kv)
+    assert decode_block(payload[:-1], torch.bfloat16, tuple(kv.shape)) is None  # truncated
+    flipped = bytearray(payload)
+    flipped[100] ^= 1
+    assert decode_block(bytes(flipped), torch.bfloat16, tuple(kv.shape)) is None  # corrupt
+    assert decode_block(payload, torch.float32, tuple(kv.shape)) is None  # wrong dtype
+    assert decode_block(payload, torch.bfloat16, (3, 2, 16, 2, 4)) is None  # wrong shape
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identical_tokens_with_and_without_redis(family, hf_checkpoints, redis_server):
+    d = hf_checkpoints[family]
+    plain = _run(_engine(d, enable_prefix_caching=False))
+    first = _engine(d, redis_server.url)
+    a = _run(first)
+    assert a.usage.cached_tokens == 0 and first.prefix_cache.tier.stats.blocks_written >= 5
+    second = _engine(d, redis_server.url)  # a new gateway: its local pool is empty
+    b = _run(second)
+    assert b.usage.cached_tokens == 80  # five blocks from Redis
+    assert second.prefix_cache.tier.stats.hits == 5
+    assert plain.token_ids == a.token_ids == b.token_ids
+
+
+CHILD = """
+import json, sys
+sys.path.insert(0, {root!r})
+from mesh.config import EngineConfig
+from mesh.engine.engine import Engine
+from mesh.types import SamplingParams
+from router_service.redis_tier import RedisTier
+e = Engine({model!r}, EngineConfig(dtype="float32"), prefix_tier=RedisTier({url!r}))
+r = e.generate([e.make_request(prompt_token_ids={prompt!r},
+                               sampling=SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))])[0]
+e.close()
+print(json.dumps({{"tokens": r.token_ids, "cached": r.usage.cached_tokens}}))
+"""
+
+
+def _child(model_dir, url):
+    code = CHILD.format(root=str(ROOT), model=str(model_dir), url=url, prompt=PROMPT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_another_process_and_a_restart_get_cached_tokens(hf_checkpoints, redis_server):
+    d = hf_checkpoints["qwen3_moe"]
+    producer = _child(d, redis_server.url)  # gateway process 1 computes and stores
+    assert producer["cached"] == 0
+    here = _run(_engine(d, redis_server.url))  # gateway 2 (this process) reads
+    assert here.usage.cached_tokens == 80 and here.token_ids == producer["tokens"]
+    restarted = _child(d, redis_server.url)  # a fresh process after "restart"
+    assert restarted == {"tokens": producer["tokens"], "cached": 80}
+
+
+def test_tenants_are_isolated_and_opt_out_works(hf_checkpoints, redis_server):
+    d = hf_checkpoints["qwen2_moe"]
+    _run(_engine(d, redis_server.url), salt="tenant-a")
+    other = _run(_engine(d, redis_server.url), salt="tenant-b")
+    assert other.usage.cached_tokens == 0
+    same = _engine(d, redis_server.url)
+    assert _run(same, salt="tenant-a").usage.cached_tokens == 80
+    opted_out = _engine(d, redis_server.url)
+    assert _run(opted_out, salt="tenant-a", use_cache=False).usage.cached_tokens == 0
+    assert opted_out.prefix_cache.tier.stats.lookups == 0
+
+
+def test_redis_down_then_back(hf_checkpoints, caplog):
+    d = hf_checkpoints["mixtral"]
+    server = RedisServer()
+    try:
+        engine = _engine(d, server.url)
+        engine.prefix_cache.tier.retry_after_s = 0.2
+        want = _run(engine).token_ids
+        port = server.port
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="mesh.cache.redis"):
+            for i in range(3):  # requests keep being served, correctly
+                fresh = _engine(d, f"redis://127.0.0.1:{port}/0")
+                assert _run(fresh).token_ids == want
+        assert sum("redis prefix cache" in r.message for r in caplog.records) >= 1
+        import time
+        server.proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                                       stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not RedisTier(server.url).ping():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.1)  # past the retry interval (1 s)
+        other = [(7 * i + 1) % 128 for i in range(87)]
+        _run(fresh, prompt=other)  # writes again: the tier came back without a restart
+        assert fresh.prefix_cache.tier.stats.blocks_written >= 5
+        assert _run(_engine(d, server.url), prompt=other).usage.cached_tokens == 80
+    finally:
+        server.stop()
+
+
+def test_corrupt_entry_is_a_miss_and_is_deleted(hf_checkpoints, redis_server):
+    d = hf_checkpoints["qwen3_moe"]
+    want = _run(_engine(d, redis_server.url)).token_ids
+    keys = sorted(redis_server.client.keys(KEY_PREFIX + "*"))
+    assert len(keys) >= 5
+    for k in keys:  # damage every entry: truncate half, flip a byte in the others
+        v = redis_server.client.get(k)
+        redis_server.client.set(k, v[: len(v) // 2] if hash(k) % 2 else v[:50] + bytes([v[50] ^ 0xFF]) + v[51:])
+    engine = _engine(d, redis_server.url)
+    out = _run(engine)
+    assert out.token_ids == want and out.usage.cached_tokens == 0
+    assert engine.prefix_cache.tier.stats.corrupt == 1  # the first block failed: the chain stops there
+    assert redis_server.client.exists(keys[0]) + redis_server.client.exists(keys[-1]) <= 2
+
+
+def test_eviction_under_small_maxmemory(hf_checkpoints):
+    server = RedisServer(maxmemory="2mb")
+    try:
+        d = hf_checkpoints["qwen3_moe"]
+        engine = _engine(d, server.url)
+        g = torch.Generator().manual_seed(0)
+        outs = []
+        base = server.client.info("memory")["used_memory"]
+        for _ in range(40):  # 40 distinct prompts x 5 blocks x 12 KiB: more than maxmemory holds
+            p = torch.randint(0, 128, (87,), generator=g).tolist()
+            outs.append((p, _run(engine, prompt=p).token_ids))
+        info = server.client.info("memory")
+        assert base < 2 * 2**20 and info["used_memory"] <= 2 * 2**20 * 1.1
+        assert server.client.info("stats")["evicted_keys"] > 0
+        # what is left still serves correct tokens
+        fresh = _engine(d, server.url, enable_prefix_caching=True)
+        for p, want in outs[-3:]:
+            assert _run(fresh, prompt=p).token_ids == want
+    finally:
+        server.stop()
