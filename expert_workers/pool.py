@@ -20,6 +20,12 @@ from mesh.parallel.placement import Placement
 log = logging.getLogger("mesh.pool")
 
 
+def _telemetry_env() -> dict[str, str]:
+    """The gateway's OpenTelemetry and tracing settings, for the workers to export alike."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("OTEL_", "MESH_TRACE_"))
+            and k != "OTEL_SERVICE_NAME"}
+
+
 class PoolError(RuntimeError):
     pass
 
@@ -101,7 +107,7 @@ class ExpertPool:
             spec = WorkerSpec(self.model_dir, self.dtype, w, 1, phy2log, self.placement.num_ranks,
                               self.placement.slots_per_rank, init_method, self.threads_per_worker)
             actor = actor_cls.options(
-                num_cpus=cpus, name=None,
+                num_cpus=cpus, name=None, runtime_env={"env_vars": _telemetry_env()},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=w),
             ).remote(spec)
             self.actors.append(actor)

@@ -58,6 +58,8 @@ class ExpertWorker:
         s = self.spec
         # Ray starts actors with OMP_NUM_THREADS=1; set the intra-op threads this rank may use.
         torch.set_num_threads(max(1, s.threads))
+        from mesh import telemetry
+        telemetry.setup("mesh-expert-worker")  # OTEL_* come from the gateway's environment
         try:
             self.state = "loading"
             t0 = time.perf_counter()
@@ -74,6 +76,7 @@ class ExpertWorker:
             steps = self.server.run()
             self.state = "stopped"
             dist.destroy_process_group()
+            telemetry.shutdown()
             return steps
         except BaseException:
             self.state = "failed"

@@ -58,6 +58,7 @@ class Request:
     cache_salt: str = ""  # tenant or opt-out salt for prefix hashing
     use_prefix_cache: bool = True
     arrival_time: float = 0.0
+    trace_context: object | None = None  # the caller's tracing context (an OpenTelemetry Context)
 
 
 @dataclass

@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                    help="bound on each Redis call; a slower Redis is treated as a miss (default 250)")
     p.add_argument("--redis-ttl", type=int, default=_env("MESH_REDIS_TTL", str(24 * 3600)),
                    help="seconds a cached block lives in Redis (default 86400)")
+    p.add_argument("--metrics-port", type=int, default=_env("MESH_METRICS_PORT"),
+                   help="expose Prometheus metrics on this port (/metrics); tracing is configured by the "
+                        "standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT (env MESH_METRICS_PORT)")
     p.add_argument("--host", default=_env("MESH_HOST", DEFAULT_HOST),
                    help=f"address to listen on; 0.0.0.0 for all interfaces (default {DEFAULT_HOST}; "
                         "env MESH_HOST)")
@@ -102,10 +105,28 @@ def build_engine_factory(args):
     if pool is None:
         return factory, None, None
     pool.connect()  # here, in the main thread, before the server installs its signal handlers
+    _watch_workers(pool)
     # Both block on Ray calls: run them off the event loop.
     import asyncio
     return (factory, lambda: asyncio.to_thread(pool.ready),
             lambda: asyncio.to_thread(pool.shutdown, 3.0))
+
+
+def _watch_workers(pool) -> None:
+    """Worker health as a metric: 1 per rank that has loaded and joined, else 0 (read at scrape time)."""
+    from opentelemetry.metrics import Observation
+
+    from mesh import telemetry
+
+    def observe(_):
+        try:
+            states = pool.statuses(timeout=2.0)
+        except Exception:  # noqa: BLE001 - an unreachable pool reads as every worker down
+            states = [{"rank": r, "state": "unreachable"} for r in range(pool.num_workers)]
+        for st in states:
+            yield Observation(1 if st["state"] == "joined" else 0, {"rank": st["rank"]})
+    telemetry.meter().create_observable_gauge(telemetry.M_WORKER_UP, [observe],
+                                              description="expert worker loaded and joined (1) or not (0)")
 
 
 def cmd_serve(args) -> int:
@@ -116,7 +137,16 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"mesh: error: --grace-period must be >= 0, got {args.grace_period}")
     if not 0 <= args.port < 65536:
         raise SystemExit(f"mesh: error: --port must be in [0, 65535], got {args.port}")
+    from mesh import telemetry
     from router_service.server import run_server
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise SystemExit(f"mesh: error: --metrics-port must be in [1, 65535], got {args.metrics_port}")
+    try:
+        telemetry.setup("mesh-gateway", metrics_port=args.metrics_port)
+    except OSError as e:
+        raise SystemExit(f"mesh: error: --metrics-port {args.metrics_port}: {e}") from None
+    except RuntimeError as e:
+        raise SystemExit(f"mesh: error: {e}") from None
     factory, ready, on_shutdown = build_engine_factory(args)
     try:
         return run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
@@ -124,3 +154,5 @@ def cmd_serve(args) -> int:
                           on_shutdown=on_shutdown)
     except RuntimeError as e:  # grpc: "Failed to bind to address ..."
         raise SystemExit(f"mesh: error: cannot listen on {args.host}:{args.port}: {e}") from None
+    finally:
+        telemetry.shutdown()  # flush the last spans and metrics

@@ -36,7 +36,8 @@ def sampling_from_pb(msg: pb.GenerateRequest) -> SamplingParams:
                           ignore_eos=s.ignore_eos, **kw)
 
 
-def request_from_pb(msg: pb.GenerateRequest, engine: Any, request_id: str, tenant: str = "") -> Request:
+def request_from_pb(msg: pb.GenerateRequest, engine: Any, request_id: str, tenant: str = "",
+                    trace_context: Any = None) -> Request:
     """Build the engine request (tokenizing text or FIM). Raises InvalidRequest.
 
     Reads only the engine's tokenizer and immutable config (make_request does not touch engine
@@ -55,7 +56,7 @@ def request_from_pb(msg: pb.GenerateRequest, engine: Any, request_id: str, tenan
                              "use stop_token_ids instead")
     # The tenant salts the prefix-cache hashes: no tenant can hit, or time, another's cached prefix.
     kw = dict(sampling=sampling, request_id=request_id, use_prefix_cache=not msg.disable_prefix_cache,
-              cache_salt=f"tenant:{tenant}" if tenant else "")
+              cache_salt=f"tenant:{tenant}" if tenant else "", trace_context=trace_context)
     if msg.HasField("fim"):
         if tok is None:
             raise InvalidRequest("fill-in-the-middle needs the model's tokenizer, and this model has none")

@@ -22,12 +22,15 @@ import signal
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from typing import Any, Awaitable, Callable
 
 import grpc
+from opentelemetry import propagate, trace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mesh import telemetry
 from mesh.types import InvalidRequest
 from router_service import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_MAX_QUEUED, DEFAULT_PORT, convert
 from router_service.async_engine import AsyncEngine, EngineError, Overloaded
@@ -165,6 +168,29 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
 TENANT_HEADER = "x-tenant-id"  # gRPC metadata naming the caller's tenant (salts prefix-cache hashes)
 
 
+@contextmanager
+def _server_span(context, method: str):
+    """The RPC's server span, child of the caller's W3C `traceparent` (gRPC metadata) when sent.
+    Yields the context that the engine's request spans hang under."""
+    parent = propagate.extract(dict(context.invocation_metadata() or ()))
+    span = telemetry.tracer().start_span(
+        f"{SERVICE}/{method}", context=parent, kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method})
+    try:
+        yield trace.set_span_in_context(span, parent)
+    except asyncio.CancelledError:
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+        raise
+    except BaseException as e:
+        code = context.code() if hasattr(context, "code") else None
+        if code is not None:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(e) or type(e).__name__))
+        raise
+    finally:
+        span.end()
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, gateway: Gateway):
         self.gw = gateway
@@ -178,13 +204,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                 "the server is still loading its model and expert workers; retry shortly")
         return gw.aengine
 
-    async def _start(self, msg: pb.GenerateRequest, context):
+    async def _start(self, msg: pb.GenerateRequest, context, trace_ctx=None):
         aengine = await self._engine(context)
         # The engine's id is always fresh, so two callers choosing the same request_id never collide.
         engine_id = uuid.uuid4().hex
         try:
             tenant = dict(context.invocation_metadata() or ()).get(TENANT_HEADER, "")
-            req = await asyncio.to_thread(convert.request_from_pb, msg, aengine.engine, engine_id, tenant)
+            req = await asyncio.to_thread(convert.request_from_pb, msg, aengine.engine, engine_id, tenant,
+                                          trace_ctx)
             stream = await aengine.generate(req)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -199,39 +226,41 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         await context.abort(grpc.StatusCode.INTERNAL, str(e))
 
     async def Generate(self, request, context):
-        aengine, engine_id, stream, rid = await self._start(request, context)
-        finished = False
-        try:
-            async for out in stream:
-                finished = out.finished
-                yield convert.output_to_pb(out, rid)
-        except EngineError as e:
-            await self._internal(context, e)
-        finally:
-            # Cancellation and deadlines land here (CancelledError): free the KV blocks now.
-            if not finished:
-                aengine.abort(engine_id)
+        with _server_span(context, "Generate") as trace_ctx:
+            aengine, engine_id, stream, rid = await self._start(request, context, trace_ctx)
+            finished = False
+            try:
+                async for out in stream:
+                    finished = out.finished
+                    yield convert.output_to_pb(out, rid)
+            except EngineError as e:
+                await self._internal(context, e)
+            finally:
+                # Cancellation and deadlines land here (CancelledError): free the KV blocks now.
+                if not finished:
+                    aengine.abort(engine_id)
 
     async def Complete(self, request, context):
-        aengine, engine_id, stream, rid = await self._start(request, context)
-        ids, text, last = [], [], None
-        try:
-            async for out in stream:
-                ids += out.new_token_ids
-                text.append(out.new_text)
-                last = out
-        except EngineError as e:
-            await self._internal(context, e)
-        finally:
-            if last is None or not last.finished:
-                aengine.abort(engine_id)
-        if last is None:
-            await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without output")
-        resp = convert.output_to_pb(last, rid)
-        del resp.token_ids[:]
-        resp.token_ids.extend(ids)
-        resp.text = "".join(text)
-        return resp
+        with _server_span(context, "Complete") as trace_ctx:
+            aengine, engine_id, stream, rid = await self._start(request, context, trace_ctx)
+            ids, text, last = [], [], None
+            try:
+                async for out in stream:
+                    ids += out.new_token_ids
+                    text.append(out.new_text)
+                    last = out
+            except EngineError as e:
+                await self._internal(context, e)
+            finally:
+                if last is None or not last.finished:
+                    aengine.abort(engine_id)
+            if last is None:
+                await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without output")
+            resp = convert.output_to_pb(last, rid)
+            del resp.token_ids[:]
+            resp.token_ids.extend(ids)
+            resp.text = "".join(text)
+            return resp
 
     async def Tokenize(self, request, context):
         aengine = await self._engine(context)
@@ -246,6 +275,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GetModelInfo(self, request, context):
         aengine = await self._engine(context)
         return convert.model_info(aengine.engine, self.gw.num_workers, aengine.max_queued)
+
+    async def GetServerStats(self, request, context):
+        # Read off the engine thread: the queue/KV figures come from AsyncEngine's own snapshot; the
+        # counters are plain ints (atomic reads) and the load tensor is cloned (a row may be one step
+        # newer than another: fine for load figures).
+        aengine = await self._engine(context)
+        s, eng = aengine.stats(), aengine.engine
+        load = getattr(eng.dispatcher, "expert_load", None)
+        load = load.clone() if load is not None else None  # [L, E] int64
+        cfg = eng.config
+        return pb.ServerStats(
+            running=s["running"], waiting=s["waiting"], kv_blocks_used=s["blocks_used"],
+            kv_blocks_free=s["blocks_free"], steps=eng.num_steps, in_flight=s["in_flight"],
+            expert_load=[] if load is None else load.reshape(-1).clamp_(min=0).tolist(),
+            moe_layers=0 if load is None else load.shape[0], num_experts=0 if load is None else load.shape[1],
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            preemptions=getattr(eng.scheduler, "num_preemptions", 0))
 
 
 async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,

@@ -28,9 +28,7 @@ class TieredPrefixCache:
         self.tier = tier
         self.blocks = blocks
         self.kv = kv
-        # [L, 2, block_size, Hk, D]: one block's K and V over all layers
-        L, _, _, bs, hk, d = kv.pool.shape
-        self.block_shape = (L, 2, bs, hk, d)
+        self.block_shape = kv.block_shape  # [L, 2, block_size, Hk, D]: one block's K and V, all layers
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued_blocks)
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="mesh-prefix-writer", daemon=True)
@@ -65,7 +63,7 @@ class TieredPrefixCache:
             return 0
         for i, (h, kv) in enumerate(blocks):
             block = seq.block_ids[first + i]
-            self.kv.pool[:, :, block] = kv.to(self.kv.pool.device)
+            self.kv.write_block(block, kv)
             self.blocks.register(seq, block, h)
         added = len(blocks) * bs
         seq.num_computed_tokens += added
@@ -75,7 +73,7 @@ class TieredPrefixCache:
     def store(self, seq: Sequence, indices: list[int]) -> None:
         """Queue the blocks `seq.block_ids[i]` for i in `indices` (just hashed) for the tier."""
         for i in indices:
-            kv = self.kv.pool[:, :, seq.block_ids[i]].clone()  # [L, 2, bs, Hk, D]
+            kv = self.kv.read_block(seq.block_ids[i])  # [L, 2, bs, Hk, D], a copy
             try:
                 self._queue.put_nowait((seq.block_hashes[i], kv))
             except queue.Full:

@@ -18,6 +18,7 @@ from mesh.cache.tier import PrefixTier
 from mesh.config import ConfigError, EngineConfig, ModelConfig
 from mesh.engine.block_manager import BlockManager
 from mesh.engine.model_runner import ModelRunner
+from mesh.engine.observe import EngineObserver
 from mesh.engine.sampler import sample
 from mesh.engine.scheduler import Scheduler
 from mesh.engine.sequence import Sequence, Status
@@ -75,6 +76,7 @@ class Engine:
         self._emitted_text: dict[str, int] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self.observer = EngineObserver(self)
 
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
@@ -112,6 +114,7 @@ class Engine:
         if self.tokenizer is not None:
             self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
         self._emitted_text[req.request_id] = 0
+        self.observer.on_add(seq)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -138,7 +141,17 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        samplers, logits = self.runner.run(plan.scheduled)
+        for s in plan.scheduled:
+            if s.seq.queue_span is not None:
+                self.observer.on_admit(s.seq)
+        span = self.observer.start_step(plan.scheduled)
+        ctx = span.get_span_context()
+        if hasattr(self.dispatcher, "next_step_trace"):  # the step header carries the ids to experts
+            self.dispatcher.next_step_trace = (ctx.trace_id, ctx.span_id) if ctx.is_valid else (0, 0)
+        try:
+            samplers, logits = self.runner.run(plan.scheduled)
+        finally:
+            self.observer.end_step(span, plan.scheduled)
         for s in plan.scheduled:
             s.seq.num_computed_tokens += s.num_tokens
             hashed = self.blocks.commit(s.seq)
@@ -151,6 +164,7 @@ class Engine:
     def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
         sp = seq.sampling
         seq.token_ids.append(token)
+        self.observer.on_token(seq)
         reason = None
         visible = True
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
@@ -185,6 +199,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.remove(seq)
+            self.observer.on_finish(seq, reason.value)
         seq.finish_reason = reason
         self._seqs.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)

@@ -90,11 +90,11 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0:
                 # first admission, or re-admission after preemption: reuse what is cached
-                cached = self.blocks.match_prefix(seq)
-                if self.prefix_fetch is not None:
-                    cached += self.prefix_fetch(seq)
+                local = self.blocks.match_prefix(seq)
+                remote = self.prefix_fetch(seq) if self.prefix_fetch is not None else 0
                 if not seq.admitted:
-                    seq.num_cached_tokens = cached
+                    seq.num_cached_tokens = local + remote
+                    seq.cached_local, seq.cached_remote = local, remote
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.allocate(seq, n):
                 self.blocks.release(seq)

@@ -26,12 +26,20 @@ class Sequence:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far
         self.num_cached_tokens = 0  # prefix-cache hit at first admission (reported in usage)
+        self.cached_local = 0  # ... of which from this process's block pool
+        self.cached_remote = 0  # ... of which from a remote tier (Redis)
         self.admitted = False
         self.arrival = arrival  # admission order: later arrivals are preempted first
         self.status = Status.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None
+        # tracing state (mesh.engine.observe): open spans and the first token's time
+        self.trace_parent = None
+        self.queue_span = None
+        self.chunk_span = None
+        self.decode_span = None
+        self.first_token_time: float | None = None
         if request.sampling.seed is not None:
             # A private generator per request: its draws do not depend on what else is batched.
             self.generator = torch.Generator().manual_seed(request.sampling.seed % (2**63))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mesh.config import ModelConfig
 from mesh.model.attention import AttentionMetadata, KVCache, paged_attention
 from mesh.model.families import FAMILIES
-from mesh.model.layers import RotaryTable, dense_mlp, rms_norm
+from mesh.model.layers import RotaryTable, dense_mlp, rms_norm, rotate
 from mesh.model.moe import route
 from mesh.parallel.dispatcher import Dispatcher
 
@@ -66,8 +66,11 @@ class MoEDecoder:
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings,
                                 dtype, device)
         self.scale = cfg.head_dim ** -0.5
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # q and k norms as one weight over the q and k heads side by side, so one norm and one rotary
+        # pass cover both (the same per-element arithmetic as two separate passes).
+        self.qk_norm = [None if layer.attn.q_norm is None else torch.cat(
+            [layer.attn.q_norm.expand(cfg.num_heads, -1), layer.attn.k_norm.expand(cfg.num_kv_heads, -1)])
+            for layer in weights.layers]  # [Hq + Hk, D] per layer
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -78,9 +81,10 @@ class MoEDecoder:
         """
         dispatcher.begin_step(input_ids.shape[0])
         h = F.embedding(input_ids, self.w.embed)  # [T, H]
+        rope = self.rope.at(positions)  # every layer rotates by the same positions
         for i, layer in enumerate(self.w.layers):
             h = h + self._attention(i, layer, rms_norm(h, layer.input_norm, self.cfg.rms_norm_eps),
-                                    positions, meta, kv)
+                                    rope, meta, kv)
             x = rms_norm(h, layer.post_norm, self.cfg.rms_norm_eps)
             if layer.moe is None:
                 h = h + dense_mlp(x, layer.mlp_gate_up, layer.mlp_down)
@@ -96,21 +100,17 @@ class MoEDecoder:
         """[N, H] -> [N, V] float32."""
         return F.linear(hidden, self.w.lm_head).float()
 
-    def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
-                   meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+    def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         a, cfg = layer.attn, self.cfg
-        t = x.shape[0]
-        qkv = F.linear(x, a.qkv, a.qkv_bias)  # [T, (Hq + 2Hk) * D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, cfg.num_heads, cfg.head_dim)
-        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        if a.q_norm is not None:
-            q = rms_norm(q, a.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, a.k_norm, cfg.rms_norm_eps)
-        q, k = self.rope.apply(q, k, positions)
+        hq, hk = cfg.num_heads, cfg.num_kv_heads
+        qkv = F.linear(x, a.qkv, a.qkv_bias).view(x.shape[0], hq + 2 * hk, cfg.head_dim)  # [T, Hq+2Hk, D]
+        qk, v = qkv[:, :hq + hk], qkv[:, hq + hk:]
+        if self.qk_norm[i] is not None:
+            qk = rms_norm(qk, self.qk_norm[i], cfg.rms_norm_eps)
+        qk = rotate(qk, *rope)
         k_cache, v_cache = kv.layer(i)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
+        o = paged_attention(qk[:, :hq], qk[:, hq:], v, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
         return F.linear(o, a.o)
 
     def _moe(self, layer: LayerWeights, x: torch.Tensor, dispatcher: Dispatcher) -> torch.Tensor:

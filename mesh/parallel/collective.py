@@ -27,19 +27,23 @@ idle gateway still joins each step with 0 tokens (see `idle_step`).
 
 from __future__ import annotations
 
+import socket
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from mesh import telemetry
 from mesh.model.moe import ExpertShard, weighted_scatter
 from mesh.parallel.placement import Placement
 
 STEP, SHUTDOWN = 1, 2
 ECHO = 1  # header flag: expert ranks return rows unchanged (measures transport alone)
 HEADER_LEN = 8
+_MASK64 = (1 << 64) - 1
 PROTOCOL_VERSION = 1
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _HANDSHAKE = ["protocol version", "attention ranks", "expert ranks", "slots per rank", "experts",
@@ -157,6 +161,7 @@ class CollectiveDispatcher(_MeshRank):
         self.layer_seconds = [0.0] * self.L
 
     step_flags = 0  # header flags for steps the model starts (benchmarks set ECHO)
+    next_step_trace = (0, 0)  # (trace id, span id) of the engine's step span, for the next header
 
     def begin_step(self, num_tokens: int, trace_id: int = 0, span_id: int = 0, flags: int | None = None) -> None:
         if self._closed:
@@ -165,6 +170,8 @@ class CollectiveDispatcher(_MeshRank):
             raise RuntimeError("begin_step called twice without end_step")
         self.step_bytes_sent = self.step_bytes_received = 0
         flags = self.step_flags if flags is None else flags
+        if not trace_id:
+            trace_id, span_id = self.next_step_trace
         hi, lo = _u64_halves(trace_id)
         headers = self._gather(torch.tensor([STEP, num_tokens, self.steps, hi, lo, _u64_halves(span_id)[1],
                                              flags, 0], dtype=torch.int64))  # [world, 8]
@@ -290,6 +297,8 @@ class ExpertServer(_MeshRank):
         self.slot_load = torch.zeros(self.L, self.S, dtype=torch.int64)
         self.compute_seconds = [0.0] * self.L
         self.last_headers = torch.zeros(self.A, HEADER_LEN, dtype=torch.int64)
+        self.node = socket.gethostname()
+        self.layer_trace_every = telemetry.layer_trace_every()
 
     def run(self) -> int:
         """Serve until SHUTDOWN; returns the number of steps served."""
@@ -308,8 +317,20 @@ class ExpertServer(_MeshRank):
         if kinds != {STEP}:
             raise RuntimeError(f"unknown step header kinds {sorted(kinds)}: protocol mismatch")
         echo = bool(int(headers[0, 6]) & ECHO)
-        for layer in range(self.L):
-            self._serve_layer(layer, echo)
+        # The gateway's step span (ids in the header) parents this rank's span for the step.
+        trace_id = ((int(headers[0, 3]) & _MASK64) << 64) | (int(headers[0, 4]) & _MASK64)
+        parent = telemetry.remote_parent(trace_id, int(headers[0, 5]) & _MASK64)
+        every = self.layer_trace_every
+        tracer = telemetry.tracer()
+        with tracer.start_as_current_span(telemetry.SPAN_EXPERT_STEP, context=parent, attributes={
+                telemetry.ATTR_RANK: self.rank - self.A, telemetry.ATTR_NODE: self.node,
+                telemetry.ATTR_TOKENS: int(headers[:, 1].sum())}) if parent is not None else nullcontext():
+            for layer in range(self.L):
+                if parent is not None and every and self.steps % every == 0:
+                    with tracer.start_as_current_span(telemetry.SPAN_LAYER, attributes={telemetry.ATTR_LAYER: layer}):
+                        self._serve_layer(layer, echo)
+                else:
+                    self._serve_layer(layer, echo)
         self.steps += 1
         return True
 

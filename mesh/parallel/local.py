@@ -41,7 +41,7 @@ class LocalDispatcher:
         if self.expert_load is None:
             self.expert_load = torch.zeros(len(self.experts.layers), self.num_experts, dtype=torch.int64)
         self.expert_load[moe_index] += counts
-        rows = hidden[torch.div(order, k, rounding_mode="floor")]  # [T*K, H]
+        rows = hidden.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [T*K, H]
         out = self.experts.forward(moe_index, rows, counts.tolist())
         return _Pending(out, order, topk_weights, t, hidden.dtype)
 

@@ -1,0 +1,163 @@
+"""What the engine tells tracing and metrics: per-request spans, one span per step, and instruments.
+
+Request spans hang under the caller's context (the gRPC server span): queue wait, prefix-cache lookup
+(tokens hit per tier), each prefill chunk, and the decode phase (token count); the finish is an event.
+Each step is a span of its own, linked to the spans of the requests it served; its ids travel to the
+expert ranks in the step header. With no SDK installed every call here is a no-op of the API.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from mesh import telemetry as t
+from mesh.engine.sequence import Sequence
+
+
+class _Instruments:
+    """Created once per process: an instrument name registered twice would keep only the first
+    callback, and a process may hold several engines (tests, benchmarks). Observable values sum
+    over the live engines."""
+
+    def __init__(self):
+        m = t.meter()
+        self.engines: weakref.WeakSet = weakref.WeakSet()
+        self.ttft = m.create_histogram(t.M_TTFT, unit="s", description="time to first token")
+        self.tpot = m.create_histogram(t.M_TPOT, unit="s", description="time per output token after the first")
+        self.e2e = m.create_histogram(t.M_E2E, unit="s", description="request duration, arrival to finish")
+        self.prefix_hits = m.create_counter(t.M_PREFIX_HITS, unit="{token}",
+                                            description="prompt tokens served from a prefix-cache tier")
+        self.dispatch_seconds = m.create_histogram(t.M_DISPATCH_SECONDS, unit="s",
+                                                   description="dispatch + combine time of one MoE layer")
+        self.dispatch_bytes = m.create_counter(t.M_DISPATCH_BYTES, unit="By", description="bytes moved by dispatch")
+        for name, read, desc in ((t.M_QUEUE_DEPTH, lambda e: e.num_waiting, "requests waiting"),
+                                 (t.M_RUNNING, lambda e: e.num_running, "requests running"),
+                                 (t.M_KV_USED, lambda e: e.blocks.num_used, "KV blocks in use"),
+                                 (t.M_KV_FREE, lambda e: e.blocks.num_free, "KV blocks free")):
+            m.create_observable_gauge(name, [self._summed(read)], description=desc)
+        m.create_observable_counter(t.M_EXPERT_TOKENS, [self._expert_tokens], unit="{token}",
+                                    description="tokens routed to each expert of each MoE layer")
+
+    def _summed(self, read):
+        def callback(_: CallbackOptions):
+            yield Observation(sum(read(e) for e in list(self.engines)))
+        return callback
+
+    def _expert_tokens(self, _: CallbackOptions):
+        total = None
+        for e in list(self.engines):
+            load = getattr(e.dispatcher, "expert_load", None)
+            if load is not None:
+                total = load.clone() if total is None or total.shape != load.shape else total + load
+        if total is None:
+            return
+        for layer, row in enumerate(total.tolist()):
+            for expert, n in enumerate(row):
+                yield Observation(n, {"layer": layer, "expert": expert})
+
+
+_INSTRUMENTS: _Instruments | None = None
+
+
+def instruments() -> _Instruments:
+    global _INSTRUMENTS
+    if _INSTRUMENTS is None:
+        _INSTRUMENTS = _Instruments()
+    return _INSTRUMENTS
+
+
+class EngineObserver:
+    def __init__(self, engine):
+        self.engine = engine
+        self.tracer = t.tracer()
+        self.m = instruments()
+        self.m.engines.add(engine)
+        self._layer_seconds: list[float] | None = None
+        self._bytes = 0
+
+    # ---- request lifecycle ---------------------------------------------------------------------
+    def on_add(self, seq: Sequence) -> None:
+        parent = seq.request.trace_context
+        seq.trace_parent = parent
+        seq.queue_span = self.tracer.start_span(t.SPAN_QUEUE, context=parent,
+                                                attributes={t.ATTR_REQUEST_ID: seq.request_id})
+
+    def on_admit(self, seq: Sequence) -> None:
+        """First time `seq` is scheduled: the queue wait ends, the prefix lookup is known."""
+        if seq.queue_span is not None:
+            seq.queue_span.end()
+            seq.queue_span = None
+        now = time.time_ns()
+        span = self.tracer.start_span(t.SPAN_PREFIX_LOOKUP, context=seq.trace_parent, start_time=now,
+                                      attributes={t.ATTR_HIT_LOCAL: seq.cached_local,
+                                                  t.ATTR_HIT_REMOTE: seq.cached_remote})
+        span.end(end_time=now)
+        if seq.cached_local:
+            self.m.prefix_hits.add(seq.cached_local, {"tier": "local"})
+        if seq.cached_remote:
+            self.m.prefix_hits.add(seq.cached_remote, {"tier": "redis"})
+
+    def start_step(self, batch) -> trace.Span:
+        kinds = {"decode" if s.num_tokens == 1 else "prefill" for s in batch}
+        links = [trace.Link(ctx) for ctx in (_span_context(s.seq.trace_parent) for s in batch) if ctx]
+        span = self.tracer.start_span(t.SPAN_STEP, links=links, context=None, attributes={
+            t.ATTR_BATCH: len(batch), t.ATTR_TOKENS: sum(s.num_tokens for s in batch),
+            t.ATTR_KIND: kinds.pop() if len(kinds) == 1 else "mixed"})
+        for s in batch:
+            if s.num_tokens > 1 or s.seq.num_output_tokens == 0:  # a prefill chunk of this request
+                s.seq.chunk_span = self.tracer.start_span(
+                    t.SPAN_PREFILL, context=s.seq.trace_parent, links=[trace.Link(span.get_span_context())],
+                    attributes={t.ATTR_TOKENS: s.num_tokens})
+        return span
+
+    def end_step(self, span: trace.Span, batch) -> None:
+        for s in batch:
+            chunk = s.seq.chunk_span
+            if chunk is not None:
+                chunk.end()
+                s.seq.chunk_span = None
+        span.end()
+        d = self.engine.dispatcher
+        seconds = getattr(d, "layer_seconds", None)
+        if seconds is not None:
+            prev = self._layer_seconds or [0.0] * len(seconds)
+            for now, before in zip(seconds, prev):
+                if now > before:
+                    self.m.dispatch_seconds.record(now - before)
+            self._layer_seconds = list(seconds)
+            total = getattr(d, "total_bytes_sent", 0) + getattr(d, "total_bytes_received", 0)
+            if total > self._bytes:
+                self.m.dispatch_bytes.add(total - self._bytes)
+                self._bytes = total
+
+    def on_token(self, seq: Sequence) -> None:
+        if seq.num_output_tokens == 1:
+            seq.first_token_time = time.time()
+            self.m.ttft.record(seq.first_token_time - seq.request.arrival_time)
+            seq.decode_span = self.tracer.start_span(t.SPAN_DECODE, context=seq.trace_parent)
+
+    def on_finish(self, seq: Sequence, reason: str) -> None:
+        now = time.time()
+        if seq.queue_span is not None:  # aborted while waiting
+            seq.queue_span.end()
+            seq.queue_span = None
+        span = seq.decode_span
+        if span is not None:
+            span.set_attribute(t.ATTR_TOKENS, seq.num_output_tokens)
+            span.add_event("finish", {t.ATTR_FINISH: reason})
+            span.end()
+            seq.decode_span = None
+        self.m.e2e.record(now - seq.request.arrival_time, {"finish_reason": reason})
+        if seq.num_output_tokens > 1 and seq.first_token_time is not None:
+            self.m.tpot.record((now - seq.first_token_time) / (seq.num_output_tokens - 1))
+
+
+def _span_context(ctx):
+    if ctx is None:
+        return None
+    sc = trace.get_current_span(ctx).get_span_context()
+    return sc if sc.is_valid else None

@@ -1,0 +1,141 @@
+"""Tracing and metrics: the tracer and meter getters, and every span, attribute and metric name.
+
+Only the OpenTelemetry API is used on hot paths. With nothing configured the API's no-op tracer and
+meter cost a function call each; `setup()` installs the SDK, with an OTLP span exporter when the
+standard `OTEL_*` variables ask for one (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_EXPORTER`,
+`OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_TRACES_SAMPLER`, `OTEL_SERVICE_NAME`, `OTEL_BSP_*`), and a
+Prometheus endpoint for metrics when given a port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+log = logging.getLogger("mesh.telemetry")
+SCOPE = "moe-mesh"
+
+# ---- span names -------------------------------------------------------------------------------
+SPAN_QUEUE = "mesh.queue"  # admission wait, per request
+SPAN_PREFIX_LOOKUP = "mesh.prefix_cache.lookup"  # attributes: tokens hit per tier
+SPAN_PREFILL = "mesh.prefill"  # one per prefill chunk
+SPAN_DECODE = "mesh.decode"  # the request's decode phase; attribute: tokens
+SPAN_STEP = "mesh.engine.step"  # one per engine step; links to the requests it served
+SPAN_LAYER = "mesh.moe.layer"  # per-MoE-layer detail, sampled (MESH_TRACE_LAYER_EVERY)
+SPAN_EXPERT_STEP = "mesh.expert.step"  # an expert worker serving one step (child of SPAN_STEP)
+
+# ---- attribute names --------------------------------------------------------------------------
+ATTR_REQUEST_ID = "mesh.request_id"
+ATTR_BATCH = "mesh.batch_size"
+ATTR_TOKENS = "mesh.tokens"
+ATTR_KIND = "mesh.step.kind"  # prefill | decode | mixed
+ATTR_HIT_LOCAL = "mesh.prefix_cache.local_tokens"
+ATTR_HIT_REMOTE = "mesh.prefix_cache.remote_tokens"
+ATTR_FINISH = "mesh.finish_reason"
+ATTR_RANK = "mesh.expert.rank"
+ATTR_NODE = "mesh.node"
+ATTR_LAYER = "mesh.moe.layer"
+
+# ---- metric names -----------------------------------------------------------------------------
+M_TTFT = "mesh.time_to_first_token"  # histogram, s
+M_TPOT = "mesh.time_per_output_token"  # histogram, s
+M_E2E = "mesh.request.duration"  # histogram, s
+M_QUEUE_DEPTH = "mesh.queue.depth"  # gauge: waiting requests
+M_RUNNING = "mesh.requests.running"  # gauge
+M_KV_USED = "mesh.kv.blocks.used"  # gauge
+M_KV_FREE = "mesh.kv.blocks.free"  # gauge
+M_PREFIX_HITS = "mesh.prefix_cache.hit_tokens"  # counter, attribute tier=local|redis
+M_EXPERT_TOKENS = "mesh.expert.tokens"  # counter, attributes layer, expert
+M_DISPATCH_SECONDS = "mesh.dispatch.duration"  # histogram, s per MoE layer (dispatch + combine)
+M_DISPATCH_BYTES = "mesh.dispatch.bytes"  # counter
+M_WORKER_UP = "mesh.expert_worker.up"  # gauge per rank: 1 joined, 0 otherwise
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(SCOPE)
+
+
+def meter() -> metrics.Meter:
+    return metrics.get_meter(SCOPE)
+
+
+def remote_parent(trace_id: int, span_id: int):
+    """A context whose parent is a span in another process (the step header's ids)."""
+    if not trace_id or not span_id:
+        return None
+    sc = SpanContext(trace_id=trace_id, span_id=span_id, is_remote=True,
+                     trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return trace.set_span_in_context(NonRecordingSpan(sc))
+
+
+def layer_trace_every() -> int:
+    """Per-layer spans on every Nth step (0: never, the default: they cost more than they tell)."""
+    try:
+        return max(0, int(os.environ.get("MESH_TRACE_LAYER_EVERY", "0")))
+    except ValueError:
+        return 0
+
+
+_configured = False
+
+
+def tracing_requested() -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                or os.environ.get("OTEL_TRACES_EXPORTER", "none") not in ("", "none"))
+
+
+def setup(service_name: str, metrics_port: int | None = None, span_exporter=None, metric_reader=None) -> None:
+    """Install the SDK once per process. Nothing requested: nothing installed (no-op API)."""
+    global _configured
+    if _configured:
+        return
+    from opentelemetry.sdk.resources import Resource
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    if span_exporter is None and tracing_requested():
+        span_exporter = _otlp_exporter()
+    if span_exporter is not None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))  # OTEL_BSP_* apply
+        trace.set_tracer_provider(provider)
+    readers = [metric_reader] if metric_reader is not None else []
+    if metrics_port is not None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+        start_http_server(metrics_port)
+        readers.append(PrometheusMetricReader())
+    if readers:
+        from opentelemetry.sdk.metrics import MeterProvider
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    _configured = True
+
+
+def shutdown() -> None:
+    """Flush spans and metrics (at process exit)."""
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        fn = getattr(provider, "shutdown", None)
+        if fn is not None:
+            try:
+                fn()
+            except Exception as e:  # exporting must never break shutdown
+                log.warning("telemetry shutdown: %s", e)
+
+
+def _otlp_exporter():
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                              os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise RuntimeError("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf needs the package "
+                               "opentelemetry-exporter-otlp-proto-http") from None
+        return OTLPSpanExporter()
+    raise RuntimeError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported (grpc, http/protobuf)")

@@ -1,0 +1,144 @@
+"""The fast paths against their simple references: padded-bmm experts vs a GEMM pair per expert, the
+gather-and-matmul combine vs a float32 index_add_, and batched decode attention over the paged,
+head-major KV pool vs SDPA over each sequence's own keys."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mesh.model import moe
+from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk, gather_blocks, paged_attention
+from mesh.model.layers import silu_mul
+from mesh.model.moe import ExpertShard, ExpertWeights, sort_by_expert, weighted_scatter
+
+H, I, E = 32, 16, 8
+
+
+def _shard(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ExpertShard([ExpertWeights(gate_up=(torch.randn(E, 2 * I, H, generator=g) * 0.2).to(dtype),
+                                      down=(torch.randn(E, H, I, generator=g) * 0.2).to(dtype))])
+
+
+def _reference_experts(shard, rows, counts):
+    w, out, start = shard.layers[0], [], 0
+    for e, c in enumerate(counts):
+        x = rows[start:start + c].float()
+        out.append(F.linear(silu_mul(F.linear(x, w.gate_up[e].float())), w.down[e].float()))
+        start += c
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts,padded", [
+    ([3, 0, 3, 2, 2, 3, 3, 2], True),  # a few rows each, some slots empty
+    ([1, 1, 1, 1, 1, 1, 1, 1], True),  # one row each
+    ([40, 33, 0, 37, 29, 41, 35, 38], True),  # tens of rows each, one empty
+    ([0, 0, 0, 7, 0, 0, 0, 0], False),  # every row to one expert
+    ([0, 1, 0, 0, 0, 0, 0, 0], False),  # a single row
+    ([90, 10, 0, 5, 60, 3, 0, 1], False),  # skewed: padding would more than double the rows
+])
+def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, monkeypatch):
+    shard = _shard(dtype)
+    rows = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    calls = []
+    real = moe._padded_experts
+    monkeypatch.setattr(moe, "_padded_experts", lambda *a: calls.append(1) or real(*a))
+    got = shard.forward(0, rows, counts)
+    assert bool(calls) == padded
+    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), _reference_experts(shard, rows, counts), atol=atol, rtol=atol)
+
+
+def test_padded_and_loop_paths_agree(monkeypatch):
+    shard = _shard(torch.float32)
+    counts = [3, 0, 3, 2, 2, 3, 3, 2]
+    rows = torch.randn(sum(counts), H)
+    padded = shard.forward(0, rows, counts)
+    monkeypatch.setattr(moe, "PAD_ROWS_PER_SLOT", -10_000)  # forces the per-slot loop
+    torch.testing.assert_close(shard.forward(0, rows, counts), padded, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights_dtype", [None, torch.float32])
+def test_weighted_scatter_matches_float32_index_add(dtype, weights_dtype):
+    g = torch.Generator().manual_seed(2)
+    t, k = 13, 3
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(t)])  # [T, K]
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(weights_dtype or dtype)
+    order, _ = sort_by_expert(ids, E)
+    rows = torch.randn(t * k, H, generator=g).to(dtype)  # sorted by expert
+    ref = torch.zeros(t, H).index_add_(0, order // k, rows.float() * weights.reshape(-1)[order].float()[:, None])
+    got = weighted_scatter(rows, order, weights, t, k)  # float32 unless weights and rows share a dtype
+    torch.testing.assert_close(got.float(), ref.to(got.dtype).float(), atol=1e-6, rtol=1e-6)
+
+
+def _pool(lengths, bs, hk, d, dtype, g):
+    """A pool with each sequence's K/V written into shuffled blocks -> kv, [(k [n, Hk, D], v, blocks)]."""
+    nblocks = [-(-n // bs) for n in lengths]
+    kv = KVCache(1, sum(nblocks) + 2, bs, hk, d, dtype)
+    free = torch.randperm(sum(nblocks) + 2, generator=g).tolist()
+    seqs = []
+    for n, nb in zip(lengths, nblocks):
+        blocks = torch.tensor([free.pop() for _ in range(nb)])
+        k, v = torch.randn(2, n, hk, d, generator=g).to(dtype)
+        pos = torch.arange(n)
+        slots = blocks[pos // bs] * bs + pos % bs
+        kc, vc = kv.layer(0)
+        kc.view(hk, -1, d)[:, slots] = k.transpose(0, 1)
+        vc.view(hk, -1, d)[:, slots] = v.transpose(0, 1)
+        seqs.append((k, v, blocks))
+    return kv, seqs
+
+
+def test_gather_blocks_returns_each_heads_tokens_in_order():
+    g = torch.Generator().manual_seed(3)
+    kv, seqs = _pool([37], 4, 2, 8, torch.float32, g)
+    k, _, blocks = seqs[0]
+    torch.testing.assert_close(gather_blocks(kv.layer(0)[0], blocks)[:, :37], k.transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [[1], [9], [5, 70, 1, 33], [1000, 3]])
+def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths):
+    g = torch.Generator().manual_seed(4)
+    bs, hk, groups, d = 16, 2, 4, 32
+    hq = hk * groups
+    kv, seqs = _pool(lengths, bs, hk, d, dtype, g)
+    b = len(lengths)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    # the last token of every sequence is the one decoding now; it is written again as the new K/V
+    k_new = torch.stack([k[-1] for k, _, _ in seqs])  # [B, Hk, D]
+    v_new = torch.stack([v[-1] for _, v, _ in seqs])
+    width = max(len(blocks) for _, _, blocks in seqs)
+    table = [blocks.tolist() + [0] * (width - len(blocks)) for _, _, blocks in seqs]
+    slots = [blocks[(n - 1) // bs] * bs + (n - 1) % bs for n, (_, _, blocks) in zip(lengths, seqs)]
+    mask = (torch.arange(width * bs)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots), num_decode=b,
+                             decode_block_table=torch.tensor(table), decode_mask=mask)
+    kc, vc = kv.layer(0)
+    got = paged_attention(q, k_new, v_new, kc, vc, meta, d ** -0.5).view(b, hq, d)
+    for i, n in enumerate(lengths):
+        k, v = seqs[i][0].float(), seqs[i][1].float()  # [n, Hk, D]
+        want = F.scaled_dot_product_attention(q[i].float()[:, None], k.transpose(0, 1).repeat_interleave(groups, 0),
+                                              v.transpose(0, 1).repeat_interleave(groups, 0), scale=d ** -0.5)
+        atol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got[i].float(), want[:, 0], atol=atol, rtol=atol)
+
+
+def test_prefill_with_cached_prefix_matches_causal_sdpa():
+    g = torch.Generator().manual_seed(5)
+    bs, hk, groups, d, past, n = 4, 2, 2, 16, 10, 7
+    kv, seqs = _pool([past + n], bs, hk, d, torch.float32, g)
+    k_all, v_all, blocks = seqs[0]
+    q = torch.randn(n, hk * groups, d, generator=g)
+    pos = torch.arange(past, past + n)
+    meta = AttentionMetadata(slot_mapping=blocks[pos // bs] * bs + pos % bs,
+                             prefills=[PrefillChunk(0, n, past + n, blocks)])
+    kc, vc = kv.layer(0)
+    got = paged_attention(q, k_all[past:], v_all[past:], kc, vc, meta, d ** -0.5).view(n, -1, d)
+    mask = torch.arange(past + n)[None, :] <= pos[:, None]
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k_all.transpose(0, 1).repeat_interleave(groups, 0),
+                                          v_all.transpose(0, 1).repeat_interleave(groups, 0), attn_mask=mask,
+                                          scale=d ** -0.5)
+    torch.testing.assert_close(got, want.transpose(0, 1), atol=1e-5, rtol=1e-5)

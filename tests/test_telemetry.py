@@ -1,0 +1,158 @@
+"""Tracing and metrics: the span tree of a request through the gateway (W3C traceparent honoured),
+step spans linked to request spans, expert-worker spans exported over real OTLP/gRPC as children of the
+gateway's step spans across processes, and metric values after a known workload."""
+
+import os
+import time
+
+import grpc
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from mesh import telemetry as t
+from mesh.config import EngineConfig
+from mesh.engine.engine import Engine
+from mesh.types import SamplingParams
+from router_service.otlp_sink import OtlpSink
+from test_grpc_gateway import LiveGateway, tiny_dir  # noqa: F401  (fixture)
+
+TRACE_ID, PARENT_ID = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+
+
+@pytest.fixture(scope="module")
+def otel():
+    """The SDK with in-memory exporters, installed once for this test process."""
+    spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    t.setup("mesh-gateway", span_exporter=spans, metric_reader=reader)
+    if not isinstance(trace.get_tracer_provider(), __import__("opentelemetry.sdk.trace", fromlist=["x"]).TracerProvider):
+        pytest.fail("another test installed a tracer provider first")
+    return spans, reader
+
+
+def _flush():
+    trace.get_tracer_provider().force_flush()
+
+
+def _by_name(spans, name):
+    return [s for s in spans if s.name == name]
+
+
+def test_request_span_tree_honours_traceparent(otel, tiny_dir):
+    spans_out, _ = otel
+    _flush()  # spans of earlier tests still in the batch processor
+    spans_out.clear()
+    from router_service.protos import inference_pb2 as pb
+    from router_service.protos import inference_pb2_grpc as pb_grpc
+    gw = LiveGateway(lambda: Engine(tiny_dir, EngineConfig(dtype="float32", kv_cache_memory=4 << 20)))
+    try:
+        with grpc.insecure_channel(gw.target) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            req = pb.GenerateRequest(prompt="def add(a, b):\n    return", sampling=pb.SamplingParams(
+                max_tokens=5, temperature=0, ignore_eos=True))
+            resp = stub.Complete(req, metadata=[("traceparent", f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01")])
+        assert len(resp.token_ids) == 5
+    finally:
+        gw.close()
+    _flush()
+    spans = spans_out.get_finished_spans()
+    (server,) = _by_name(spans, "mesh.v1.Inference/Complete")
+    assert server.kind == trace.SpanKind.SERVER
+    assert server.context.trace_id == TRACE_ID and server.parent.span_id == PARENT_ID
+    children = {n: _by_name(spans, n) for n in (t.SPAN_QUEUE, t.SPAN_PREFIX_LOOKUP, t.SPAN_PREFILL, t.SPAN_DECODE)}
+    for name, found in children.items():
+        assert found, f"no {name} span"
+        for s in found:
+            assert s.context.trace_id == TRACE_ID and s.parent.span_id == server.context.span_id, name
+    (decode,) = children[t.SPAN_DECODE]
+    assert decode.attributes[t.ATTR_TOKENS] == 5
+    assert [e.name for e in decode.events] == ["finish"]
+    assert decode.events[0].attributes[t.ATTR_FINISH] == "length"
+    steps = _by_name(spans, t.SPAN_STEP)
+    assert len(steps) >= 5  # at least one prefill step and four decode steps
+    linked = [s for s in steps if any(l.context.span_id == server.context.span_id for l in s.links)]
+    assert len(linked) == len(steps)
+    assert {s.attributes[t.ATTR_KIND] for s in linked} >= {"prefill", "decode"}
+    assert all(s.attributes[t.ATTR_BATCH] == 1 for s in linked)
+    # a prefill chunk links to the step that computed it
+    step_ids = {s.context.span_id for s in steps}
+    assert all(l.context.span_id in step_ids for p in children[t.SPAN_PREFILL] for l in p.links)
+
+
+def _metric(reader, name):
+    points = []
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                if m.name == name:
+                    points.extend(m.data.data_points)
+    return points
+
+
+def test_metric_values_after_a_known_workload(otel, hf_checkpoints):
+    _, reader = otel
+    d = hf_checkpoints["qwen3_moe"]  # 3 layers, 2 of them MoE, top-2
+    before = sum(p.value for p in _metric(reader, t.M_EXPERT_TOKENS))
+    ttft_before = sum(p.count for p in _metric(reader, t.M_TTFT))
+    engine = Engine(d, EngineConfig(dtype="float32"))
+    prompts = [[1, 2, 3], list(range(10, 30)), [5] * 7]
+    n_out = 4
+    engine.generate([engine.make_request(prompt_token_ids=p, sampling=SamplingParams(
+        max_tokens=n_out, temperature=0, ignore_eos=True)) for p in prompts])
+    computed = sum(len(p) + n_out - 1 for p in prompts)  # the last sampled token is never fed back
+    cfg = engine.model_config
+    after = sum(p.value for p in _metric(reader, t.M_EXPERT_TOKENS))
+    assert after - before == computed * cfg.top_k * cfg.num_moe_layers
+    per_layer = {}
+    for p in _metric(reader, t.M_EXPERT_TOKENS):
+        per_layer[p.attributes["layer"]] = per_layer.get(p.attributes["layer"], 0) + 1
+    assert set(per_layer.values()) == {cfg.num_experts}
+    assert sum(p.count for p in _metric(reader, t.M_TTFT)) - ttft_before == len(prompts)
+    assert sum(p.value for p in _metric(reader, t.M_KV_USED)) >= 0
+    del engine
+
+
+def test_expert_worker_spans_are_children_of_step_spans_across_processes(otel, hf_checkpoints, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from expert_workers.pool import ExpertPool
+    spans_out, _ = otel
+    _flush()  # spans of earlier tests still in the batch processor
+    spans_out.clear()
+    with OtlpSink() as sink:
+        # what the gateway's environment says is what its workers get (runtime_env)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        monkeypatch.setenv("MESH_TRACE_LAYER_EVERY", "1")
+        ray.init(include_dashboard=False, num_cpus=4, log_to_driver=False)
+        pool = ExpertPool(str(hf_checkpoints["mixtral"]), "float32", num_workers=2)
+        try:
+            engine = Engine(hf_checkpoints["mixtral"], EngineConfig(dtype="float32"), dispatcher=pool.start())
+            root = t.tracer().start_span("client")
+            ctx = trace.set_span_in_context(root)
+            engine.generate([engine.make_request(prompt_token_ids=[4, 5, 6, 7], trace_context=ctx,
+                                                 sampling=SamplingParams(max_tokens=3, temperature=0))])
+            root.end()
+        finally:
+            pool.shutdown()  # workers flush their spans as they stop
+            ray.shutdown()
+        deadline = time.monotonic() + 15
+        while not [s for s in sink.snapshot() if s.name == t.SPAN_EXPERT_STEP] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        received = sink.snapshot()
+    _flush()
+    steps = {s.context.span_id: s for s in _by_name(spans_out.get_finished_spans(), t.SPAN_STEP)}
+    worker_steps = [s for s in received if s.name == t.SPAN_EXPERT_STEP]
+    assert worker_steps, "no expert-worker spans reached the OTLP receiver"
+    assert {s.service for s in received} == {"mesh-expert-worker"}
+    assert {s.attributes[t.ATTR_RANK] for s in worker_steps} == {0, 1}
+    for s in worker_steps:
+        assert s.parent_span_id in steps, "worker step span is not a child of a gateway step span"
+        assert s.trace_id == steps[s.parent_span_id].context.trace_id
+    # per-layer spans (sampled every step here) are children of the worker's step span
+    layers = [s for s in received if s.name == t.SPAN_LAYER]
+    ids = {s.span_id for s in worker_steps}
+    assert layers and all(s.parent_span_id in ids for s in layers)
+    # every gateway step reached both workers
+    assert len(worker_steps) == 2 * len(steps)
