@@ -49,6 +49,9 @@ M_KV_USED = "mesh.kv.blocks.used"  # gauge
 M_KV_FREE = "mesh.kv.blocks.free"  # gauge
 M_PREFIX_HITS = "mesh.prefix_cache.hit_tokens"  # counter, attribute tier=local|redis
 M_EXPERT_TOKENS = "mesh.expert.tokens"  # counter, attributes layer, expert
+M_TIER_BYTES = "mesh.prefix_cache.tier.bytes"  # counter, attributes tier, direction
+M_TIER_CALLS = "mesh.prefix_cache.tier.calls"  # counter, attributes tier, kind (lookups, hits, errors, ...)
+M_TIER_LATENCY = "mesh.prefix_cache.tier.read_latency"  # gauge, s (median of recent reads)
 M_DISPATCH_SECONDS = "mesh.dispatch.duration"  # histogram, s per MoE layer (dispatch + combine)
 M_DISPATCH_BYTES = "mesh.dispatch.bytes"  # counter
 M_WORKER_UP = "mesh.expert_worker.up"  # gauge per rank: 1 joined, 0 otherwise

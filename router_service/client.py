@@ -36,6 +36,14 @@ class MeshError(Exception):
         return cls(e.code(), e.details() or "")
 
 
+def stats_dict(msg: pb.ServerStats) -> dict:
+    """ServerStats -> a dict; the row-major expert load becomes [moe_layers][num_experts]."""
+    out = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields if f.name != "expert_load"}
+    flat, e = list(msg.expert_load), msg.num_experts
+    out["expert_load"] = [flat[i:i + e] for i in range(0, len(flat), e)] if e else []
+    return out
+
+
 class MeshClient:
     def __init__(self, target: str, timeout: float | None = None, channel: grpc.Channel | None = None):
         """`timeout`: default deadline in seconds for every call (None: no deadline)."""
@@ -110,6 +118,15 @@ class MeshClient:
         except grpc.RpcError as e:
             raise MeshError.from_rpc(e) from None
         return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+
+    def server_stats(self, timeout: float | None = None) -> dict:
+        """The server's load snapshot: running, waiting, kv_blocks_used/free, steps, in_flight, ...,
+        and `expert_load` as a [moe_layers][num_experts] list of tokens routed."""
+        try:
+            msg = self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise MeshError.from_rpc(e) from None
+        return stats_dict(msg)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service name."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, ROOT, RedisServer
+from test_grpc_gateway import tiny_dir  # noqa: F401  (fixture)
 from mesh.cache.codec import decode_block, encode_block
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
@@ -170,3 +171,52 @@ def test_eviction_under_small_maxmemory(hf_checkpoints):
             assert _run(fresh, prompt=p).token_ids == want
     finally:
         server.stop()
+
+
+def test_slow_redis_is_a_bounded_miss(hf_checkpoints, redis_server):
+    """A Redis that hangs (the process stopped) costs at most the timeout; the request is computed."""
+    import os
+    import signal
+    import time
+    d = hf_checkpoints["qwen3_moe"]
+    want = _run(_engine(d, enable_prefix_caching=False)).token_ids
+    engine = Engine(d, EngineConfig(dtype="float32"), prefix_tier=RedisTier(redis_server.url, timeout_s=0.2))
+    assert engine.prefix_cache.tier.ping()  # connected while healthy
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        out = engine.generate([engine.make_request(prompt_token_ids=PROMPT, sampling=GREEDY)])[0]
+        took = time.monotonic() - t0
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert out.token_ids == want and out.usage.cached_tokens == 0
+    assert took < 2.0
+    assert engine.prefix_cache.tier.stats.errors >= 1
+
+
+def test_tenant_metadata_over_grpc_isolates_the_cache(tiny_dir, redis_server):
+    """x-tenant-id in gRPC metadata salts the hashes: same tenant hits, another tenant does not."""
+    import grpc as grpc_
+    from router_service.protos import inference_pb2 as pb
+    from router_service.protos import inference_pb2_grpc as pb_grpc
+    from test_grpc_gateway import LiveGateway
+    gw = LiveGateway(lambda: Engine(tiny_dir, EngineConfig(dtype="float32", kv_cache_memory=4 << 20),
+                                    prefix_tier=RedisTier(redis_server.url)))
+    try:
+        with grpc_.insecure_channel(gw.target) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            req = pb.GenerateRequest(prompt_token_ids=list(range(1, 70)),
+                                     sampling=pb.SamplingParams(max_tokens=2, temperature=0))
+
+            def cached(tenant, **kw):
+                r = pb.GenerateRequest()
+                r.CopyFrom(req)
+                for k, v in kw.items():
+                    setattr(r, k, v)
+                return stub.Complete(r, metadata=[("x-tenant-id", tenant)]).usage.cached_tokens
+            assert cached("acme") == 0
+            assert cached("acme") == 64  # four full blocks, local tier
+            assert cached("globex") == 0  # another tenant: another namespace
+            assert cached("acme", disable_prefix_cache=True) == 0  # a request may opt out
+    finally:
+        gw.close()

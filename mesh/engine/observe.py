@@ -41,11 +41,36 @@ class _Instruments:
             m.create_observable_gauge(name, [self._summed(read)], description=desc)
         m.create_observable_counter(t.M_EXPERT_TOKENS, [self._expert_tokens], unit="{token}",
                                     description="tokens routed to each expert of each MoE layer")
+        m.create_observable_counter(t.M_TIER_BYTES, [self._tier_bytes], unit="By",
+                                    description="bytes read from / written to a remote prefix-cache tier")
+        m.create_observable_counter(t.M_TIER_CALLS, [self._tier_calls], unit="{call}",
+                                    description="remote prefix-cache tier lookups, hits, errors, corrupt entries")
+        m.create_observable_gauge(t.M_TIER_LATENCY, [self._tier_latency], unit="s",
+                                  description="median latency of recent remote prefix-cache reads")
 
     def _summed(self, read):
         def callback(_: CallbackOptions):
             yield Observation(sum(read(e) for e in list(self.engines)))
         return callback
+
+    def _tiers(self):
+        for e in list(self.engines):
+            if e.prefix_cache is not None:
+                yield e.prefix_cache.tier.stats
+
+    def _tier_bytes(self, _: CallbackOptions):
+        for st in self._tiers():
+            yield Observation(st.bytes_read, {"tier": st.name, "direction": "read"})
+            yield Observation(st.bytes_written, {"tier": st.name, "direction": "write"})
+
+    def _tier_calls(self, _: CallbackOptions):
+        for st in self._tiers():
+            for kind in ("lookups", "hits", "errors", "corrupt", "dropped_writes"):
+                yield Observation(getattr(st, kind), {"tier": st.name, "kind": kind})
+
+    def _tier_latency(self, _: CallbackOptions):
+        for st in self._tiers():
+            yield Observation(st.as_dict()["read_ms_p50"] / 1e3, {"tier": st.name})
 
     def _expert_tokens(self, _: CallbackOptions):
         total = None
