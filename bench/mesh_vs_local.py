@@ -73,6 +73,13 @@ def main() -> int:
     vocab = local.model_config.vocab_size
     run(local, workload(8, vocab, 16, 4)[0], 4)  # warm-up
     local_tps = {b: run(local, *workload(b, vocab, args.prompt_tokens, args.output_tokens)) for b in batches}
+    local_step = {}
+    for b in batches:  # compute alone: the single-process decode step at this batch
+        decode_steps(local, workload(b, vocab, args.prompt_tokens, 1)[0], 2)
+        t0 = time.perf_counter()
+        decode_steps(local, [], 5)
+        local_step[b] = (time.perf_counter() - t0) / 5
+        clear(local)
     del local
     ray.init(include_dashboard=False, num_cpus=8, log_to_driver=False)
     try:
@@ -92,6 +99,11 @@ def main() -> int:
                     t0 = time.perf_counter()
                     decode_steps(mesh, [], 5)
                     step_s = (time.perf_counter() - t0) / 5
+                    mesh.runner.micro_batches = 1  # the same steps without overlap
+                    t0 = time.perf_counter()
+                    decode_steps(mesh, [], 5)
+                    step_serial_s = (time.perf_counter() - t0) / 5
+                    mesh.runner.micro_batches = 2
                     n = disp.steps - s0
                     layer_ms = statistics.mean(disp.layer_seconds) / n * 1e3
                     bytes_step = (disp.total_bytes_sent - sent0 + disp.total_bytes_received - recv0) / n
@@ -108,7 +120,11 @@ def main() -> int:
                           "mesh_over_local": tps / local_tps[b], "decode_step_ms": step_s * 1e3,
                           "dispatch_combine_ms_per_layer": layer_ms, "bytes_per_step": bytes_step,
                           "transport_only_ms_per_layer": echo_ms, "bare_all_to_all_ms_per_layer": bare_ms,
-                          "transport_over_bare": echo_ms / bare_ms})
+                          "transport_over_bare": echo_ms / bare_ms,
+                          "decode_step_one_micro_batch_ms": step_serial_s * 1e3,
+                          "compute_step_ms": local_step[b] * 1e3,
+                          "transport_step_ms": bare_ms * disp.L,
+                          "overlap_ratio": step_s * 1e3 / max(local_step[b] * 1e3, bare_ms * disp.L)})
                 del mesh
             finally:
                 pool.shutdown()

@@ -127,7 +127,10 @@ class ExpertPool:
             done, _ = ray.wait(self.serve_refs, timeout=0)
             for ref in done:  # serve() returned before the group formed: it failed
                 ray.get(ref)
-            states = self.statuses()
+            try:
+                states = self.statuses(timeout=5.0)
+            except ray.exceptions.GetTimeoutError:  # actors still starting (a busy machine): keep waiting
+                states = [{"rank": r, "state": "starting"} for r in range(self.num_workers)]
             failed = [s for s in states if s["state"] == "failed"]
             if failed:
                 raise PoolError(f"expert worker {failed[0]['rank']} failed to load:\n{failed[0]['error']}")

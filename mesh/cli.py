@@ -69,6 +69,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence served, prompt plus output (default: the model's limit)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
+    g.add_argument("--micro-batches", type=int, choices=[0, 1, 2], default=0,
+                   help="micro-batches in flight per step: 2 overlaps one's attention with the other's expert "
+                        "round trip (default 0 = auto: 2 with expert workers, 1 in-process)")
 
 
 def engine_config(args):
@@ -77,7 +80,8 @@ def engine_config(args):
         return EngineConfig(dtype=args.dtype, block_size=args.block_size,
                             kv_cache_memory=parse_size(str(args.kv_cache_memory)),
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                            max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+                            max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+                            micro_batches=args.micro_batches)
     except ConfigError as e:
         raise SystemExit(f"mesh: error: {e}") from None
 

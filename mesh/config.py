@@ -181,6 +181,9 @@ class EngineConfig:
     prefix_namespace: str = ""  # salts block hashes (tenant, model fingerprint)
     device: str = "cpu"
     seed: int = 0
+    # micro-batches in flight per step: 0 = auto (2 when experts are remote, so one micro-batch's
+    # attention hides the other's expert round trip; 1 in-process, where there is nothing to hide)
+    micro_batches: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -191,6 +194,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if self.max_num_seqs <= 0:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.micro_batches not in (0, 1, 2):
+            raise ConfigError(f"micro_batches must be 0 (auto), 1 or 2, got {self.micro_batches}")
         if self.max_num_batched_tokens < self.block_size:
             raise ConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least the "

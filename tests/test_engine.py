@@ -41,11 +41,12 @@ def test_greedy_alone_matches_transformers(family, hf_checkpoints, references):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["batched", "chunked", "preempted"])
+@pytest.mark.parametrize("mode", ["batched", "chunked", "preempted", "micro-batched"])
 def test_greedy_batch_of_16_matches_transformers(family, mode, hf_checkpoints, references):
     prompts, refs = references
     cfg = {"batched": {}, "chunked": {"max_num_batched_tokens": 16},
-           "preempted": {"max_num_batched_tokens": 32}}[mode]
+           "preempted": {"max_num_batched_tokens": 32},
+           "micro-batched": {"max_num_batched_tokens": 64, "micro_batches": 2}}[mode]
     if mode == "preempted":
         # a pool of 10 blocks x 16 tokens: far less than 16 prompts need at once
         per_block = KVCache.bytes_per_block(3, 16, 2, 16, torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 
 import torch
 
@@ -31,8 +32,12 @@ class TieredPrefixCache:
         self.block_shape = kv.block_shape  # [L, 2, block_size, Hk, D]: one block's K and V, all layers
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued_blocks)
         self._stop = threading.Event()
-        self._writer = threading.Thread(target=self._write_loop, name="mesh-prefix-writer", daemon=True)
+        # The writer thread sees only the queue and the tier, never this object or the KV pool, so an
+        # engine that is dropped without close() is still freed (and its writer told to stop).
+        self._writer = threading.Thread(target=_write_loop, args=(self._queue, tier, self._stop),
+                                        name="mesh-prefix-writer", daemon=True)
         self._writer.start()
+        weakref.finalize(self, self._stop.set)
 
     # ---- read: on admission, after the local match --------------------------------------
     def fetch(self, seq: Sequence) -> int:
@@ -79,25 +84,6 @@ class TieredPrefixCache:
             except queue.Full:
                 self.tier.stats.dropped_writes += 1
 
-    def _write_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            batch = [first]
-            while len(batch) < 64:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self.tier.put_many([(h, encode_block(kv)) for h, kv in batch])
-            except Exception as e:  # a tier must not raise, but a writer thread must never die
-                log.warning("prefix tier write failed: %s", e)
-            for _ in batch:
-                self._queue.task_done()
-
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until queued writes are handed to the tier (tests, shutdown)."""
         done = threading.Event()
@@ -109,3 +95,23 @@ class TieredPrefixCache:
         self._stop.set()
         self._writer.join(timeout=2.0)
         self.tier.close()
+
+
+def _write_loop(q: queue.Queue, tier: PrefixTier, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            first = q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        batch = [first]
+        while len(batch) < 64:
+            try:
+                batch.append(q.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            tier.put_many([(h, encode_block(kv)) for h, kv in batch])
+        except Exception as e:  # a tier must not raise, but a writer thread must never die
+            log.warning("prefix tier write failed: %s", e)
+        for _ in batch:
+            q.task_done()

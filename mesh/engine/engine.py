@@ -65,7 +65,8 @@ class Engine:
         self.prefix_cache = TieredPrefixCache(prefix_tier, self.blocks, self.kv) if prefix_tier else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.prefix_cache.fetch if self.prefix_cache else None)
-        self.runner = ModelRunner(self.model, self.kv, self.dispatcher)
+        micro = config.micro_batches or (1 if isinstance(self.dispatcher, LocalDispatcher) else 2)
+        self.runner = ModelRunner(self.model, self.kv, self.dispatcher, micro_batches=micro)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:

@@ -14,8 +14,9 @@ from mesh.parallel.dispatcher import Dispatcher
 
 
 class ModelRunner:
-    def __init__(self, model: MoEDecoder, kv: KVCache, dispatcher: Dispatcher):
+    def __init__(self, model: MoEDecoder, kv: KVCache, dispatcher: Dispatcher, micro_batches: int = 1):
         self.model = model
+        self.micro_batches = micro_batches
         self.kv = kv
         self.dispatcher = dispatcher
         self.block_size = kv.block_size
@@ -25,6 +26,28 @@ class ModelRunner:
 
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Returns the sequences that sample this step and their logits [N, V] float32, in that order.
+
+        With `micro_batches == 2` (the mesh) and at least two sequences, the batch is cut in two halves
+        of about equal tokens that overlap each other's expert round trips.
+        """
+        if self.micro_batches == 2 and len(batch) >= 2:
+            halves = _split(batch)
+            prepared = [self._prepare(part) for part in halves]
+            hidden = self.model.forward_micro_batches([p[:3] for p in prepared], self.kv, self.dispatcher)
+            samplers = [s for p in prepared for s in p[3]]
+            rows = [h.index_select(0, torch.tensor(p[4], dtype=torch.long, device=self.device))
+                    for h, p in zip(hidden, prepared)]
+            selected = torch.cat(rows)
+        else:
+            ids, pos, meta, samplers, sample_rows = self._prepare(batch)
+            hidden = self.model.forward(ids, pos, meta, self.kv, self.dispatcher)
+            selected = hidden.index_select(0, torch.tensor(sample_rows, dtype=torch.long, device=self.device))
+        if not samplers:
+            return [], selected.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+        return samplers, self.model.logits(selected)
+
+    def _prepare(self, batch: list[ScheduledSeq]):
+        """(input_ids [T], positions [T], metadata, samplers, their rows) for one forward pass.
 
         Rows are laid out single-token chunks first (batched decode attention), then prefill chunks.
         """
@@ -68,11 +91,19 @@ class ModelRunner:
         meta.slot_mapping = torch.cat([torch.tensor(slots, dtype=torch.long)] + prefill_slots).to(self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv, self.dispatcher)
-        if not sample_rows:
-            return [], hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
-        logits = self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=self.device)))
-        return samplers, logits
+        return input_ids, positions, meta, samplers, sample_rows
+
+
+def _split(batch: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
+    """Two non-empty halves with about equal tokens, keeping the scheduler's order."""
+    total = sum(s.num_tokens for s in batch)
+    acc, cut = 0, 1
+    for i, s in enumerate(batch[:-1]):
+        acc += s.num_tokens
+        cut = i + 1
+        if acc * 2 >= total:
+            break
+    return [batch[:cut], batch[cut:]]
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

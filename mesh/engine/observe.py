@@ -97,7 +97,9 @@ def instruments() -> _Instruments:
 
 class EngineObserver:
     def __init__(self, engine):
-        self.engine = engine
+        # A weak reference: the engine owns its observer, and a cycle would keep the engine (and its
+        # KV pool) alive until the garbage collector happens to run.
+        self._engine = weakref.ref(engine)
         self.tracer = t.tracer()
         self.m = instruments()
         self.m.engines.add(engine)
@@ -146,7 +148,7 @@ class EngineObserver:
                 chunk.end()
                 s.seq.chunk_span = None
         span.end()
-        d = self.engine.dispatcher
+        d = self._engine().dispatcher
         seconds = getattr(d, "layer_seconds", None)
         if seconds is not None:
             prev = self._layer_seconds or [0.0] * len(seconds)

@@ -96,6 +96,53 @@ class MoEDecoder:
         return rms_norm(h, self.w.norm, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
+    def forward_micro_batches(self, parts: list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]],
+                              kv: KVCache, dispatcher: Dispatcher) -> list[torch.Tensor]:
+        """Two micro-batches in flight: while one's rows are at the experts, the gateway computes the
+        other's attention. parts: [(input_ids [T_m], positions [T_m], meta_m)] x 2 -> hidden [T_m, H].
+
+        Per MoE layer i the collectives run in the order the expert ranks serve them (dispatch 0,
+        combine 0, dispatch 1, combine 1), with the other micro-batch's work in between:
+            attn(0, i) | dispatch(0) | attn(1, i) | combine(0) | dispatch(1) | attn(0, i+1) | combine(1)
+        """
+        assert len(parts) == 2
+        dispatcher.begin_step(sum(p[0].shape[0] for p in parts), micro_batches=2)
+        h = [F.embedding(ids, self.w.embed) for ids, _, _ in parts]  # [T_m, H] each
+        ropes = [self.rope.at(pos) for _, pos, _ in parts]
+        eps = self.cfg.rms_norm_eps
+
+        def attn(m: int, i: int) -> torch.Tensor:
+            layer = self.w.layers[i]
+            h[m] = h[m] + self._attention(i, layer, rms_norm(h[m], layer.input_norm, eps), ropes[m],
+                                          parts[m][2], kv)
+            return rms_norm(h[m], layer.post_norm, eps)
+
+        def finish(m: int, pending) -> None:
+            handle, shared = pending
+            out = dispatcher.combine(handle)
+            h[m] = h[m] + (out if shared is None else out + shared)
+
+        layers = self.w.layers
+        ahead = None  # micro-batch 0's input to the next MoE block, computed early
+        for i, layer in enumerate(layers):
+            if layer.moe is None:  # dense layer: no collectives, nothing to overlap
+                for m in (0, 1):
+                    x = attn(m, i)
+                    h[m] = h[m] + dense_mlp(x, layer.mlp_gate_up, layer.mlp_down)
+                continue
+            x0 = ahead if ahead is not None else attn(0, i)
+            ahead = None
+            d0 = self._moe_begin(layer, x0, dispatcher)
+            x1 = attn(1, i)  # overlaps the experts computing micro-batch 0
+            finish(0, d0)
+            d1 = self._moe_begin(layer, x1, dispatcher)
+            if i + 1 < len(layers) and layers[i + 1].moe is not None:
+                ahead = attn(0, i + 1)  # overlaps the experts computing micro-batch 1
+            finish(1, d1)
+        dispatcher.end_step()
+        return [rms_norm(x, self.w.norm, eps) for x in h]
+
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] float32."""
         return F.linear(hidden, self.w.lm_head).float()
@@ -114,14 +161,19 @@ class MoEDecoder:
         return F.linear(o, a.o)
 
     def _moe(self, layer: LayerWeights, x: torch.Tensor, dispatcher: Dispatcher) -> torch.Tensor:
+        handle, shared = self._moe_begin(layer, x, dispatcher)
+        out = dispatcher.combine(handle)
+        return out if shared is None else out + shared
+
+    def _moe_begin(self, layer: LayerWeights, x: torch.Tensor, dispatcher: Dispatcher):
+        """Route and dispatch; the shared expert runs while routed rows are away (overlapping the
+        collective's transport). Returns (handle for combine, shared-expert output or None)."""
         m, cfg = layer.moe, self.cfg
         ids, weights = route(x, m.router, cfg.top_k, cfg.norm_topk_prob,
                              self.spec.router_weights_in_model_dtype)
         handle = dispatcher.dispatch(layer.moe_index, x, ids, weights)
-        # The shared expert runs while routed rows are away (overlaps the collective's transport).
         shared = None
         if m.shared_gate_up is not None:
             shared = dense_mlp(x, m.shared_gate_up, m.shared_down)
             shared = torch.sigmoid(F.linear(x, m.shared_gate)) * shared
-        out = dispatcher.combine(handle)
-        return out if shared is None else out + shared
+        return handle, shared

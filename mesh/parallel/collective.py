@@ -42,6 +42,7 @@ from mesh.parallel.placement import Placement
 
 STEP, SHUTDOWN = 1, 2
 ECHO = 1  # header flag: expert ranks return rows unchanged (measures transport alone)
+MB_SHIFT = 8  # header flags bits 8..15: micro-batches per step (each MoE layer serves that many exchanges)
 HEADER_LEN = 8
 _MASK64 = (1 << 64) - 1
 PROTOCOL_VERSION = 1
@@ -153,6 +154,7 @@ class CollectiveDispatcher(_MeshRank):
         self.reset_counters()
         self._in_step = self._closed = False
         self._next_layer = 0
+        self._micro_batches, self._exchanges = 1, 0
         self._pending: _Handle | None = None
 
     def reset_counters(self) -> None:
@@ -163,13 +165,17 @@ class CollectiveDispatcher(_MeshRank):
     step_flags = 0  # header flags for steps the model starts (benchmarks set ECHO)
     next_step_trace = (0, 0)  # (trace id, span id) of the engine's step span, for the next header
 
-    def begin_step(self, num_tokens: int, trace_id: int = 0, span_id: int = 0, flags: int | None = None) -> None:
+    def begin_step(self, num_tokens: int, micro_batches: int = 1, trace_id: int = 0, span_id: int = 0,
+                   flags: int | None = None) -> None:
         if self._closed:
             raise RuntimeError("the mesh dispatcher is shut down")
         if self._in_step:
             raise RuntimeError("begin_step called twice without end_step")
         self.step_bytes_sent = self.step_bytes_received = 0
-        flags = self.step_flags if flags is None else flags
+        if not 1 <= micro_batches <= 255:
+            raise ValueError(f"micro_batches must be in [1, 255], got {micro_batches}")
+        flags = (self.step_flags if flags is None else flags) | (micro_batches << MB_SHIFT)
+        self._micro_batches, self._exchanges = micro_batches, 0
         if not trace_id:
             trace_id, span_id = self.next_step_trace
         hi, lo = _u64_halves(trace_id)
@@ -223,7 +229,10 @@ class CollectiveDispatcher(_MeshRank):
             w.wait()
         t, k = handle.topk_weights.shape
         out = weighted_scatter(back, handle.order, handle.topk_weights, t, k).to(self.dtype)  # [T, H]
-        self._pending, self._next_layer = None, self._next_layer + 1
+        # With M micro-batches each layer is M dispatch/combine pairs before the next layer's.
+        self._pending, self._exchanges = None, self._exchanges + 1
+        if self._exchanges == self._micro_batches:
+            self._next_layer, self._exchanges = self._next_layer + 1, 0
         self.layer_seconds[handle.moe_index] += handle.seconds + time.perf_counter() - t0
         return out
 
@@ -316,7 +325,8 @@ class ExpertServer(_MeshRank):
             return False
         if kinds != {STEP}:
             raise RuntimeError(f"unknown step header kinds {sorted(kinds)}: protocol mismatch")
-        echo = bool(int(headers[0, 6]) & ECHO)
+        flags = int(headers[0, 6])
+        echo, micro_batches = bool(flags & ECHO), max(1, (flags >> MB_SHIFT) & 0xFF)
         # The gateway's step span (ids in the header) parents this rank's span for the step.
         trace_id = ((int(headers[0, 3]) & _MASK64) << 64) | (int(headers[0, 4]) & _MASK64)
         parent = telemetry.remote_parent(trace_id, int(headers[0, 5]) & _MASK64)
@@ -326,11 +336,10 @@ class ExpertServer(_MeshRank):
                 telemetry.ATTR_RANK: self.rank - self.A, telemetry.ATTR_NODE: self.node,
                 telemetry.ATTR_TOKENS: int(headers[:, 1].sum())}) if parent is not None else nullcontext():
             for layer in range(self.L):
-                if parent is not None and every and self.steps % every == 0:
-                    with tracer.start_as_current_span(telemetry.SPAN_LAYER, attributes={telemetry.ATTR_LAYER: layer}):
+                with (tracer.start_as_current_span(telemetry.SPAN_LAYER, attributes={telemetry.ATTR_LAYER: layer})
+                      if parent is not None and every and self.steps % every == 0 else nullcontext()):
+                    for _ in range(micro_batches):
                         self._serve_layer(layer, echo)
-                else:
-                    self._serve_layer(layer, echo)
         self.steps += 1
         return True
 

@@ -13,9 +13,10 @@ import torch
 
 
 class Dispatcher(Protocol):
-    def begin_step(self, num_tokens: int) -> None:
+    def begin_step(self, num_tokens: int, micro_batches: int = 1) -> None:
         """Called once per model forward, before the first layer (the collective backend announces
-        the step to the expert ranks here)."""
+        the step to the expert ranks here). With `micro_batches` M, every MoE layer then sees M
+        dispatch/combine pairs, micro-batch 0 first."""
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> Any:

@@ -28,7 +28,7 @@ class LocalDispatcher:
         # balancing and metrics read)
         self.expert_load: torch.Tensor | None = None
 
-    def begin_step(self, num_tokens: int) -> None:
+    def begin_step(self, num_tokens: int, micro_batches: int = 1) -> None:
         pass
 
     def end_step(self) -> None:
