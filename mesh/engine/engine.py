@@ -148,7 +148,9 @@ class Engine:
         span = self.observer.start_step(plan.scheduled)
         ctx = span.get_span_context()
         if hasattr(self.dispatcher, "next_step_trace"):  # the step header carries the ids to experts
-            self.dispatcher.next_step_trace = (ctx.trace_id, ctx.span_id) if ctx.is_valid else (0, 0)
+            # only a sampled step's ids travel: the experts' spans are exported only under a kept parent
+            sampled = ctx.is_valid and ctx.trace_flags.sampled
+            self.dispatcher.next_step_trace = (ctx.trace_id, ctx.span_id) if sampled else (0, 0)
         try:
             samplers, logits = self.runner.run(plan.scheduled)
         finally:

@@ -18,6 +18,12 @@ from mesh import telemetry as t
 from mesh.engine.sequence import Sequence
 
 
+# Bucket bounds in seconds (the SDK's defaults are meant for milliseconds).
+_LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+_TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
+_DISPATCH_BUCKETS = [5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1]
+
+
 class _Instruments:
     """Created once per process: an instrument name registered twice would keep only the first
     callback, and a process may hold several engines (tests, benchmarks). Observable values sum
@@ -26,13 +32,17 @@ class _Instruments:
     def __init__(self):
         m = t.meter()
         self.engines: weakref.WeakSet = weakref.WeakSet()
-        self.ttft = m.create_histogram(t.M_TTFT, unit="s", description="time to first token")
-        self.tpot = m.create_histogram(t.M_TPOT, unit="s", description="time per output token after the first")
-        self.e2e = m.create_histogram(t.M_E2E, unit="s", description="request duration, arrival to finish")
+        self.ttft = m.create_histogram(t.M_TTFT, unit="s", description="time to first token",
+                                       explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS)
+        self.tpot = m.create_histogram(t.M_TPOT, unit="s", description="time per output token after the first",
+                                       explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
+        self.e2e = m.create_histogram(t.M_E2E, unit="s", description="request duration, arrival to finish",
+                                      explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS)
         self.prefix_hits = m.create_counter(t.M_PREFIX_HITS, unit="{token}",
                                             description="prompt tokens served from a prefix-cache tier")
         self.dispatch_seconds = m.create_histogram(t.M_DISPATCH_SECONDS, unit="s",
-                                                   description="dispatch + combine time of one MoE layer")
+                                                   description="dispatch + combine time of one MoE layer",
+                                                   explicit_bucket_boundaries_advisory=_DISPATCH_BUCKETS)
         self.dispatch_bytes = m.create_counter(t.M_DISPATCH_BYTES, unit="By", description="bytes moved by dispatch")
         for name, read, desc in ((t.M_QUEUE_DEPTH, lambda e: e.num_waiting, "requests waiting"),
                                  (t.M_RUNNING, lambda e: e.num_running, "requests running"),
@@ -73,17 +83,17 @@ class _Instruments:
             yield Observation(st.as_dict()["read_ms_p50"] / 1e3, {"tier": st.name})
 
     def _expert_tokens(self, _: CallbackOptions):
-        total = None
+        # summed per (layer, expert) over the live engines, whatever their shapes
+        total: dict[tuple[int, int], int] = {}
         for e in list(self.engines):
             load = getattr(e.dispatcher, "expert_load", None)
-            if load is not None:
-                total = load.clone() if total is None or total.shape != load.shape else total + load
-        if total is None:
-            return
-        for layer, row in enumerate(total.tolist()):
-            for expert, n in enumerate(row):
-                yield Observation(n, {"layer": layer, "expert": expert})
-
+            if load is None:
+                continue
+            for layer, row in enumerate(load.tolist()):
+                for expert, n in enumerate(row):
+                    total[layer, expert] = total.get((layer, expert), 0) + n
+        for (layer, expert), n in total.items():
+            yield Observation(n, {"layer": layer, "expert": expert})
 
 _INSTRUMENTS: _Instruments | None = None
 

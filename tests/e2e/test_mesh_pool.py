@@ -2,6 +2,7 @@
 transformers: identical greedy tokens for every family, with concurrent requests of different lengths."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -35,7 +36,11 @@ def test_mesh_matches_local_engine_and_transformers(family, ray_cluster, hf_chec
     pool = ExpertPool(str(model_dir), "float32", num_workers=2)
     try:
         dispatcher = pool.start()
-        assert pool.ready()
+        # a worker marks itself joined just after the handshake that start() waited for: poll briefly
+        deadline = time.monotonic() + 30
+        while not pool.ready():
+            assert time.monotonic() < deadline, pool.statuses()
+            time.sleep(0.1)
         statuses = pool.statuses()
         assert [s["state"] for s in statuses] == ["joined", "joined"]
         # each worker loaded only its half of the experts
