@@ -71,7 +71,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
     g.add_argument("--micro-batches", type=int, choices=[0, 1, 2], default=0,
                    help="micro-batches in flight per step: 2 overlaps one's attention with the other's expert "
-                        "round trip (default 0 = auto: 2 with expert workers, 1 in-process)")
+                        "round trip (default 0 = auto: 2 with expert workers on GPUs, else 1)")
 
 
 def engine_config(args):

@@ -181,8 +181,8 @@ class EngineConfig:
     prefix_namespace: str = ""  # salts block hashes (tenant, model fingerprint)
     device: str = "cpu"
     seed: int = 0
-    # micro-batches in flight per step: 0 = auto (2 when experts are remote, so one micro-batch's
-    # attention hides the other's expert round trip; 1 in-process, where there is nothing to hide)
+    # micro-batches in flight per step: 0 = auto (2 when experts are remote and on GPUs, so one
+    # micro-batch's attention hides the other's expert round trip; else 1)
     micro_batches: int = 0
 
     def __post_init__(self) -> None:

@@ -65,7 +65,10 @@ class Engine:
         self.prefix_cache = TieredPrefixCache(prefix_tier, self.blocks, self.kv) if prefix_tier else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.prefix_cache.fetch if self.prefix_cache else None)
-        micro = config.micro_batches or (1 if isinstance(self.dispatcher, LocalDispatcher) else 2)
+        # auto: two micro-batches only with remote experts on a GPU; on CPU the gateway and the workers
+        # share cores, and the doubled round trips cost more than the overlap saves (bench/mesh_vs_local.py)
+        remote_gpu = not isinstance(self.dispatcher, LocalDispatcher) and config.device.startswith("cuda")
+        micro = config.micro_batches or (2 if remote_gpu else 1)
         self.runner = ModelRunner(self.model, self.kv, self.dispatcher, micro_batches=micro)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.eos_token_ids = set(mc.eos_token_ids)

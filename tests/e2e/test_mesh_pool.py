@@ -46,9 +46,10 @@ def test_mesh_matches_local_engine_and_transformers(family, ray_cluster, hf_chec
         # each worker loaded only its half of the experts
         assert len({s["pid"] for s in statuses} | {os.getpid()}) == 3
         assert statuses[0]["loaded_bytes"] == statuses[1]["loaded_bytes"] > 0
-        mesh = Engine(model_dir, EngineConfig(dtype="float32", max_num_batched_tokens=32), dispatcher=dispatcher)
+        mesh = Engine(model_dir, EngineConfig(dtype="float32", max_num_batched_tokens=32, micro_batches=2),
+                      dispatcher=dispatcher)
         assert mesh.dispatcher is dispatcher
-        assert mesh.runner.micro_batches == 2  # two micro-batches in flight by default on the mesh
+        assert mesh.runner.micro_batches == 2  # two micro-batches in flight
         outs = mesh.generate([mesh.make_request(prompt_token_ids=p, sampling=sp) for p in prompts])
         # rows really went to both workers
         assert (dispatcher.slot_load.view(dispatcher.L, 2, -1).sum(-1) > 0).all()
