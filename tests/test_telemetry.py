@@ -94,6 +94,8 @@ def _metric(reader, name):
 def test_metric_values_after_a_known_workload(otel, hf_checkpoints):
     _, reader = otel
     d = hf_checkpoints["qwen3_moe"]  # 3 layers, 2 of them MoE, top-2
+    import gc
+    gc.collect()  # the observable sums over live engines: let finished tests' engines go first
     before = sum(p.value for p in _metric(reader, t.M_EXPERT_TOKENS))
     ttft_before = sum(p.count for p in _metric(reader, t.M_TTFT))
     engine = Engine(d, EngineConfig(dtype="float32"))
