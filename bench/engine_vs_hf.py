@@ -76,8 +76,7 @@ def decode_roofline(engine: Engine, peak: float, bw: float, batch: int = 64, ctx
     load_before = engine.dispatcher.expert_load.clone()
     t = median_time(engine.step, repeat=9, warmup=2)
     touched = ((engine.dispatcher.expert_load - load_before) > 0).sum().item()  # (layer, expert) pairs used
-    for rid in list(engine._seqs):
-        engine.abort(rid)
+    engine.abort_all()
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     el = torch.finfo(engine.config.torch_dtype).bits // 8
     expert_params = 3 * H * I

@@ -50,11 +50,6 @@ def decode_steps(engine: Engine, prompts, steps: int) -> None:
         engine.step()
 
 
-def clear(engine: Engine) -> None:
-    for rid in list(engine._seqs):
-        engine.abort(rid)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", default="1,2,4")
@@ -79,7 +74,7 @@ def main() -> int:
         t0 = time.perf_counter()
         decode_steps(local, [], 5)
         local_step[b] = (time.perf_counter() - t0) / 5
-        clear(local)
+        local.abort_all()
     del local
     ray.init(include_dashboard=False, num_cpus=8, log_to_driver=False)
     try:
@@ -119,7 +114,7 @@ def main() -> int:
                     echo_ms = statistics.mean(disp.layer_seconds) / 5 * 1e3
                     disp.step_flags = 0
                     bare_ms = statistics.median(statistics.mean(disp.bare_exchange(counts)) for _ in range(5)) * 1e3
-                    clear(mesh)
+                    mesh.abort_all()
                     emit({"workers": w, "batch": b, "mesh_tok_s": tps, "local_tok_s": local_tps[b],
                           "mesh_over_local": tps / local_tps[b], "decode_step_ms": step_s * 1e3,
                           "dispatch_combine_ms_per_layer": layer_ms, "bytes_per_step": bytes_step,

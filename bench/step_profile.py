@@ -31,11 +31,6 @@ def fill(engine: Engine, batch: int, ctx: int, seed: int = 2) -> None:
         engine.step()
 
 
-def clear(engine: Engine) -> None:
-    for rid in list(engine._seqs):
-        engine.abort(rid)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dtype", default="bfloat16")
@@ -54,7 +49,7 @@ def main() -> int:
             for _ in range(3):
                 engine.step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
-    clear(engine)
+    engine.abort_all()
     # one full prefill step: 16 prompts x 128 tokens = 2048 tokens (the per-step token budget)
     rng = random.Random(3)
 
@@ -64,7 +59,7 @@ def main() -> int:
                 prompt_token_ids=[rng.randrange(engine.model_config.vocab_size) for _ in range(128)],
                 sampling=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
         engine.step()
-        clear(engine)
+        engine.abort_all()
     t = median_time(prefill, repeat=max(3, args.repeat // 2), warmup=1)
     emit({"step": "prefill", "dtype": args.dtype, "tokens": 2048, "ms": t * 1e3, "tok_s": 2048 / t})
     return 0

@@ -129,6 +129,13 @@ class Engine:
         self._finish(seq, FinishReason.ABORT)
         return True
 
+    def abort_all(self) -> int:
+        """Abort every request in flight (benchmarks, shutdown); returns how many."""
+        ids = list(self._seqs)
+        for rid in ids:
+            self.abort(rid)
+        return len(ids)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
