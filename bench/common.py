@@ -42,27 +42,39 @@ def hardware() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def sync() -> None:
+    """Wait for queued GPU work (a no-op on the CPU), so wall-clock timings include it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeat: int = 5, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048) -> float:
+def gemm_peak(dtype: torch.dtype, n: int = 2048, device: str = "cpu") -> float:
     """Measured FLOP/s of a square matmul in `dtype` on this machine, now."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if device != "cpu":
+        n = max(n, 8192)  # a GPU needs a big product to reach its peak
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     t = median_time(lambda: torch.mm(a, b), repeat=5)
     return 2 * n ** 3 / t
 
 
-def memory_bandwidth(nbytes: int = 512 << 20) -> float:
+def memory_bandwidth(nbytes: int = 512 << 20, device: str = "cpu") -> float:
     """Measured bytes/s of reading a large buffer (a sum over it), now."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    if device != "cpu":
+        nbytes = max(nbytes, 4 << 30)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     t = median_time(lambda: x.sum(), repeat=5)
     return nbytes / t
 

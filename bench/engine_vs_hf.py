@@ -9,6 +9,7 @@ measured in the same run). Prints one JSON object per result.
 
     .venv/bin/python bench/engine_vs_hf.py                 # both dtypes, both workloads
     .venv/bin/python bench/engine_vs_hf.py --quick         # (b) with 64 requests
+    python3 bench/engine_vs_hf.py --device cuda            # both sides on the GPU
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from common import bench_model, emit, gemm_peak, hardware, memory_bandwidth, median_time, peak_rss_bytes
+from common import bench_model, emit, gemm_peak, hardware, memory_bandwidth, median_time, peak_rss_bytes, sync
 
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
@@ -50,15 +51,18 @@ def run_engine(engine: Engine, work) -> float:
 
 
 def run_hf(model, work, batch: int, pad_id: int) -> float:
+    dev = model.device
+    sync()
     t = time.perf_counter()
     for i in range(0, len(work), batch):
         group = work[i:i + batch]
         width = max(len(p) for p, _ in group)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group])
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in group], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group], device=dev)
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=max(n for _, n in group),
                            do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+    sync()
     return time.perf_counter() - t
 
 
@@ -113,19 +117,22 @@ def main() -> int:
     ap.add_argument("--workloads", default="a,b,decode")
     ap.add_argument("--quick", action="store_true", help="workload (b) with 64 requests instead of 256")
     ap.add_argument("--arch", default="qwen3_moe")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where both transformers and the engine run")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device")
     from transformers import AutoModelForCausalLM
 
     model_dir = bench_model(args.arch)
     emit({"bench": "engine_vs_hf", "hardware": hardware(), "model": str(model_dir)})
-    bw = memory_bandwidth()
+    bw = memory_bandwidth(device=args.device)
     emit({"roofline": "memory_read", "gbytes_per_s": bw / 1e9})
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        peak = gemm_peak(dtype)
+        peak = gemm_peak(dtype, device=args.device)
         emit({"roofline": "gemm", "dtype": dtype_name, "gflop_per_s": peak / 1e9})
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        engine = Engine(model_dir, EngineConfig(dtype=dtype_name, kv_cache_memory=2 << 30))
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+        engine = Engine(model_dir, EngineConfig(dtype=dtype_name, kv_cache_memory=2 << 30, device=args.device))
         vocab = engine.model_config.vocab_size
         pad = engine.tokenizer.token_id("<|fim_pad|>") if engine.tokenizer else 0
         # warm both paths (allocator, oneDNN kernel selection) outside the timings
@@ -140,7 +147,7 @@ def main() -> int:
             out_tokens = sum(n for _, n in work)
             t_engine = run_engine(engine, work)
             t_hf = run_hf(hf, work, 32, pad)
-            emit({"workload": name, "dtype": dtype_name, "requests": len(work), "output_tokens": out_tokens,
+            emit({"workload": name, "dtype": dtype_name, "device": args.device, "requests": len(work), "output_tokens": out_tokens,
                   "engine_tok_s": out_tokens / t_engine, "hf_tok_s": out_tokens / t_hf,
                   "speedup": t_hf / t_engine, "engine_s": t_engine, "hf_s": t_hf,
                   "preemptions": engine.scheduler.num_preemptions})

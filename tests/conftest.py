@@ -15,6 +15,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral"]
 
+# Where the runtime under test runs: "cpu" (CI) or "cuda" (a GPU machine). The references stay on the
+# CPU in float32 either way, so a GPU run checks the CUDA path against the same transformers numbers.
+DEVICE = os.environ.get("MESH_TEST_DEVICE", "cpu")
+
+
+def pytest_configure(config):
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError(f"MESH_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
+
 
 def build_hf_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     """Save a tiny random model with transformers' own save_pretrained (per-expert keys on disk)."""

@@ -7,6 +7,7 @@ only after a clean SHUTDOWN, so a numerical failure never turns into a hang.
 
 from __future__ import annotations
 
+import os
 import queue as queue_mod
 import socket
 import time
@@ -23,6 +24,11 @@ from mesh.parallel.local import LocalDispatcher
 from mesh.parallel.placement import Placement, rebalance
 
 E, K, H, I, L = 8, 2, 64, 32, 3
+# MESH_TEST_DEVICE=cuda: every rank's rows and experts live on the GPU (the local reference stays on
+# the CPU). MESH_TEST_BACKEND picks the process group's backend (gloo by default; nccl needs one GPU
+# per rank, which a one-GPU machine cannot give).
+DEVICE = os.environ.get("MESH_TEST_DEVICE", "cpu")
+BACKEND = os.environ.get("MESH_TEST_BACKEND", "gloo")
 SKEWED_LOAD = torch.tensor([[90, 1, 1, 1, 30, 1, 1, 5],
                             [1, 1, 1, 1, 1, 1, 1, 1],
                             [0, 0, 40, 40, 0, 0, 0, 70]], dtype=torch.float64)  # [L, E]
@@ -57,7 +63,7 @@ def layer_inputs(rank: int, step: int, layer: int, t: int, mode: str, dtype: tor
 
 
 def _attention(rank, A, placement, dtype, steps):
-    disp = CollectiveDispatcher(placement, A, H, dtype)
+    disp = CollectiveDispatcher(placement, A, H, dtype, device=DEVICE)
     full = make_experts(dtype)
     local = LocalDispatcher(full, E)
     atol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -70,7 +76,7 @@ def _attention(rank, A, placement, dtype, steps):
         disp.begin_step(t)
         for layer in range(L):
             hidden, ids, weights = layer_inputs(rank, s, layer, t, mode, dtype)
-            got = disp.combine(disp.dispatch(layer, hidden, ids, weights))
+            got = disp.combine(disp.dispatch(layer, hidden.to(DEVICE), ids.to(DEVICE), weights.to(DEVICE))).cpu()
             want = local.combine(local.dispatch(layer, hidden, ids, weights))
             if got.shape != want.shape or got.dtype != want.dtype or \
                     not torch.allclose(got.float(), want.float(), atol=atol, rtol=atol):
@@ -88,14 +94,19 @@ def _attention(rank, A, placement, dtype, steps):
 def _worker(rank, A, W, port, kind, dtype_name, steps, results):
     torch.set_num_threads(1)
     try:
-        init_mesh_group(f"tcp://127.0.0.1:{port}", A + W, rank, backend="gloo")
+        if DEVICE.startswith("cuda"):
+            torch.cuda.set_device(torch.device(DEVICE).index or 0)
+        init_mesh_group(f"tcp://127.0.0.1:{port}", A + W, rank, backend=BACKEND)
         placement, dtype = make_placement(kind, W), getattr(torch, dtype_name)
         if kind == "contiguous-bf16-experts" and rank >= A:
             dtype = torch.bfloat16  # a misconfigured worker: the handshake must fail on every rank
         if rank < A:
             report = _attention(rank, A, placement, dtype, steps)
         else:
-            server = ExpertServer(take(make_experts(dtype), placement.local_slots(rank - A)), placement, A)
+            shard = take(make_experts(dtype), placement.local_slots(rank - A))
+            shard = ExpertShard([ExpertWeights(gate_up=w.gate_up.to(DEVICE), down=w.down.to(DEVICE))
+                                 for w in shard.layers])
+            server = ExpertServer(shard, placement, A, device=DEVICE)
             report = ("served", server.run(), int(server.slot_load.sum()))
         dist.destroy_process_group()
         results.put((rank, report))

@@ -4,7 +4,7 @@ chunked prefill, forced preemption, prefix sharing, seeded sampling, and input v
 import pytest
 import torch
 
-from conftest import FAMILIES, hf_greedy
+from conftest import DEVICE, FAMILIES, hf_greedy
 from mesh.config import ConfigError, EngineConfig
 from mesh.engine.engine import Engine
 from mesh.model.attention import KVCache
@@ -21,6 +21,7 @@ def _prompts(n, seed=0, lo=1, hi=70, vocab=128):
 
 def _engine(path, **kw):
     kw.setdefault("dtype", "float32")
+    kw.setdefault("device", DEVICE)
     return Engine(path, EngineConfig(**kw))
 
 

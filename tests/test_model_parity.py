@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES
+from conftest import DEVICE, FAMILIES
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk
 from mesh.model.loader import load_model
 from mesh.parallel.local import LocalDispatcher
@@ -14,9 +14,10 @@ def _forward(model, experts, ids, block_size=4, capture=None, chunks=None):
     cfg = model.cfg
     n = len(ids)
     nblocks = -(-n // block_size)
-    kv = KVCache(cfg.num_layers, nblocks + 3, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype)
-    blocks = torch.randperm(nblocks + 3)[:nblocks]  # non-contiguous on purpose
-    pos = torch.arange(n)
+    dev = model.device
+    kv = KVCache(cfg.num_layers, nblocks + 3, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, dev)
+    blocks = torch.randperm(nblocks + 3)[:nblocks].to(dev)  # non-contiguous on purpose
+    pos = torch.arange(n, device=dev)
     slots = blocks[pos // block_size] * block_size + pos % block_size
     dispatcher = LocalDispatcher(experts, cfg.num_experts)
     outs = []
@@ -26,14 +27,14 @@ def _forward(model, experts, ids, block_size=4, capture=None, chunks=None):
         sl = slice(start, start + c)
         meta = AttentionMetadata(slot_mapping=slots[sl],
                                  prefills=[PrefillChunk(0, c, start + c, blocks[:-(-(start + c) // block_size)])])
-        outs.append(model.forward(torch.tensor(ids[sl]), pos[sl], meta, kv, dispatcher, capture=capture))
+        outs.append(model.forward(torch.tensor(ids[sl], device=dev), pos[sl], meta, kv, dispatcher, capture=capture))
         start += c
-    return model.logits(torch.cat(outs))
+    return model.logits(torch.cat(outs)).cpu()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_hidden_states_match_transformers(family, hf_checkpoints, hf_models):
-    model, experts = load_model(hf_checkpoints[family], torch.float32)
+    model, experts = load_model(hf_checkpoints[family], torch.float32, DEVICE)
     ids = torch.randint(0, model.cfg.vocab_size, (37,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
         ref = hf_models[family](torch.tensor([ids]), output_hidden_states=True)
@@ -42,13 +43,13 @@ def test_logits_and_hidden_states_match_transformers(family, hf_checkpoints, hf_
     torch.testing.assert_close(logits, ref.logits[0], atol=1e-4, rtol=1e-4)
     # HF's hidden_states[i + 1] is the residual stream after layer i (the last one is normed)
     for i in range(model.cfg.num_layers - 1):
-        torch.testing.assert_close(captured[i], ref.hidden_states[i + 1][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(captured[i].cpu(), ref.hidden_states[i + 1][0], atol=1e-4, rtol=1e-4)
     assert logits.abs().max() > 1.0  # the model is not degenerate: the comparison means something
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_prefill_gives_the_same_logits(family, hf_checkpoints):
-    model, experts = load_model(hf_checkpoints[family], torch.float32)
+    model, experts = load_model(hf_checkpoints[family], torch.float32, DEVICE)
     ids = list(range(5, 45))
     whole = _forward(model, experts, ids)
     chunked = _forward(model, experts, ids, chunks=[7, 1, 16, 16])
@@ -57,8 +58,8 @@ def test_chunked_prefill_gives_the_same_logits(family, hf_checkpoints):
 
 def test_bfloat16_stays_close_to_float32(hf_checkpoints):
     d = hf_checkpoints["qwen3_moe"]
-    m32, e32 = load_model(d, torch.float32)
-    m16, e16 = load_model(d, torch.bfloat16)
+    m32, e32 = load_model(d, torch.float32, DEVICE)
+    m16, e16 = load_model(d, torch.bfloat16, DEVICE)
     ids = list(range(3, 40))
     a = _forward(m32, e32, ids)
     b = _forward(m16, e16, ids)

@@ -21,24 +21,27 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
         return logits.argmax(dim=-1).tolist()
     out = logits.argmax(dim=-1)
     rows = [i for i in range(n) if not greedy[i]]
-    idx = torch.tensor(rows)
+    dev = logits.device
+    idx = torch.tensor(rows, device=dev)
     x = logits[idx]  # [R, V]
-    temp = torch.tensor([seqs[i].sampling.temperature for i in rows], dtype=torch.float32)
+    temp = torch.tensor([seqs[i].sampling.temperature for i in rows], dtype=torch.float32, device=dev)
     x = x / temp[:, None]
     top_k = torch.tensor([seqs[i].sampling.top_k if seqs[i].sampling.top_k > 0 else x.shape[1]
-                          for i in rows])
-    top_p = torch.tensor([seqs[i].sampling.top_p for i in rows], dtype=torch.float32)
+                          for i in rows], device=dev)
+    top_p = torch.tensor([seqs[i].sampling.top_p for i in rows], dtype=torch.float32, device=dev)
     sorted_x, order = x.sort(dim=-1, descending=True)  # [R, V]
-    ranks = torch.arange(x.shape[1])[None, :]
+    ranks = torch.arange(x.shape[1], device=dev)[None, :]
     sorted_x = sorted_x.masked_fill(ranks >= top_k[:, None], float("-inf"))
     probs = sorted_x.softmax(dim=-1)
     # drop tokens once the mass before them already reaches top_p (the first always stays)
     before = probs.cumsum(dim=-1) - probs
     probs = probs.masked_fill(before >= top_p[:, None], 0.0)
-    noise = torch.empty_like(probs)
+    # Noise comes from CPU generators on every device, so a seeded request samples the same tokens
+    # on the CPU and on a GPU (given the same logits).
+    noise = torch.empty(probs.shape, dtype=probs.dtype)
     for r, i in enumerate(rows):
         g = seqs[i].generator or generator
         noise[r].exponential_(generator=g)
-    pick = (probs / noise).argmax(dim=-1)  # [R] positions in sorted order
+    pick = (probs / noise.to(dev)).argmax(dim=-1)  # [R] positions in sorted order
     out[idx] = order.gather(1, pick[:, None]).squeeze(1)
     return out.tolist()

@@ -40,6 +40,7 @@ class LocalDispatcher:
         order, counts = sort_by_expert(topk_ids, self.num_experts)
         if self.expert_load is None:
             self.expert_load = torch.zeros(len(self.experts.layers), self.num_experts, dtype=torch.int64)
+        counts = counts.cpu()  # the counters and the group sizes live on the host
         self.expert_load[moe_index] += counts
         rows = hidden.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [T*K, H]
         out = self.experts.forward(moe_index, rows, counts.tolist())

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent CUDA machine (never CI): the runtime, engine and collective
+# tests with every tensor on the GPU, whether NCCL can form the mesh's group there, and the engine
+# against transformers on the GPU. Uses the machine's own python3/torch; pure-Python packages it lacks
+# (OpenTelemetry) come as wheels in .whl/. Logs go to $OUT (or ./gpu-out).
+#
+#     bash scripts/gpu_check.sh [tests|nccl|bench ...]     # default: all three
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+steps=${*:-tests nccl bench}
+for step in $steps; do
+  t0=$(date +%s)
+  case $step in
+    tests)
+      # The same assertions as CI, with the runtime on the GPU (references stay transformers on CPU).
+      MESH_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q -p no:cacheprovider -o addopts= \
+        tests/test_model_parity.py tests/test_engine.py tests/test_kernels.py tests/test_collective.py \
+        2>&1 | tee "$OUT/tests_cuda.log" | tail -25 ;;
+    nccl)
+      # One GPU: NCCL refuses two ranks on the same device ("Duplicate GPU detected"); record its answer.
+      MESH_TEST_DEVICE=cuda MESH_TEST_BACKEND=nccl NCCL_DEBUG=WARN timeout 90 $PY -m pytest -q -p no:cacheprovider \
+        -o addopts= "tests/test_collective.py::test_one_gateway_two_expert_ranks" 2>&1 | tee "$OUT/nccl.log" \
+        | grep -E "Duplicate|NCCL WARN|passed|failed|Error" | sort -u | head -8 ;;
+    bench)
+      timeout 300 $PY bench/engine_vs_hf.py --device cuda --quick 2>&1 | tee "$OUT/bench_cuda.log" | grep -v "^\[" ;;
+  esac
+  echo "== $step: $(( $(date +%s) - t0 )) s"
+done
