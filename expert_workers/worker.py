@@ -72,6 +72,7 @@ class ExpertWorker:
             self.state = "loaded"
             init_mesh_group(s.init_method, s.num_attention + s.num_ranks, s.num_attention + s.expert_rank)
             self.server = ExpertServer(shard, placement, s.num_attention)
+            _export_worker_metrics(self.server, s.expert_rank)
             self.state = "joined"
             steps = self.server.run()
             self.state = "stopped"
@@ -90,6 +91,30 @@ class ExpertWorker:
                 "load_seconds": self.load_seconds,
                 "steps": getattr(srv, "steps", 0) if srv is not None else 0,
                 "compute_seconds": getattr(srv, "compute_seconds", 0.0) if srv is not None else 0.0}
+
+
+def _export_worker_metrics(server, rank: int) -> None:
+    """Observable counters read from the server's own totals (nothing added on the hot path)."""
+    from opentelemetry.metrics import Observation
+
+    from mesh import telemetry
+
+    m, attrs = telemetry.meter(), {telemetry.ATTR_RANK: rank}
+
+    def reader(fn):
+        return [lambda _: [Observation(fn(), attrs)]]
+
+    m.create_observable_counter(telemetry.M_WORKER_STEPS, reader(lambda: server.steps), unit="{step}",
+                                description="steps this expert rank served")
+    m.create_observable_counter(telemetry.M_WORKER_ROWS, reader(lambda: int(server.slot_load.sum())),
+                                unit="{row}", description="token rows this expert rank computed, all layers")
+    m.create_observable_counter(telemetry.M_WORKER_COMPUTE, reader(lambda: sum(server.compute_seconds)),
+                                unit="s", description="expert compute time on this rank")
+    m.create_observable_counter(
+        telemetry.M_WORKER_BYTES,
+        [lambda _: [Observation(server.total_bytes_sent, {**attrs, "direction": "sent"}),
+                    Observation(server.total_bytes_received, {**attrs, "direction": "received"})]],
+        unit="By", description="bytes this expert rank moved through the collectives")
 
 
 def make_actor_class():

@@ -3,7 +3,8 @@
 Only the OpenTelemetry API is used on hot paths. With nothing configured the API's no-op tracer and
 meter cost a function call each; `setup()` installs the SDK, with an OTLP span exporter when the
 standard `OTEL_*` variables ask for one (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_EXPORTER`,
-`OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_TRACES_SAMPLER`, `OTEL_SERVICE_NAME`, `OTEL_BSP_*`), and a
+`OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_TRACES_SAMPLER`, `OTEL_SERVICE_NAME`, `OTEL_BSP_*`), metrics
+pushed over OTLP when `OTEL_METRICS_EXPORTER=otlp` (every `OTEL_METRIC_EXPORT_INTERVAL` ms), and a
 Prometheus endpoint for metrics when given a port.
 """
 
@@ -55,6 +56,12 @@ M_TIER_LATENCY = "mesh.prefix_cache.tier.read_latency"  # gauge, s (median of re
 M_DISPATCH_SECONDS = "mesh.dispatch.duration"  # histogram, s per MoE layer (dispatch + combine)
 M_DISPATCH_BYTES = "mesh.dispatch.bytes"  # counter
 M_WORKER_UP = "mesh.expert_worker.up"  # gauge per rank: 1 joined, 0 otherwise
+M_TOKENS = "mesh.tokens"  # counter, attribute kind=prompt|cached|output (cached: prompt tokens not recomputed)
+# exported by each expert worker (attribute mesh.expert.rank)
+M_WORKER_STEPS = "mesh.expert_worker.steps"  # counter: steps served
+M_WORKER_ROWS = "mesh.expert_worker.rows"  # counter: token rows computed (all layers)
+M_WORKER_COMPUTE = "mesh.expert_worker.compute"  # counter, s: expert compute time
+M_WORKER_BYTES = "mesh.expert_worker.bytes"  # counter, By, attribute direction=sent|received
 
 
 def tracer() -> trace.Tracer:
@@ -85,6 +92,12 @@ def layer_trace_every() -> int:
 _configured = False
 
 
+def metrics_export_requested() -> bool:
+    """OTEL_METRICS_EXPORTER=otlp (comma-separated list allowed): push metrics to the OTLP endpoint."""
+    wanted = {x.strip() for x in os.environ.get("OTEL_METRICS_EXPORTER", "").split(",")}
+    return "otlp" in wanted
+
+
 def tracing_requested() -> bool:
     return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
                 or os.environ.get("OTEL_TRACES_EXPORTER", "none") not in ("", "none"))
@@ -106,6 +119,9 @@ def setup(service_name: str, metrics_port: int | None = None, span_exporter=None
         provider.add_span_processor(BatchSpanProcessor(span_exporter))  # OTEL_BSP_* apply
         trace.set_tracer_provider(provider)
     readers = [metric_reader] if metric_reader is not None else []
+    if metrics_export_requested():
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))  # OTEL_METRIC_EXPORT_INTERVAL
     if metrics_port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
@@ -126,6 +142,22 @@ def shutdown() -> None:
                 fn()
             except Exception as e:  # exporting must never break shutdown
                 log.warning("telemetry shutdown: %s", e)
+
+
+def _otlp_metric_exporter():
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+                              os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        return OTLPMetricExporter()
+    if protocol == "http/protobuf":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        except ImportError:
+            raise RuntimeError("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf needs the package "
+                               "opentelemetry-exporter-otlp-proto-http") from None
+        return OTLPMetricExporter()
+    raise RuntimeError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported (grpc, http/protobuf)")
 
 
 def _otlp_exporter():

@@ -1,4 +1,4 @@
-"""A minimal OTLP/gRPC trace receiver: collects exported spans in memory.
+"""A minimal OTLP/gRPC receiver: collects exported spans and metric points in memory.
 
 For tests and benchmarks that need a real OTLP endpoint on loopback (what a Collector would be in
 production): `with OtlpSink() as sink: os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint`.
@@ -11,6 +11,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
@@ -53,13 +54,47 @@ class _Service(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+@dataclass
+class ReceivedPoint:
+    service: str
+    metric: str
+    attributes: dict
+    value: float  # a sum or gauge's value, a histogram's count
+
+
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, sink: "OtlpSink"):
+        self.sink = sink
+
+    def Export(self, request, context):
+        got = []
+        for rm in request.resource_metrics:
+            res = {a.key: _value(a.value) for a in rm.resource.attributes}
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    kind = m.WhichOneof("data")
+                    for p in getattr(m, kind).data_points:
+                        if kind == "histogram":
+                            value = float(p.count)
+                        else:
+                            value = float(p.as_double if p.WhichOneof("value") == "as_double" else p.as_int)
+                        got.append(ReceivedPoint(service=res.get("service.name", ""), metric=m.name,
+                                                 attributes={a.key: _value(a.value) for a in p.attributes},
+                                                 value=value))
+        with self.sink.lock:
+            self.sink.points.extend(got)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 class OtlpSink:
     def __init__(self, host: str = "127.0.0.1"):
         self.spans: list[ReceivedSpan] = []
+        self.points: list[ReceivedPoint] = []
         self.requests = 0
         self.lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Service(self), self.server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), self.server)
         self.port = self.server.add_insecure_port(f"{host}:0")
         self.endpoint = f"http://{host}:{self.port}"
         self.server.start()
@@ -67,6 +102,10 @@ class OtlpSink:
     def snapshot(self) -> list[ReceivedSpan]:
         with self.lock:
             return list(self.spans)
+
+    def metric_points(self) -> list[ReceivedPoint]:
+        with self.lock:
+            return list(self.points)
 
     def stop(self) -> None:
         self.server.stop(0)

@@ -98,6 +98,12 @@ def test_metric_values_after_a_known_workload(otel, hf_checkpoints):
     gc.collect()  # the observable sums over live engines: let finished tests' engines go first
     before = sum(p.value for p in _metric(reader, t.M_EXPERT_TOKENS))
     ttft_before = sum(p.count for p in _metric(reader, t.M_TTFT))
+
+    def tokens():
+        return {k: sum(p.value for p in _metric(reader, t.M_TOKENS) if p.attributes["kind"] == k)
+                for k in ("prompt", "cached", "output")}
+
+    tokens_before = tokens()
     engine = Engine(d, EngineConfig(dtype="float32"))
     prompts = [[1, 2, 3], list(range(10, 30)), [5] * 7]
     n_out = 4
@@ -112,7 +118,18 @@ def test_metric_values_after_a_known_workload(otel, hf_checkpoints):
         per_layer[p.attributes["layer"]] = per_layer.get(p.attributes["layer"], 0) + 1
     assert set(per_layer.values()) == {cfg.num_experts}
     assert sum(p.count for p in _metric(reader, t.M_TTFT)) - ttft_before == len(prompts)
-    assert sum(p.value for p in _metric(reader, t.M_KV_USED)) >= 0
+    got = tokens()
+    assert {k: got[k] - tokens_before[k] for k in got} == {
+        "prompt": sum(len(p) for p in prompts), "cached": 0, "output": n_out * len(prompts)}
+    # the KV gauge follows the pool: blocks held while a request runs, given back when it is aborted
+    idle = sum(p.value for p in _metric(reader, t.M_KV_USED))
+    req = engine.make_request(prompt_token_ids=list(range(40, 90)), sampling=SamplingParams(max_tokens=50))
+    engine.add_request(req)
+    engine.step()
+    held = sum(p.value for p in _metric(reader, t.M_KV_USED))
+    assert held - idle == -(-50 // engine.config.block_size), (idle, held)
+    engine.abort(req.request_id)
+    assert sum(p.value for p in _metric(reader, t.M_KV_USED)) == idle
     del engine
 
 
@@ -127,6 +144,8 @@ def test_expert_worker_spans_are_children_of_step_spans_across_processes(otel, h
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)
         monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
         monkeypatch.setenv("MESH_TRACE_LAYER_EVERY", "1")
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")  # workers push their counters too
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
         ray.init(include_dashboard=False, num_cpus=4, log_to_driver=False)
         pool = ExpertPool(str(hf_checkpoints["mixtral"]), "float32", num_workers=2)
         try:
@@ -136,14 +155,29 @@ def test_expert_worker_spans_are_children_of_step_spans_across_processes(otel, h
             engine.generate([engine.make_request(prompt_token_ids=[4, 5, 6, 7], trace_context=ctx,
                                                  sampling=SamplingParams(max_tokens=3, temperature=0))])
             root.end()
+            routed = int(engine.dispatcher.expert_load.sum())  # rows the gateway sent, all layers
         finally:
-            pool.shutdown()  # workers flush their spans as they stop
+            pool.shutdown()  # workers flush their spans and metrics as they stop
             ray.shutdown()
         deadline = time.monotonic() + 15
         while not [s for s in sink.snapshot() if s.name == t.SPAN_EXPERT_STEP] and time.monotonic() < deadline:
             time.sleep(0.1)
         received = sink.snapshot()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # the last export of each worker carries its final totals
+            rows = {}
+            for p in sink.metric_points():
+                if p.metric == t.M_WORKER_ROWS:
+                    rows[p.attributes[t.ATTR_RANK]] = p.value
+            if sum(rows.values()) >= routed:
+                break
+            time.sleep(0.1)
+        points = sink.metric_points()
     _flush()
+    # each worker's row counter, exported over OTLP, adds up to what the gateway routed
+    assert set(rows) == {0, 1} and sum(rows.values()) == routed > 0, (rows, routed)
+    assert {p.service for p in points} == {"mesh-expert-worker"}
+    assert {t.M_WORKER_STEPS, t.M_WORKER_COMPUTE, t.M_WORKER_BYTES} <= {p.metric for p in points}
     steps = {s.context.span_id: s for s in _by_name(spans_out.get_finished_spans(), t.SPAN_STEP)}
     worker_steps = [s for s in received if s.name == t.SPAN_EXPERT_STEP]
     assert worker_steps, "no expert-worker spans reached the OTLP receiver"

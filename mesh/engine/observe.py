@@ -49,6 +49,9 @@ class _Instruments:
                                  (t.M_KV_USED, lambda e: e.blocks.num_used, "KV blocks in use"),
                                  (t.M_KV_FREE, lambda e: e.blocks.num_free, "KV blocks free")):
             m.create_observable_gauge(name, [self._summed(read)], description=desc)
+        m.create_observable_counter(t.M_TOKENS, [self._tokens], unit="{token}",
+                                    description="prompt tokens admitted (kind=prompt), of them served from a "
+                                                "prefix cache (kind=cached), and output tokens sampled")
         m.create_observable_counter(t.M_EXPERT_TOKENS, [self._expert_tokens], unit="{token}",
                                     description="tokens routed to each expert of each MoE layer")
         m.create_observable_counter(t.M_TIER_BYTES, [self._tier_bytes], unit="By",
@@ -62,6 +65,11 @@ class _Instruments:
         def callback(_: CallbackOptions):
             yield Observation(sum(read(e) for e in list(self.engines)))
         return callback
+
+    def _tokens(self, _: CallbackOptions):
+        observers = [e.observer for e in list(self.engines)]
+        for kind in ("prompt", "cached", "output"):
+            yield Observation(sum(o.tokens[kind] for o in observers), {"kind": kind})
 
     def _tiers(self):
         for e in list(self.engines):
@@ -115,6 +123,7 @@ class EngineObserver:
         self.m.engines.add(engine)
         self._layer_seconds: list[float] | None = None
         self._bytes = 0
+        self.tokens = {"prompt": 0, "cached": 0, "output": 0}  # read by the M_TOKENS callback
 
     # ---- request lifecycle ---------------------------------------------------------------------
     def on_add(self, seq: Sequence) -> None:
@@ -133,6 +142,8 @@ class EngineObserver:
                                       attributes={t.ATTR_HIT_LOCAL: seq.cached_local,
                                                   t.ATTR_HIT_REMOTE: seq.cached_remote})
         span.end(end_time=now)
+        self.tokens["prompt"] += seq.num_prompt_tokens
+        self.tokens["cached"] += seq.cached_local + seq.cached_remote
         if seq.cached_local:
             self.m.prefix_hits.add(seq.cached_local, {"tier": "local"})
         if seq.cached_remote:
@@ -172,6 +183,7 @@ class EngineObserver:
                 self._bytes = total
 
     def on_token(self, seq: Sequence) -> None:
+        self.tokens["output"] += 1
         if seq.num_output_tokens == 1:
             seq.first_token_time = time.time()
             self.m.ttft.record(seq.first_token_time - seq.request.arrival_time)
