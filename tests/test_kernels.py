@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mesh.model import moe
+from mesh.model import moe, native
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk, gather_blocks, paged_attention
 from mesh.model.layers import silu_mul
 from mesh.model.moe import ExpertShard, ExpertWeights, sort_by_expert, weighted_scatter
@@ -98,11 +98,24 @@ def test_gather_blocks_returns_each_heads_tokens_in_order():
     torch.testing.assert_close(gather_blocks(kv.layer(0)[0], blocks)[:, :37], k.transpose(0, 1))
 
 
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """Run a test through the native decode kernel and through the torch fallback."""
+    if request.param == "native":
+        if native.library() is None:
+            pytest.fail("the native decode kernel did not build (is a C compiler installed?)")
+    else:
+        monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lengths", [[1], [9], [5, 70, 1, 33], [1000, 3]])
-def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths):
+@pytest.mark.parametrize("lengths,bs,hk,groups,d", [([1], 16, 2, 4, 32), ([9], 16, 2, 4, 32),
+                                                    ([5, 70, 1, 33], 16, 2, 4, 32), ([1000, 3], 16, 2, 4, 32),
+                                                    ([33, 100], 16, 2, 4, 64), ([50, 16], 16, 1, 8, 128),
+                                                    ([17, 300, 2], 8, 1, 16, 128), ([40, 7], 32, 4, 1, 64)])
+def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths, bs, hk, groups, d, decode_path):
     g = torch.Generator().manual_seed(4)
-    bs, hk, groups, d = 16, 2, 4, 32
     hq = hk * groups
     kv, seqs = _pool(lengths, bs, hk, d, dtype, g)
     b = len(lengths)
@@ -115,15 +128,30 @@ def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths):
     slots = [blocks[(n - 1) // bs] * bs + (n - 1) % bs for n, (_, _, blocks) in zip(lengths, seqs)]
     mask = (torch.arange(width * bs)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots), num_decode=b,
-                             decode_block_table=torch.tensor(table), decode_mask=mask)
+                             decode_block_table=torch.tensor(table), decode_mask=mask,
+                             decode_context_lens=torch.tensor(lengths))
     kc, vc = kv.layer(0)
     got = paged_attention(q, k_new, v_new, kc, vc, meta, d ** -0.5).view(b, hq, d)
+    assert (meta.decode_bias is None) == (decode_path == "native")  # the torch path builds its mask
     for i, n in enumerate(lengths):
         k, v = seqs[i][0].float(), seqs[i][1].float()  # [n, Hk, D]
         want = F.scaled_dot_product_attention(q[i].float()[:, None], k.transpose(0, 1).repeat_interleave(groups, 0),
                                               v.transpose(0, 1).repeat_interleave(groups, 0), scale=d ** -0.5)
         atol = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(got[i].float(), want[:, 0], atol=atol, rtol=atol)
+
+
+def test_native_decode_rejects_indices_outside_the_pool():
+    if native.library() is None:
+        pytest.fail("the native decode kernel did not build")
+    k = torch.zeros(2, 4, 16, 32)
+    q = torch.zeros(1, 8, 32)
+    with pytest.raises(ValueError, match="outside"):
+        native.decode_attention(q, k, k, torch.tensor([[4]]), torch.tensor([3]), 1.0)  # block 4 of 4
+    with pytest.raises(ValueError, match="outside"):
+        native.decode_attention(q, k, k, torch.tensor([[1]]), torch.tensor([17]), 1.0)  # 17 > 1 block
+    # past the kernel's size limits it declines, and the caller's torch path runs instead
+    assert native.decode_attention(torch.zeros(1, 130, 32), k, k, torch.tensor([[1]]), torch.tensor([3]), 1.0) is None
 
 
 def test_prefill_with_cached_prefix_matches_causal_sdpa():

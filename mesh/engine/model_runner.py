@@ -69,6 +69,7 @@ class ModelRunner:
             table = [s.seq.block_ids[:width] + [0] * (width - len(s.seq.block_ids[:width])) for s in decodes]
             meta.decode_block_table = torch.tensor(table, dtype=torch.long, device=self.device)  # [B, M]
             ctx_t = torch.tensor(ctx, device=self.device)
+            meta.decode_context_lens = ctx_t
             meta.decode_mask = (torch.arange(width * bs, device=self.device)[None, :]
                                 < ctx_t[:, None])[:, None, None, :]  # [B, 1, 1, M*bs]
         row = len(decodes)

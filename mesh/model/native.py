@@ -1,0 +1,147 @@
+"""Native CPU kernels (`csrc/*.c`), built on first use with the system C compiler and cached.
+
+Plain C with no Python or torch headers: one `cc` call of about a second, loaded with ctypes, called
+with raw pointers (ctypes releases the GIL for the call). Built for this machine (`-march=native`)
+into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the source, the flags, the
+compiler and the CPU's feature flags, so a shared home directory never serves one CPU's build to
+another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mesh.native")
+_SRC = Path(__file__).with_name("csrc") / "decode_attention.c"
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def enabled() -> bool:
+    return os.environ.get("MESH_NATIVE_KERNELS", "1") != "0"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        log.warning("no C compiler found: decode attention uses the torch fallback (slower)")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256("\0".join([_SRC.read_text(), " ".join(_FLAGS), version, platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MESH_CACHE_DIR", Path.home() / ".cache" / "moe-mesh")) / "kernels"
+    target = cache / f"decode_attention-{key}.so"
+    if not target.is_file():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: processes building at once never load a partial file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            os.close(fd)
+            r = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
+                               timeout=300)
+            if r.returncode != 0:
+                os.unlink(tmp)
+                log.warning("building %s failed, using the torch fallback:\n%s", _SRC.name, r.stderr[-2000:])
+                return None
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("building %s failed (%s), using the torch fallback", _SRC.name, e)
+            return None
+    lib = ctypes.CDLL(str(target))
+    fn = lib.mesh_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (disabled, or no compiler)."""
+    global _lib, _tried
+    if not enabled():
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _build()
+                _tried = True
+    return _lib
+
+
+_MADV_HUGEPAGE = 14
+_HUGE = 2 << 20
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back a large CPU tensor with 2 MiB pages (transparent huge pages, `madvise` mode).
+
+    Decode attention reads blocks scattered over the whole KV pool: with 4 KiB pages nearly every
+    block is a TLB miss. Call before the memory is first touched. False where it does not apply."""
+    n = t.numel() * t.element_size()
+    if t.device.type != "cpu" or n < 2 * _HUGE or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        end = (t.data_ptr() + n) & ~(_HUGE - 1)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """q [B, Hq, D]; caches [Hk, N, bs, D]; table [B, M] int64; context_lens [B] int64 -> [B, Hq, D],
+    or None when the kernel does not apply (not on the CPU, another dtype, no build, sizes past its
+    limits): the caller then runs its torch path."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or k_cache.dtype != q.dtype:
+        return None
+    lib = library()
+    if lib is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    b, hq, d = q.shape
+    hk, n, bs, _ = k_cache.shape
+    q = q.contiguous()
+    table = table.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int64).contiguous()
+    # The kernel trusts its indices: check them here (B and B x M values) rather than read out of bounds.
+    if lens.shape != (b,) or table.shape[0] != b:
+        raise ValueError(f"decode attention: {b} queries, table {tuple(table.shape)}, lengths {tuple(lens.shape)}")
+    if b and (int(lens.min()) < 1 or int(lens.max()) > table.shape[1] * bs
+              or int(table.min()) < 0 or int(table.max()) >= n):
+        raise ValueError("decode attention: context lengths or block ids outside the block table / pool")
+    out = torch.empty_like(q)
+    rc = lib.mesh_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(),
+                                   lens.data_ptr(), out.data_ptr(), b, hk, hq // hk, d, n, bs, table.shape[1],
+                                   float(scale), int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    if rc == -4:
+        raise MemoryError("decode attention kernel: out of memory")
+    if rc != 0:
+        return None  # a size past the kernel's limits (query heads per KV head, head_dim, block_size)
+    return out
