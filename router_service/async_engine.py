@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from mesh.types import FinishReason, InvalidRequest, Request, RequestOutput, Usage
 from router_service import DEFAULT_MAX_QUEUED
@@ -45,11 +45,15 @@ class _Route:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Any, max_queued: int = DEFAULT_MAX_QUEUED):
+    def __init__(self, engine: Any, max_queued: int = DEFAULT_MAX_QUEUED,
+                 on_failure: Callable[[BaseException], None] | None = None):
+        """`on_failure(error)` runs in the engine thread if the engine dies (after every request in
+        flight has been failed with EngineError)."""
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
         self.engine = engine
         self.max_queued = max_queued
+        self.on_failure = on_failure
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Guards _in_flight and _error together with putting onto the inbox, so a request is either
         # refused up front or seen by the engine thread (which fails it if the engine has died).
@@ -157,7 +161,13 @@ class AsyncEngine:
                     self._stats = stats
         except BaseException as e:  # noqa: BLE001 - whatever killed the loop must reach the callers
             log.exception("the engine thread failed")
-            self._fail(EngineError(f"the engine failed: {type(e).__name__}: {e}"), cmds)
+            error = EngineError(f"the engine failed: {type(e).__name__}: {e}")
+            self._fail(error, cmds)
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(error)
+                except Exception:  # noqa: BLE001 - the callers already have their errors
+                    log.exception("the engine failure hook failed")
 
     def _close_engine(self) -> None:
         # Engines with background work (a remote prefix-cache writer) flush it in close().

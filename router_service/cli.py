@@ -27,7 +27,9 @@ def register(subparsers) -> None:
                     "Health reports NOT_SERVING until the model (and all expert workers) are loaded, and "
                     "again while draining.\nSIGTERM or SIGINT drains: new requests get UNAVAILABLE, "
                     "in-flight ones get --grace-period seconds to finish, the rest are aborted; a second "
-                    "signal aborts at once.")
+                    "signal aborts at once.\nIf the engine dies while serving (an expert worker lost), "
+                    "requests get UNAVAILABLE and the server exits with code 1 for its supervisor to "
+                    "restart it.")
     p.add_argument("--model", default=None,
                    help="model directory in HF format (env MESH_MODEL; default: the built-in model, "
                         "built on first use)")

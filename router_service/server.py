@@ -68,6 +68,7 @@ class Gateway:
         self._hurry = asyncio.Event()  # a second signal: skip what is left of the grace period
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.failed = asyncio.Event()  # the engine died (an expert worker lost, ...): exit with code 1
         self.server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -89,7 +90,9 @@ class Gateway:
     async def load(self) -> None:
         self.engine = await _in_daemon_thread(self.engine_factory)
         self.num_workers = getattr(self.engine, "num_expert_workers", self.num_workers)
-        self.aengine = AsyncEngine(self.engine, self.max_queued)
+        loop = asyncio.get_running_loop()
+        self.aengine = AsyncEngine(self.engine, self.max_queued,
+                                   on_failure=lambda e: loop.call_soon_threadsafe(self._engine_failed, e))
         mc = self.engine.model_config
         log.info("mesh serve: listening on %s:%d | model %s (%s) | dtype %s | %d expert workers | "
                  "max %d queued requests", self.host, self.port, mc.family, self.engine.model_dir,
@@ -99,6 +102,16 @@ class Gateway:
         self.serving = True
         await self._set_health(SERVING)
         log.info("mesh serve: ready")
+
+    def _engine_failed(self, error: BaseException) -> None:
+        """The engine thread died. A gateway cannot repair its collective group in place: report
+        NOT_SERVING and let `serve` stop with exit code 1, for the supervisor to restart it."""
+        if self.failed.is_set():
+            return
+        log.error("mesh serve: %s; stopping (exit code 1) so that a supervisor restarts this gateway", error)
+        self.serving = False
+        self.failed.set()
+        asyncio.ensure_future(self._set_health(NOT_SERVING))
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE):
@@ -218,12 +231,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineError as e:
-            await self._internal(context, e)
+            await self._engine_lost(context, e)
         return aengine, engine_id, stream, msg.request_id or engine_id
 
-    async def _internal(self, context, e: Exception) -> None:
+    async def _engine_lost(self, context, e: Exception) -> None:
+        # UNAVAILABLE, not INTERNAL: nothing is wrong with the request, and another gateway can serve it.
         await self.gw._set_health(NOT_SERVING)
-        await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}; retry on another gateway")
 
     async def Generate(self, request, context):
         with _server_span(context, "Generate") as trace_ctx:
@@ -234,7 +248,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     finished = out.finished
                     yield convert.output_to_pb(out, rid)
             except EngineError as e:
-                await self._internal(context, e)
+                await self._engine_lost(context, e)
             finally:
                 # Cancellation and deadlines land here (CancelledError): free the KV blocks now.
                 if not finished:
@@ -250,7 +264,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     text.append(out.new_text)
                     last = out
             except EngineError as e:
-                await self._internal(context, e)
+                await self._engine_lost(context, e)
             finally:
                 if last is None or not last.finished:
                     aengine.abort(engine_id)
@@ -298,8 +312,9 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
                 ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
                 grace: float = DEFAULT_GRACE, num_workers: int = 0,
                 started: Callable[[Gateway], Awaitable[None] | None] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (a second one cuts the grace period short). Returns the exit code:
-    0 after a clean stop, 1 when the engine failed to load. `ready`: returns true once all expert
+    """Serve until SIGTERM/SIGINT (a second one cuts the grace period short) or until the engine
+    dies. Returns the exit code: 0 after a clean stop, 1 when the engine failed to load or failed
+    while serving (a lost expert worker breaks the collective group; the supervisor restarts us). `ready`: returns true once all expert
     workers are loaded and joined (None: ready when the engine is built). `on_shutdown`: runs last."""
     gw = Gateway(engine_factory, host, port, ready=ready, on_shutdown=on_shutdown, max_queued=max_queued,
                  grace=grace, num_workers=num_workers)
@@ -324,15 +339,18 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
         await _call(lambda: started(gw))
     loading = asyncio.create_task(gw.load())
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
+    failing = asyncio.create_task(gw.failed.wait())
+    await asyncio.wait({loading, stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done() and loading.exception() is not None:
         log.error("mesh: error: could not load the engine: %s", loading.exception())
         code = 1
     else:
-        await stopping
+        if not (stopping.done() or failing.done()):
+            await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        code = 1 if gw.failed.is_set() else 0
         loading.cancel()
     stopping.cancel()
+    failing.cancel()
     await gw.stop()
     return code
 

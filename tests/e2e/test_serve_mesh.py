@@ -1,6 +1,7 @@
 """`mesh serve --workers 2`: the whole system over real gRPC on loopback with a private Ray cluster.
 Greedy tokens equal the single-process engine's and transformers' for concurrent streams of
-different lengths, for every family; SIGTERM leaves no process behind."""
+different lengths, for every family; SIGTERM leaves no process behind; a lost expert worker makes the
+gateway answer UNAVAILABLE and exit with code 1 on its own, leaving nothing behind."""
 
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 import torch
 
@@ -88,6 +90,36 @@ def test_mesh_over_grpc_matches_local_and_transformers(family, hf_checkpoints, h
     refs = [hf_greedy(hf_models[family], p, 7) for p in prompts]
     assert [o["token_ids"] for o in outs] == refs
     assert streamed == refs[2]
+    time.sleep(1.0)
+    leftover = _processes() - before
+    assert not leftover, f"processes left behind: {leftover}"
+
+
+def test_lost_expert_worker_stops_the_gateway_with_exit_code_1(hf_checkpoints):
+    before = _processes()
+    proc, client = _start(hf_checkpoints["qwen3_moe"])
+    try:
+        assert client.complete(prompt_token_ids=[1, 2, 3], max_tokens=2, temperature=0)["token_ids"]
+        workers = []
+        for pid in _processes() - before:
+            try:
+                if b"RayExpertWorker" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    workers.append(pid)
+            except OSError:
+                pass
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)  # what an OOM kill or a lost node does
+        with pytest.raises(MeshError) as err:
+            client.complete(prompt_token_ids=[4, 5, 6], max_tokens=2, temperature=0)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "retry on another gateway" in err.value.details
+        proc.wait(timeout=20)  # it stops by itself, for its supervisor to restart it
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = proc.stdout.read()
+    assert proc.returncode == 1, log
+    assert "so that a supervisor restarts this gateway" in log
     time.sleep(1.0)
     leftover = _processes() - before
     assert not leftover, f"processes left behind: {leftover}"
