@@ -1,6 +1,6 @@
 """Time (and optionally profile) one engine decode step and one prefill step on the `bench` preset.
 
-    .venv/bin/python bench/step_profile.py --dtype bfloat16 --batch 64 --ctx 256 [--profile]
+    .venv/bin/python bench/step_profile.py --dtype bfloat16 --batch 64 --ctx 256 [--profile] [--device cuda]
 Prints one JSON object per measurement: median ms of `--repeat` steps after warmup.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from common import bench_model, emit, median_time
+from common import bench_model, emit, median_time, sync
 
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
@@ -38,17 +38,28 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    engine = Engine(bench_model(), EngineConfig(dtype=args.dtype, kv_cache_memory=2 << 30))
+    engine = Engine(bench_model(), EngineConfig(dtype=args.dtype, kv_cache_memory=2 << 30, device=args.device))
     fill(engine, args.batch, args.ctx)
     t = median_time(engine.step, repeat=args.repeat, warmup=2)
-    emit({"step": "decode", "dtype": args.dtype, "batch": args.batch, "ctx": args.ctx, "ms": t * 1e3})
+    emit({"step": "decode", "dtype": args.dtype, "device": args.device, "batch": args.batch, "ctx": args.ctx,
+          "ms": t * 1e3})
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cuda = args.device.startswith("cuda")
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
             for _ in range(3):
                 engine.step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+            sync()
+        avg = prof.key_averages()
+        print(avg.table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+        if cuda:
+            try:
+                print(avg.table(sort_by="self_device_time_total", row_limit=20), file=sys.stderr)
+            except (KeyError, AttributeError, ValueError):
+                print(avg.table(sort_by="self_cuda_time_total", row_limit=20), file=sys.stderr)
     engine.abort_all()
     # one full prefill step: 16 prompts x 128 tokens = 2048 tokens (the per-step token budget)
     rng = random.Random(3)

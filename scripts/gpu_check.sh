@@ -4,7 +4,7 @@
 # against transformers on the GPU. Uses the machine's own python3/torch; pure-Python packages it lacks
 # (OpenTelemetry) come as wheels in .whl/. Logs go to $OUT (or ./gpu-out).
 #
-#     bash scripts/gpu_check.sh [tests|nccl|bench ...]     # default: all three
+#     bash scripts/gpu_check.sh [tests|nccl|bench|profile ...]     # default: tests nccl bench
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -35,6 +35,13 @@ for step in $steps; do
         | grep -E "Duplicate|NCCL WARN|passed|failed|Error" | sort -u | head -8 ;;
     bench)
       timeout 300 $PY bench/engine_vs_hf.py --device cuda --quick 2>&1 | tee "$OUT/bench_cuda.log" | grep -v "^\[" ;;
+    profile)
+      # where a decode step's time goes on the GPU, per dtype (op tables into $OUT)
+      for dt in float32 bfloat16; do
+        timeout 150 $PY bench/step_profile.py --device cuda --dtype $dt --profile --repeat 5 \
+          > "$OUT/profile_$dt.log" 2>&1
+        grep '^{' "$OUT/profile_$dt.log"
+      done ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 )) s"
 done
