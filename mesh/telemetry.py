@@ -145,32 +145,26 @@ def shutdown() -> None:
 
 
 def _otlp_metric_exporter():
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-                              os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        return OTLPMetricExporter()
-    if protocol == "http/protobuf":
-        try:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        except ImportError:
-            raise RuntimeError("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf needs the package "
-                               "opentelemetry-exporter-otlp-proto-http") from None
-        return OTLPMetricExporter()
-    raise RuntimeError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported (grpc, http/protobuf)")
+    return _otlp("metrics", "metric_exporter", "OTLPMetricExporter")
 
 
 def _otlp_exporter():
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    return _otlp("traces", "trace_exporter", "OTLPSpanExporter")
+
+
+def _otlp(signal: str, module: str, cls: str):
+    """The OTLP exporter of one signal, over gRPC or HTTP as OTEL_EXPORTER_OTLP_[SIGNAL_]PROTOCOL says
+    (endpoint, headers and timeouts come from the standard variables, read by the exporter)."""
+    import importlib
+
+    protocol = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL",
                               os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter()
-    if protocol == "http/protobuf":
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError:
-            raise RuntimeError("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf needs the package "
-                               "opentelemetry-exporter-otlp-proto-http") from None
-        return OTLPSpanExporter()
-    raise RuntimeError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported (grpc, http/protobuf)")
+    packages = {"grpc": "opentelemetry.exporter.otlp.proto.grpc",
+                "http/protobuf": "opentelemetry.exporter.otlp.proto.http"}
+    if protocol not in packages:
+        raise RuntimeError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported (grpc, http/protobuf)")
+    try:
+        return getattr(importlib.import_module(f"{packages[protocol]}.{module}"), cls)()
+    except ImportError:
+        raise RuntimeError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} needs the package "
+                           f"{packages[protocol].replace('.', '-')}") from None

@@ -51,26 +51,70 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* exp(x) for the softmax's x <= 0, in plain arithmetic so that loops of it vectorize: x = n ln2 + r
- * with |r| <= ln2 / 2, a degree-6 Taylor polynomial for e^r (relative error < 3e-7), times 2^n built
- * in the exponent bits. Below -87 it returns e^-87 (~1.6e-38): against a running sum of at least 1,
+/* ---- 16-lane vectors (GCC/Clang vector extensions, lowered to whatever the target has: one AVX-512
+ * register, two AVX2 ones, ...). */
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+static inline v16f load16(const void *p, int bf16) {
+    v16f f;
+    if (bf16) {
+        v16h x;
+        memcpy(&x, p, sizeof x);
+        v16u u = __builtin_convertvector(x, v16u) << 16;
+        memcpy(&f, &u, sizeof f);
+    } else {
+        memcpy(&f, p, sizeof f);
+    }
+    return f;
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline float lane_sum(v16f v) { /* a tree of halves: a few shuffles, not 15 lane extracts */
+    v8f a, b;
+    memcpy(&a, &v, 32);
+    memcpy(&b, (const char *)&v + 32, 32);
+    a += b;
+    v4f c, d;
+    memcpy(&c, &a, 16);
+    memcpy(&d, (const char *)&a + 16, 16);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* exp(x) for the softmax's x <= 0, on 16 lanes, in vector operations only: x = n ln2 + r with
+ * |r| <= ln2 / 2, a degree-6 Taylor polynomial for e^r (relative error < 3e-7), times 2^n built in
+ * the exponent bits. Below -87 it returns e^-87 (~1.6e-38): against a running sum of at least 1,
  * nothing. */
-static inline float exp_nonpos(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f; /* round to nearest */
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-    float p = 1.f / 720.f;
+static inline v16f exp16(v16f x) {
+    const v16f lo = (v16f){0} - 87.f;
+    v16i below = x < lo; /* all ones where x < -87 */
+    v16i xi, loi;
+    memcpy(&xi, &x, 64);
+    memcpy(&loi, &lo, 64);
+    xi = (below & loi) | (~below & xi);
+    memcpy(&x, &xi, 64);
+    const v16f n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+    const v16f r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+    v16f p = (v16f){0} + 1.f / 720.f;
     p = p * r + 1.f / 120.f;
     p = p * r + 1.f / 24.f;
     p = p * r + 1.f / 6.f;
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    const int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
+    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16f scale;
+    memcpy(&scale, &e, 64);
     return p * scale;
 }
+
+/* The same for one value (the generic path, and the running-max corrections). */
+static inline float exp_nonpos(float x) { return exp16((v16f){0} + x)[0]; }
 
 /* Row `row` (D values) of a tensor of the job's dtype, as float32 into dst. */
 static inline void load_row(const void *base, int64_t row, int64_t D, int bf16, float *dst) {
@@ -173,67 +217,9 @@ static inline void pair_body(const job_t *j, work_t *w, int64_t b, int64_t h, co
 
 static void pair_any(const job_t *j, work_t *w, int64_t b, int64_t h) { pair_body(j, w, b, h, j->D); }
 
-/* ---- block_size 16, head_dim a multiple of 16: 16-lane vectors (GCC/Clang vector extensions, lowered
- * to whatever the target has: one AVX-512 register, two AVX2 ones, ...). A block's 16 tokens are one
- * vector of scores; each token's K row is D/16 vectors, FMA'd against the G query rows and summed
- * across lanes; P.V accumulates D/16 vectors per query row. */
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-
-static inline v16f load16(const void *p, int bf16) {
-    v16f f;
-    if (bf16) {
-        v16h x;
-        memcpy(&x, p, sizeof x);
-        v16u u = __builtin_convertvector(x, v16u) << 16;
-        memcpy(&f, &u, sizeof f);
-    } else {
-        memcpy(&f, p, sizeof f);
-    }
-    return f;
-}
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-static inline float lane_sum(v16f v) { /* a tree of halves: a few shuffles, not 15 lane extracts */
-    v8f a, b;
-    memcpy(&a, &v, 32);
-    memcpy(&b, (const char *)&v + 32, 32);
-    a += b;
-    v4f c, d;
-    memcpy(&c, &a, 16);
-    memcpy(&d, (const char *)&a + 16, 16);
-    c += d;
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
-/* exp_nonpos on 16 lanes, in vector operations only. */
-static inline v16f exp16(v16f x) {
-    const v16f lo = (v16f){0} - 87.f;
-    v16i below = x < lo; /* all ones where x < -87 */
-    v16i xi, loi;
-    memcpy(&xi, &x, 64);
-    memcpy(&loi, &lo, 64);
-    xi = (below & loi) | (~below & xi);
-    memcpy(&x, &xi, 64);
-    const v16f n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-    const v16f r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-    v16f p = (v16f){0} + 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-    v16f scale;
-    memcpy(&scale, &e, 64);
-    return p * scale;
-}
-
+/* ---- block_size 16, head_dim a multiple of 16: a block's 16 tokens are one vector of scores; each
+ * token's K row is D/16 vectors, FMA'd against the G query rows and summed across lanes; P.V
+ * accumulates D/16 vectors per query row. */
 #define VMAX_D (MAX_D / 16)
 typedef struct {
     v16f q[MAX_G][VMAX_D], acc[MAX_G][VMAX_D], kr[VMAX_D];
