@@ -32,22 +32,26 @@ def _value(v):
     return getattr(v, kind) if kind else None
 
 
+def _items(resources, scopes: str, items: str):
+    """(service.name, item) for every span or metric of an OTLP export request."""
+    for r in resources:
+        service = {a.key: _value(a.value) for a in r.resource.attributes}.get("service.name", "")
+        for scope in getattr(r, scopes):
+            for item in getattr(scope, items):
+                yield service, item
+
+
 class _Service(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, sink: "OtlpSink"):
         self.sink = sink
 
     def Export(self, request, context):
-        got = []
-        for rs in request.resource_spans:
-            res = {a.key: _value(a.value) for a in rs.resource.attributes}
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    got.append(ReceivedSpan(
-                        service=res.get("service.name", ""), name=s.name,
-                        trace_id=int.from_bytes(s.trace_id, "big"), span_id=int.from_bytes(s.span_id, "big"),
-                        parent_span_id=int.from_bytes(s.parent_span_id, "big") if s.parent_span_id else 0,
-                        attributes={a.key: _value(a.value) for a in s.attributes},
-                        start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano))
+        got = [ReceivedSpan(service=service, name=s.name, trace_id=int.from_bytes(s.trace_id, "big"),
+                            span_id=int.from_bytes(s.span_id, "big"),
+                            parent_span_id=int.from_bytes(s.parent_span_id, "big") if s.parent_span_id else 0,
+                            attributes={a.key: _value(a.value) for a in s.attributes},
+                            start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano)
+               for service, s in _items(request.resource_spans, "scope_spans", "spans")]
         with self.sink.lock:
             self.sink.spans.extend(got)
             self.sink.requests += 1
@@ -68,19 +72,15 @@ class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
 
     def Export(self, request, context):
         got = []
-        for rm in request.resource_metrics:
-            res = {a.key: _value(a.value) for a in rm.resource.attributes}
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    kind = m.WhichOneof("data")
-                    for p in getattr(m, kind).data_points:
-                        if kind == "histogram":
-                            value = float(p.count)
-                        else:
-                            value = float(p.as_double if p.WhichOneof("value") == "as_double" else p.as_int)
-                        got.append(ReceivedPoint(service=res.get("service.name", ""), metric=m.name,
-                                                 attributes={a.key: _value(a.value) for a in p.attributes},
-                                                 value=value))
+        for service, m in _items(request.resource_metrics, "scope_metrics", "metrics"):
+            kind = m.WhichOneof("data")
+            for p in getattr(m, kind).data_points:
+                if kind == "histogram":
+                    value = float(p.count)
+                else:
+                    value = float(p.as_double if p.WhichOneof("value") == "as_double" else p.as_int)
+                got.append(ReceivedPoint(service=service, metric=m.name, value=value,
+                                         attributes={a.key: _value(a.value) for a in p.attributes}))
         with self.sink.lock:
             self.sink.points.extend(got)
         return metrics_service_pb2.ExportMetricsServiceResponse()
