@@ -47,10 +47,15 @@ def _node_ip() -> str:
 class ExpertPool:
     def __init__(self, model_dir: str, dtype: str, num_workers: int, ray_address: str | None = None,
                  threads_per_worker: int | None = None, worker_cpus: float | None = None,
-                 placement: Placement | None = None, load_timeout: float = 300.0):
+                 placement: Placement | None = None, load_timeout: float = 300.0, device: str = "cpu"):
+        """`device`: the gateway's. On "cuda[:N]" every worker asks Ray for one GPU of its own and the
+        group runs over NCCL; on "cpu" over gloo."""
         if num_workers < 1:
             raise ValueError(f"--workers must be at least 1, got {num_workers}")
         self.model_dir, self.dtype, self.num_workers = str(model_dir), dtype, num_workers
+        self.device = device
+        self.gpu = device.startswith("cuda")
+        self.backend = "nccl" if self.gpu else "gloo"
         self.cfg = ModelConfig.from_dir(model_dir)
         if placement is None:
             if self.cfg.num_experts % num_workers:
@@ -82,9 +87,36 @@ class ExpertPool:
             ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=True)
         else:
             # sized so every worker gets a CPU slot on this machine
-            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, self.num_workers),
-                     log_to_driver=True)
+            kw = dict(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, self.num_workers),
+                      log_to_driver=True)
+            if not self.gpu:
+                ray.init(**kw)
+            else:
+                # The gateway keeps its own GPU: the private cluster sees only the others, so Ray
+                # never hands a worker the gateway's device (the raylet inherits this environment).
+                others = self._worker_gpus()
+                if len(others) < self.num_workers:
+                    raise PoolError(f"--workers {self.num_workers} on GPUs needs {self.num_workers} GPUs "
+                                    f"besides the gateway's {self.device}; this machine has {len(others)} more")
+                saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(others)
+                try:
+                    ray.init(num_gpus=len(others), **kw)
+                finally:
+                    if saved is None:
+                        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                    else:
+                        os.environ["CUDA_VISIBLE_DEVICES"] = saved
             self._started_ray = True
+
+    def _worker_gpus(self) -> list[str]:
+        """This machine's GPUs (as CUDA_VISIBLE_DEVICES names them) other than the gateway's."""
+        import torch
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        names = ([x.strip() for x in visible.split(",") if x.strip()] if visible is not None
+                 else [str(i) for i in range(torch.cuda.device_count())])
+        mine = torch.device(self.device).index or 0
+        return [n for i, n in enumerate(names) if i != mine]
 
     def start(self):
         """Start Ray (or join it), the actors, and the group; returns the gateway's CollectiveDispatcher."""
@@ -97,7 +129,8 @@ class ExpertPool:
         t0 = time.perf_counter()
         self.connect()
         cpus = self.worker_cpus if self.worker_cpus is not None else 1
-        self._pg = placement_group([{"CPU": cpus}] * self.num_workers, strategy="SPREAD")
+        bundle = {"CPU": cpus, "GPU": 1} if self.gpu else {"CPU": cpus}
+        self._pg = placement_group([bundle] * self.num_workers, strategy="SPREAD")
         ray.get(self._pg.ready(), timeout=self.load_timeout)
         host = _node_ip() if self.ray_address else "127.0.0.1"
         init_method = f"tcp://{host}:{_free_port(host)}"
@@ -105,17 +138,23 @@ class ExpertPool:
         phy2log = self.placement.phy2log.tolist()
         for w in range(self.num_workers):
             spec = WorkerSpec(self.model_dir, self.dtype, w, 1, phy2log, self.placement.num_ranks,
-                              self.placement.slots_per_rank, init_method, self.threads_per_worker)
+                              self.placement.slots_per_rank, init_method, self.threads_per_worker,
+                              device="cuda" if self.gpu else "cpu")  # Ray shows each worker its own GPU
             actor = actor_cls.options(
-                num_cpus=cpus, name=None, runtime_env={"env_vars": _telemetry_env()},
+                num_cpus=cpus, num_gpus=1 if self.gpu else 0, name=None,
+                runtime_env={"env_vars": _telemetry_env()},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=w),
             ).remote(spec)
             self.actors.append(actor)
             self.serve_refs.append(actor.serve.remote())
         self._wait_loaded()
         # Every worker joins right after loading; rank 0 completes the rendezvous.
-        init_mesh_group(init_method, 1 + self.num_workers, 0)
-        self.dispatcher = CollectiveDispatcher(self.placement, 1, self.cfg.hidden_size, DTYPES[self.dtype])
+        if self.gpu:
+            import torch
+            torch.cuda.set_device(torch.device(self.device).index or 0)
+        init_mesh_group(init_method, 1 + self.num_workers, 0, backend=self.backend)
+        self.dispatcher = CollectiveDispatcher(self.placement, 1, self.cfg.hidden_size, DTYPES[self.dtype],
+                                               device=self.device)
         log.info("expert pool: %d workers joined in %.1fs (%s)", self.num_workers, time.perf_counter() - t0,
                  init_method)
         return self.dispatcher

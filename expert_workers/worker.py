@@ -70,8 +70,12 @@ class ExpertWorker:
             self.loaded_bytes = sum(w.gate_up.nbytes + w.down.nbytes for w in shard.layers)
             self.load_seconds = time.perf_counter() - t0
             self.state = "loaded"
-            init_mesh_group(s.init_method, s.num_attention + s.num_ranks, s.num_attention + s.expert_rank)
-            self.server = ExpertServer(shard, placement, s.num_attention)
+            gpu = s.device.startswith("cuda")
+            if gpu:
+                torch.cuda.set_device(torch.device(s.device).index or 0)
+            init_mesh_group(s.init_method, s.num_attention + s.num_ranks, s.num_attention + s.expert_rank,
+                            backend="nccl" if gpu else "gloo")
+            self.server = ExpertServer(shard, placement, s.num_attention, device=s.device)
             _export_worker_metrics(self.server, s.expert_rank)
             self.state = "joined"
             steps = self.server.run()

@@ -59,6 +59,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=_env("MESH_DTYPE") or default_dtype(),
                    help="compute dtype (default: bfloat16 where this machine has fast bf16, else float32; "
                         "env MESH_DTYPE)")
+    g.add_argument("--device", default=_env("MESH_DEVICE", "auto"),
+                   help="where the model runs: cpu, cuda or cuda:N (default auto: cuda when torch sees a GPU, "
+                        "else cpu; env MESH_DEVICE). With --workers each expert worker takes one GPU of its own")
     g.add_argument("--kv-cache-memory", default=_env("MESH_KV_CACHE_MEMORY", "1G"),
                    help="bytes for the paged KV pool, e.g. 512M, 4G (default 1G; env MESH_KV_CACHE_MEMORY)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
@@ -74,10 +77,29 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "round trip (default 0 = auto: 2 with expert workers on GPUs, else 1)")
 
 
+def resolve_device(text: str) -> str:
+    """--device: auto -> cuda or cpu; a CUDA device torch cannot see is a CLI error naming the flag."""
+    import torch
+    text = text.strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"mesh: error: --device {text}: torch sees no CUDA device (use --device cpu)")
+        index = int(text[5:]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise SystemExit(f"mesh: error: --device {text}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+        return text
+    raise SystemExit(f"mesh: error: --device {text!r}: expected cpu, cuda, cuda:N or auto")
+
+
 def engine_config(args):
     from mesh.config import ConfigError, EngineConfig, parse_size
     try:
-        return EngineConfig(dtype=args.dtype, block_size=args.block_size,
+        return EngineConfig(dtype=args.dtype, block_size=args.block_size, device=resolve_device(args.device),
                             kv_cache_memory=parse_size(str(args.kv_cache_memory)),
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,

@@ -93,7 +93,8 @@ def build_engine_factory(args):
     if args.workers > 0:
         from expert_workers.pool import ExpertPool
         try:
-            pool = ExpertPool(str(model), config.dtype, args.workers, ray_address=args.ray_address)
+            pool = ExpertPool(str(model), config.dtype, args.workers, ray_address=args.ray_address,
+                              device=config.device)
         except ValueError as e:
             raise SystemExit(f"mesh: error: {e}") from None
 

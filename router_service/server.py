@@ -94,9 +94,9 @@ class Gateway:
         self.aengine = AsyncEngine(self.engine, self.max_queued,
                                    on_failure=lambda e: loop.call_soon_threadsafe(self._engine_failed, e))
         mc = self.engine.model_config
-        log.info("mesh serve: listening on %s:%d | model %s (%s) | dtype %s | %d expert workers | "
+        log.info("mesh serve: listening on %s:%d | model %s (%s) | %s %s | %d expert workers | "
                  "max %d queued requests", self.host, self.port, mc.family, self.engine.model_dir,
-                 self.engine.config.dtype, self.num_workers, self.max_queued)
+                 self.engine.config.device, self.engine.config.dtype, self.num_workers, self.max_queued)
         while self.ready is not None and not await _call(self.ready):
             await asyncio.sleep(0.5)
         self.serving = True

@@ -377,3 +377,19 @@ def test_mesh_serve_subprocess_remote_generate_and_sigterm(tiny_dir, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_device_flag_is_checked_and_used(tiny_dir):
+    out = _mesh("generate", "--model", str(tiny_dir), "--prompt-ids", "1,2", "--device", "tpu")
+    assert out.returncode != 0 and "--device 'tpu': expected cpu, cuda, cuda:N or auto" in out.stderr
+    if not torch.cuda.is_available():
+        out = _mesh("generate", "--model", str(tiny_dir), "--prompt-ids", "1,2", "--device", "cuda")
+        assert out.returncode != 0 and "--device cuda: torch sees no CUDA device" in out.stderr
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = _mesh("generate", "--model", str(tiny_dir), "--prompt-ids", "5,6,7", "--max-tokens", "4", "--ignore-eos",
+                "--temperature", "0", "--dtype", "float32", "--device", device, "--json")
+    assert out.returncode == 0, out.stderr
+    engine = Engine(tiny_dir, EngineConfig(dtype="float32"))  # the CPU reference
+    want = engine.generate([engine.make_request(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(
+        max_tokens=4, temperature=0, ignore_eos=True))])[0]
+    assert json.loads(out.stdout)["token_ids"] == want.token_ids
