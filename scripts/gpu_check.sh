@@ -4,7 +4,7 @@
 # against transformers on the GPU. Uses the machine's own python3/torch; pure-Python packages it lacks
 # (OpenTelemetry) come as wheels in .whl/. Logs go to $OUT (or ./gpu-out).
 #
-#     bash scripts/gpu_check.sh [tests|nccl|bench|profile ...]     # default: tests nccl bench
+#     bash scripts/gpu_check.sh [tests|nccl|bench|profile|cli ...]     # default: tests nccl bench
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -35,6 +35,17 @@ for step in $steps; do
         | grep -E "Duplicate|NCCL WARN|passed|failed|Error" | sort -u | head -8 ;;
     bench)
       timeout 300 $PY bench/engine_vs_hf.py --device cuda --quick 2>&1 | tee "$OUT/bench_cuda.log" | grep -v "^\[" ;;
+    cli)
+      # `mesh generate --device cuda` against --device cpu: the same greedy tokens; bad devices named
+      $PY -m mesh.cli init-model --arch qwen3_moe --preset tiny --out /tmp/mesh-tiny --seed 0 >/dev/null 2>&1
+      for dev in cpu cuda; do
+        $PY -m mesh.cli generate --model /tmp/mesh-tiny --device $dev --dtype float32 --prompt "def add(a, b):" \
+          --max-tokens 24 --ignore-eos --json > "$OUT/cli_$dev.json" 2>"$OUT/cli_$dev.err"
+        echo "$dev rc=$?"
+      done
+      $PY -c "import json,sys; a,b=(json.load(open(f'$OUT/cli_{d}.json')) for d in ('cpu','cuda')); \
+print('cli cpu == cuda:', a['token_ids'] == b['token_ids'], len(a['token_ids']), 'tokens')"
+      $PY -m mesh.cli generate --model /tmp/mesh-tiny --device cuda:7 --prompt-ids 1,2 2>&1 | tail -1 ;;
     profile)
       # where a decode step's time goes on the GPU, per dtype (op tables into $OUT)
       for dt in float32 bfloat16; do
