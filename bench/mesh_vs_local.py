@@ -6,6 +6,7 @@ bytes moved per step, and the transport-only comparison: dispatch+combine with t
 rows (no compute) against a bare all_to_all_single exchange of the same rows among the same ranks.
 
     .venv/bin/python bench/mesh_vs_local.py [--workers 1,2,4] [--batches 64,256] [--dtype bfloat16]
+        [--gateway-threads N]
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--output-tokens", type=int, default=16)
+    ap.add_argument("--gateway-threads", type=int, default=None,
+                    help="torch threads of the gateway (and of the single-process baseline); default: torch's. "
+                         "1 with --workers 1 gives each process a core of its own on a 2-core machine")
     args = ap.parse_args()
+    if args.gateway_threads is not None:
+        torch.set_num_threads(args.gateway_threads)
     import ray
 
     model_dir = bench_model()
