@@ -14,6 +14,7 @@ import logging
 import os
 
 from opentelemetry import metrics, trace
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 log = logging.getLogger("mesh.telemetry")
@@ -92,6 +93,27 @@ def layer_trace_every() -> int:
 _configured = False
 
 
+class LinkedSampler(Sampler):
+    """The configured sampler, except that a span linked to a sampled span is sampled too.
+
+    Engine steps are roots of their own traces, linked to the requests they serve: under a ratio
+    sampler a sampled request would otherwise find most of its steps (and their expert-worker
+    children) dropped. Spans with a parent, and unlinked roots, keep the configured decision."""
+
+    def __init__(self, delegate):
+        self.delegate = delegate
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
+                      trace_state=None):
+        if links and trace.get_current_span(parent_context).get_span_context() == trace.INVALID_SPAN_CONTEXT \
+                and any(link.context.is_valid and link.context.trace_flags.sampled for link in links):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, trace_state)
+        return self.delegate.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"LinkedSampler{{{self.delegate.get_description()}}}"
+
+
 def metrics_export_requested() -> bool:
     """OTEL_METRICS_EXPORTER=otlp (comma-separated list allowed): push metrics to the OTLP endpoint."""
     wanted = {x.strip() for x in os.environ.get("OTEL_METRICS_EXPORTER", "").split(",")}
@@ -115,7 +137,8 @@ def setup(service_name: str, metrics_port: int | None = None, span_exporter=None
     if span_exporter is not None:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+        configured = TracerProvider(shutdown_on_exit=False).sampler  # from OTEL_TRACES_SAMPLER(_ARG)
+        provider = TracerProvider(resource=resource, sampler=LinkedSampler(configured))
         provider.add_span_processor(BatchSpanProcessor(span_exporter))  # OTEL_BSP_* apply
         trace.set_tracer_provider(provider)
     readers = [metric_reader] if metric_reader is not None else []

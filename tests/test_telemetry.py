@@ -192,3 +192,24 @@ def test_expert_worker_spans_are_children_of_step_spans_across_processes(otel, h
     assert layers and all(s.parent_span_id in ids for s in layers)
     # every gateway step reached both workers
     assert len(worker_steps) == 2 * len(steps)
+
+
+def test_steps_linked_to_a_sampled_request_are_sampled():
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision, TraceIdRatioBased
+    from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
+
+    def ctx(sampled):
+        return SpanContext(trace_id=TRACE_ID, span_id=PARENT_ID, is_remote=True,
+                           trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT))
+
+    s = t.LinkedSampler(TraceIdRatioBased(0.0))  # the configured sampler would keep no root at all
+    step = dict(parent_context=None, trace_id=0x1234, name=t.SPAN_STEP)
+    assert s.should_sample(**step, links=[Link(ctx(False)), Link(ctx(True))]).decision is Decision.RECORD_AND_SAMPLE
+    assert s.should_sample(**step, links=[Link(ctx(False))]).decision is Decision.DROP
+    assert s.should_sample(**step).decision is Decision.DROP
+    # a span with a parent keeps the configured decision, links or not
+    parent = trace.set_span_in_context(NonRecordingSpan(ctx(False)))
+    assert t.LinkedSampler(ALWAYS_OFF).should_sample(parent, 0x1234, "x", links=[Link(ctx(True))]).decision \
+        is Decision.DROP
+    assert t.LinkedSampler(ALWAYS_ON).should_sample(None, 0x1234, "x").decision is Decision.RECORD_AND_SAMPLE
+    assert "TraceIdRatioBased" in s.get_description()
