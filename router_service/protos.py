@@ -16,6 +16,7 @@ rewritten to relative ones. The proto file names registered in the descriptor po
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -94,8 +95,9 @@ def generate() -> Path:
 
 
 def ensure() -> None:
-    # An installed copy without protos/ (a wheel, an image) uses the tree built before packaging.
-    if not PROTO_ROOT.is_dir() and STAMP.is_file():
+    # An installed copy without protos/ (a wheel, an image) uses the tree built before packaging; so
+    # does a runtime without grpcio-tools (a build-time tool) that was given a built tree.
+    if STAMP.is_file() and (not PROTO_ROOT.is_dir() or importlib.util.find_spec("grpc_tools") is None):
         return
     if not is_current():
         generate()
