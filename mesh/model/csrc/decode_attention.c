@@ -309,26 +309,42 @@ static void pair_bs16(const job_t *j, work16_t *w, int64_t b, int64_t h) {
     pair_bs16_body(j, w, b, h, j->G, j->D / 16);
 }
 
-static void *run(void *arg) {
-    job_t *j = (job_t *)arg;
+/* Workspaces: threads started for one call allocate theirs and free it; the calling thread (the
+ * engine's, which calls once per layer per step) keeps its own across calls. */
+static __thread void *kept_w16, *kept_w;
+
+static void *workspace(size_t size, int kept, void **slot) {
+    if (kept && *slot != NULL) return *slot;
+    void *w = aligned_alloc(64, (size + 63) / 64 * 64);
+    if (kept) *slot = w;
+    return w;
+}
+
+static void *run_job(job_t *j, int kept) {
     const int64_t items = j->B * j->Hk;
     if (j->bs == 16 && j->D % 16 == 0) {
-        work16_t *w = (work16_t *)aligned_alloc(64, sizeof(work16_t));
+        work16_t *w = (work16_t *)workspace(sizeof(work16_t), kept, &kept_w16);
         if (w == NULL) return (void *)1;
         void (*pair)(const job_t *, work16_t *, int64_t, int64_t) = pair_bs16;
         if (j->G == 4 && j->D == 64) pair = pair_g4_d64;
         else if (j->G == 4 && j->D == 128) pair = pair_g4_d128;
         else if (j->G == 8 && j->D == 128) pair = pair_g8_d128;
         for (int64_t it = j->tid; it < items; it += j->nthreads) pair(j, w, it / j->Hk, it % j->Hk);
-        free(w);
+        if (!kept) free(w);
     } else {
-        work_t *w = (work_t *)malloc(sizeof(work_t));
+        work_t *w = (work_t *)workspace(sizeof(work_t), kept, &kept_w);
         if (w == NULL) return (void *)1;
         for (int64_t it = j->tid; it < items; it += j->nthreads) pair_any(j, w, it / j->Hk, it % j->Hk);
-        free(w);
+        if (!kept) free(w);
     }
     return NULL;
 }
+
+static void *run(void *arg) { return run_job((job_t *)arg, 0); }
+
+/* Below this many (block, KV head) pairs a call runs on the calling thread alone: starting threads
+ * costs more than it saves (a single sequence decoding, a few short ones). */
+#define MIN_BLOCKS_PER_THREAD 128
 
 /* Returns 0 on success, -1..-3 when a size is out of the kernel's limits, -4 when out of memory. */
 int mesh_decode_attention(const void *q, const void *k, const void *v, const int64_t *table,
@@ -340,6 +356,9 @@ int mesh_decode_attention(const void *q, const void *k, const void *v, const int
     if (nthreads < 1) nthreads = 1;
     if (nthreads > 64) nthreads = 64;
     if (nthreads > B * Hk) nthreads = (int)(B * Hk > 0 ? B * Hk : 1);
+    int64_t blocks = 0;
+    for (int64_t b = 0; b < B; b++) blocks += (ctx[b] + bs - 1) / bs * Hk;
+    if (blocks / MIN_BLOCKS_PER_THREAD + 1 < nthreads) nthreads = (int)(blocks / MIN_BLOCKS_PER_THREAD + 1);
     job_t jobs[64];
     pthread_t threads[64];
     for (int t = 0; t < nthreads; t++) {
@@ -351,8 +370,8 @@ int mesh_decode_attention(const void *q, const void *k, const void *v, const int
         started = t;
     }
     /* Items of threads that could not start are done here, after this thread's own. */
-    int failed = run(&jobs[0]) != NULL;
-    for (int t = started + 1; t < nthreads; t++) failed |= run(&jobs[t]) != NULL;
+    int failed = run_job(&jobs[0], 1) != NULL;
+    for (int t = started + 1; t < nthreads; t++) failed |= run_job(&jobs[t], 1) != NULL;
     for (int t = 1; t <= started; t++) {
         void *r = NULL;
         pthread_join(threads[t], &r);
