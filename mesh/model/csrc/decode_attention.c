@@ -310,20 +310,30 @@ static void pair_bs16(const job_t *j, work16_t *w, int64_t b, int64_t h) {
 }
 
 /* Workspaces: threads started for one call allocate theirs and free it; the calling thread (the
- * engine's, which calls once per layer per step) keeps its own across calls. */
-static __thread void *kept_w16, *kept_w;
+ * engine's, which calls once per layer per step) keeps its own across calls, freed when it exits. */
+static pthread_key_t kept_key[2];
+static pthread_once_t kept_once = PTHREAD_ONCE_INIT;
+static void make_keys(void) {
+    pthread_key_create(&kept_key[0], free);
+    pthread_key_create(&kept_key[1], free);
+}
 
-static void *workspace(size_t size, int kept, void **slot) {
-    if (kept && *slot != NULL) return *slot;
-    void *w = aligned_alloc(64, (size + 63) / 64 * 64);
-    if (kept) *slot = w;
+static void *workspace(size_t size, int kept, int which) {
+    void *w = NULL;
+    if (kept) {
+        pthread_once(&kept_once, make_keys);
+        w = pthread_getspecific(kept_key[which]);
+        if (w != NULL) return w;
+    }
+    w = aligned_alloc(64, (size + 63) / 64 * 64);
+    if (kept && w != NULL) pthread_setspecific(kept_key[which], w);
     return w;
 }
 
 static void *run_job(job_t *j, int kept) {
     const int64_t items = j->B * j->Hk;
     if (j->bs == 16 && j->D % 16 == 0) {
-        work16_t *w = (work16_t *)workspace(sizeof(work16_t), kept, &kept_w16);
+        work16_t *w = (work16_t *)workspace(sizeof(work16_t), kept, 0);
         if (w == NULL) return (void *)1;
         void (*pair)(const job_t *, work16_t *, int64_t, int64_t) = pair_bs16;
         if (j->G == 4 && j->D == 64) pair = pair_g4_d64;
@@ -332,7 +342,7 @@ static void *run_job(job_t *j, int kept) {
         for (int64_t it = j->tid; it < items; it += j->nthreads) pair(j, w, it / j->Hk, it % j->Hk);
         if (!kept) free(w);
     } else {
-        work_t *w = (work_t *)workspace(sizeof(work_t), kept, &kept_w);
+        work_t *w = (work_t *)workspace(sizeof(work_t), kept, 1);
         if (w == NULL) return (void *)1;
         for (int64_t it = j->tid; it < items; it += j->nthreads) pair_any(j, w, it / j->Hk, it % j->Hk);
         if (!kept) free(w);
