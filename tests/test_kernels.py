@@ -141,6 +141,20 @@ def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths, bs, hk, grou
         torch.testing.assert_close(got[i].float(), want[:, 0], atol=atol, rtol=atol)
 
 
+def test_native_decode_threads_give_identical_results(monkeypatch):
+    if native.library() is None:
+        pytest.fail("the native decode kernel did not build")
+    g = torch.Generator().manual_seed(8)
+    b, hk, groups, d, bs, m = 9, 2, 4, 64, 16, 20  # 9 x 20 x 2 = 360 block pairs: enough for 2 threads
+    k, v = (torch.randn(hk, b * m, bs, d, generator=g).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(b, hk * groups, d, generator=g).to(torch.bfloat16)
+    table = torch.randperm(b * m, generator=g).view(b, m)
+    lens = torch.randint(1, m * bs + 1, (b,), generator=g)
+    one = native.decode_attention(q, k, v, table, lens, 0.125)
+    monkeypatch.setenv("MESH_NATIVE_THREADS", "3")
+    assert torch.equal(native.decode_attention(q, k, v, table, lens, 0.125), one)
+
+
 def test_native_decode_rejects_indices_outside_the_pool():
     if native.library() is None:
         pytest.fail("the native decode kernel did not build")

@@ -1,7 +1,8 @@
 """Native CPU kernels (`csrc/*.c`), built on first use with the system C compiler and cached.
 
 Plain C with no Python or torch headers: one `cc` call of about a second, loaded with ctypes, called
-with raw pointers (ctypes releases the GIL for the call). Built for this machine (`-march=native`)
+with raw pointers (ctypes releases the GIL for the call). One thread per call by default
+(`MESH_NATIVE_THREADS` raises it). Built for this machine (`-march=native`)
 into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the source, the flags, the
 compiler and the CPU's feature flags, so a shared home directory never serves one CPU's build to
 another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops.
@@ -115,6 +116,16 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
         return False
 
 
+def _threads() -> int:
+    """Threads per decode-attention call: 1 unless MESH_NATIVE_THREADS says otherwise. In the engine
+    a second thread measured no faster at batch 64 (the reads are memory-bound) and 4x slower for one
+    long sequence (it competes with torch's spinning OpenMP workers for the same cores)."""
+    try:
+        return max(1, int(os.environ.get("MESH_NATIVE_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
     """q [B, Hq, D]; caches [Hk, N, bs, D]; table [B, M] int64; context_lens [B] int64 -> [B, Hq, D],
@@ -139,7 +150,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     rc = lib.mesh_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(),
                                    lens.data_ptr(), out.data_ptr(), b, hk, hq // hk, d, n, bs, table.shape[1],
-                                   float(scale), int(q.dtype == torch.bfloat16), torch.get_num_threads())
+                                   float(scale), int(q.dtype == torch.bfloat16), _threads())
     if rc == -4:
         raise MemoryError("decode attention kernel: out of memory")
     if rc != 0:
