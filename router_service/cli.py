@@ -107,7 +107,11 @@ def build_engine_factory(args):
 
     if pool is None:
         return factory, None, None
-    pool.connect()  # here, in the main thread, before the server installs its signal handlers
+    from expert_workers.pool import PoolError
+    try:
+        pool.connect()  # here, in the main thread, before the server installs its signal handlers
+    except PoolError as e:
+        raise SystemExit(f"mesh: error: {e}") from None
     _watch_workers(pool)
     # Both block on Ray calls: run them off the event loop.
     import asyncio
