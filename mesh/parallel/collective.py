@@ -151,6 +151,10 @@ class CollectiveDispatcher(_MeshRank):
         super().__init__(placement, num_attention, group, device, layout)
         if not 0 <= self.rank < self.A:
             raise ValueError(f"rank {self.rank} is an expert rank; attention ranks are 0..{self.A - 1}")
+        # Without replicas every expert has exactly one slot: logical -> physical is one lookup, and
+        # the per-expert counters follow from the slot counts (no second bincount over the ids).
+        self._single = bool((placement.logcnt == 1).all())
+        self._slot_of = placement.log2phy[:, :, 0].to(self.device)  # [L, E] (meaningful when _single)
         self.reset_counters()
         self._in_step = self._closed = False
         self._next_layer = 0
@@ -199,17 +203,24 @@ class CollectiveDispatcher(_MeshRank):
                              f"[*, {self.hidden_size}] {self.dtype}")
         t, k = topk_ids.shape
         P, zeros = self.placement.num_slots, [0] * self.world
-        phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank).reshape(-1)  # [T*K]
+        if self._single:
+            phys = self._slot_of[moe_index][topk_ids].reshape(-1)  # [T*K]
+        else:
+            phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank).reshape(-1)  # [T*K]
         # Global slot p = w * S + local slot: sorting by p groups rows by expert rank, then slot.
         order = torch.argsort(phys, stable=True)  # [T*K]
         slot_counts = torch.bincount(phys, minlength=P)  # [P]
-        self.slot_load[moe_index] += slot_counts.cpu()
-        self.expert_load[moe_index] += torch.bincount(topk_ids.reshape(-1).cpu(),
-                                                      minlength=self.placement.num_experts)
+        host_counts = slot_counts.cpu()  # the one device -> host read of this layer
+        self.slot_load[moe_index] += host_counts
+        if self._single:
+            self.expert_load[moe_index].index_add_(0, self.placement.phy2log[moe_index], host_counts)
+        else:
+            self.expert_load[moe_index] += torch.bincount(topk_ids.reshape(-1).cpu(),
+                                                          minlength=self.placement.num_experts)
         counts_send = torch.zeros(self.world, self.S, dtype=torch.int64, device=self.device)  # [world, S]
         counts_send[self.A:] = slot_counts.view(self.W, self.S)
         counts_recv = torch.empty_like(counts_send)
-        splits = [0] * self.A + slot_counts.view(self.W, self.S).sum(1).tolist()
+        splits = [0] * self.A + host_counts.view(self.W, self.S).sum(1).tolist()
         rows = hidden[torch.div(order, k, rounding_mode="floor")]  # [T*K, H]
         works = [self._a2a(counts_recv, counts_send, None, None, async_op=True),
                  self._a2a(rows[:0], rows, zeros, splits, async_op=True)]
