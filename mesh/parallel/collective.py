@@ -204,7 +204,7 @@ class CollectiveDispatcher(_MeshRank):
         t, k = topk_ids.shape
         P, zeros = self.placement.num_slots, [0] * self.world
         if self._single:
-            phys = self._slot_of[moe_index][topk_ids].reshape(-1)  # [T*K]
+            phys = self._slot_of[moe_index].index_select(0, topk_ids.reshape(-1))  # [T*K]
         else:
             phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank).reshape(-1)  # [T*K]
         # Global slot p = w * S + local slot: sorting by p groups rows by expert rank, then slot.
@@ -221,7 +221,7 @@ class CollectiveDispatcher(_MeshRank):
         counts_send[self.A:] = slot_counts.view(self.W, self.S)
         counts_recv = torch.empty_like(counts_send)
         splits = [0] * self.A + host_counts.view(self.W, self.S).sum(1).tolist()
-        rows = hidden[torch.div(order, k, rounding_mode="floor")]  # [T*K, H]
+        rows = hidden.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [T*K, H] (3-6x faster than [])
         works = [self._a2a(counts_recv, counts_send, None, None, async_op=True),
                  self._a2a(rows[:0], rows, zeros, splits, async_op=True)]
         self._pending = _Handle(moe_index, rows, order, topk_weights, splits, works,
@@ -373,8 +373,8 @@ class ExpertServer(_MeshRank):
             # (keeping source order within a slot) into the grouping ExpertShard.forward expects.
             slot_of_row = torch.repeat_interleave(torch.arange(S).repeat(A), counts.reshape(-1))  # [N]
             perm = torch.argsort(slot_of_row, stable=True).to(self.device)  # [N]
-            out = torch.empty_like(recv)
-            out[perm] = self.experts.forward(layer, recv[perm], slot_counts.tolist())
+            out = torch.empty_like(recv).index_copy_(
+                0, perm, self.experts.forward(layer, recv.index_select(0, perm), slot_counts.tolist()))
         else:
             out = self.experts.forward(layer, recv, slot_counts.tolist())  # [N, H]
         self.compute_seconds[layer] += time.perf_counter() - t1
