@@ -221,7 +221,7 @@ class CollectiveDispatcher(_MeshRank):
         counts_send[self.A:] = slot_counts.view(self.W, self.S)
         counts_recv = torch.empty_like(counts_send)
         splits = [0] * self.A + host_counts.view(self.W, self.S).sum(1).tolist()
-        rows = hidden.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [T*K, H] (3-6x faster than [])
+        rows = hidden.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [T*K, H]
         works = [self._a2a(counts_recv, counts_send, None, None, async_op=True),
                  self._a2a(rows[:0], rows, zeros, splits, async_op=True)]
         self._pending = _Handle(moe_index, rows, order, topk_weights, splits, works,
