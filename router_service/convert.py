@@ -104,4 +104,4 @@ def model_info(engine: Any, num_workers: int, max_queued: int) -> pb.ModelInfo:
         block_size=cfg.block_size, num_expert_workers=num_workers, model=str(engine.model_dir),
         has_tokenizer=engine.tokenizer is not None, num_kv_blocks=engine.blocks.num_blocks,
         hidden_size=mc.hidden_size, shared_expert_intermediate_size=mc.shared_expert_intermediate_size,
-        max_queued_requests=max_queued)
+        max_queued_requests=max_queued, device=cfg.device)

@@ -165,6 +165,7 @@ def test_text_prompt_fim_tokenize_and_model_info(tiny, tiny_dir):
     assert (info["vocab_size"], info["num_layers"], info["num_experts"], info["top_k"]) == (512, 2, 8, 2)
     assert (info["max_model_len"], info["dtype"], info["block_size"]) == (2048, "float32", 16)
     assert info["num_expert_workers"] == 0 and info["has_tokenizer"] and info["max_queued_requests"] == 4
+    assert info["device"] == "cpu"
     tiny.wait_idle()
 
 
