@@ -79,6 +79,13 @@ def memory_bandwidth(nbytes: int = 512 << 20, device: str = "cpu") -> float:
     return nbytes / t
 
 
+def bare_exchange_seconds(disp, steps: int, repeat: int = 5) -> float:
+    """Per-layer seconds of a bare all_to_all_single exchange of the rows `disp` (a CollectiveDispatcher)
+    routed per step over its last `steps` steps (median of `repeat` exchanges): the transport baseline."""
+    counts = (disp.slot_load.float() / steps).round().to(torch.int64)  # [L, P] rows per step
+    return statistics.median(statistics.mean(disp.bare_exchange(counts)) for _ in range(repeat))
+
+
 def peak_rss_bytes() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

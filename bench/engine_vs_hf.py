@@ -147,8 +147,8 @@ def main() -> int:
             out_tokens = sum(n for _, n in work)
             t_engine = run_engine(engine, work)
             t_hf = run_hf(hf, work, 32, pad)
-            emit({"workload": name, "dtype": dtype_name, "device": args.device, "requests": len(work), "output_tokens": out_tokens,
-                  "engine_tok_s": out_tokens / t_engine, "hf_tok_s": out_tokens / t_hf,
+            emit({"workload": name, "dtype": dtype_name, "device": args.device, "requests": len(work),
+                  "output_tokens": out_tokens, "engine_tok_s": out_tokens / t_engine, "hf_tok_s": out_tokens / t_hf,
                   "speedup": t_hf / t_engine, "engine_s": t_engine, "hf_s": t_hf,
                   "preemptions": engine.scheduler.num_preemptions})
         del hf, engine

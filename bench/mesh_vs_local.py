@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from common import bench_model, emit, hardware, peak_rss_bytes
+from common import bare_exchange_seconds, bench_model, emit, hardware, peak_rss_bytes
 
 from expert_workers.pool import ExpertPool
 from mesh.config import EngineConfig
@@ -112,14 +112,13 @@ def main() -> int:
                     n = disp.steps - s0
                     layer_ms = statistics.mean(disp.layer_seconds) / n * 1e3
                     bytes_step = (disp.total_bytes_sent - sent0 + disp.total_bytes_received - recv0) / n
-                    counts = (disp.slot_load.float() / n).round().to(torch.int64)  # [L, P] rows per step
                     # transport alone: experts echo rows, then the same rows with raw collectives only
                     disp.step_flags = ECHO
                     disp.reset_counters()
                     decode_steps(mesh, [], 5)
                     echo_ms = statistics.mean(disp.layer_seconds) / 5 * 1e3
                     disp.step_flags = 0
-                    bare_ms = statistics.median(statistics.mean(disp.bare_exchange(counts)) for _ in range(5)) * 1e3
+                    bare_ms = bare_exchange_seconds(disp, 5) * 1e3  # the rows the echo steps moved
                     mesh.abort_all()
                     emit({"workers": w, "batch": b, "mesh_tok_s": tps, "local_tok_s": local_tps[b],
                           "mesh_over_local": tps / local_tps[b], "decode_step_ms": step_s * 1e3,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import emit, hardware
+from common import bare_exchange_seconds, emit, hardware
 
 from mesh.model.moe import ExpertShard, ExpertWeights, route
 from mesh.parallel.collective import ECHO, CollectiveDispatcher, ExpertServer, init_mesh_group
@@ -44,8 +44,7 @@ def _rank(rank: int, workers: int, port: int, tokens: int, steps: int, results) 
                 d.combine(d.dispatch(layer, hidden, ids, weights))
             d.end_step()
         echo = statistics.mean(d.layer_seconds) / steps
-        counts = (d.slot_load.float() / steps).round().to(torch.int64)  # [L, P] rows per step
-        bare = statistics.median(statistics.mean(d.bare_exchange(counts)) for _ in range(steps))
+        bare = bare_exchange_seconds(d, steps, repeat=steps)
         d.shutdown()
         results.put({"workers": workers, "tokens": tokens, "rows_per_layer": tokens * K,
                      "dispatch_combine_ms_per_layer": echo * 1e3, "bare_all_to_all_ms_per_layer": bare * 1e3,

@@ -105,7 +105,7 @@ class LinkedSampler(Sampler):
 
     def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
                       trace_state=None):
-        if links and trace.get_current_span(parent_context).get_span_context() == trace.INVALID_SPAN_CONTEXT \
+        if links and not trace.get_current_span(parent_context).get_span_context().is_valid \
                 and any(link.context.is_valid and link.context.trace_flags.sampled for link in links):
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, trace_state)
         return self.delegate.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)

@@ -68,7 +68,8 @@ class Gateway:
         self._hurry = asyncio.Event()  # a second signal: skip what is left of the grace period
         self._stopped = asyncio.Event()
         self._stopping = False
-        self.failed = asyncio.Event()  # the engine died (an expert worker lost, ...): exit with code 1
+        self.stop_requested = asyncio.Event()  # a signal, or the engine's death: `serve` stops
+        self.failed = False  # the engine died (an expert worker lost, ...): exit with code 1
         self.server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -106,11 +107,11 @@ class Gateway:
     def _engine_failed(self, error: BaseException) -> None:
         """The engine thread died. A gateway cannot repair its collective group in place: report
         NOT_SERVING and let `serve` stop with exit code 1, for the supervisor to restart it."""
-        if self.failed.is_set():
+        if self.failed:
             return
         log.error("mesh serve: %s; stopping (exit code 1) so that a supervisor restarts this gateway", error)
-        self.serving = False
-        self.failed.set()
+        self.serving, self.failed = False, True
+        self.stop_requested.set()
         asyncio.ensure_future(self._set_health(NOT_SERVING))
 
     async def _set_health(self, status) -> None:
@@ -314,11 +315,12 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
                 started: Callable[[Gateway], Awaitable[None] | None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (a second one cuts the grace period short) or until the engine
     dies. Returns the exit code: 0 after a clean stop, 1 when the engine failed to load or failed
-    while serving (a lost expert worker breaks the collective group; the supervisor restarts us). `ready`: returns true once all expert
-    workers are loaded and joined (None: ready when the engine is built). `on_shutdown`: runs last."""
+    while serving (a lost expert worker breaks the collective group; the supervisor restarts us).
+    `ready`: returns true once all expert workers are loaded and joined (None: ready when the engine
+    is built). `on_shutdown`: runs last."""
     gw = Gateway(engine_factory, host, port, ready=ready, on_shutdown=on_shutdown, max_queued=max_queued,
                  grace=grace, num_workers=num_workers)
-    stop = asyncio.Event()
+    stop = gw.stop_requested
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
@@ -339,18 +341,15 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
         await _call(lambda: started(gw))
     loading = asyncio.create_task(gw.load())
     stopping = asyncio.create_task(stop.wait())
-    failing = asyncio.create_task(gw.failed.wait())
-    await asyncio.wait({loading, stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done() and loading.exception() is not None:
         log.error("mesh: error: could not load the engine: %s", loading.exception())
         code = 1
     else:
-        if not (stopping.done() or failing.done()):
-            await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
-        code = 1 if gw.failed.is_set() else 0
+        await stopping
+        code = 1 if gw.failed else 0
         loading.cancel()
     stopping.cancel()
-    failing.cancel()
     await gw.stop()
     return code
 

@@ -45,10 +45,7 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (num_layers, 2, kv_heads, num_blocks, block_size, head_dim)
-        self.pool = torch.empty(shape, dtype=dtype, device=device)
-        if self.pool.device.type == "cpu":
-            native.advise_huge_pages(self.pool)  # before the first touch, so the zeroing faults in 2 MiB pages
-        self.pool.zero_()
+        self.pool = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
 

@@ -99,29 +99,6 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
-_MADV_HUGEPAGE = 14
-_HUGE = 2 << 20
-
-
-def advise_huge_pages(t: torch.Tensor) -> bool:
-    """Ask Linux to back a large CPU tensor with 2 MiB pages (transparent huge pages, `madvise` mode).
-
-    Decode attention reads blocks scattered over the whole KV pool, one TLB entry per 4 KiB page
-    otherwise (an isolated scattered-read test ran 1.5x faster with it; in the engine on a 2-vCPU VM
-    no change was measurable). Call before the memory is first touched. False where it does not apply."""
-    n = t.numel() * t.element_size()
-    if t.device.type != "cpu" or n < 2 * _HUGE or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        end = (t.data_ptr() + n) & ~(_HUGE - 1)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def _threads() -> int:
     """Threads per decode-attention call: 1 unless MESH_NATIVE_THREADS says otherwise. In the engine
     a second thread measured no faster at batch 64 (the reads are memory-bound) and 4x slower for one
@@ -147,18 +124,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q = q.contiguous()
     table = table.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
-    # The kernel trusts its indices: check them here (B and B x M values) rather than read out of bounds.
     if lens.shape != (b,) or table.shape[0] != b:
         raise ValueError(f"decode attention: {b} queries, table {tuple(table.shape)}, lengths {tuple(lens.shape)}")
-    if b and (int(lens.min()) < 1 or int(lens.max()) > table.shape[1] * bs
-              or int(table.min()) < 0 or int(table.max()) >= n):
-        raise ValueError("decode attention: context lengths or block ids outside the block table / pool")
     out = torch.empty_like(q)
     rc = lib.mesh_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(),
                                    lens.data_ptr(), out.data_ptr(), b, hk, hq // hk, d, n, bs, table.shape[1],
                                    float(scale), int(q.dtype == torch.bfloat16), _threads())
     if rc == -4:
         raise MemoryError("decode attention kernel: out of memory")
+    if rc == -5:  # the kernel checks its indices before reading
+        raise ValueError("decode attention: context lengths or block ids outside the block table / pool")
     if rc != 0:
         return None  # a size past the kernel's limits (query heads per KV head, head_dim, block_size)
     return out

@@ -154,7 +154,7 @@ class CollectiveDispatcher(_MeshRank):
         # Without replicas every expert has exactly one slot: logical -> physical is one lookup, and
         # the per-expert counters follow from the slot counts (no second bincount over the ids).
         self._single = bool((placement.logcnt == 1).all())
-        self._slot_of = placement.log2phy[:, :, 0].to(self.device)  # [L, E] (meaningful when _single)
+        self._slot_of = placement.log2phy[:, :, 0].to(self.device) if self._single else None  # [L, E]
         self.reset_counters()
         self._in_step = self._closed = False
         self._next_layer = 0

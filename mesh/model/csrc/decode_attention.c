@@ -23,9 +23,7 @@
 #define MAX_G 64
 #define MAX_D 256
 #define MAX_BS 256
-#ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 1 /* blocks ahead (2 measured no better) */
-#endif
 
 typedef struct {
     const void *q, *k, *v;
@@ -116,15 +114,9 @@ static inline v16f exp16(v16f x) {
 /* The same for one value (the generic path, and the running-max corrections). */
 static inline float exp_nonpos(float x) { return exp16((v16f){0} + x)[0]; }
 
-/* Row `row` (D values) of a tensor of the job's dtype, as float32 into dst. */
-static inline void load_row(const void *base, int64_t row, int64_t D, int bf16, float *dst) {
-    if (bf16) {
-        const uint16_t *s = (const uint16_t *)base + row * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_f32(s[d]);
-    } else {
-        memcpy(dst, (const float *)base + row * D, (size_t)D * sizeof(float));
-    }
+/* Element i of a tensor of the job's dtype, as float32. */
+static inline float elem(const void *base, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
 typedef struct {
@@ -132,19 +124,18 @@ typedef struct {
     float s[MAX_G][MAX_BS], kt[MAX_D][MAX_BS], v[MAX_BS][MAX_D];
 } work_t; /* ~450 KB: on the heap, not on a thread's stack */
 
-/* One (sequence, KV head) pair. The loops are laid out for the vector units: scores of a block as
- * D broadcast-FMAs over the block's tokens (K transposed into kt while converting to float32), the
- * softmax over the block's tokens, and P.V as FMAs over head_dim. D is a compile-time constant in
- * the common instantiations below (64, 128) so that those loops unroll fully. */
-static inline void pair_body(const job_t *j, work_t *w, int64_t b, int64_t h, const int64_t D) {
-    const int64_t G = j->G, bs = j->bs;
+/* One (sequence, KV head) pair, any block_size and head_dim (the block_size-16 path below is the
+ * fast one). Scores of a block as D broadcast-FMAs over the block's tokens (K transposed into kt
+ * while converting to float32), the softmax over the block's tokens, and P.V as FMAs over head_dim. */
+static void pair_any(const job_t *j, work_t *w, int64_t b, int64_t h) {
+    const int64_t G = j->G, D = j->D, bs = j->bs;
     float(*q)[MAX_D] = w->q, (*acc)[MAX_D] = w->acc, (*s)[MAX_BS] = w->s;
     float(*kt)[MAX_BS] = w->kt, (*v)[MAX_D] = w->v;
     float *m = w->m, *l = w->l;
     for (int64_t g = 0; g < G; g++) {
-        load_row(j->q, (b * j->Hk + h) * G + g, D, j->bf16, q[g]);
+        const int64_t row = (b * j->Hk + h) * G + g;
         for (int64_t d = 0; d < D; d++) {
-            q[g][d] *= j->scale;
+            q[g][d] = elem(j->q, row * D + d, j->bf16) * j->scale;
             acc[g][d] = 0.f;
         }
         m[g] = -INFINITY;
@@ -156,19 +147,11 @@ static inline void pair_body(const job_t *j, work_t *w, int64_t b, int64_t h, co
         const int64_t blk = j->table[b * j->M + i];
         const int64_t n = (ctx - i * bs) < bs ? (ctx - i * bs) : bs;
         const int64_t row0 = (h * j->N + blk) * bs; /* first row of this block in the [Hk*N*bs, D] view */
-        if (j->bf16) {
-            const uint16_t *kb = (const uint16_t *)j->k + row0 * D, *vb = (const uint16_t *)j->v + row0 * D;
-            for (int64_t t = 0; t < n; t++)
-                for (int64_t d = 0; d < D; d++) kt[d][t] = bf16_to_f32(kb[t * D + d]);
-            for (int64_t t = 0; t < n; t++)
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) v[t][d] = bf16_to_f32(vb[t * D + d]);
-        } else {
-            const float *kb = (const float *)j->k + row0 * D, *vb = (const float *)j->v;
-            for (int64_t t = 0; t < n; t++)
-                for (int64_t d = 0; d < D; d++) kt[d][t] = kb[t * D + d];
-            (void)vb; /* float32 V rows are read straight from the pool below */
-        }
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t d = 0; d < D; d++) {
+                kt[d][t] = elem(j->k, (row0 + t) * D + d, j->bf16);
+                v[t][d] = elem(j->v, (row0 + t) * D + d, j->bf16);
+            }
         for (int64_t g = 0; g < G; g++) {
             float *sg = s[g];
 #pragma omp simd
@@ -196,9 +179,8 @@ static inline void pair_body(const job_t *j, work_t *w, int64_t b, int64_t h, co
             for (int64_t d = 0; d < D; d++) ag[d] *= corr;
             for (int64_t t = 0; t < n; t++) {
                 const float p = sg[t];
-                const float *vt = j->bf16 ? v[t] : (const float *)j->v + (row0 + t) * D;
 #pragma omp simd
-                for (int64_t d = 0; d < D; d++) ag[d] += p * vt[d];
+                for (int64_t d = 0; d < D; d++) ag[d] += p * v[t][d];
             }
         }
     }
@@ -214,8 +196,6 @@ static inline void pair_body(const job_t *j, work_t *w, int64_t b, int64_t h, co
         }
     }
 }
-
-static void pair_any(const job_t *j, work_t *w, int64_t b, int64_t h) { pair_body(j, w, b, h, j->D); }
 
 /* ---- block_size 16, head_dim a multiple of 16: a block's 16 tokens are one vector of scores; each
  * token's K row is D/16 vectors, FMA'd against the G query rows and summed across lanes; P.V
@@ -356,18 +336,26 @@ static void *run(void *arg) { return run_job((job_t *)arg, 0); }
  * costs more than it saves (a single sequence decoding, a few short ones). */
 #define MIN_BLOCKS_PER_THREAD 128
 
-/* Returns 0 on success, -1..-3 when a size is out of the kernel's limits, -4 when out of memory. */
+/* Returns 0 on success, -1..-3 when a size is out of the kernel's limits, -4 when out of memory, -5
+ * when a context length or a block id lies outside the block table or the pool (checked before any
+ * work: the kernel never reads out of bounds). */
 int mesh_decode_attention(const void *q, const void *k, const void *v, const int64_t *table,
                           const int64_t *ctx, void *out, int64_t B, int64_t Hk, int64_t G, int64_t D,
                           int64_t N, int64_t bs, int64_t M, float scale, int bf16, int nthreads) {
     if (G < 1 || G > MAX_G) return -1;
     if (D < 1 || D > MAX_D) return -2;
     if (bs < 1 || bs > MAX_BS) return -3;
+    int64_t blocks = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (ctx[b] < 1 || ctx[b] > M * bs) return -5;
+        const int64_t nb = (ctx[b] + bs - 1) / bs;
+        for (int64_t i = 0; i < nb; i++)
+            if (table[b * M + i] < 0 || table[b * M + i] >= N) return -5;
+        blocks += nb * Hk;
+    }
     if (nthreads < 1) nthreads = 1;
     if (nthreads > 64) nthreads = 64;
     if (nthreads > B * Hk) nthreads = (int)(B * Hk > 0 ? B * Hk : 1);
-    int64_t blocks = 0;
-    for (int64_t b = 0; b < B; b++) blocks += (ctx[b] + bs - 1) / bs * Hk;
     if (blocks / MIN_BLOCKS_PER_THREAD + 1 < nthreads) nthreads = (int)(blocks / MIN_BLOCKS_PER_THREAD + 1);
     job_t jobs[64];
     pthread_t threads[64];
