@@ -155,6 +155,19 @@ def test_native_decode_threads_give_identical_results(monkeypatch):
     assert torch.equal(native.decode_attention(q, k, v, table, lens, 0.125), one)
 
 
+def test_native_kernels_share_torchs_openmp_pool(monkeypatch):
+    """Where torch runs on GNU OpenMP (libgomp.so.1, the Linux wheels), the kernel is built against
+    that runtime and uses torch's thread count; MESH_NATIVE_THREADS overrides it."""
+    if native.library() is None:
+        pytest.fail("the native decode kernel did not build")
+    monkeypatch.delenv("MESH_NATIVE_THREADS", raising=False)
+    assert native._openmp == native._shares_torch_openmp()
+    if native._openmp:
+        assert native._threads() == torch.get_num_threads()
+    monkeypatch.setenv("MESH_NATIVE_THREADS", "3")
+    assert native._threads() == 3
+
+
 def test_native_decode_rejects_indices_outside_the_pool():
     if native.library() is None:
         pytest.fail("the native decode kernel did not build")

@@ -1,8 +1,11 @@
 """Native CPU kernels (`csrc/*.c`), built on first use with the system C compiler and cached.
 
 Plain C with no Python or torch headers: one `cc` call of about a second, loaded with ctypes, called
-with raw pointers (ctypes releases the GIL for the call). One thread per call by default
-(`MESH_NATIVE_THREADS` raises it). Built for this machine (`-march=native`)
+with raw pointers (ctypes releases the GIL for the call). When torch itself runs on GNU OpenMP
+(`libgomp.so.1`, as the Linux wheels do), the kernels are built with `-fopenmp` against that same
+runtime: they run on torch's thread pool, as many threads as `torch.get_num_threads()`, instead of
+starting threads that would compete with torch's spinning workers for the same cores. Otherwise one
+thread per call. `MESH_NATIVE_THREADS` sets the count either way. Built for this machine (`-march=native`)
 into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the source, the flags, the
 compiler and the CPU's feature flags, so a shared home directory never serves one CPU's build to
 another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops.
@@ -29,6 +32,7 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_openmp = False  # the loaded build runs on torch's OpenMP pool
 
 
 def enabled() -> bool:
@@ -45,6 +49,20 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _shares_torch_openmp() -> bool:
+    """True when the process has GNU OpenMP loaded as `libgomp.so.1` (torch's): a library built with
+    `-fopenmp` then binds to that copy, the one whose thread pool torch's own ops use."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return any(line.rstrip().endswith("/libgomp.so.1") for line in maps.splitlines())
+
+
+def _flags() -> list[str]:
+    return _FLAGS + (["-fopenmp"] if _shares_torch_openmp() else [])
+
+
 def _build() -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
@@ -54,7 +72,8 @@ def _build() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    key = hashlib.sha256("\0".join([_SRC.read_text(), " ".join(_FLAGS), version, platform.machine(),
+    flags = _flags()
+    key = hashlib.sha256("\0".join([_SRC.read_text(), " ".join(flags), version, platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MESH_CACHE_DIR", Path.home() / ".cache" / "moe-mesh")) / "kernels"
     target = cache / f"decode_attention-{key}.so"
@@ -64,7 +83,7 @@ def _build() -> ctypes.CDLL | None:
             # Build beside the target and rename: processes building at once never load a partial file.
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(fd)
-            r = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
+            r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
                                timeout=300)
             if r.returncode != 0:
                 os.unlink(tmp)
@@ -83,6 +102,8 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    global _openmp
+    _openmp = "-fopenmp" in flags
     return lib
 
 
@@ -100,13 +121,17 @@ def library() -> ctypes.CDLL | None:
 
 
 def _threads() -> int:
-    """Threads per decode-attention call: 1 unless MESH_NATIVE_THREADS says otherwise. In the engine
-    a second thread measured no faster at batch 64 (the reads are memory-bound) and 4x slower for one
-    long sequence (it competes with torch's spinning OpenMP workers for the same cores)."""
-    try:
-        return max(1, int(os.environ.get("MESH_NATIVE_THREADS", "1")))
-    except ValueError:
-        return 1
+    """Threads per decode-attention call: MESH_NATIVE_THREADS when set; else torch's intra-op thread
+    count on the shared OpenMP pool, or 1 without it (pthreads started per call would compete with
+    torch's spinning OpenMP workers for the same cores: measured 4x slower for one long sequence)."""
+    value = os.environ.get("MESH_NATIVE_THREADS")
+    if value is not None:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            log.warning("MESH_NATIVE_THREADS=%r is not an integer: using 1", value)
+            return 1
+    return torch.get_num_threads() if _openmp else 1
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,

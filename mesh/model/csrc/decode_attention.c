@@ -12,7 +12,7 @@
  *   ctx    [B] int64                 tokens each sequence attends to (including the new one)
  *   out    [B, Hk * G, D]            model dtype
  * bf16 values are the upper halves of float32s; results are rounded to nearest even.
- * Work items (b, h) are dealt round-robin to `nthreads` threads.
+ * Work items are (b, h) pairs, spread over threads (see mesh_decode_attention).
  */
 #include <math.h> /* INFINITY */
 #include <pthread.h>
@@ -31,7 +31,7 @@ typedef struct {
     void *out;
     int64_t B, Hk, G, D, N, bs, M;
     float scale;
-    int bf16, nthreads, tid;
+    int bf16;
 } job_t;
 
 static inline float bf16_to_f32(uint16_t x) {
@@ -289,13 +289,247 @@ static void pair_bs16(const job_t *j, work16_t *w, int64_t b, int64_t h) {
     pair_bs16_body(j, w, b, h, j->G, j->D / 16);
 }
 
-/* Workspaces: threads started for one call allocate theirs and free it; the calling thread (the
- * engine's, which calls once per layer per step) keeps its own across calls, freed when it exits. */
-static pthread_key_t kept_key[2];
+/* ---- AVX-512 (with AVX512-BF16 for bfloat16): block_size 16, head_dim a multiple of 32. The dot
+ * products of one query row with the block's 16 key rows come out as 16 vectors of partial sums,
+ * reduced together into one vector of 16 scores (a shuffle tree: ~45 operations where 16 separate
+ * lane sums cost ~110). bfloat16 products use VDPBF16PS: exact products of bf16 pairs, accumulated in
+ * float32. P.V in bfloat16 rounds the probabilities to bf16 first (as the reference does before its
+ * probabilities-times-values matmul) and interleaves value rows t, t+1 into bf16 pairs, so one
+ * VDPBF16PS adds two tokens' contributions to 16 output lanes. float32 runs the same structure with
+ * FMAs. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define MESH_AVX512 1
+
+typedef struct {
+    __m512 acc[MAX_G][MAX_D / 16]; /* bf16: lanes in the pair-interleaved order (see store_bf16) */
+    __m512i qh[MAX_G][MAX_D / 32]; /* bf16 queries */
+    __m512 qf[MAX_G][MAX_D / 16];  /* float32 queries */
+    uint16_t pb[MAX_G][16];        /* a block's probabilities in bf16 */
+    float pf[MAX_G][16];
+    float m[MAX_G], l[MAX_G];
+} work512_t;
+
+/* Two token vectors of partial sums -> one vector holding, per 128-bit lane, [a0+a2, b0+b2, a1+a3,
+ * b1+b3] of that lane's four elements. */
+static inline __m512 pair_sums(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+
+/* w[0..7] from pair_sums over tokens (0,1), (2,3), ... -> lane t = the full sum of token t. */
+static inline __m512 finish_sums(const __m512 w[8]) {
+    __m512 x[4];
+    for (int j = 0; j < 4; j++) {
+        __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
+        x[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    /* x[j]: 128-bit lane L holds tokens 4j..4j+3 summed over that lane's quarter of the row */
+    __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xdd));
+    __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, 0x88), _mm512_shuffle_f32x4(z01, z23, 0xdd));
+}
+
+static inline __m512 dot_bf16(const __m512i *q, const char *krow, const int64_t C2) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C2; c++)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(krow + c * 64), (__m512bh)q[c]);
+    return a;
+}
+
+static inline __m512 dot_f32(const __m512 *q, const char *krow, const int64_t C) {
+    __m512 a = _mm512_mul_ps(q[0], _mm512_loadu_ps(krow));
+    for (int64_t c = 1; c < C; c++) a = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(krow + c * 64), a);
+    return a;
+}
+
+/* The 16 scores of one query row against a block (rows past n are garbage: masked by the caller). */
+static inline __m512 block_scores(const work512_t *w, int64_t g, const char *kblk, int64_t rowbytes,
+                                  const int bf16, const int64_t C) {
+    __m512 s[8];
+    for (int i = 0; i < 8; i++) {
+        const char *k0 = kblk + (2 * i) * rowbytes, *k1 = k0 + rowbytes;
+        __m512 a = bf16 ? dot_bf16(w->qh[g], k0, C / 2) : dot_f32(w->qf[g], k0, C);
+        __m512 b = bf16 ? dot_bf16(w->qh[g], k1, C / 2) : dot_f32(w->qf[g], k1, C);
+        s[i] = pair_sums(a, b);
+    }
+    return finish_sums(s);
+}
+
+/* Lane order of the bf16 accumulators: VPUNPCK{L,H}WD interleave within 128-bit lanes, so for the
+ * c-th 32 values of a row, accumulator 2c lane 4k+i holds d = 32c + 8k + i and accumulator 2c+1
+ * holds d = 32c + 8k + 4 + i. These indices put them back in order. */
+static inline void store_row(const __m512 *acc, float inv, void *out, const int bf16, const int64_t C) {
+    if (!bf16) {
+        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps((float *)out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        return;
+    }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t c = 0; c < C / 2; c++) {
+        __m512 lo = acc[2 * c], hi = acc[2 * c + 1];
+        __m512 a = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), _mm512_set1_ps(inv));
+        __m512 b = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), _mm512_set1_ps(inv));
+        uint16_t *o = (uint16_t *)out + c * 32;
+        _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(a));
+        _mm256_storeu_si256((__m256i *)(o + 16), (__m256i)_mm512_cvtneps_pbh(b));
+    }
+}
+
+static inline __attribute__((always_inline)) void pair512_body(const job_t *j, work512_t *w, int64_t b, int64_t h,
+                                                               const int64_t G, const int64_t C, const int bf16) {
+    const int64_t D = C * 16, esz = bf16 ? 2 : 4, rowbytes = D * esz;
+    const char *qb = (const char *)j->q, *kb = (const char *)j->k, *vb = (const char *)j->v;
+    for (int64_t g = 0; g < G; g++) {
+        const char *qrow = qb + ((b * j->Hk + h) * G + g) * rowbytes;
+        if (bf16)
+            for (int64_t c = 0; c < C / 2; c++) w->qh[g][c] = _mm512_loadu_si512(qrow + c * 64);
+        else
+            for (int64_t c = 0; c < C; c++) w->qf[g][c] = _mm512_loadu_ps(qrow + c * 64);
+        for (int64_t c = 0; c < C; c++) w->acc[g][c] = _mm512_setzero_ps();
+        w->m[g] = -INFINITY;
+        w->l[g] = 0.f;
+    }
+    const __m512 scale = _mm512_set1_ps(j->scale), neg_inf = _mm512_set1_ps(-INFINITY);
+    const int64_t ctx = j->ctx[b];
+    const int64_t nblocks = (ctx + 15) / 16;
+    for (int64_t i = 0; i < nblocks; i++) {
+        const int64_t n = (ctx - i * 16) < 16 ? (ctx - i * 16) : 16;
+        const __mmask16 valid = (__mmask16)((1u << n) - 1u);
+        const int64_t off = (h * j->N + j->table[b * j->M + i]) * 16 * rowbytes;
+        if (i + PREFETCH_AHEAD < nblocks) {
+            const int64_t next = (h * j->N + j->table[b * j->M + i + PREFETCH_AHEAD]) * 16 * rowbytes;
+            for (int64_t o = 0; o < 16 * rowbytes; o += 64) {
+                __builtin_prefetch(kb + next + o);
+                __builtin_prefetch(vb + next + o);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            __m512 s = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g, kb + off, rowbytes, bf16, C), scale));
+            const float mnew = fmaxf(_mm512_reduce_max_ps(s), w->m[g]);
+            const float corr = exp_nonpos(w->m[g] - mnew); /* ~0 on the first block (m = -inf) */
+            v16f x = (v16f)_mm512_sub_ps(s, _mm512_set1_ps(mnew));
+            __m512 p = _mm512_maskz_mov_ps(valid, (__m512)exp16(x));
+            w->l[g] = w->l[g] * corr + _mm512_reduce_add_ps(p);
+            w->m[g] = mnew;
+            const __m512 cv = _mm512_set1_ps(corr);
+            for (int64_t c = 0; c < C; c++) w->acc[g][c] = _mm512_mul_ps(w->acc[g][c], cv);
+            if (bf16) _mm256_storeu_si256((__m256i *)w->pb[g], (__m256i)_mm512_cvtneps_pbh(p));
+            else _mm512_storeu_ps(w->pf[g], p);
+        }
+        const char *vblk = vb + off;
+        if (bf16) {
+            for (int64_t t = 0; t < n; t += 2) {
+                const char *v0 = vblk + t * rowbytes, *v1 = v0 + rowbytes;
+                for (int64_t c = 0; c < C / 2; c++) {
+                    __m512i a = _mm512_loadu_si512(v0 + c * 64);
+                    __m512i bb = t + 1 < n ? _mm512_loadu_si512(v1 + c * 64) : _mm512_setzero_si512();
+                    __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, bb), hi = (__m512bh)_mm512_unpackhi_epi16(a, bb);
+                    for (int64_t g = 0; g < G; g++) {
+                        int32_t pair;
+                        memcpy(&pair, &w->pb[g][t], 4);
+                        __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+                        w->acc[g][2 * c] = _mm512_dpbf16_ps(w->acc[g][2 * c], lo, pp);
+                        w->acc[g][2 * c + 1] = _mm512_dpbf16_ps(w->acc[g][2 * c + 1], hi, pp);
+                    }
+                }
+            }
+        } else {
+            for (int64_t t = 0; t < n; t++) {
+                const char *vr = vblk + t * rowbytes;
+                for (int64_t c = 0; c < C; c++) {
+                    __m512 vv = _mm512_loadu_ps(vr + c * 64);
+                    for (int64_t g = 0; g < G; g++)
+                        w->acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(w->pf[g][t]), vv, w->acc[g][c]);
+                }
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float inv = w->l[g] > 0.f ? 1.f / w->l[g] : 0.f;
+        store_row(w->acc[g], inv, (char *)j->out + ((b * j->Hk + h) * G + g) * rowbytes, bf16, C);
+    }
+}
+
+static void p512_bf16_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 4, 1); }
+static void p512_bf16_g4_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 8, 1); }
+static void p512_bf16_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 8, 8, 1); }
+static void p512_bf16(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, j->G, j->D / 16, 1); }
+static void p512_f32_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 4, 0); }
+static void p512_f32_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 8, 8, 0); }
+static void p512_f32(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, j->G, j->D / 16, 0); }
+
+typedef void (*pair512_fn)(const job_t *, work512_t *, int64_t, int64_t);
+static pair512_fn pick512(const job_t *j) {
+    if (j->bs != 16) return NULL;
+    if (j->bf16) {
+        if (j->D % 32) return NULL;
+        if (j->G == 4 && j->D == 64) return p512_bf16_g4_d64;
+        if (j->G == 4 && j->D == 128) return p512_bf16_g4_d128;
+        if (j->G == 8 && j->D == 128) return p512_bf16_g8_d128;
+        return p512_bf16;
+    }
+    if (j->D % 16) return NULL;
+    if (j->G == 4 && j->D == 64) return p512_f32_g4_d64;
+    if (j->G == 8 && j->D == 128) return p512_f32_g8_d128;
+    return p512_f32;
+}
+#endif
+
+/* Which pair routine (and workspace) a job runs. */
+typedef struct {
+    int kind; /* 0: block_size-16 vector path, 1: generic, 2: AVX-512 */
+    void (*p16)(const job_t *, work16_t *, int64_t, int64_t);
+    void (*pany)(const job_t *, work_t *, int64_t, int64_t);
+#ifdef MESH_AVX512
+    pair512_fn p512;
+#endif
+    size_t size;
+} plan_t;
+
+static plan_t plan_for(const job_t *j) {
+    plan_t p = {0};
+#ifdef MESH_AVX512
+    p.p512 = pick512(j);
+    if (p.p512 != NULL) {
+        p.kind = 2;
+        p.size = sizeof(work512_t);
+        return p;
+    }
+#endif
+    if (j->bs == 16 && j->D % 16 == 0) {
+        p.kind = 0;
+        p.size = sizeof(work16_t);
+        p.p16 = pair_bs16;
+        if (j->G == 4 && j->D == 64) p.p16 = pair_g4_d64;
+        else if (j->G == 4 && j->D == 128) p.p16 = pair_g4_d128;
+        else if (j->G == 8 && j->D == 128) p.p16 = pair_g8_d128;
+        return p;
+    }
+    p.kind = 1;
+    p.size = sizeof(work_t);
+    p.pany = pair_any;
+    return p;
+}
+
+static void do_item(const plan_t *p, const job_t *j, void *w, int64_t it) {
+    const int64_t b = it / j->Hk, h = it % j->Hk;
+#ifdef MESH_AVX512
+    if (p->kind == 2) {
+        p->p512(j, (work512_t *)w, b, h);
+        return;
+    }
+#endif
+    if (p->kind == 0) p->p16(j, (work16_t *)w, b, h);
+    else p->pany(j, (work_t *)w, b, h);
+}
+
+/* Workspaces, one per thread and routine kind, kept across calls (the engine's thread and OpenMP's
+ * pool threads live as long as the process) and freed when their thread exits; threads started for
+ * one call (the pthread build) allocate theirs and free it. */
+static pthread_key_t kept_key[3];
 static pthread_once_t kept_once = PTHREAD_ONCE_INIT;
 static void make_keys(void) {
-    pthread_key_create(&kept_key[0], free);
-    pthread_key_create(&kept_key[1], free);
+    for (int i = 0; i < 3; i++) pthread_key_create(&kept_key[i], free);
 }
 
 static void *workspace(size_t size, int kept, int which) {
@@ -310,35 +544,34 @@ static void *workspace(size_t size, int kept, int which) {
     return w;
 }
 
-static void *run_job(job_t *j, int kept) {
-    const int64_t items = j->B * j->Hk;
-    if (j->bs == 16 && j->D % 16 == 0) {
-        work16_t *w = (work16_t *)workspace(sizeof(work16_t), kept, 0);
-        if (w == NULL) return (void *)1;
-        void (*pair)(const job_t *, work16_t *, int64_t, int64_t) = pair_bs16;
-        if (j->G == 4 && j->D == 64) pair = pair_g4_d64;
-        else if (j->G == 4 && j->D == 128) pair = pair_g4_d128;
-        else if (j->G == 8 && j->D == 128) pair = pair_g8_d128;
-        for (int64_t it = j->tid; it < items; it += j->nthreads) pair(j, w, it / j->Hk, it % j->Hk);
-        if (!kept) free(w);
-    } else {
-        work_t *w = (work_t *)workspace(sizeof(work_t), kept, 1);
-        if (w == NULL) return (void *)1;
-        for (int64_t it = j->tid; it < items; it += j->nthreads) pair_any(j, w, it / j->Hk, it % j->Hk);
-        if (!kept) free(w);
-    }
+/* Below this many (block, KV head) pairs per thread a call runs on the calling thread alone: handing
+ * work out costs more than it saves (a single sequence decoding, a few short ones). */
+#define MIN_BLOCKS_PER_THREAD 64
+
+#ifndef _OPENMP
+typedef struct {
+    const job_t *j;
+    const plan_t *p;
+    int nthreads, tid, kept;
+} slice_t;
+
+static void *run_slice(void *arg) { /* items tid, tid + nthreads, ... */
+    const slice_t *s = (const slice_t *)arg;
+    void *w = workspace(s->p->size, s->kept, s->p->kind);
+    if (w == NULL) return (void *)1;
+    for (int64_t it = s->tid; it < s->j->B * s->j->Hk; it += s->nthreads) do_item(s->p, s->j, w, it);
+    if (!s->kept) free(w);
     return NULL;
 }
-
-static void *run(void *arg) { return run_job((job_t *)arg, 0); }
-
-/* Below this many (block, KV head) pairs a call runs on the calling thread alone: starting threads
- * costs more than it saves (a single sequence decoding, a few short ones). */
-#define MIN_BLOCKS_PER_THREAD 128
+#endif
 
 /* Returns 0 on success, -1..-3 when a size is out of the kernel's limits, -4 when out of memory, -5
  * when a context length or a block id lies outside the block table or the pool (checked before any
- * work: the kernel never reads out of bounds). */
+ * work: the kernel never reads out of bounds).
+ *
+ * Built with OpenMP (when torch runs on the same GNU OpenMP runtime, so this shares torch's thread
+ * pool instead of competing with it), work items go out dynamically, one (sequence, KV head) pair at
+ * a time, to `nthreads` threads; otherwise to `nthreads` pthreads round-robin. */
 int mesh_decode_attention(const void *q, const void *k, const void *v, const int64_t *table,
                           const int64_t *ctx, void *out, int64_t B, int64_t Hk, int64_t G, int64_t D,
                           int64_t N, int64_t bs, int64_t M, float scale, int bf16, int nthreads) {
@@ -353,27 +586,44 @@ int mesh_decode_attention(const void *q, const void *k, const void *v, const int
             if (table[b * M + i] < 0 || table[b * M + i] >= N) return -5;
         blocks += nb * Hk;
     }
+    const int64_t items = B * Hk;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > 64) nthreads = 64;
-    if (nthreads > B * Hk) nthreads = (int)(B * Hk > 0 ? B * Hk : 1);
+    if (nthreads > items) nthreads = (int)(items > 0 ? items : 1);
     if (blocks / MIN_BLOCKS_PER_THREAD + 1 < nthreads) nthreads = (int)(blocks / MIN_BLOCKS_PER_THREAD + 1);
-    job_t jobs[64];
-    pthread_t threads[64];
-    for (int t = 0; t < nthreads; t++) {
-        jobs[t] = (job_t){q, k, v, table, ctx, out, B, Hk, G, D, N, bs, M, scale, bf16, nthreads, t};
+    const job_t job = {q, k, v, table, ctx, out, B, Hk, G, D, N, bs, M, scale, bf16};
+    const plan_t plan = plan_for(&job);
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : failed)
+    {
+        void *w = workspace(plan.size, 1, plan.kind);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (w == NULL) failed = 1;
+            else do_item(&plan, &job, w, it);
+        }
     }
+#else
+    slice_t slices[64];
+    pthread_t threads[64];
+    for (int t = 0; t < nthreads; t++) slices[t] = (slice_t){&job, &plan, nthreads, t, t == 0};
     int started = 0;
     for (int t = 1; t < nthreads; t++) {
-        if (pthread_create(&threads[t], NULL, run, &jobs[t]) != 0) break;
+        if (pthread_create(&threads[t], NULL, run_slice, &slices[t]) != 0) break;
         started = t;
     }
     /* Items of threads that could not start are done here, after this thread's own. */
-    int failed = run_job(&jobs[0], 1) != NULL;
-    for (int t = started + 1; t < nthreads; t++) failed |= run_job(&jobs[t], 1) != NULL;
+    failed = run_slice(&slices[0]) != NULL;
+    for (int t = started + 1; t < nthreads; t++) {
+        slices[t].kept = 1;
+        failed |= run_slice(&slices[t]) != NULL;
+    }
     for (int t = 1; t <= started; t++) {
         void *r = NULL;
         pthread_join(threads[t], &r);
         failed |= r != NULL;
     }
+#endif
     return failed ? -4 : 0;
 }
