@@ -29,28 +29,82 @@ def _reference_experts(shard, rows, counts):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("counts,padded", [
+@pytest.fixture(params=["native", "torch"])
+def expert_path(request, monkeypatch):
+    """Run a test through the native grouped-expert kernel and through the torch paths."""
+    if request.param == "native":
+        if native.library() is None:
+            pytest.fail("the native kernels did not build (is a C compiler installed?)")
+    else:
+        monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    return request.param
+
+
+COUNTS = [
     ([3, 0, 3, 2, 2, 3, 3, 2], True),  # a few rows each, some slots empty
     ([1, 1, 1, 1, 1, 1, 1, 1], True),  # one row each
     ([40, 33, 0, 37, 29, 41, 35, 38], True),  # tens of rows each, one empty
     ([0, 0, 0, 7, 0, 0, 0, 0], False),  # every row to one expert
     ([0, 1, 0, 0, 0, 0, 0, 0], False),  # a single row
     ([90, 10, 0, 5, 60, 3, 0, 1], False),  # skewed: padding would more than double the rows
-])
-def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, monkeypatch):
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts,padded", COUNTS)
+def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, expert_path, monkeypatch):
     shard = _shard(dtype)
     rows = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(1)).to(dtype)
-    calls = []
-    real = moe._padded_experts
+    calls, native_calls = [], []
+    real, real_native = moe._padded_experts, native.moe_experts
     monkeypatch.setattr(moe, "_padded_experts", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(native, "moe_experts", lambda *a: native_calls.append(1) or real_native(*a))
     got = shard.forward(0, rows, counts)
-    assert bool(calls) == padded
+    if expert_path == "native" and native._avx512(bf16=dtype == torch.bfloat16):
+        assert native_calls and not calls
+    elif expert_path == "native":  # a CPU without AVX-512 (BF16): the kernel is never offered the rows
+        assert shard.layers[0].packed is False and not native_calls
+    else:
+        assert not native_calls and bool(calls) == padded
     atol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), _reference_experts(shard, rows, counts), atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_experts_round_like_the_unfused_torch_ops(dtype, monkeypatch):
+    """The kernel rounds where torch's ops round (matmul outputs, silu, the product): against the
+    torch path it differs by summation order only, far below one bf16 step. Wider than the kernel's
+    12-row and 32-column tiles, with empty slots, so every edge of the tiling runs."""
+    if not (native.library() is not None and native._avx512(bf16=dtype == torch.bfloat16)):
+        pytest.fail("this test needs the native expert kernel: a C compiler and AVX-512 (BF16)")
+    g = torch.Generator().manual_seed(3)
+    h, i, e = 96, 48, 5
+    gate_up, down = (torch.randn(e, 2 * i, h, generator=g) * 0.2).to(dtype), (torch.randn(e, h, i, generator=g) * 0.2).to(dtype)
+    counts = [25, 0, 12, 1, 13]
+    rows = torch.randn(sum(counts), h, generator=g).to(dtype)
+    got = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).forward(0, rows, counts)
+    assert ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).layers[0].packed is None  # packed on use
+    monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    want = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).forward(0, rows, counts)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # at most one bf16 rounding step apart, and mostly identical
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all()
+        assert (diff == 0).float().mean() > 0.9
+
+
+def test_native_experts_reject_counts_that_do_not_add_up():
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    gate_up, down = torch.zeros(2, 32, 32), torch.zeros(2, 32, 16)
+    packed = native.pack_experts(gate_up, down)
+    with pytest.raises(ValueError, match="add up"):
+        native.moe_experts(torch.zeros(5, 32), [2, 2], packed, 16)
+
+
 def test_padded_and_loop_paths_agree(monkeypatch):
+    monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
     shard = _shard(torch.float32)
     counts = [3, 0, 3, 2, 2, 3, 3, 2]
     rows = torch.randn(sum(counts), H)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mesh.model import native
 from mesh.model.layers import silu_mul
 
 
@@ -38,6 +39,9 @@ class ExpertWeights:
 
     gate_up: torch.Tensor  # [S, 2I, H]
     down: torch.Tensor  # [S, H, I]
+    # The native kernel's packed copies (native.pack_experts), made on first use where it runs;
+    # False where it does not.
+    packed: tuple[torch.Tensor, torch.Tensor] | None | bool = None
 
 
 class ExpertShard:
@@ -64,6 +68,13 @@ class ExpertShard:
         """
         w = self.layers[moe_index]
         n, s, width = rows.shape[0], len(counts), max(counts, default=0)
+        if w.packed is None:
+            w.packed = native.enabled() and native.experts_supported(w.gate_up, w.down) \
+                and native.pack_experts(w.gate_up, w.down)
+        if w.packed and n:
+            out = native.moe_experts(rows, counts, w.packed, w.down.shape[-1])
+            if out is not None:
+                return out
         if n and s * width <= min(2 * n, n + PAD_ROWS_PER_SLOT * s):
             return _padded_experts(rows, counts, width, w)
         out = torch.empty_like(rows)

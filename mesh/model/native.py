@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("mesh.native")
-_SRC = Path(__file__).with_name("csrc") / "decode_attention.c"
+_SRCS = [Path(__file__).with_name("csrc") / name for name in ("decode_attention.c", "moe_experts.c")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -73,25 +73,25 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     flags = _flags()
-    key = hashlib.sha256("\0".join([_SRC.read_text(), " ".join(flags), version, platform.machine(),
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SRCS), " ".join(flags), version, platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MESH_CACHE_DIR", Path.home() / ".cache" / "moe-mesh")) / "kernels"
-    target = cache / f"decode_attention-{key}.so"
+    target = cache / f"mesh-kernels-{key}.so"
     if not target.is_file():
         try:
             cache.mkdir(parents=True, exist_ok=True)
             # Build beside the target and rename: processes building at once never load a partial file.
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(fd)
-            r = subprocess.run([cc, *flags, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
+            r = subprocess.run([cc, *flags, *map(str, _SRCS), "-o", tmp, "-lm"], capture_output=True, text=True,
                                timeout=300)
             if r.returncode != 0:
                 os.unlink(tmp)
-                log.warning("building %s failed, using the torch fallback:\n%s", _SRC.name, r.stderr[-2000:])
+                log.warning("building the native kernels failed, using the torch fallback:\n%s", r.stderr[-2000:])
                 return None
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as e:
-            log.warning("building %s failed (%s), using the torch fallback", _SRC.name, e)
+            log.warning("building the native kernels failed (%s), using the torch fallback", e)
             return None
     try:
         lib = ctypes.CDLL(str(target))
@@ -102,6 +102,9 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn = lib.mesh_moe_experts
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
     global _openmp
     _openmp = "-fopenmp" in flags
     return lib
@@ -162,3 +165,63 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if rc != 0:
         return None  # a size past the kernel's limits (query heads per KV head, head_dim, block_size)
     return out
+
+
+# ---- grouped expert FFNs (csrc/moe_experts.c)
+
+def _avx512(bf16: bool) -> bool:
+    flags = _cpu_flags().split()
+    return "avx512f" in flags and "avx512bw" in flags and (not bf16 or "avx512_bf16" in flags)
+
+
+def experts_supported(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether `moe_experts` runs these weights ([S, 2I, H], [S, H, I]) here: on the CPU, float32 or
+    bfloat16, H a multiple of 32 and I of 16, a CPU with AVX-512 (and AVX512-BF16 for bfloat16)."""
+    if gate_up.device.type != "cpu" or gate_up.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if down.dtype != gate_up.dtype or gate_up.dim() != 3 or down.dim() != 3:
+        return False
+    _, two_i, h = gate_up.shape
+    if h % 32 or two_i % 32 or down.shape[1:] != (h, two_i // 2):
+        return False
+    return _avx512(gate_up.dtype == torch.bfloat16) and library() is not None
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """[S, N, K] -> the kernel's layout: [S, N/16, K, 16] (float32) or [S, N/16, K/2, 16, 2] (bf16)."""
+    s, n, k = w.shape
+    if w.dtype == torch.bfloat16:
+        return w.reshape(s, n // 16, 16, k // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
+    return w.reshape(s, n // 16, 16, k).permute(0, 1, 3, 2).contiguous()
+
+
+def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert weights -> packed copies for `moe_experts`. gate and up are interleaved by
+    16-feature tiles (gate 0-15, up 0-15, gate 16-31, ...) so one output tile holds both halves."""
+    s, two_i, h = gate_up.shape
+    i = two_i // 2
+    tiles = gate_up.view(s, 2, i // 16, 16, h).transpose(1, 2).reshape(s, two_i, h)
+    return _pack(tiles), _pack(down)
+
+
+def moe_experts(rows: torch.Tensor, counts: list[int], packed: tuple[torch.Tensor, torch.Tensor],
+                intermediate: int) -> torch.Tensor | None:
+    """rows [N, H] sorted by slot, counts[s] rows per slot, packed weights from `pack_experts` ->
+    unweighted expert outputs [N, H], or None when the kernel declines (the caller runs torch ops)."""
+    lib = library()
+    if lib is None:
+        return None
+    n, h = rows.shape
+    rows = rows.contiguous()
+    offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum_(0)
+    if int(offsets[-1]) != n:
+        raise ValueError(f"expert counts add up to {int(offsets[-1])}, not the {n} rows given")
+    out = torch.empty_like(rows)
+    scratch = rows.new_empty(n, intermediate)
+    gu, dn = packed
+    rc = lib.mesh_moe_experts(rows.data_ptr(), offsets.data_ptr(), gu.data_ptr(), dn.data_ptr(),
+                              scratch.data_ptr(), out.data_ptr(), len(counts), h, intermediate,
+                              int(rows.dtype == torch.bfloat16), _threads())
+    if rc == -2:
+        raise ValueError("expert counts must not be negative")
+    return out if rc == 0 else None

@@ -1,0 +1,216 @@
+/* Grouped expert FFNs for the CPU: rows sorted by expert slot, each slot's rows through
+ *     h = silu(x @ gate^T) * (x @ up^T);   y = h @ down^T
+ * with exact row counts (no padding to the busiest slot) and the activation fused into the first
+ * matmul's epilogue.
+ *
+ * Weights are packed once, at load time, so that one 64-byte vector holds 16 consecutive output
+ * features of one input position (float32) or of two adjacent input positions (bfloat16 pairs, the
+ * operand layout of VDPBF16PS):
+ *     float32  [S, N/16, K, 16]        bfloat16  [S, N/16, K/2, 16, 2]
+ * gate and up are interleaved by 16-feature tiles (gate 0-15, up 0-15, gate 16-31, ...), so one
+ * 32-wide output tile holds matching gate and up columns and the epilogue can combine them.
+ *
+ * A micro-kernel computes up to MR rows x 32 outputs with 2 * MR vector accumulators: per input
+ * position (pair) two weight vectors are loaded and each row's input is broadcast against them.
+ * Accumulation is float32; the results are rounded to the model dtype exactly where the unfused torch
+ * ops round them (the gate/up matmul output, silu's output, the product, the down matmul output), so
+ * fusing changes nothing but the matmuls' summation order.
+ *
+ * Work items are (slot, output tile) pairs, handed out dynamically on torch's OpenMP pool (when built
+ * with -fopenmp); the down matmul starts after every gate/up tile is done (its inputs span all of h).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MESH_MOE_AVX512 1
+#endif
+
+#define PF 32 /* weight vectors prefetched ahead: 2 KiB (measured: 16 -> 0.58, 32 -> 0.46 ms per layer) */
+#define MR 12 /* rows per micro-kernel call: 24 accumulators of the 32 vector registers */
+
+#ifdef MESH_MOE_AVX512
+
+static inline __attribute__((always_inline)) void ukernel(const char *x, int64_t ldx, const char *w0, const char *w1,
+                                                          int64_t K, float *c, const int M, const int bf16) {
+    __m512 acc[MR][2];
+    for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    if (bf16) {
+#ifdef __AVX512BF16__
+        for (int64_t p = 0; p < K / 2; p++) {
+            _mm_prefetch(w0 + (p + PF) * 64, _MM_HINT_T0);
+            _mm_prefetch(w1 + (p + PF) * 64, _MM_HINT_T0);
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + p * 64);
+            const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 64);
+            for (int i = 0; i < M; i++) {
+                int32_t pair;
+                memcpy(&pair, x + i * ldx + p * 4, 4);
+                const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+            }
+        }
+#endif
+    } else {
+        for (int64_t k = 0; k < K; k++) {
+            _mm_prefetch(w0 + (k + PF) * 64, _MM_HINT_T0);
+            _mm_prefetch(w1 + (k + PF) * 64, _MM_HINT_T0);
+            const __m512 b0 = _mm512_loadu_ps(w0 + k * 64), b1 = _mm512_loadu_ps(w1 + k * 64);
+            for (int i = 0; i < M; i++) {
+                float xv;
+                memcpy(&xv, x + i * ldx + k * 4, 4);
+                const __m512 a = _mm512_set1_ps(xv);
+                acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+            }
+        }
+    }
+    for (int i = 0; i < M; i++) {
+        _mm512_storeu_ps(c + i * 32, acc[i][0]);
+        _mm512_storeu_ps(c + i * 32 + 16, acc[i][1]);
+    }
+}
+
+#define UK(M)                                                                                             \
+    static void uk_f32_##M(const char *x, int64_t ldx, const char *w0, const char *w1, int64_t K, float *c) { \
+        ukernel(x, ldx, w0, w1, K, c, M, 0);                                                              \
+    }                                                                                                     \
+    static void uk_bf16_##M(const char *x, int64_t ldx, const char *w0, const char *w1, int64_t K, float *c) { \
+        ukernel(x, ldx, w0, w1, K, c, M, 1);                                                              \
+    }
+UK(1) UK(2) UK(3) UK(4) UK(5) UK(6) UK(7) UK(8) UK(9) UK(10) UK(11) UK(12)
+typedef void (*uk_fn)(const char *, int64_t, const char *, const char *, int64_t, float *);
+static const uk_fn UK_F32[MR + 1] = {NULL, uk_f32_1, uk_f32_2, uk_f32_3, uk_f32_4, uk_f32_5, uk_f32_6,
+                                     uk_f32_7, uk_f32_8, uk_f32_9, uk_f32_10, uk_f32_11, uk_f32_12};
+static const uk_fn UK_BF16[MR + 1] = {NULL, uk_bf16_1, uk_bf16_2, uk_bf16_3, uk_bf16_4, uk_bf16_5, uk_bf16_6,
+                                      uk_bf16_7, uk_bf16_8, uk_bf16_9, uk_bf16_10, uk_bf16_11, uk_bf16_12};
+
+/* float32 -> bf16 (round to nearest even) -> float32: what storing a bf16 tensor does to a value. */
+static inline __m512 round_bf16(__m512 v) {
+#ifdef __AVX512BF16__
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+#else
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+#endif
+}
+
+static inline void store16(char *dst, __m512 v, const int bf16) {
+    if (bf16) _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
+    else _mm512_storeu_ps((float *)dst, v);
+}
+
+/* exp(x) for x <= 0 on 16 lanes (|rel. error| < 3e-7; e^-87 below -87). */
+static inline __m512 exp_nonpos16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f),
+                                      _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* silu(g) = g * sigmoid(g), with the exponential taken of -|g| so it never overflows. */
+static inline __m512 silu16(__m512 g) {
+    const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mul_ps(g, _mm512_mask_mul_ps(inv, neg, inv, e)); /* g<0: e/(1+e) */
+}
+
+typedef struct {
+    const char *x, *gu, *dn;
+    char *h, *out;
+    const int64_t *offsets;
+    int64_t S, H, I, esz;
+    int bf16;
+} moe_job_t;
+
+/* gate/up tile j (h columns 16j..16j+15) of slot s: rows in chunks of MR, silu(gate) * up. */
+static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
+    const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
+    const int64_t tile = H * 16 * esz; /* bytes of one 16-feature tile */
+    const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * tile, *w1 = w0 + tile;
+    const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
+    float c[MR * 32];
+    for (int64_t r = r0; r < r1; r += MR) {
+        const int m = (int)(r1 - r < MR ? r1 - r : MR);
+        uk[m](jb->x + r * H * esz, H * esz, w0, w1, H, c);
+        for (int i = 0; i < m; i++) {
+            __m512 g = _mm512_loadu_ps(c + i * 32), u = _mm512_loadu_ps(c + i * 32 + 16);
+            __m512 y;
+            if (jb->bf16) { /* as torch: bf16 matmul outputs, bf16 silu output, bf16 product */
+                y = _mm512_mul_ps(round_bf16(silu16(round_bf16(g))), round_bf16(u));
+            } else {
+                y = _mm512_mul_ps(silu16(g), u);
+            }
+            store16(jb->h + ((r + i) * I + 16 * j) * esz, y, jb->bf16);
+        }
+    }
+}
+
+/* down tile j (output columns 32j..32j+31) of slot s. */
+static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
+    const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
+    const int64_t tile = I * 16 * esz;
+    const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * tile, *w1 = w0 + tile;
+    const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
+    float c[MR * 32];
+    for (int64_t r = r0; r < r1; r += MR) {
+        const int m = (int)(r1 - r < MR ? r1 - r : MR);
+        uk[m](jb->h + r * I * esz, I * esz, w0, w1, I, c);
+        for (int i = 0; i < m; i++) {
+            char *o = jb->out + ((r + i) * H + 32 * j) * esz;
+            store16(o, _mm512_loadu_ps(c + i * 32), jb->bf16);
+            store16(o + 16 * esz, _mm512_loadu_ps(c + i * 32 + 16), jb->bf16);
+        }
+    }
+}
+#endif
+
+/* x [N, H] rows sorted by slot, offsets [S + 1] (slot s owns rows offsets[s] .. offsets[s+1]),
+ * gu packed [S, 2I/16, ...], dn packed [S, H/16, ...], h [N, I] scratch, out [N, H].
+ * Returns 0, or -1 when this build or these sizes are not supported (the caller runs torch ops):
+ * needs AVX-512 (and AVX512-BF16 for bfloat16), H a multiple of 32, I a multiple of 16. */
+int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, const void *dn, void *h, void *out,
+                     int64_t S, int64_t H, int64_t I, int bf16, int nthreads) {
+#ifdef MESH_MOE_AVX512
+#ifndef __AVX512BF16__
+    if (bf16) return -1;
+#endif
+    if (H % 32 || I % 16 || S < 0) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (offsets[s + 1] < offsets[s]) return -2;
+    const moe_job_t jb = {(const char *)x, (const char *)gu, (const char *)dn, (char *)h, (char *)out,
+                          offsets, S, H, I, bf16 ? 2 : 4, bf16};
+    const int64_t t1 = I / 16, t2 = H / 32, rows = offsets[S] - offsets[0];
+    if (nthreads < 1) nthreads = 1;
+    /* a few rows: one thread reads the weights as fast as two would compute them */
+    if (rows * (H * I) < ((int64_t)1 << 20)) nthreads = 1;
+    (void)nthreads;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t it = 0; it < S * t1; it++)
+            if (offsets[it / t1 + 1] > offsets[it / t1]) gate_up_item(&jb, it / t1, it % t1);
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t it = 0; it < S * t2; it++)
+            if (offsets[it / t2 + 1] > offsets[it / t2]) down_item(&jb, it / t2, it % t2);
+    }
+    return 0;
+#else
+    (void)x; (void)offsets; (void)gu; (void)dn; (void)h; (void)out; (void)S; (void)H; (void)I; (void)bf16;
+    (void)nthreads;
+    return -1;
+#endif
+}
