@@ -251,3 +251,55 @@ def test_prefill_with_cached_prefix_matches_causal_sdpa():
                                           v_all.transpose(0, 1).repeat_interleave(groups, 0), attn_mask=mask,
                                           scale=d ** -0.5)
     torch.testing.assert_close(got, want.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_experts_are_held_once_and_unpack_exactly(dtype, monkeypatch):
+    """pack_native drops the stacked copies where the kernel runs; the torch paths, if the kernels are
+    switched off afterwards, rebuild the stacked weights bit for bit and give the same outputs."""
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    shard, ref = _shard(dtype), _shard(dtype)
+    counts = [3, 0, 5, 2, 2, 13, 3, 2]
+    rows = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(2)).to(dtype)
+    stacked_bytes = shard.nbytes
+    runs = shard.pack_native()
+    assert runs == native._avx512(bf16=dtype == torch.bfloat16)
+    if not runs:  # no kernel for this dtype on this CPU: nothing packed, nothing dropped
+        assert shard.nbytes == stacked_bytes and shard.layers[0].gate_up is not None
+        return
+    assert shard.layers[0].gate_up is None and shard.nbytes == stacked_bytes
+    fast = shard.forward(0, rows, counts)
+    gate_up, down = shard.layers[0].stacked()
+    assert torch.equal(gate_up, ref.layers[0].gate_up) and torch.equal(down, ref.layers[0].down)
+    monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    torch.testing.assert_close(shard.forward(0, rows, counts), ref.forward(0, rows, counts), atol=0, rtol=0)
+    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fast.float(), ref.forward(0, rows, counts).float(), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rms_norm_matches_the_torch_spelling(dtype):
+    """One pass per row, the same rounding points as weight * F.rms_norm(x.float()).to(dtype): for a
+    hidden state, and for per-head q/k weights over a strided view of a fused qkv projection."""
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    g = torch.Generator().manual_seed(5)
+
+    def torch_norm(x, w):
+        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
+
+    x = (torch.randn(37, 96, generator=g) * 3).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
+    qkv = torch.randn(5, 8 + 2 * 2, 32, generator=g).to(dtype)
+    qk = qkv[:, :10]  # [T, Hq + Hk, D]: rows 384 elements apart, heads 32
+    wh = torch.randn(10, 32, generator=g).to(dtype)
+    for got, want in ((native.rms_norm(x, w, 1e-6), torch_norm(x, w)), (native.rms_norm(qk, wh, 1e-6), torch_norm(qk, wh))):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        else:  # a summation-order difference may move a value by one bf16 step, rarely
+            diff = (got.float() - want.float()).abs()
+            assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.98
+    assert native.rms_norm(x.to(torch.float16), w.to(torch.float16), 1e-6) is None  # not a kernel dtype
+    with pytest.raises(ValueError, match="weight"):
+        native.rms_norm(x, torch.ones(95, dtype=dtype), 1e-6)

@@ -54,6 +54,8 @@ class Engine:
                                  mc.max_position_embeddings, num_blocks * config.block_size)
         self.model, experts = load_model(model_dir, dtype, config.device, with_experts=dispatcher is None,
                                          max_positions=self.max_model_len)
+        if experts is not None:
+            experts.pack_native()  # where the native kernel runs: packed once, stacked copies dropped
         self.dispatcher = dispatcher or LocalDispatcher(experts, mc.num_experts)
         self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
                           dtype, config.device)

@@ -37,11 +37,25 @@ def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normali
 class ExpertWeights:
     """One MoE layer's experts held by this process, stacked by local slot."""
 
-    gate_up: torch.Tensor  # [S, 2I, H]
-    down: torch.Tensor  # [S, H, I]
+    gate_up: torch.Tensor | None  # [S, 2I, H]; None once released in favour of the packed copies
+    down: torch.Tensor | None  # [S, H, I]
     # The native kernel's packed copies (native.pack_experts), made on first use where it runs;
     # False where it does not.
     packed: tuple[torch.Tensor, torch.Tensor] | None | bool = None
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down); rebuilt from the packed copies when released (the torch paths only run
+        then if the native kernels were switched off after packing)."""
+        if self.gate_up is None:
+            return native.unpack_experts(*self.packed)
+        return self.gate_up, self.down
+
+    def native_packed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The packed copies, made now if the native kernel runs these weights here; else None."""
+        if self.packed is None:
+            self.packed = native.enabled() and native.experts_supported(self.gate_up, self.down) \
+                and native.pack_experts(self.gate_up, self.down)
+        return self.packed or None
 
 
 class ExpertShard:
@@ -53,10 +67,27 @@ class ExpertShard:
 
     def __init__(self, layers: list[ExpertWeights]):
         self.layers = layers
+        first = layers[0].gate_up if layers else torch.empty(0, 0, 0)
+        self.num_slots, self.hidden_size = first.shape[0], first.shape[2]
+        self.intermediate_size = first.shape[1] // 2
+        self.dtype = first.dtype
 
     @property
-    def num_slots(self) -> int:
-        return self.layers[0].gate_up.shape[0] if self.layers else 0
+    def nbytes(self) -> int:
+        """Bytes of expert weights held (stacked and packed copies)."""
+        held = [t for w in self.layers for t in (w.gate_up, w.down, *(w.packed or ())) if t is not None]
+        return sum(t.nbytes for t in held)
+
+    def pack_native(self, release: bool = True) -> bool:
+        """Pack every layer for the native kernel now, where it runs these weights; with `release`,
+        drop the stacked copies so each weight is held once. Returns whether the kernel runs them."""
+        ok = bool(self.layers)
+        for w in self.layers:
+            if w.native_packed() is None:
+                ok = False
+            elif release:
+                w.gate_up = w.down = None
+        return ok
 
     def forward(self, moe_index: int, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [N, H] sorted by local slot, counts[s] rows per slot -> outputs [N, H] (unweighted).
@@ -68,22 +99,21 @@ class ExpertShard:
         """
         w = self.layers[moe_index]
         n, s, width = rows.shape[0], len(counts), max(counts, default=0)
-        if w.packed is None:
-            w.packed = native.enabled() and native.experts_supported(w.gate_up, w.down) \
-                and native.pack_experts(w.gate_up, w.down)
-        if w.packed and n:
-            out = native.moe_experts(rows, counts, w.packed, w.down.shape[-1])
+        packed = w.native_packed() if n else None
+        if packed is not None:
+            out = native.moe_experts(rows, counts, packed, self.intermediate_size)
             if out is not None:
                 return out
+        gate_up, down = w.stacked()
         if n and s * width <= min(2 * n, n + PAD_ROWS_PER_SLOT * s):
-            return _padded_experts(rows, counts, width, w)
+            return _padded_experts(rows, counts, width, gate_up, down)
         out = torch.empty_like(rows)
         start = 0
         for slot, c in enumerate(counts):
             if c == 0:
                 continue
             x = rows[start:start + c]
-            out[start:start + c] = F.linear(silu_mul(F.linear(x, w.gate_up[slot])), w.down[slot])
+            out[start:start + c] = F.linear(silu_mul(F.linear(x, gate_up[slot])), down[slot])
             start += c
         return out
 
@@ -94,7 +124,8 @@ class ExpertShard:
 PAD_ROWS_PER_SLOT = 16
 
 
-def _padded_experts(rows: torch.Tensor, counts: list[int], width: int, w: ExpertWeights) -> torch.Tensor:
+def _padded_experts(rows: torch.Tensor, counts: list[int], width: int, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
     """rows [N, H] sorted by slot -> [N, H], through [S, width, H] padded slots and two `bmm`s."""
     s, h = len(counts), rows.shape[1]
     c = torch.tensor(counts, device=rows.device)  # [S]
@@ -102,8 +133,8 @@ def _padded_experts(rows: torch.Tensor, counts: list[int], width: int, w: Expert
     shift = torch.arange(s, device=rows.device) * width - (torch.cumsum(c, 0) - c)  # [S]
     dest = torch.arange(rows.shape[0], device=rows.device) + torch.repeat_interleave(shift, c)  # [N]
     x = rows.new_zeros(s * width, h).index_copy_(0, dest, rows).view(s, width, h)
-    gate_up = torch.bmm(x, w.gate_up.transpose(1, 2))  # [S, width, 2I]
-    y = torch.bmm(silu_mul(gate_up), w.down.transpose(1, 2))  # [S, width, H]
+    gu = torch.bmm(x, gate_up.transpose(1, 2))  # [S, width, 2I]
+    y = torch.bmm(silu_mul(gu), down.transpose(1, 2))  # [S, width, H]
     return y.view(s * width, h).index_select(0, dest)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("mesh.native")
-_SRCS = [Path(__file__).with_name("csrc") / name for name in ("decode_attention.c", "moe_experts.c")]
+_SRCS = [Path(__file__).with_name("csrc") / name for name in ("decode_attention.c", "moe_experts.c", "norms.c")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -105,6 +105,10 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_moe_experts
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+    fn = lib.mesh_rms_norm
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                                               ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     global _openmp
     _openmp = "-fopenmp" in flags
     return lib
@@ -204,6 +208,21 @@ def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tenso
     return _pack(tiles), _pack(down)
 
 
+def unpack_experts(gu: torch.Tensor, dn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_experts`: stacked gate_up [S, 2I, H] and down [S, H, I]."""
+    def unpack(p: torch.Tensor) -> torch.Tensor:
+        if p.dim() == 5:  # bf16 [S, N/16, K/2, 16, 2]
+            s, nt, kp, _, _ = p.shape
+            return p.permute(0, 1, 3, 2, 4).reshape(s, nt * 16, kp * 2)
+        s, nt, k, _ = p.shape
+        return p.permute(0, 1, 3, 2).reshape(s, nt * 16, k)
+
+    tiles, down = unpack(gu), unpack(dn)
+    s, two_i, h = tiles.shape
+    gate_up = tiles.view(s, two_i // 32, 2, 16, h).transpose(1, 2).reshape(s, two_i, h)
+    return gate_up, down
+
+
 def moe_experts(rows: torch.Tensor, counts: list[int], packed: tuple[torch.Tensor, torch.Tensor],
                 intermediate: int) -> torch.Tensor | None:
     """rows [N, H] sorted by slot, counts[s] rows per slot, packed weights from `pack_experts` ->
@@ -225,3 +244,30 @@ def moe_experts(rows: torch.Tensor, counts: list[int], packed: tuple[torch.Tenso
     if rc == -2:
         raise ValueError("expert counts must not be negative")
     return out if rc == 0 else None
+
+
+# ---- RMSNorm (csrc/norms.c)
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`weight * F.rms_norm(x.float(), eps).to(x.dtype)` in one pass, for x [T, D] or [T, B, D] (a view
+    with unit stride along D: the q/k heads of the fused projection), weight [D] or [B, D].
+    None where it does not apply (not the CPU, another dtype): the caller runs torch ops."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return None
+    lib = library()
+    if lib is None or x.stride(-1) != 1 or not weight.is_contiguous():
+        return None
+    if x.dim() == 2:
+        a, b, sa, sb = x.shape[0], 1, x.stride(0), 0
+    elif x.dim() == 3:
+        a, b, sa, sb = x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+    else:
+        return None
+    d = x.shape[-1]
+    per_b = weight.dim() == 2
+    if weight.shape[-1] != d or (per_b and weight.shape[0] != b):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} for input {tuple(x.shape)}")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib.mesh_rms_norm(x.data_ptr(), a, b, sa, sb, weight.data_ptr(), int(per_b), out.data_ptr(), d, float(eps),
+                      int(x.dtype == torch.bfloat16), _threads())
+    return out

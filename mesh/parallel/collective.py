@@ -306,8 +306,7 @@ class ExpertServer(_MeshRank):
     def __init__(self, experts: ExpertShard, placement: Placement, num_attention: int, group=None,
                  device=None):
         self.experts = experts
-        w = experts.layers[0].gate_up if experts.layers else torch.empty(0, 0, 0)
-        self.dtype, self.hidden_size = w.dtype, w.shape[-1]
+        self.dtype, self.hidden_size = experts.dtype, experts.hidden_size
         layout = [PROTOCOL_VERSION, num_attention, placement.num_ranks, experts.num_slots,
                   placement.num_experts, len(experts.layers), self.hidden_size,
                   _DTYPES.index(self.dtype), placement.fingerprint()]
