@@ -303,3 +303,57 @@ def test_native_rms_norm_matches_the_torch_spelling(dtype):
     assert native.rms_norm(x.to(torch.float16), w.to(torch.float16), 1e-6) is None  # not a kernel dtype
     with pytest.raises(ValueError, match="weight"):
         native.rms_norm(x, torch.ones(95, dtype=dtype), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_native_qk_norm_rope_matches_norm_then_rotate(dtype, with_norm):
+    """The q/k heads of a fused qkv projection (a strided view) through per-head RMSNorm (Qwen3) or
+    none (Qwen2-MoE, Mixtral), then the rotary embedding at each token's position."""
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    from mesh.model.layers import RotaryTable, rms_norm, rotate
+    g = torch.Generator().manual_seed(6)
+    t, hq, hk, d = 7, 8, 2, 64
+    qkv = (torch.randn(t, hq + 2 * hk, d, generator=g) * 2).to(dtype)
+    qk = qkv[:, :hq + hk]
+    weight = torch.randn(hq + hk, d, generator=g).to(dtype) if with_norm else None
+    cos, sin = RotaryTable(d, 10000.0, 4096, dtype).at(torch.tensor([0, 5, 17, 300, 301, 4000, 2]))
+    want = rotate(rms_norm(qk, weight, 1e-6) if with_norm else qk, cos, sin)
+    got = native.qk_norm_rope(qk, weight, cos, sin, 1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    else:
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("dtype,weights_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)])
+def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype, monkeypatch):
+    """The in-process dispatcher's one-call path (sort by slot, experts reading rows in place, float32
+    combine) against its torch path (sort_by_expert, gathered rows, weighted_scatter), with the
+    expert-load counters; Qwen's router weights in the model dtype and Mixtral's in float32."""
+    from mesh.parallel.local import LocalDispatcher
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    if not native._avx512(bf16=dtype == torch.bfloat16):
+        pytest.fail("this test needs AVX-512 (BF16)")
+    g = torch.Generator().manual_seed(9)
+    t, k, h = 29, 3, H
+    hidden = torch.randn(t, h, generator=g).to(dtype)
+    ids = torch.randint(0, E, (t, k), generator=g)
+    ids[:, 0] = 2  # one busy expert: more rows than a micro-kernel tile
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(weights_dtype)
+    fast = LocalDispatcher(_shard(dtype), E)
+    got = fast.combine(fast.dispatch(0, hidden, ids, weights))
+    assert fast.experts.layers[0].packed  # the native path ran
+    with pytest.raises(ValueError, match="outside"):
+        native.moe_local(hidden, torch.full((t, k), E), weights, fast.experts.layers[0].packed, I)
+    monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    slow = LocalDispatcher(_shard(dtype), E)
+    want = slow.combine(slow.dispatch(0, hidden, ids, weights))
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(fast.expert_load, slow.expert_load)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mesh.config import ModelConfig
+from mesh.model import native
 from mesh.model.attention import AttentionMetadata, KVCache, paged_attention
 from mesh.model.families import FAMILIES
 from mesh.model.layers import RotaryTable, dense_mlp, rms_norm, rotate
@@ -153,9 +154,13 @@ class MoEDecoder:
         hq, hk = cfg.num_heads, cfg.num_kv_heads
         qkv = F.linear(x, a.qkv, a.qkv_bias).view(x.shape[0], hq + 2 * hk, cfg.head_dim)  # [T, Hq+2Hk, D]
         qk, v = qkv[:, :hq + hk], qkv[:, hq + hk:]
-        if self.qk_norm[i] is not None:
-            qk = rms_norm(qk, self.qk_norm[i], cfg.rms_norm_eps)
-        qk = rotate(qk, *rope)
+        fused = native.qk_norm_rope(qk, self.qk_norm[i], *rope, cfg.rms_norm_eps) if native.enabled() else None
+        if fused is not None:  # the CPU: norm and rotation in one pass over the heads
+            qk = fused
+        else:
+            if self.qk_norm[i] is not None:
+                qk = rms_norm(qk, self.qk_norm[i], cfg.rms_norm_eps)
+            qk = rotate(qk, *rope)
         k_cache, v_cache = kv.layer(i)
         o = paged_attention(qk[:, :hq], qk[:, hq:], v, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
         return F.linear(o, a.o)

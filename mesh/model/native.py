@@ -105,6 +105,15 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_moe_experts
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+    fn = lib.mesh_moe_local
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4 \
+        + [ctypes.c_int]
+    fn = lib.mesh_qk_norm_rope
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float,
+                                                                                       ctypes.c_int]
     fn = lib.mesh_rms_norm
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
@@ -246,6 +255,39 @@ def moe_experts(rows: torch.Tensor, counts: list[int], packed: tuple[torch.Tenso
     return out if rc == 0 else None
 
 
+def moe_local(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              packed: tuple[torch.Tensor, torch.Tensor], intermediate: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A MoE layer's routed experts in one call, for the in-process dispatcher: hidden [T, H], the
+    router's topk_ids / topk_weights [T, K] -> (combined output [T, H] in hidden's dtype, rows per
+    slot [S] int64), or None when the kernel declines. No gathered copy of the inputs: the kernel
+    sorts (token, k) pairs by slot and reads each token's row where it lies. The combine sums the K
+    weighted rows in float32 and rounds once, as `moe.weighted_scatter` does."""
+    lib = library()
+    if lib is None:
+        return None
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    gu, dn = packed
+    s = gu.shape[0]
+    hidden = hidden.contiguous()
+    ids = topk_ids.to(torch.int64).contiguous()
+    w = topk_weights.contiguous()
+    if w.dtype not in (torch.float32, hidden.dtype):
+        return None
+    out = torch.empty_like(hidden)
+    counts = torch.empty(s, dtype=torch.int64)
+    scratch_h = hidden.new_empty(t * k, intermediate)
+    scratch_y = hidden.new_empty(t * k, h)
+    rc = lib.mesh_moe_local(hidden.data_ptr(), t, ids.data_ptr(), w.data_ptr(), int(w.dtype == torch.float32), k,
+                            gu.data_ptr(), dn.data_ptr(), s, h, intermediate, int(hidden.dtype == torch.bfloat16),
+                            scratch_h.data_ptr(), scratch_y.data_ptr(), out.data_ptr(), counts.data_ptr(), _threads())
+    if rc == -2:
+        raise ValueError(f"expert ids outside [0, {s})")
+    if rc == -4:
+        raise MemoryError("moe kernel: out of memory")
+    return (out, counts) if rc == 0 else None
+
+
 # ---- RMSNorm (csrc/norms.c)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -270,4 +312,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     out = torch.empty(x.shape, dtype=x.dtype)
     lib.mesh_rms_norm(x.data_ptr(), a, b, sa, sb, weight.data_ptr(), int(per_b), out.data_ptr(), d, float(eps),
                       int(x.dtype == torch.bfloat16), _threads())
+    return out
+
+
+def qk_norm_rope(qk: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float) -> torch.Tensor | None:
+    """The q/k heads [T, B, D] (a view with unit stride along D) through the optional per-head RMSNorm
+    (weight [B, D]) and the rotary embedding (cos, sin [T, 1, D]) in one pass -> [T, B, D], rounding as
+    `layers.rotate(layers.rms_norm(qk, weight, eps), cos, sin)` does. None where it does not apply."""
+    if qk.device.type != "cpu" or qk.dtype not in (torch.float32, torch.bfloat16) or qk.dim() != 3:
+        return None
+    lib = library()
+    t, b, d = qk.shape
+    if lib is None or qk.stride(-1) != 1 or d % 2 or d > 1024:
+        return None
+    cos, sin = cos.reshape(t, d), sin.reshape(t, d)
+    if cos.dtype != qk.dtype or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    if weight is not None and (weight.shape != (b, d) or weight.dtype != qk.dtype or not weight.is_contiguous()):
+        raise ValueError(f"qk_norm_rope: weight {tuple(weight.shape)} for heads {tuple(qk.shape)}")
+    out = torch.empty(qk.shape, dtype=qk.dtype)
+    lib.mesh_qk_norm_rope(qk.data_ptr(), t, b, qk.stride(0), qk.stride(1),
+                          None if weight is None else weight.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                          out.data_ptr(), d, float(eps), int(qk.dtype == torch.bfloat16))
     return out

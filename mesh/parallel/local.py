@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+from mesh.model import native
 from mesh.model.moe import ExpertShard, sort_by_expert, weighted_scatter
+
+
+@dataclass
+class _Done:
+    out: torch.Tensor  # [T, H] the combined output, already computed (the native path)
 
 
 @dataclass
@@ -37,16 +43,24 @@ class LocalDispatcher:
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> _Pending:
         t, k = topk_ids.shape
-        order, counts = sort_by_expert(topk_ids, self.num_experts)
         if self.expert_load is None:
             self.expert_load = torch.zeros(len(self.experts.layers), self.num_experts, dtype=torch.int64)
+        packed = self.experts.layers[moe_index].native_packed() if t else None
+        if packed is not None:  # the CPU kernel: sort, experts and weighted combine in one call
+            done = native.moe_local(hidden, topk_ids, topk_weights, packed, self.experts.intermediate_size)
+            if done is not None:
+                self.expert_load[moe_index] += done[1]
+                return _Done(done[0])
+        order, counts = sort_by_expert(topk_ids, self.num_experts)
         counts = counts.cpu()  # the counters and the group sizes live on the host
         self.expert_load[moe_index] += counts
         rows = hidden.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [T*K, H]
         out = self.experts.forward(moe_index, rows, counts.tolist())
         return _Pending(out, order, topk_weights, t, hidden.dtype)
 
-    def combine(self, handle: _Pending) -> torch.Tensor:
+    def combine(self, handle: _Pending | _Done) -> torch.Tensor:
+        if isinstance(handle, _Done):
+            return handle.out
         acc = weighted_scatter(handle.rows_out, handle.order, handle.topk_weights, handle.num_tokens,
                                handle.topk_weights.shape[1])
         return acc.to(handle.dtype)

@@ -21,6 +21,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -33,7 +34,7 @@
 
 #ifdef MESH_MOE_AVX512
 
-static inline __attribute__((always_inline)) void ukernel(const char *x, int64_t ldx, const char *w0, const char *w1,
+static inline __attribute__((always_inline)) void ukernel(const char *const *x, const char *w0, const char *w1,
                                                           int64_t K, float *c, const int M, const int bf16) {
     __m512 acc[MR][2];
     for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -46,7 +47,7 @@ static inline __attribute__((always_inline)) void ukernel(const char *x, int64_t
             const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 64);
             for (int i = 0; i < M; i++) {
                 int32_t pair;
-                memcpy(&pair, x + i * ldx + p * 4, 4);
+                memcpy(&pair, x[i] + p * 4, 4);
                 const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
                 acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
                 acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
@@ -60,7 +61,7 @@ static inline __attribute__((always_inline)) void ukernel(const char *x, int64_t
             const __m512 b0 = _mm512_loadu_ps(w0 + k * 64), b1 = _mm512_loadu_ps(w1 + k * 64);
             for (int i = 0; i < M; i++) {
                 float xv;
-                memcpy(&xv, x + i * ldx + k * 4, 4);
+                memcpy(&xv, x[i] + k * 4, 4);
                 const __m512 a = _mm512_set1_ps(xv);
                 acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
                 acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
@@ -73,15 +74,15 @@ static inline __attribute__((always_inline)) void ukernel(const char *x, int64_t
     }
 }
 
-#define UK(M)                                                                                             \
-    static void uk_f32_##M(const char *x, int64_t ldx, const char *w0, const char *w1, int64_t K, float *c) { \
-        ukernel(x, ldx, w0, w1, K, c, M, 0);                                                              \
-    }                                                                                                     \
-    static void uk_bf16_##M(const char *x, int64_t ldx, const char *w0, const char *w1, int64_t K, float *c) { \
-        ukernel(x, ldx, w0, w1, K, c, M, 1);                                                              \
+#define UK(M)                                                                                   \
+    static void uk_f32_##M(const char *const *x, const char *w0, const char *w1, int64_t K, float *c) {  \
+        ukernel(x, w0, w1, K, c, M, 0);                                                         \
+    }                                                                                           \
+    static void uk_bf16_##M(const char *const *x, const char *w0, const char *w1, int64_t K, float *c) { \
+        ukernel(x, w0, w1, K, c, M, 1);                                                         \
     }
 UK(1) UK(2) UK(3) UK(4) UK(5) UK(6) UK(7) UK(8) UK(9) UK(10) UK(11) UK(12)
-typedef void (*uk_fn)(const char *, int64_t, const char *, const char *, int64_t, float *);
+typedef void (*uk_fn)(const char *const *, const char *, const char *, int64_t, float *);
 static const uk_fn UK_F32[MR + 1] = {NULL, uk_f32_1, uk_f32_2, uk_f32_3, uk_f32_4, uk_f32_5, uk_f32_6,
                                      uk_f32_7, uk_f32_8, uk_f32_9, uk_f32_10, uk_f32_11, uk_f32_12};
 static const uk_fn UK_BF16[MR + 1] = {NULL, uk_bf16_1, uk_bf16_2, uk_bf16_3, uk_bf16_4, uk_bf16_5, uk_bf16_6,
@@ -132,6 +133,7 @@ typedef struct {
     const char *x, *gu, *dn;
     char *h, *out;
     const int64_t *offsets;
+    const int64_t *src; /* row r of the sorted order is row src[r] of x; NULL: row r */
     int64_t S, H, I, esz;
     int bf16;
 } moe_job_t;
@@ -145,7 +147,9 @@ static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     float c[MR * 32];
     for (int64_t r = r0; r < r1; r += MR) {
         const int m = (int)(r1 - r < MR ? r1 - r : MR);
-        uk[m](jb->x + r * H * esz, H * esz, w0, w1, H, c);
+        const char *xr[MR];
+        for (int i = 0; i < m; i++) xr[i] = jb->x + (jb->src ? jb->src[r + i] : r + i) * H * esz;
+        uk[m](xr, w0, w1, H, c);
         for (int i = 0; i < m; i++) {
             __m512 g = _mm512_loadu_ps(c + i * 32), u = _mm512_loadu_ps(c + i * 32 + 16);
             __m512 y;
@@ -168,13 +172,37 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
     float c[MR * 32];
     for (int64_t r = r0; r < r1; r += MR) {
         const int m = (int)(r1 - r < MR ? r1 - r : MR);
-        uk[m](jb->h + r * I * esz, I * esz, w0, w1, I, c);
+        const char *xr[MR];
+        for (int i = 0; i < m; i++) xr[i] = jb->h + (r + i) * I * esz;
+        uk[m](xr, w0, w1, I, c);
         for (int i = 0; i < m; i++) {
             char *o = jb->out + ((r + i) * H + 32 * j) * esz;
             store16(o, _mm512_loadu_ps(c + i * 32), jb->bf16);
             store16(o + 16 * esz, _mm512_loadu_ps(c + i * 32 + 16), jb->bf16);
         }
     }
+}
+
+/* Both matmuls over every slot with rows: gate/up tiles, then (after the implicit barrier) down tiles.
+ * Called inside a parallel region. */
+static void run_experts(const moe_job_t *jb) {
+    const int64_t S = jb->S, t1 = jb->I / 16, t2 = jb->H / 32;
+    const int64_t *off = jb->offsets;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t it = 0; it < S * t1; it++)
+        if (off[it / t1 + 1] > off[it / t1]) gate_up_item(jb, it / t1, it % t1);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t it = 0; it < S * t2; it++)
+        if (off[it / t2 + 1] > off[it / t2]) down_item(jb, it / t2, it % t2);
+}
+
+static int supported(int64_t H, int64_t I, int bf16) {
+#ifdef __AVX512BF16__
+    (void)bf16;
+#else
+    if (bf16) return 0;
+#endif
+    return H % 32 == 0 && I % 16 == 0;
 }
 #endif
 
@@ -185,32 +213,95 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
 int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, const void *dn, void *h, void *out,
                      int64_t S, int64_t H, int64_t I, int bf16, int nthreads) {
 #ifdef MESH_MOE_AVX512
-#ifndef __AVX512BF16__
-    if (bf16) return -1;
-#endif
-    if (H % 32 || I % 16 || S < 0) return -1;
+    if (!supported(H, I, bf16) || S < 0) return -1;
     for (int64_t s = 0; s < S; s++)
         if (offsets[s + 1] < offsets[s]) return -2;
     const moe_job_t jb = {(const char *)x, (const char *)gu, (const char *)dn, (char *)h, (char *)out,
-                          offsets, S, H, I, bf16 ? 2 : 4, bf16};
-    const int64_t t1 = I / 16, t2 = H / 32, rows = offsets[S] - offsets[0];
+                          offsets, NULL, S, H, I, bf16 ? 2 : 4, bf16};
     if (nthreads < 1) nthreads = 1;
-    /* a few rows: one thread reads the weights as fast as two would compute them */
-    if (rows * (H * I) < ((int64_t)1 << 20)) nthreads = 1;
-    (void)nthreads;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    {
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t it = 0; it < S * t1; it++)
-            if (offsets[it / t1 + 1] > offsets[it / t1]) gate_up_item(&jb, it / t1, it % t1);
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t it = 0; it < S * t2; it++)
-            if (offsets[it / t2 + 1] > offsets[it / t2]) down_item(&jb, it / t2, it % t2);
-    }
+    run_experts(&jb);
     return 0;
 #else
     (void)x; (void)offsets; (void)gu; (void)dn; (void)h; (void)out; (void)S; (void)H; (void)I; (void)bf16;
     (void)nthreads;
+    return -1;
+#endif
+}
+
+/* The whole routed-expert half of a MoE layer for the in-process dispatcher, from the router's
+ * choices to the combined output, without gathered copies of the inputs:
+ *   hidden [T, H], ids [T, K] int64 (slots), weights [T, K] (float32 when weights_f32, else the model
+ *   dtype) -> out [T, H] (model dtype) = sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]),
+ * the sum accumulated in float32 and rounded once (as the torch combine does). counts [S] receives
+ * the rows each slot computed. Scratch: h [T*K, I] and y [T*K, H] in the model dtype.
+ * Returns 0; -1 unsupported (nothing written); -2 an id outside [0, S); -4 out of memory. */
+int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void *weights, int weights_f32,
+                   int64_t K, const void *gu, const void *dn, int64_t S, int64_t H, int64_t I, int bf16,
+                   void *h, void *y, void *out, int64_t *counts, int nthreads) {
+#ifdef MESH_MOE_AVX512
+    if (!supported(H, I, bf16) || S < 1 || K < 1 || K > 64) return -1;
+    const int64_t N = T * K, esz = bf16 ? 2 : 4;
+    for (int64_t i = 0; i < N; i++)
+        if (ids[i] < 0 || ids[i] >= S) return -2;
+    int64_t *off = (int64_t *)malloc((size_t)(S + 1) * sizeof(int64_t));
+    int64_t *src = (int64_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int64_t));
+    int64_t *pos = (int64_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int64_t));
+    if (!off || !src || !pos) {
+        free(off), free(src), free(pos);
+        return -4;
+    }
+    /* a stable counting sort by slot: (token, k) pairs keep their order within a slot */
+    memset(counts, 0, (size_t)S * sizeof(int64_t));
+    for (int64_t i = 0; i < N; i++) counts[ids[i]]++;
+    off[0] = 0;
+    for (int64_t s = 0; s < S; s++) off[s + 1] = off[s] + counts[s];
+    for (int64_t s = 0; s < S; s++) counts[s] = off[s]; /* cursors */
+    for (int64_t i = 0; i < N; i++) {
+        const int64_t r = counts[ids[i]]++;
+        src[r] = i / K;
+        pos[i] = r;
+    }
+    for (int64_t s = 0; s < S; s++) counts[s] = off[s + 1] - off[s];
+    const moe_job_t jb = {(const char *)hidden, (const char *)gu, (const char *)dn, (char *)h, (char *)y,
+                          off, src, S, H, I, esz, bf16};
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        run_experts(&jb);
+        /* combine: per token, the K weighted expert rows summed in float32, rounded once */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float wk[64];
+            const char *rows[64];
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t i = t * K + k;
+                if (weights_f32 || !bf16) {
+                    wk[k] = ((const float *)weights)[i];
+                } else {
+                    const uint32_t u = (uint32_t)((const uint16_t *)weights)[i] << 16;
+                    memcpy(&wk[k], &u, 4);
+                }
+                rows[k] = (const char *)y + pos[i] * H * esz;
+            }
+            char *o = (char *)out + t * H * esz;
+            for (int64_t d = 0; d < H; d += 16) {
+                __m512 a = _mm512_setzero_ps();
+                for (int64_t k = 0; k < K; k++) {
+                    const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(rows[k] + d * 2))), 16))
+                                          : _mm512_loadu_ps(rows[k] + d * 4);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(wk[k]), v, a);
+                }
+                store16(o + d * esz, a, bf16);
+            }
+        }
+    }
+    free(off), free(src), free(pos);
+    return 0;
+#else
+    (void)hidden; (void)T; (void)ids; (void)weights; (void)weights_f32; (void)K; (void)gu; (void)dn; (void)S;
+    (void)H; (void)I; (void)bf16; (void)h; (void)y; (void)out; (void)counts; (void)nthreads;
     return -1;
 #endif
 }

@@ -1,4 +1,4 @@
-/* RMSNorm in one pass per row, rounding where the torch spelling in mesh/model/layers.py rounds:
+/* RMSNorm in one pass per row (and, for attention's q/k heads, the rotary embedding after it), rounding where the torch spelling in mesh/model/layers.py rounds:
  *     weight * F.rms_norm(x.float(), eps).to(x.dtype)
  * i.e. normalise in float32, round to the model dtype, multiply by the weight (in float32) and round
  * again. Plain C: the compiler vectorises the loops for whatever the target has.
@@ -19,12 +19,11 @@ static inline float bf(uint16_t v) {
     return f;
 }
 
-static inline uint16_t to_bf(float f) { /* round to nearest even; NaN stays NaN */
+static inline uint16_t to_bf(float f) { /* round to nearest even; NaN stays NaN; branch-free (vectorises) */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 static inline float round_bf(float f) { return bf(to_bf(f)); }
@@ -61,5 +60,50 @@ void mesh_rms_norm(const void *x, int64_t A, int64_t B, int64_t sA, int64_t sB, 
             row_bf16((const uint16_t *)x + xo, (const uint16_t *)w + wo, (uint16_t *)out + r * D, D, eps);
         else
             row_f32((const float *)x + xo, (const float *)w + wo, (float *)out + r * D, D, eps);
+    }
+}
+
+/* q/k heads: the optional per-head RMSNorm, then the rotary embedding, as mesh/model/decoder.py spells
+ * them in torch (layers.rms_norm, then layers.rotate: x * cos + rotate_half(x) * sin, each product and
+ * the sum rounded to the model dtype).
+ *   x        [T, B, D] with element strides (sT, sB, 1): the q and k heads of the fused projection
+ *   w        [B, D] per-head norm weights, or NULL (no q/k norm: Qwen2-MoE, Mixtral)
+ *   cos, sin [T, D] contiguous, the model dtype
+ *   out      [T, B, D] contiguous */
+#define ROPE_MAX_D 1024
+/* float32: no FMA contraction, so each product rounds on its own as in torch */
+__attribute__((optimize("fp-contract=off"))) void mesh_qk_norm_rope(const void *x, int64_t T, int64_t B, int64_t sT, int64_t sB, const void *w, const void *cos,
+                       const void *sin, void *out, int64_t D, float eps, int bf16) {
+    const int64_t half = D / 2;
+    for (int64_t r = 0; r < T * B; r++) {
+        const int64_t t = r / B, b = r % B, xo = t * sT + b * sB;
+        float v[ROPE_MAX_D];
+        if (bf16) {
+            const uint16_t *xr = (const uint16_t *)x + xo, *c = (const uint16_t *)cos + t * D,
+                           *s = (const uint16_t *)sin + t * D;
+            uint16_t n[ROPE_MAX_D];
+            if (w != NULL) row_bf16(xr, (const uint16_t *)w + b * D, n, D, eps);
+            else memcpy(n, xr, D * 2);
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) v[d] = bf(n[d]);
+            uint16_t *o = (uint16_t *)out + r * D;
+#pragma omp simd
+            for (int64_t d = 0; d < half; d++) {
+                o[d] = to_bf(round_bf(v[d] * bf(c[d])) + round_bf(-v[d + half] * bf(s[d])));
+                o[d + half] = to_bf(round_bf(v[d + half] * bf(c[d + half])) + round_bf(v[d] * bf(s[d + half])));
+            }
+        } else {
+            const float *xr = (const float *)x + xo, *c = (const float *)cos + t * D, *s = (const float *)sin + t * D;
+            if (w != NULL) row_f32(xr, (const float *)w + b * D, v, D, eps);
+            else memcpy(v, xr, D * 4);
+            float *o = (float *)out + r * D;
+#pragma omp simd
+            for (int64_t d = 0; d < half; d++) {
+                const float a = v[d] * c[d], bb = -v[d + half] * s[d];
+                const float a2 = v[d + half] * c[d + half], b2 = v[d] * s[d + half];
+                o[d] = a + bb;
+                o[d + half] = a2 + b2;
+            }
+        }
     }
 }
