@@ -357,3 +357,58 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
     assert torch.equal(fast.expert_load, slow.expert_load)
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hk,groups,d", [(2, 4, 64), (1, 8, 128), (4, 1, 32), (2, 3, 64)])
+def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, decode_path, monkeypatch):
+    """A step's prefill chunks (fresh prompts and chunks after a cached prefix, lengths around the
+    16-token block and query-tile edges) against SDPA over each sequence, through the native kernel
+    (every chunk in one call) and through the torch path."""
+    g = torch.Generator().manual_seed(11)
+    bs = 16
+    spans = [(0, 1), (0, 15), (0, 17), (5, 40), (16, 16), (33, 100)]  # (cached tokens, new tokens)
+    kv, seqs = _pool([p + n for p, n in spans], bs, hk, d, dtype, g)
+    t = sum(n for _, n in spans)
+    q = torch.randn(t, hk * groups, d, generator=g).to(dtype)
+    chunks, slots, k_new, v_new, row = [], [], [], [], 0
+    for (past, n), (k, v, blocks) in zip(spans, seqs):
+        chunks.append(PrefillChunk(row, n, past + n, blocks))
+        pos = torch.arange(past, past + n)
+        slots.append(blocks[pos // bs] * bs + pos % bs)
+        k_new.append(k[past:])
+        v_new.append(v[past:])
+        row += n
+    calls = []
+    real = native.prefill_attention
+    monkeypatch.setattr(native, "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=chunks)
+    kc, vc = kv.layer(0)
+    got = paged_attention(q, torch.cat(k_new), torch.cat(v_new), kc, vc, meta, d ** -0.5).view(t, -1, d)
+    ran_native = decode_path == "native" and native._avx512(bf16=dtype == torch.bfloat16)
+    assert bool(calls) == (decode_path == "native")
+    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    for (past, n), (k, v, _), chunk in zip(spans, seqs, chunks):
+        pos = torch.arange(past, past + n)
+        mask = torch.arange(past + n)[None, :] <= pos[:, None]
+        want = F.scaled_dot_product_attention(
+            q[chunk.start:chunk.start + n].float().transpose(0, 1),
+            k.float().transpose(0, 1).repeat_interleave(groups, 0),
+            v.float().transpose(0, 1).repeat_interleave(groups, 0), attn_mask=mask, scale=d ** -0.5)
+        torch.testing.assert_close(got[chunk.start:chunk.start + n].float(), want.transpose(0, 1), atol=atol,
+                                   rtol=atol, msg=lambda m: f"chunk {past}+{n} ({'native' if ran_native else 'torch'}): {m}")
+
+
+def test_native_prefill_rejects_chunks_outside_their_table():
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    if not native._avx512(bf16=False):
+        pytest.fail("this test needs AVX-512")
+    k = torch.zeros(2, 4, 16, 32)
+    q, out = torch.zeros(20, 8, 32), torch.zeros(20, 8, 32)
+    with pytest.raises(ValueError, match="outside"):  # block 4 of a 4-block pool
+        native.prefill_attention(q, k, k, [PrefillChunk(0, 20, 20, torch.tensor([0, 4]))], 1.0, out)
+    with pytest.raises(ValueError, match="outside"):  # 33 tokens of context in a 2-block table
+        native.prefill_attention(q, k, k, [PrefillChunk(0, 20, 33, torch.tensor([0, 1]))], 1.0, out)
+    with pytest.raises(ValueError, match="outside"):  # rows past the step's 20
+        native.prefill_attention(q, k, k, [PrefillChunk(5, 16, 16, torch.tensor([0]))], 1.0, out)

@@ -102,6 +102,9 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
 
+    if meta.prefills and native.enabled() and native.prefill_attention(q, k_cache, v_cache, meta.prefills,
+                                                                       scale, out):
+        return out.view(t, hq * d)  # the CPU kernel: every chunk at once, K/V read where they lie
     for chunk in meta.prefills:
         s, n, ctx = chunk.start, chunk.length, chunk.context_len
         # 4-D inputs: with 3-D ones SDPA leaves its fused CPU kernel for the unfused math path.

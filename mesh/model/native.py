@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("mesh.native")
-_SRCS = [Path(__file__).with_name("csrc") / name for name in ("decode_attention.c", "moe_experts.c", "norms.c")]
+_CSRC = Path(__file__).with_name("csrc")
+_SRCS = [_CSRC / name for name in ("decode_attention.c", "prefill_attention.c", "moe_experts.c", "norms.c")]
+_HEADERS = [_CSRC / "avx512_math.h"]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -73,7 +75,7 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     flags = _flags()
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SRCS), " ".join(flags), version, platform.machine(),
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SRCS + _HEADERS), " ".join(flags), version, platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MESH_CACHE_DIR", Path.home() / ".cache" / "moe-mesh")) / "kernels"
     target = cache / f"mesh-kernels-{key}.so"
@@ -102,6 +104,9 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn = lib.mesh_prefill_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     fn = lib.mesh_moe_experts
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
@@ -178,6 +183,39 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if rc != 0:
         return None  # a size past the kernel's limits (query heads per KV head, head_dim, block_size)
     return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks: list,
+                      scale: float, out: torch.Tensor) -> bool:
+    """Causal attention of a step's prefill chunks over the paged pool (their K/V already written):
+    q [T, Hq, D], caches [Hk, N, 16, D], chunks: PrefillChunk-like (start, length, context_len,
+    block_ids). Writes the chunks' rows of `out` [T, Hq, D] (contiguous) and returns True, or returns
+    False when the kernel does not apply (not the CPU, another dtype or block size, no AVX-512 (BF16))
+    and the caller runs its torch path."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or k_cache.dtype != q.dtype:
+        return False
+    lib = library()
+    if lib is None or not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()):
+        return False
+    if not _avx512(q.dtype == torch.bfloat16):
+        return False
+    t, hq, d = q.shape
+    hk, n, bs, _ = k_cache.shape
+    q = q.contiguous()
+    m = max(int(c.block_ids.numel()) for c in chunks)
+    tables = torch.zeros(len(chunks), m, dtype=torch.int64)
+    for i, c in enumerate(chunks):
+        tables[i, :c.block_ids.numel()] = c.block_ids
+    spans = torch.tensor([[c.start, c.length, c.context_len] for c in chunks], dtype=torch.int64)
+    rc = lib.mesh_prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), spans.data_ptr(),
+                                    tables.data_ptr(), out.data_ptr(), t, len(chunks), m, hk, hq // hk, d, n, bs,
+                                    float(scale), int(q.dtype == torch.bfloat16), _threads())
+    if rc == -4:
+        raise MemoryError("prefill attention kernel: out of memory")
+    if rc == -5:
+        raise ValueError("prefill attention: a chunk's rows, context or block ids lie outside the step, "
+                         "its block table or the pool")
+    return rc == 0
 
 
 # ---- grouped expert FFNs (csrc/moe_experts.c)

@@ -298,7 +298,7 @@ static void pair_bs16(const job_t *j, work16_t *w, int64_t b, int64_t h) {
  * VDPBF16PS adds two tokens' contributions to 16 output lanes. float32 runs the same structure with
  * FMAs. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "avx512_math.h"
 #define MESH_AVX512 1
 
 typedef struct {
@@ -353,26 +353,6 @@ static inline __m512 block_scores(const work512_t *w, int64_t g, const char *kbl
         s[i] = pair_sums(a, b);
     }
     return finish_sums(s);
-}
-
-/* Lane order of the bf16 accumulators: VPUNPCK{L,H}WD interleave within 128-bit lanes, so for the
- * c-th 32 values of a row, accumulator 2c lane 4k+i holds d = 32c + 8k + i and accumulator 2c+1
- * holds d = 32c + 8k + 4 + i. These indices put them back in order. */
-static inline void store_row(const __m512 *acc, float inv, void *out, const int bf16, const int64_t C) {
-    if (!bf16) {
-        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps((float *)out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-        return;
-    }
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int64_t c = 0; c < C / 2; c++) {
-        __m512 lo = acc[2 * c], hi = acc[2 * c + 1];
-        __m512 a = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), _mm512_set1_ps(inv));
-        __m512 b = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), _mm512_set1_ps(inv));
-        uint16_t *o = (uint16_t *)out + c * 32;
-        _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(a));
-        _mm256_storeu_si256((__m256i *)(o + 16), (__m256i)_mm512_cvtneps_pbh(b));
-    }
 }
 
 static inline __attribute__((always_inline)) void pair512_body(const job_t *j, work512_t *w, int64_t b, int64_t h,
@@ -446,7 +426,7 @@ static inline __attribute__((always_inline)) void pair512_body(const job_t *j, w
     }
     for (int64_t g = 0; g < G; g++) {
         const float inv = w->l[g] > 0.f ? 1.f / w->l[g] : 0.f;
-        store_row(w->acc[g], inv, (char *)j->out + ((b * j->Hk + h) * G + g) * rowbytes, bf16, C);
+        store_acc_row(w->acc[g], inv, (char *)j->out + ((b * j->Hk + h) * G + g) * rowbytes, bf16, C);
     }
 }
 

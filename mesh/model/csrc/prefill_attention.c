@@ -1,0 +1,278 @@
+/* Causal attention of prefill chunks straight over the paged KV pool, for the CPU (AVX-512; bfloat16
+ * with AVX512-BF16), flash style: float32 scores of a block of 16 keys at a time, an online softmax per
+ * query row, the value rows accumulated in float32. Nothing of size context x context is written.
+ *
+ * A chunk is `n` new tokens of one sequence whose first `ctx - n` tokens are already cached; its
+ * query i sits at position ctx - n + i and sees keys 0 ..= that position. Its K/V (the new tokens'
+ * too) are already in the pool, found through the chunk's block table (block_size 16).
+ *
+ * Two phases on the OpenMP pool:
+ *   1. Per (chunk, KV head, key block), the block is rearranged once for the inner loops: keys
+ *      transposed so a vector holds one input position (a bf16 pair) of 16 keys (scores of 16 keys
+ *      come out of D/2 VDPBF16PS or D FMAs, no horizontal sums), values interleaved into bf16 pairs
+ *      of adjacent keys (VDPBF16PS then adds two keys' contributions per instruction). Rows past the
+ *      context are zeros.
+ *   2. Per (chunk, KV head, block of 16 query positions), every query head of the group walks the key
+ *      blocks up to its position. Probabilities are rounded to bf16 before P.V in bfloat16, as the
+ *      reference rounds them before its probabilities-times-values matmul.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include "avx512_math.h"
+#define MESH_PREFILL_AVX512 1
+#endif
+
+#define QB 16      /* query positions per work item */
+#define PMAX_G 64  /* query heads per KV head */
+#define PMAX_D 256 /* head_dim */
+
+#ifdef MESH_PREFILL_AVX512
+typedef struct {
+    const char *q, *k, *v;
+    char *out;
+    const int64_t *chunks; /* [C, 3]: first row in the step, new tokens n, context ctx */
+    const int64_t *tables; /* [C, M] block ids */
+    const int64_t *first;  /* [C * Hk] index of the (chunk, head)'s first block in the rearranged copy */
+    char *kt, *vp;         /* rearranged blocks, 16 * D elements each */
+    int64_t M, Hk, G, D, N;
+    float scale;
+    int bf16;
+} pjob_t;
+
+/* Phase 1: one (chunk, head, key block). */
+static void rearrange(const pjob_t *j, int64_t c, int64_t h, int64_t kb) {
+    const int64_t D = j->D, esz = j->bf16 ? 2 : 4, ctx = j->chunks[c * 3 + 2];
+    const int64_t valid = ctx - kb * 16 < 16 ? ctx - kb * 16 : 16;
+    const int64_t blk = j->tables[c * j->M + kb];
+    const char *ks = j->k + (h * j->N + blk) * 16 * D * esz, *vs = j->v + (h * j->N + blk) * 16 * D * esz;
+    const int64_t at = (j->first[c * j->Hk + h] + kb) * 16 * D * esz;
+    char *kt = j->kt + at, *vp = j->vp + at;
+    if (j->bf16) {
+        /* kt: [D/2][16] int32 pairs; key t's pair p at kt[p][t] */
+        uint32_t *o = (uint32_t *)kt;
+        for (int64_t t = 0; t < 16; t++) {
+            const uint32_t *row = (const uint32_t *)(ks + t * D * 2);
+            for (int64_t p = 0; p < D / 2; p++) o[p * 16 + t] = t < valid ? row[p] : 0u;
+        }
+        /* vp: [8 key pairs][D/32][lo, hi] vectors of (v[2tp][d], v[2tp+1][d]) pairs */
+        __m512i *w = (__m512i *)vp;
+        for (int64_t tp = 0; tp < 8; tp++) {
+            const int64_t t0 = 2 * tp, t1 = t0 + 1;
+            for (int64_t cc = 0; cc < D / 32; cc++) {
+                __m512i a = t0 < valid ? _mm512_loadu_si512(vs + (t0 * D + cc * 32) * 2) : _mm512_setzero_si512();
+                __m512i b = t1 < valid ? _mm512_loadu_si512(vs + (t1 * D + cc * 32) * 2) : _mm512_setzero_si512();
+                _mm512_storeu_si512(w + (tp * (D / 32) + cc) * 2, _mm512_unpacklo_epi16(a, b));
+                _mm512_storeu_si512(w + (tp * (D / 32) + cc) * 2 + 1, _mm512_unpackhi_epi16(a, b));
+            }
+        }
+    } else {
+        float *o = (float *)kt;
+        for (int64_t t = 0; t < 16; t++) {
+            const float *row = (const float *)(ks + t * D * 4);
+            for (int64_t d = 0; d < D; d++) o[d * 16 + t] = t < valid ? row[d] : 0.f;
+        }
+        for (int64_t t = 0; t < 16; t++) { /* values stay rows; past the context, zeros */
+            if (t < valid) memcpy(vp + t * D * 4, vs + t * D * 4, D * 4);
+            else memset(vp + t * D * 4, 0, D * 4);
+        }
+    }
+}
+
+/* RB query rows of one position (heads g0 .. g0+RB-1 of the group) over every key block up to that
+ * position. Accumulators, running max and sum stay in registers for the whole sweep; each block's keys
+ * and values are loaded once for the RB rows. */
+static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int64_t c, int64_t h, int64_t row,
+                                                            int64_t pos, int64_t g0, const int RB, const int64_t C,
+                                                            const int bf16) {
+    const int64_t D = C * 16, esz = bf16 ? 2 : 4, Hq = j->Hk * j->G;
+    const int64_t base = j->first[c * j->Hk + h] * 16 * D * esz;
+    const char *qr[4];
+    __m512 a[4][PMAX_D / 16], s[4];
+    float m[4], l[4];
+    for (int i = 0; i < RB; i++) {
+        qr[i] = j->q + (row * Hq + h * j->G + g0 + i) * D * esz;
+        for (int64_t cc = 0; cc < C; cc++) a[i][cc] = _mm512_setzero_ps();
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+    }
+    const __m512 scale = _mm512_set1_ps(j->scale), neg_inf = _mm512_set1_ps(-INFINITY);
+    const int64_t nkb = pos / 16 + 1;
+    for (int64_t kb = 0; kb < nkb; kb++) {
+        const char *kt = j->kt + base + kb * 16 * D * esz, *vp = j->vp + base + kb * 16 * D * esz;
+        const __mmask16 valid = kb + 1 < nkb ? (__mmask16)0xffff : (__mmask16)((2u << (pos - kb * 16)) - 1u);
+        for (int i = 0; i < RB; i++) s[i] = _mm512_setzero_ps();
+        if (bf16) {
+            for (int64_t p = 0; p < D / 2; p++) {
+                const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + p * 64);
+                for (int i = 0; i < RB; i++) {
+                    int32_t pair;
+                    memcpy(&pair, qr[i] + p * 4, 4);
+                    s[i] = _mm512_dpbf16_ps(s[i], kv, (__m512bh)_mm512_set1_epi32(pair));
+                }
+            }
+        } else {
+            for (int64_t d = 0; d < D; d++) {
+                const __m512 kv = _mm512_loadu_ps(kt + d * 64);
+                for (int i = 0; i < RB; i++) {
+                    float qv;
+                    memcpy(&qv, qr[i] + d * 4, 4);
+                    s[i] = _mm512_fmadd_ps(_mm512_set1_ps(qv), kv, s[i]);
+                }
+            }
+        }
+        float delta[16] = {0};
+        float mnew[4];
+        for (int i = 0; i < RB; i++) {
+            s[i] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(s[i], scale));
+            mnew[i] = fmaxf(_mm512_reduce_max_ps(s[i]), m[i]);
+            delta[i] = m[i] - mnew[i]; /* -inf on the first block: its factor is ~0 */
+        }
+        const __m512 corr = exp_nonpos16(_mm512_loadu_ps(delta)); /* every row's rescale in one exp */
+        float cf[16];
+        _mm512_storeu_ps(cf, corr);
+        __m512 p[4];
+        for (int i = 0; i < RB; i++) {
+            p[i] = _mm512_maskz_mov_ps(valid, exp_nonpos16(_mm512_sub_ps(s[i], _mm512_set1_ps(mnew[i]))));
+            l[i] = l[i] * cf[i] + _mm512_reduce_add_ps(p[i]);
+            m[i] = mnew[i];
+            if (cf[i] != 1.f) {
+                const __m512 cv = _mm512_set1_ps(cf[i]);
+                for (int64_t cc = 0; cc < C; cc++) a[i][cc] = _mm512_mul_ps(a[i][cc], cv);
+            }
+        }
+        if (bf16) {
+            __m512i pb[4];
+            for (int i = 0; i < RB; i++) pb[i] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[i]));
+            for (int64_t tp = 0; tp < 8; tp++) {
+                const __m512i sel = _mm512_set1_epi32((int)tp);
+                __m512bh pp[4];
+                for (int i = 0; i < RB; i++) pp[i] = (__m512bh)_mm512_permutexvar_epi32(sel, pb[i]);
+                const __m512i *vv = (const __m512i *)vp + tp * (D / 32) * 2;
+                for (int64_t cc = 0; cc < D / 32; cc++) {
+                    const __m512bh lo = (__m512bh)_mm512_load_si512(vv + 2 * cc);
+                    const __m512bh hi = (__m512bh)_mm512_load_si512(vv + 2 * cc + 1);
+                    for (int i = 0; i < RB; i++) {
+                        a[i][2 * cc] = _mm512_dpbf16_ps(a[i][2 * cc], lo, pp[i]);
+                        a[i][2 * cc + 1] = _mm512_dpbf16_ps(a[i][2 * cc + 1], hi, pp[i]);
+                    }
+                }
+            }
+        } else {
+            for (int64_t t = 0; t < 16; t++) {
+                const __m512i sel = _mm512_set1_epi32((int)t);
+                const char *vr = vp + t * D * 4;
+                __m512 pt[4];
+                for (int i = 0; i < RB; i++) pt[i] = _mm512_permutexvar_ps(sel, p[i]);
+                for (int64_t cc = 0; cc < C; cc++) {
+                    const __m512 vv = _mm512_load_ps((const float *)(vr + cc * 64));
+                    for (int i = 0; i < RB; i++) a[i][cc] = _mm512_fmadd_ps(pt[i], vv, a[i][cc]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < RB; i++) {
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        store_acc_row(a[i], inv, j->out + (row * Hq + h * j->G + g0 + i) * D * esz, bf16, C);
+    }
+}
+
+/* One work item: query positions qb*16 .. of chunk c, KV head h, all G heads of the group. */
+static inline __attribute__((always_inline)) void item_body(const pjob_t *j, int64_t c, int64_t h, int64_t qb,
+                                                            const int RB, const int64_t C, const int bf16) {
+    const int64_t start = j->chunks[c * 3], n = j->chunks[c * 3 + 1], ctx = j->chunks[c * 3 + 2];
+    const int64_t q0 = qb * QB, qn = n - q0 < QB ? n - q0 : QB;
+    for (int64_t qi = 0; qi < qn; qi++) {
+        const int64_t row = start + q0 + qi, pos = ctx - n + q0 + qi;
+        int64_t g = 0;
+        for (; g + RB <= j->G; g += RB) rows_body(j, c, h, row, pos, g, RB, C, bf16);
+        for (; g < j->G; g++) rows_body(j, c, h, row, pos, g, 1, C, bf16);
+    }
+}
+
+static void item_bf16_d64(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 4, 4, 1); }
+static void item_bf16_d128(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 2, 8, 1); }
+static void item_bf16(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 1, j->D / 16, 1); }
+static void item_f32_d64(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 4, 4, 0); }
+static void item_f32_d128(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 2, 8, 0); }
+static void item_f32(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 1, j->D / 16, 0); }
+#endif
+
+/* q [T, Hk*G, D] (the step's queries), k, v [Hk, N, 16, D] (one layer's pool), chunks [C, 3] (first row,
+ * new tokens n, context ctx), tables [C, M] block ids, out [T, Hk*G, D]: the chunks' rows are written.
+ * Returns 0; -1 when this build, dtype or shape is not supported (nothing written: the caller runs
+ * torch ops); -4 out of memory; -5 a chunk, context or block id outside its table, the pool or the
+ * step's T rows (checked before any work). */
+int mesh_prefill_attention(const void *q, const void *k, const void *v, const int64_t *chunks, const int64_t *tables,
+                           void *out, int64_t T, int64_t C, int64_t M, int64_t Hk, int64_t G, int64_t D, int64_t N,
+                           int64_t bs, float scale, int bf16, int nthreads) {
+#ifdef MESH_PREFILL_AVX512
+#ifndef __AVX512BF16__
+    if (bf16) return -1;
+#endif
+    if (bs != 16 || G < 1 || G > PMAX_G || D < 32 || D > PMAX_D || D % 32) return -1;
+    int64_t blocks = 0, items = 0;
+    int64_t *first = (int64_t *)malloc((size_t)(C * Hk > 0 ? C * Hk : 1) * sizeof(int64_t));
+    if (first == NULL) return -4;
+    for (int64_t c = 0; c < C; c++) {
+        const int64_t start = chunks[c * 3], n = chunks[c * 3 + 1], ctx = chunks[c * 3 + 2];
+        const int64_t nb = (ctx + 15) / 16;
+        if (n < 1 || ctx < n || start < 0 || start + n > T || nb > M) {
+            free(first);
+            return -5;
+        }
+        for (int64_t i = 0; i < nb; i++)
+            if (tables[c * M + i] < 0 || tables[c * M + i] >= N) {
+                free(first);
+                return -5;
+            }
+        for (int64_t h = 0; h < Hk; h++) first[c * Hk + h] = blocks + h * nb;
+        blocks += nb * Hk;
+        items += (n + QB - 1) / QB * Hk;
+    }
+    const size_t block_bytes = (size_t)16 * D * (bf16 ? 2 : 4);
+    char *kt = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
+    char *vp = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
+    /* work items, the longest first (a query block's cost grows with its position) */
+    int64_t *order = (int64_t *)malloc((size_t)(items > 0 ? items : 1) * 3 * sizeof(int64_t));
+    if (kt == NULL || vp == NULL || order == NULL) {
+        free(first), free(kt), free(vp), free(order);
+        return -4;
+    }
+    int64_t it = 0;
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t qb = (chunks[c * 3 + 1] + QB - 1) / QB - 1; qb >= 0; qb--)
+            for (int64_t h = 0; h < Hk; h++) {
+                order[it * 3] = c, order[it * 3 + 1] = h, order[it * 3 + 2] = qb;
+                it++;
+            }
+    const pjob_t j = {(const char *)q, (const char *)k, (const char *)v, (char *)out, chunks, tables, first, kt, vp,
+                      M, Hk, G, D, N, scale, bf16};
+    void (*item)(const pjob_t *, int64_t, int64_t, int64_t) = bf16 ? item_bf16 : item_f32;
+    if (D == 64) item = bf16 ? item_bf16_d64 : item_f32_d64;
+    else if (D == 128) item = bf16 ? item_bf16_d128 : item_f32_d128;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t b = 0; b < blocks; b++) {
+            /* block b -> (chunk, head, key block) */
+            int64_t c = 0;
+            while (c + 1 < C && first[(c + 1) * Hk] <= b) c++;
+            const int64_t nb = (chunks[c * 3 + 2] + 15) / 16, off = b - first[c * Hk];
+            rearrange(&j, c, off / nb, off % nb);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) item(&j, order[i * 3], order[i * 3 + 1], order[i * 3 + 2]);
+    }
+    free(first), free(kt), free(vp), free(order);
+    return 0;
+#else
+    (void)q; (void)k; (void)v; (void)chunks; (void)tables; (void)out; (void)T; (void)C; (void)M; (void)Hk; (void)G;
+    (void)D; (void)N; (void)bs; (void)scale; (void)bf16; (void)nthreads;
+    return -1;
+#endif
+}
