@@ -26,12 +26,16 @@ def pytest_configure(config):
 
 
 def build_hf_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random model with transformers' own save_pretrained (per-expert keys on disk)."""
+    """Save a tiny random model with transformers' own save_pretrained (per-expert keys on disk).
+
+    head_dim 32 and the engine's 16-token blocks are shapes the native CPU kernels take, so the
+    comparisons with transformers run through them (tests that set MESH_NATIVE_KERNELS=0 cover the
+    torch ops, which are also the GPU path)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                   eos_token_id=None, bos_token_id=None, pad_token_id=None)
     if family == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, FAMILIES, hf_greedy
-from mesh.config import ConfigError, EngineConfig
+from mesh.config import ConfigError, EngineConfig, ModelConfig
 from mesh.engine.engine import Engine
 from mesh.model.attention import KVCache
 from mesh.types import FinishReason, InvalidRequest, SamplingParams
@@ -42,15 +42,19 @@ def test_greedy_alone_matches_transformers(family, hf_checkpoints, references):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["batched", "chunked", "preempted", "micro-batched"])
-def test_greedy_batch_of_16_matches_transformers(family, mode, hf_checkpoints, references):
+@pytest.mark.parametrize("mode", ["batched", "chunked", "preempted", "micro-batched", "torch-ops"])
+def test_greedy_batch_of_16_matches_transformers(family, mode, hf_checkpoints, references, monkeypatch):
     prompts, refs = references
     cfg = {"batched": {}, "chunked": {"max_num_batched_tokens": 16},
            "preempted": {"max_num_batched_tokens": 32},
-           "micro-batched": {"max_num_batched_tokens": 64, "micro_batches": 2}}[mode]
+           "micro-batched": {"max_num_batched_tokens": 64, "micro_batches": 2},
+           "torch-ops": {"max_num_batched_tokens": 48}}[mode]
+    if mode == "torch-ops":  # the torch ops every native kernel falls back to (and the GPU path)
+        monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
     if mode == "preempted":
         # a pool of 10 blocks x 16 tokens: far less than 16 prompts need at once
-        per_block = KVCache.bytes_per_block(3, 16, 2, 16, torch.float32)
+        mc = ModelConfig.from_dir(hf_checkpoints[family])
+        per_block = KVCache.bytes_per_block(mc.num_layers, 16, mc.num_kv_heads, mc.head_dim, torch.float32)
         cfg["kv_cache_memory"] = 10 * per_block
     engine = _engine(hf_checkpoints[family], **cfg)
     outs = engine.generate([engine.make_request(prompt_token_ids=p, sampling=GREEDY) for p in prompts])

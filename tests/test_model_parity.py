@@ -9,7 +9,7 @@ from mesh.model.loader import load_model
 from mesh.parallel.local import LocalDispatcher
 
 
-def _forward(model, experts, ids, block_size=4, capture=None, chunks=None):
+def _forward(model, experts, ids, block_size=16, capture=None, chunks=None):
     """Run `ids` through the runtime as one or more prefill chunks over a shuffled block table."""
     cfg = model.cfg
     n = len(ids)
@@ -33,13 +33,14 @@ def _forward(model, experts, ids, block_size=4, capture=None, chunks=None):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_and_hidden_states_match_transformers(family, hf_checkpoints, hf_models):
+@pytest.mark.parametrize("block_size", [16, 4])  # 16: the native CPU prefill kernel; 4: its torch path
+def test_logits_and_hidden_states_match_transformers(family, block_size, hf_checkpoints, hf_models):
     model, experts = load_model(hf_checkpoints[family], torch.float32, DEVICE)
     ids = torch.randint(0, model.cfg.vocab_size, (37,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.no_grad():
         ref = hf_models[family](torch.tensor([ids]), output_hidden_states=True)
     captured = []
-    logits = _forward(model, experts, ids, capture=captured)
+    logits = _forward(model, experts, ids, block_size=block_size, capture=captured)
     torch.testing.assert_close(logits, ref.logits[0], atol=1e-4, rtol=1e-4)
     # HF's hidden_states[i + 1] is the residual stream after layer i (the last one is normed)
     for i in range(model.cfg.num_layers - 1):
