@@ -15,7 +15,7 @@ from mesh.config import ModelConfig
 from mesh.model import native
 from mesh.model.attention import AttentionMetadata, KVCache, paged_attention
 from mesh.model.families import FAMILIES
-from mesh.model.layers import RotaryTable, dense_mlp, rms_norm, rotate
+from mesh.model.layers import RotaryTable, rms_norm, rotate, silu_mul
 from mesh.model.moe import route
 from mesh.parallel.dispatcher import Dispatcher
 
@@ -72,6 +72,31 @@ class MoEDecoder:
         self.qk_norm = [None if layer.attn.q_norm is None else torch.cat(
             [layer.attn.q_norm.expand(cfg.num_heads, -1), layer.attn.k_norm.expand(cfg.num_kv_heads, -1)])
             for layer in weights.layers]  # [Hq + Hk, D] per layer
+        # On the CPU, the dense projections run in the native linear kernel from packed copies of their
+        # weights (keyed by the weight tensor's id); weights it does not take keep F.linear.
+        self._packed: dict[int, torch.Tensor] = {}
+        if self.device.type == "cpu" and native.enabled():
+            dense = [weights.lm_head]
+            for layer in weights.layers:
+                dense += [layer.attn.qkv, layer.attn.o, layer.mlp_gate_up, layer.mlp_down]
+                if layer.moe is not None:
+                    dense += [layer.moe.shared_gate_up, layer.moe.shared_down]
+            for t in dense:
+                p = native.pack_linear(t) if t is not None else None
+                if p is not None:
+                    self._packed[id(t)] = p
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        packed = self._packed.get(id(weight))
+        if packed is not None and x.dim() == 2:
+            out = native.linear(x, packed, bias)
+            if out is not None:
+                return out
+        return F.linear(x, weight, bias)
+
+    def _mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """SwiGLU MLP (a dense layer's, or the shared expert): fused gate||up weight [2I, H], down [H, I]."""
+        return self._linear(silu_mul(self._linear(x, gate_up)), down)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -88,7 +113,7 @@ class MoEDecoder:
                                     rope, meta, kv)
             x = rms_norm(h, layer.post_norm, self.cfg.rms_norm_eps)
             if layer.moe is None:
-                h = h + dense_mlp(x, layer.mlp_gate_up, layer.mlp_down)
+                h = h + self._mlp(x, layer.mlp_gate_up, layer.mlp_down)
             else:
                 h = h + self._moe(layer, x, dispatcher)
             if capture is not None:
@@ -129,7 +154,7 @@ class MoEDecoder:
             if layer.moe is None:  # dense layer: no collectives, nothing to overlap
                 for m in (0, 1):
                     x = attn(m, i)
-                    h[m] = h[m] + dense_mlp(x, layer.mlp_gate_up, layer.mlp_down)
+                    h[m] = h[m] + self._mlp(x, layer.mlp_gate_up, layer.mlp_down)
                 continue
             x0 = ahead if ahead is not None else attn(0, i)
             ahead = None
@@ -146,13 +171,13 @@ class MoEDecoder:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] float32."""
-        return F.linear(hidden, self.w.lm_head).float()
+        return self._linear(hidden, self.w.lm_head).float()
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor,
                    rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         a, cfg = layer.attn, self.cfg
         hq, hk = cfg.num_heads, cfg.num_kv_heads
-        qkv = F.linear(x, a.qkv, a.qkv_bias).view(x.shape[0], hq + 2 * hk, cfg.head_dim)  # [T, Hq+2Hk, D]
+        qkv = self._linear(x, a.qkv, a.qkv_bias).view(x.shape[0], hq + 2 * hk, cfg.head_dim)  # [T, Hq+2Hk, D]
         qk, v = qkv[:, :hq + hk], qkv[:, hq + hk:]
         fused = native.qk_norm_rope(qk, self.qk_norm[i], *rope, cfg.rms_norm_eps) if native.enabled() else None
         if fused is not None:  # the CPU: norm and rotation in one pass over the heads
@@ -163,7 +188,7 @@ class MoEDecoder:
             qk = rotate(qk, *rope)
         k_cache, v_cache = kv.layer(i)
         o = paged_attention(qk[:, :hq], qk[:, hq:], v, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
-        return F.linear(o, a.o)
+        return self._linear(o, a.o)
 
     def _moe(self, layer: LayerWeights, x: torch.Tensor, dispatcher: Dispatcher) -> torch.Tensor:
         handle, shared = self._moe_begin(layer, x, dispatcher)
@@ -179,6 +204,6 @@ class MoEDecoder:
         handle = dispatcher.dispatch(layer.moe_index, x, ids, weights)
         shared = None
         if m.shared_gate_up is not None:
-            shared = dense_mlp(x, m.shared_gate_up, m.shared_down)
+            shared = self._mlp(x, m.shared_gate_up, m.shared_down)
             shared = torch.sigmoid(F.linear(x, m.shared_gate)) * shared
         return handle, shared

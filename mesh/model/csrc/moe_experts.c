@@ -1,4 +1,4 @@
-/* Grouped expert FFNs for the CPU: rows sorted by expert slot, each slot's rows through
+/* Grouped expert FFNs (and plain linear layers, mesh_linear) for the CPU: rows sorted by expert slot, each slot's rows through
  *     h = silu(x @ gate^T) * (x @ up^T);   y = h @ down^T
  * with exact row counts (no padding to the busiest slot) and the activation fused into the first
  * matmul's epilogue.
@@ -269,6 +269,50 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
 #else
     (void)hidden; (void)T; (void)ids; (void)weights; (void)weights_f32; (void)K; (void)gu; (void)dn; (void)S;
     (void)H; (void)I; (void)bf16; (void)h; (void)y; (void)out; (void)counts; (void)nthreads;
+    return -1;
+#endif
+}
+
+/* A linear layer y = x @ W^T (+ bias) with W packed like one expert's matrix ([N/16, K, 16] float32
+ * or [N/16, K/2, 16, 2] bf16): x [M, K] contiguous, bias [N] or NULL -> out [M, N], the bias added in
+ * float32 and the result rounded once to the dtype, as torch's addmm does. Items are (32-column tile, MR-row chunk), tile-major so a tile's weights stay in cache while
+ * the row chunks pass. Returns 0, or -1 when unsupported (N a multiple of 32 and K even needed). */
+int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64_t M, int64_t K, int64_t N, int bf16,
+                int nthreads) {
+#ifdef MESH_MOE_AVX512
+#ifndef __AVX512BF16__
+    if (bf16) return -1;
+#endif
+    if (N % 32 || K % 2 || M < 0) return -1;
+    const int64_t esz = bf16 ? 2 : 4, tile = K * 16 * esz, tiles = N / 32, chunks = (M + MR - 1) / MR;
+    const uk_fn *uk = bf16 ? UK_BF16 : UK_F32;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
+    for (int64_t it = 0; it < tiles * chunks; it++) {
+        const int64_t j = it / chunks, r = (it % chunks) * MR;
+        const int m = (int)(M - r < MR ? M - r : MR);
+        const char *xr[MR];
+        for (int i = 0; i < m; i++) xr[i] = (const char *)x + (r + i) * K * esz;
+        float c[MR * 32];
+        const char *w0 = (const char *)w + 2 * j * tile;
+        uk[m](xr, w0, w0 + tile, K, c);
+        __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        if (bias != NULL) {
+            const char *bp = (const char *)bias + 32 * j * esz;
+            b0 = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bp)), 16))
+                      : _mm512_loadu_ps(bp);
+            b1 = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bp + 32))), 16))
+                      : _mm512_loadu_ps(bp + 64);
+        }
+        for (int i = 0; i < m; i++) {
+            char *o = (char *)out + ((r + i) * N + 32 * j) * esz;
+            store16(o, _mm512_add_ps(_mm512_loadu_ps(c + i * 32), b0), bf16);
+            store16(o + 16 * esz, _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + 16), b1), bf16);
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)w; (void)bias; (void)out; (void)M; (void)K; (void)N; (void)bf16; (void)nthreads;
     return -1;
 #endif
 }
