@@ -126,3 +126,21 @@ def redis_server():
     server = RedisServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_native_settings():
+    """Native-kernel settings are read from the environment once per process; each test starts from
+    the environment as it is now (an earlier test's monkeypatch has been undone)."""
+    from mesh.model import native
+    native.refresh_settings()
+
+
+def native_env(monkeypatch, name: str, value: str | None) -> None:
+    """Set (or with None, unset) MESH_NATIVE_KERNELS / MESH_NATIVE_THREADS for this test, effective now."""
+    from mesh.model import native
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    native.refresh_settings()

@@ -4,7 +4,7 @@ chunked prefill, forced preemption, prefix sharing, seeded sampling, and input v
 import pytest
 import torch
 
-from conftest import DEVICE, FAMILIES, hf_greedy
+from conftest import DEVICE, FAMILIES, hf_greedy, native_env
 from mesh.config import ConfigError, EngineConfig, ModelConfig
 from mesh.engine.engine import Engine
 from mesh.model.attention import KVCache
@@ -50,7 +50,7 @@ def test_greedy_batch_of_16_matches_transformers(family, mode, hf_checkpoints, r
            "micro-batched": {"max_num_batched_tokens": 64, "micro_batches": 2},
            "torch-ops": {"max_num_batched_tokens": 48}}[mode]
     if mode == "torch-ops":  # the torch ops every native kernel falls back to (and the GPU path)
-        monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+        native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     if mode == "preempted":
         # a pool of 10 blocks x 16 tokens: far less than 16 prompts need at once
         mc = ModelConfig.from_dir(hf_checkpoints[family])

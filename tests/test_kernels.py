@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import native_env
+
 from mesh.model import moe, native
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk, gather_blocks, paged_attention
 from mesh.model.layers import silu_mul
@@ -36,7 +38,7 @@ def expert_path(request, monkeypatch):
         if native.library() is None:
             pytest.fail("the native kernels did not build (is a C compiler installed?)")
     else:
-        monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+        native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     return request.param
 
 
@@ -84,7 +86,7 @@ def test_native_experts_round_like_the_unfused_torch_ops(dtype, monkeypatch):
     rows = torch.randn(sum(counts), h, generator=g).to(dtype)
     got = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).forward(0, rows, counts)
     assert ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).layers[0].packed is None  # packed on use
-    monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     want = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).forward(0, rows, counts)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -104,7 +106,7 @@ def test_native_experts_reject_counts_that_do_not_add_up():
 
 
 def test_padded_and_loop_paths_agree(monkeypatch):
-    monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     shard = _shard(torch.float32)
     counts = [3, 0, 3, 2, 2, 3, 3, 2]
     rows = torch.randn(sum(counts), H)
@@ -159,7 +161,7 @@ def decode_path(request, monkeypatch):
         if native.library() is None:
             pytest.fail("the native decode kernel did not build (is a C compiler installed?)")
     else:
-        monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+        native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     return request.param
 
 
@@ -205,7 +207,7 @@ def test_native_decode_threads_give_identical_results(monkeypatch):
     table = torch.randperm(b * m, generator=g).view(b, m)
     lens = torch.randint(1, m * bs + 1, (b,), generator=g)
     one = native.decode_attention(q, k, v, table, lens, 0.125)
-    monkeypatch.setenv("MESH_NATIVE_THREADS", "3")
+    native_env(monkeypatch, "MESH_NATIVE_THREADS", "3")
     assert torch.equal(native.decode_attention(q, k, v, table, lens, 0.125), one)
 
 
@@ -214,11 +216,11 @@ def test_native_kernels_share_torchs_openmp_pool(monkeypatch):
     that runtime and uses torch's thread count; MESH_NATIVE_THREADS overrides it."""
     if native.library() is None:
         pytest.fail("the native decode kernel did not build")
-    monkeypatch.delenv("MESH_NATIVE_THREADS", raising=False)
+    native_env(monkeypatch, "MESH_NATIVE_THREADS", None)
     assert native._openmp == native._shares_torch_openmp()
     if native._openmp:
         assert native._threads() == torch.get_num_threads()
-    monkeypatch.setenv("MESH_NATIVE_THREADS", "3")
+    native_env(monkeypatch, "MESH_NATIVE_THREADS", "3")
     assert native._threads() == 3
 
 
@@ -272,7 +274,7 @@ def test_packed_experts_are_held_once_and_unpack_exactly(dtype, monkeypatch):
     fast = shard.forward(0, rows, counts)
     gate_up, down = shard.layers[0].stacked()
     assert torch.equal(gate_up, ref.layers[0].gate_up) and torch.equal(down, ref.layers[0].down)
-    monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     torch.testing.assert_close(shard.forward(0, rows, counts), ref.forward(0, rows, counts), atol=0, rtol=0)
     atol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(fast.float(), ref.forward(0, rows, counts).float(), atol=atol, rtol=atol)
@@ -350,7 +352,7 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
     assert fast.experts.layers[0].packed  # the native path ran
     with pytest.raises(ValueError, match="outside"):
         native.moe_local(hidden, torch.full((t, k), E), weights, fast.experts.layers[0].packed, I)
-    monkeypatch.setenv("MESH_NATIVE_KERNELS", "0")
+    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     slow = LocalDispatcher(_shard(dtype), E)
     want = slow.combine(slow.dispatch(0, hidden, ids, weights))
     assert got.dtype == want.dtype == dtype
@@ -437,3 +439,19 @@ def test_native_linear_matches_f_linear(dtype, m, with_bias):
         diff = (got.float() - want.float()).abs()
         assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.98
     assert native.pack_linear(torch.zeros(40, 64, dtype=dtype)) is None  # N not a multiple of 32
+
+
+def test_native_argmax_matches_torch_ties_and_nan_included():
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(9, 1000, generator=g)
+    x[1, 10] = x[1, 500] = 50.0  # a tie: the first index
+    x[2, :] = float("-inf")  # all -inf: index 0
+    x[3, 7] = float("nan")  # NaN beats every number
+    x[4, 3] = x[4, 900] = float("nan")  # the first NaN
+    x[5, 999] = float("inf")
+    x[6] = x[6].round()  # many ties among the largest values
+    assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(native.argmax_rows(x[:, :1]), torch.zeros(9, dtype=torch.int64))
+    assert native.argmax_rows(x.to(torch.bfloat16)) is None

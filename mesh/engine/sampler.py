@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mesh.engine.sequence import Sequence
+from mesh.model import native
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
@@ -17,9 +18,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generato
     """logits [N, V] float32, one row per sequence -> next token ids."""
     n = logits.shape[0]
     greedy = [s.sampling.greedy for s in seqs]
+    out = native.argmax_rows(logits) if native.enabled() else None
+    if out is None:
+        out = logits.argmax(dim=-1)
     if all(greedy):
-        return logits.argmax(dim=-1).tolist()
-    out = logits.argmax(dim=-1)
+        return out.tolist()
     rows = [i for i in range(n) if not greedy[i]]
     dev = logits.device
     idx = torch.tensor(rows, device=dev)

@@ -107,3 +107,25 @@ __attribute__((optimize("fp-contract=off"))) void mesh_qk_norm_rope(const void *
         }
     }
 }
+
+/* Row-wise argmax of x [rows, n] float32 -> idx [rows], as torch.argmax: the first maximal index, and
+ * NaN counts as larger than any number (the first NaN wins). One pass per row, vectorised. */
+void mesh_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *idx) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *v = x + r * n;
+        float best = -INFINITY;
+        int nan = 0;
+#pragma omp simd reduction(max : best) reduction(| : nan)
+        for (int64_t i = 0; i < n; i++) {
+            best = v[i] > best ? v[i] : best;
+            nan |= v[i] != v[i];
+        }
+        int64_t at = 0;
+        if (nan) {
+            while (v[at] == v[at]) at++;
+        } else {
+            while (at < n - 1 && v[at] != best) at++; /* n >= 1; all -inf: index 0 */
+        }
+        idx[r] = at;
+    }
+}
