@@ -98,6 +98,7 @@ def _build() -> ctypes.CDLL | None:
     cache = Path(os.environ.get("MESH_CACHE_DIR", Path.home() / ".cache" / "moe-mesh")) / "kernels"
     target = cache / f"mesh-kernels-{key}.so"
     if not target.is_file():
+        log.info("building the native CPU kernels into %s (once per machine and source version)", target)
         try:
             cache.mkdir(parents=True, exist_ok=True)
             # Build beside the target and rename: processes building at once never load a partial file.
