@@ -455,3 +455,23 @@ def test_native_argmax_matches_torch_ties_and_nan_included():
     assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
     assert torch.equal(native.argmax_rows(x[:, :1]), torch.zeros(9, dtype=torch.int64))
     assert native.argmax_rows(x.to(torch.bfloat16)) is None
+
+
+@pytest.mark.parametrize("target", [["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+                                    ["-mavx2", "-mfma"], []],
+                         ids=["avx512-without-bf16", "avx2", "baseline-x86-64"])
+def test_kernels_compile_for_cpus_without_this_ones_features(target, tmp_path):
+    """The kernels are built with -march=native on each machine: every source must compile where the
+    CPU lacks AVX512-BF16 (fp32 kernels only) or AVX-512 altogether (the portable paths)."""
+    import platform
+    import shutil
+    import subprocess
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 target flags")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed to build the native kernels"
+    flags = [f for f in native._FLAGS if f not in ("-march=native", "-shared")] + ["-fopenmp", "-Werror", "-Wno-psabi"]
+    for src in native._SRCS:
+        r = subprocess.run([cc, *flags, *target, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o"))],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{src.name} with {target}:\n{r.stderr[-3000:]}"

@@ -13,31 +13,6 @@ static inline __m512 round_bf16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
     u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
     return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
-
-#ifdef __AVX512BF16__
-/* One attention output row from its float32 accumulators (C vectors of 16), times `inv`, rounded to
- * the output dtype. bf16 P.V accumulators, built from value rows interleaved into pairs by
- * VPUNPCK{L,H}WD (which work within 128-bit lanes), hold the c-th 32 values of a row out of order:
- * accumulator 2c lane 4k+i holds d = 32c + 8k + i, accumulator 2c+1 holds d = 32c + 8k + 4 + i.
- * These indices put them back in order. */
-static inline void store_acc_row(const __m512 *acc, float inv, void *out, const int bf16, const int64_t C) {
-    if (!bf16) {
-        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps((float *)out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-        return;
-    }
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int64_t c = 0; c < C / 2; c++) {
-        __m512 lo = acc[2 * c], hi = acc[2 * c + 1];
-        __m512 a = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), _mm512_set1_ps(inv));
-        __m512 b = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), _mm512_set1_ps(inv));
-        uint16_t *o = (uint16_t *)out + c * 32;
-        _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(a));
-        _mm256_storeu_si256((__m256i *)(o + 16), (__m256i)_mm512_cvtneps_pbh(b));
-    }
-}
-#endif
-
 #endif
 }
 
@@ -63,7 +38,6 @@ static inline __m512 exp_nonpos16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-#ifdef __AVX512BF16__
 /* One attention output row from its float32 accumulators (C vectors of 16), times `inv`, rounded to
  * the output dtype. bf16 P.V accumulators, built from value rows interleaved into pairs by
  * VPUNPCK{L,H}WD (which work within 128-bit lanes), hold the c-th 32 values of a row out of order:
@@ -74,6 +48,7 @@ static inline void store_acc_row(const __m512 *acc, float inv, void *out, const 
         for (int64_t c = 0; c < C; c++) _mm512_storeu_ps((float *)out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
         return;
     }
+#ifdef __AVX512BF16__ /* bf16 kernels run only where the CPU has it */
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     for (int64_t c = 0; c < C / 2; c++) {
@@ -84,7 +59,7 @@ static inline void store_acc_row(const __m512 *acc, float inv, void *out, const 
         _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(a));
         _mm256_storeu_si256((__m256i *)(o + 16), (__m256i)_mm512_cvtneps_pbh(b));
     }
-}
 #endif
+}
 
 #endif

@@ -106,6 +106,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
         const __mmask16 valid = kb + 1 < nkb ? (__mmask16)0xffff : (__mmask16)((2u << (pos - kb * 16)) - 1u);
         for (int i = 0; i < RB; i++) s[i] = _mm512_setzero_ps();
         if (bf16) {
+#ifdef __AVX512BF16__ /* (bf16 items are never run without it: mesh_prefill_attention declines) */
             for (int64_t p = 0; p < D / 2; p++) {
                 const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + p * 64);
                 for (int i = 0; i < RB; i++) {
@@ -114,6 +115,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
                     s[i] = _mm512_dpbf16_ps(s[i], kv, (__m512bh)_mm512_set1_epi32(pair));
                 }
             }
+#endif
         } else {
             for (int64_t d = 0; d < D; d++) {
                 const __m512 kv = _mm512_loadu_ps(kt + d * 64);
@@ -145,6 +147,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
             }
         }
         if (bf16) {
+#ifdef __AVX512BF16__
             __m512i pb[4];
             for (int i = 0; i < RB; i++) pb[i] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[i]));
             for (int64_t tp = 0; tp < 8; tp++) {
@@ -161,6 +164,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
                     }
                 }
             }
+#endif
         } else {
             for (int64_t t = 0; t < 16; t++) {
                 const __m512i sel = _mm512_set1_epi32((int)t);
