@@ -77,16 +77,18 @@ def decode_roofline(engine: Engine, peak: float, bw: float, batch: int = 64, ctx
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
             or engine.num_waiting:
         engine.step()
-    load_before = engine.dispatcher.expert_load.clone()
     t = median_time(engine.step, repeat=9, warmup=2)
-    touched = ((engine.dispatcher.expert_load - load_before) > 0).sum().item()  # (layer, expert) pairs used
+    touched = []  # (layer, expert) pairs whose weights a step reads, per step
+    for _ in range(3):
+        before = engine.dispatcher.expert_load.clone()
+        engine.step()
+        touched.append(((engine.dispatcher.expert_load - before) > 0).sum().item())
     engine.abort_all()
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     el = torch.finfo(engine.config.torch_dtype).bits // 8
     expert_params = 3 * H * I
     dense_params = sum(t.numel() for t in _dense_tensors(engine)) - cfg.vocab_size * H  # embedding rows: gathered
-    steps = 11
-    bytes_moved = (dense_params + touched / steps * expert_params) * el \
+    bytes_moved = (dense_params + sum(touched) / len(touched) * expert_params) * el \
         + batch * ctx * cfg.kv_bytes_per_token * el
     attn_flops = 4 * batch * ctx * cfg.num_heads * cfg.head_dim * cfg.num_layers
     flops = 2 * batch * (dense_params + cfg.num_moe_layers * cfg.top_k * expert_params) + attn_flops
