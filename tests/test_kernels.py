@@ -419,14 +419,15 @@ def test_native_prefill_rejects_chunks_outside_their_table():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 13, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_native_linear_matches_f_linear(dtype, m, with_bias):
-    """The packed-weight linear kernel (the CPU's dense projections and lm_head): bf16 rounds once,
-    as F.linear does, so it matches bit for bit here; float32 to summation order."""
+@pytest.mark.parametrize("n", [96, 48, 16])  # 48, 16: the last 32-wide tile half padding (routers)
+def test_native_linear_matches_f_linear(dtype, m, with_bias, n):
+    """The packed-weight linear kernel (the CPU's dense projections, routers and lm_head): bf16 rounds
+    once, as F.linear does, so it matches bit for bit here; float32 to summation order."""
     if native.library() is None:
         pytest.fail("the native kernels did not build")
     g = torch.Generator().manual_seed(12)
-    w = torch.randn(96, 64, generator=g).to(dtype)
-    b = torch.randn(96, generator=g).to(dtype) if with_bias else None
+    w = torch.randn(n, 64, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if with_bias else None
     x = torch.randn(m, 64, generator=g).to(dtype)
     packed = native.pack_linear(w)
     if not native._avx512(bf16=dtype == torch.bfloat16):  # no kernel for it here: declined at packing
@@ -438,7 +439,8 @@ def test_native_linear_matches_f_linear(dtype, m, with_bias):
     else:
         diff = (got.float() - want.float()).abs()
         assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.98
-    assert native.pack_linear(torch.zeros(40, 64, dtype=dtype)) is None  # N not a multiple of 32
+    assert got.shape == (m, n)
+    assert native.pack_linear(torch.zeros(40, 64, dtype=dtype)) is None  # N not a multiple of 16
 
 
 def test_native_argmax_matches_torch_ties_and_nan_included():
@@ -475,3 +477,43 @@ def test_kernels_compile_for_cpus_without_this_ones_features(target, tmp_path):
         r = subprocess.run([cc, *flags, *target, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o"))],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{src.name} with {target}:\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_add_rms_norm_matches_add_then_norm(dtype):
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    from mesh.model.layers import rms_norm
+    g = torch.Generator().manual_seed(14)
+    h, delta = (torch.randn(2, 19, 64, generator=g) * 3).to(dtype)
+    w = torch.randn(64, generator=g).to(dtype)
+    got_h, got_x = native.add_rms_norm(h, delta, w, 1e-6)
+    want_h = h + delta
+    assert torch.equal(got_h, want_h)  # one rounding of the float32 sum, as torch's add
+    want_x = rms_norm(want_h, w, 1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_x, want_x, atol=1e-6, rtol=1e-6)
+    else:
+        diff = (got_x.float() - want_x.float()).abs()
+        assert (diff <= want_x.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kv_write_matches_index_copy(dtype):
+    """New K/V rows (strided views of the projections, as the decoder passes them) into pool slots."""
+    if native.library() is None:
+        pytest.fail("the native kernels did not build")
+    g = torch.Generator().manual_seed(15)
+    hk, n, bs, d, t = 2, 6, 16, 32, 21
+    k_cache, v_cache = torch.randn(2, hk, n, bs, d, generator=g).to(dtype)
+    qkv = torch.randn(t, 8 + 2 * hk, d, generator=g).to(dtype)
+    k_new, v_new = qkv[:, 8:8 + hk], qkv[:, 8 + hk:]
+    slots = torch.randperm(n * bs, generator=g)[:t]
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k.view(hk, -1, d).index_copy_(1, slots, k_new.transpose(0, 1))
+    want_v.view(hk, -1, d).index_copy_(1, slots, v_new.transpose(0, 1))
+    assert native.kv_write(k_cache, v_cache, slots, k_new, v_new)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(ValueError, match="outside"):
+        native.kv_write(k_cache, v_cache, torch.full((t,), n * bs), k_new, v_new)
+    assert torch.equal(k_cache, want_k)  # checked before writing anything

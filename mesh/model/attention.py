@@ -93,8 +93,9 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     Writes the new K/V into their slots first, so every query sees its own token.
     """
     hk, num_blocks, bs, d = k_cache.shape
-    k_cache.view(hk, -1, d).index_copy_(1, meta.slot_mapping, k_new.transpose(0, 1))
-    v_cache.view(hk, -1, d).index_copy_(1, meta.slot_mapping, v_new.transpose(0, 1))
+    if not (native.enabled() and native.kv_write(k_cache, v_cache, meta.slot_mapping, k_new, v_new)):
+        k_cache.view(hk, -1, d).index_copy_(1, meta.slot_mapping, k_new.transpose(0, 1))
+        v_cache.view(hk, -1, d).index_copy_(1, meta.slot_mapping, v_new.transpose(0, 1))
     t, hq, _ = q.shape
     out = torch.empty_like(q)
 

@@ -80,7 +80,7 @@ class MoEDecoder:
             for layer in weights.layers:
                 dense += [layer.attn.qkv, layer.attn.o, layer.mlp_gate_up, layer.mlp_down]
                 if layer.moe is not None:
-                    dense += [layer.moe.shared_gate_up, layer.moe.shared_down]
+                    dense += [layer.moe.router, layer.moe.shared_gate_up, layer.moe.shared_down]
             for t in dense:
                 p = native.pack_linear(t) if t is not None else None
                 if p is not None:
@@ -108,18 +108,31 @@ class MoEDecoder:
         dispatcher.begin_step(input_ids.shape[0])
         h = F.embedding(input_ids, self.w.embed)  # [T, H]
         rope = self.rope.at(positions)  # every layer rotates by the same positions
+        pending = None  # the last block's output, added to h together with the next norm
         for i, layer in enumerate(self.w.layers):
-            h = h + self._attention(i, layer, rms_norm(h, layer.input_norm, self.cfg.rms_norm_eps),
-                                    rope, meta, kv)
-            x = rms_norm(h, layer.post_norm, self.cfg.rms_norm_eps)
+            h, x = self._add_norm(h, pending, layer.input_norm)
+            h, x = self._add_norm(h, self._attention(i, layer, x, rope, meta, kv), layer.post_norm)
             if layer.moe is None:
-                h = h + self._mlp(x, layer.mlp_gate_up, layer.mlp_down)
+                pending = self._mlp(x, layer.mlp_gate_up, layer.mlp_down)
             else:
-                h = h + self._moe(layer, x, dispatcher)
+                pending = self._moe(layer, x, dispatcher)
             if capture is not None:
+                h, pending = h + pending, None
                 capture.append(h)
         dispatcher.end_step()
-        return rms_norm(h, self.w.norm, self.cfg.rms_norm_eps)
+        return self._add_norm(h, pending, self.w.norm)[1]
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
+        """(h + delta, rms_norm(h + delta)): the residual add and the next norm, in one native pass on
+        the CPU (the same roundings as the two torch ops)."""
+        eps = self.cfg.rms_norm_eps
+        if delta is None:
+            return h, rms_norm(h, weight, eps)
+        fused = native.add_rms_norm(h, delta, weight, eps) if native.enabled() else None
+        if fused is not None:
+            return fused
+        h = h + delta
+        return h, rms_norm(h, weight, eps)
 
     @torch.inference_mode()
     def forward_micro_batches(self, parts: list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]],
@@ -200,7 +213,7 @@ class MoEDecoder:
         collective's transport). Returns (handle for combine, shared-expert output or None)."""
         m, cfg = layer.moe, self.cfg
         ids, weights = route(x, m.router, cfg.top_k, cfg.norm_topk_prob,
-                             self.spec.router_weights_in_model_dtype)
+                             self.spec.router_weights_in_model_dtype, logits=self._linear(x, m.router))
         handle = dispatcher.dispatch(layer.moe_index, x, ids, weights)
         shared = None
         if m.shared_gate_up is not None:

@@ -17,13 +17,15 @@ from mesh.model.layers import silu_mul
 
 
 def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalize: bool,
-          weights_in_model_dtype: bool) -> tuple[torch.Tensor, torch.Tensor]:
+          weights_in_model_dtype: bool, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [T, H] -> (topk_ids [T, K] int64, topk_weights [T, K]).
 
     Softmax over all experts in float32, top-k, renormalised when `normalize`. Qwen casts the weights
-    back to the model dtype, Mixtral keeps them in float32: both as transformers does.
+    back to the model dtype, Mixtral keeps them in float32: both as transformers does. `logits`, when
+    given, are the router's output [T, E] computed by the caller (the CPU's native linear).
     """
-    logits = F.linear(hidden, router_weight)  # [T, E]
+    if logits is None:
+        logits = F.linear(hidden, router_weight)  # [T, E]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if normalize:

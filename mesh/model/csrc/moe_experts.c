@@ -273,18 +273,19 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
 #endif
 }
 
-/* A linear layer y = x @ W^T (+ bias) with W packed like one expert's matrix ([N/16, K, 16] float32
- * or [N/16, K/2, 16, 2] bf16): x [M, K] contiguous, bias [N] or NULL -> out [M, N], the bias added in
- * float32 and the result rounded once to the dtype, as torch's addmm does. Items are (32-column tile, MR-row chunk), tile-major so a tile's weights stay in cache while
- * the row chunks pass. Returns 0, or -1 when unsupported (N a multiple of 32 and K even needed). */
+/* A linear layer y = x @ W^T (+ bias) with W packed like one expert's matrix ([Np/16, K, 16] float32
+ * or [Np/16, K/2, 16, 2] bf16, Np = N rounded up to 32 with zero rows): x [M, K] contiguous, bias [N]
+ * or NULL -> out [M, N], the bias added in float32 and the result rounded once to the dtype, as
+ * torch's addmm does. Items are (32-column tile, MR-row chunk), tile-major so a tile's weights stay in cache while
+ * the row chunks pass. Returns 0, or -1 when unsupported (N a multiple of 16 and K even needed). */
 int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64_t M, int64_t K, int64_t N, int bf16,
                 int nthreads) {
 #ifdef MESH_MOE_AVX512
 #ifndef __AVX512BF16__
     if (bf16) return -1;
 #endif
-    if (N % 32 || K % 2 || M < 0) return -1;
-    const int64_t esz = bf16 ? 2 : 4, tile = K * 16 * esz, tiles = N / 32, chunks = (M + MR - 1) / MR;
+    if (N % 16 || K % 2 || M < 0) return -1;
+    const int64_t esz = bf16 ? 2 : 4, tile = K * 16 * esz, tiles = (N + 31) / 32, chunks = (M + MR - 1) / MR;
     const uk_fn *uk = bf16 ? UK_BF16 : UK_F32;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
@@ -296,18 +297,20 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
         float c[MR * 32];
         const char *w0 = (const char *)w + 2 * j * tile;
         uk[m](xr, w0, w0 + tile, K, c);
+        const int second = 32 * j + 16 < N; /* the last tile pair may end in padding rows */
         __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
         if (bias != NULL) {
             const char *bp = (const char *)bias + 32 * j * esz;
             b0 = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bp)), 16))
                       : _mm512_loadu_ps(bp);
-            b1 = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bp + 32))), 16))
-                      : _mm512_loadu_ps(bp + 64);
+            if (second)
+                b1 = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bp + 32))), 16))
+                          : _mm512_loadu_ps(bp + 64);
         }
         for (int i = 0; i < m; i++) {
             char *o = (char *)out + ((r + i) * N + 32 * j) * esz;
             store16(o, _mm512_add_ps(_mm512_loadu_ps(c + i * 32), b0), bf16);
-            store16(o + 16 * esz, _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + 16), b1), bf16);
+            if (second) store16(o + 16 * esz, _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + 16), b1), bf16);
         }
     }
     return 0;

@@ -129,3 +129,43 @@ void mesh_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *idx) {
         idx[r] = at;
     }
 }
+
+/* h_out = h + delta (rounded to the dtype, as torch's add) and x = RMSNorm(h_out) * w in one pass:
+ * the residual add before each norm of a decoder layer. h, delta, h_out, x: [rows, D] contiguous. */
+void mesh_add_rms_norm(const void *h, const void *delta, const void *w, void *h_out, void *x, int64_t rows,
+                       int64_t D, float eps, int bf16, int nthreads) {
+    if (rows * D < (1 << 18)) nthreads = 1;
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        if (bf16) {
+            const uint16_t *a = (const uint16_t *)h + r * D, *b = (const uint16_t *)delta + r * D;
+            uint16_t *s = (uint16_t *)h_out + r * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) s[d] = to_bf(bf(a[d]) + bf(b[d]));
+            row_bf16(s, (const uint16_t *)w, (uint16_t *)x + r * D, D, eps);
+        } else {
+            const float *a = (const float *)h + r * D, *b = (const float *)delta + r * D;
+            float *s = (float *)h_out + r * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) s[d] = a[d] + b[d];
+            row_f32(s, (const float *)w, (float *)x + r * D, D, eps);
+        }
+    }
+}
+
+/* New tokens' K and V into their pool slots: k_new, v_new [T, Hk, D] with row strides sk, sv (elements;
+ * the heads of a row contiguous), caches [Hk, slots, D]. Returns 0, or -5 for a slot outside
+ * [0, slots) (checked first: nothing is written then). */
+int mesh_kv_write(void *k_cache, void *v_cache, int64_t slots, const int64_t *slot, const void *k_new, int64_t sk,
+                  const void *v_new, int64_t sv, int64_t T, int64_t Hk, int64_t D, int64_t esz) {
+    for (int64_t t = 0; t < T; t++)
+        if (slot[t] < 0 || slot[t] >= slots) return -5;
+    const size_t row = (size_t)(D * esz);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < Hk; h++) {
+            memcpy((char *)k_cache + (h * slots + slot[t]) * row, (const char *)k_new + (t * sk + h * D) * esz, row);
+            memcpy((char *)v_cache + (h * slots + slot[t]) * row, (const char *)v_new + (t * sv + h * D) * esz, row);
+        }
+    return 0;
+}
