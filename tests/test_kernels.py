@@ -275,7 +275,9 @@ def test_packed_experts_are_held_once_and_unpack_exactly(dtype, monkeypatch):
     gate_up, down = shard.layers[0].stacked()
     assert torch.equal(gate_up, ref.layers[0].gate_up) and torch.equal(down, ref.layers[0].down)
     native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
-    torch.testing.assert_close(shard.forward(0, rows, counts), ref.forward(0, rows, counts), atol=0, rtol=0)
+    # the same weights (bit for bit, above) through the same torch ops; oneDNN may still pick another
+    # summation order for differently aligned buffers, so not bit-exact
+    torch.testing.assert_close(shard.forward(0, rows, counts), ref.forward(0, rows, counts))
     atol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(fast.float(), ref.forward(0, rows, counts).float(), atol=atol, rtol=atol)
 

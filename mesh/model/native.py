@@ -271,11 +271,22 @@ def experts_supported(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
-    """[S, N, K] -> the kernel's layout: [S, N/16, K, 16] (float32) or [S, N/16, K/2, 16, 2] (bf16)."""
+    """[S, N, K] -> the kernels' layout, 32 output features at a time, the two 16-feature halves side by
+    side at each input position (one sequential stream per 32-column tile): [S, N/32, K, 2, 16]
+    (float32) or [S, N/32, K/2, 2, 16, 2] (bf16, pairs of adjacent inputs: VDPBF16PS's operand)."""
     s, n, k = w.shape
     if w.dtype == torch.bfloat16:
-        return w.reshape(s, n // 16, 16, k // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
-    return w.reshape(s, n // 16, 16, k).permute(0, 1, 3, 2).contiguous()
+        return w.reshape(s, n // 32, 2, 16, k // 2, 2).permute(0, 1, 4, 2, 3, 5).contiguous()
+    return w.reshape(s, n // 32, 2, 16, k).permute(0, 1, 4, 2, 3).contiguous()
+
+
+def _unpack(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_pack`: [S, N, K]."""
+    if p.dtype == torch.bfloat16:  # [S, N/32, K/2, 2, 16, 2]
+        s, nt, kp = p.shape[:3]
+        return p.permute(0, 1, 3, 4, 2, 5).reshape(s, nt * 32, kp * 2)
+    s, nt, k = p.shape[:3]  # [S, N/32, K, 2, 16]
+    return p.permute(0, 1, 3, 4, 2).reshape(s, nt * 32, k)
 
 
 def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,14 +300,7 @@ def pack_experts(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tenso
 
 def unpack_experts(gu: torch.Tensor, dn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of `pack_experts`: stacked gate_up [S, 2I, H] and down [S, H, I]."""
-    def unpack(p: torch.Tensor) -> torch.Tensor:
-        if p.dim() == 5:  # bf16 [S, N/16, K/2, 16, 2]
-            s, nt, kp, _, _ = p.shape
-            return p.permute(0, 1, 3, 2, 4).reshape(s, nt * 16, kp * 2)
-        s, nt, k, _ = p.shape
-        return p.permute(0, 1, 3, 2).reshape(s, nt * 16, k)
-
-    tiles, down = unpack(gu), unpack(dn)
+    tiles, down = _unpack(gu), _unpack(dn)
     s, two_i, h = tiles.shape
     gate_up = tiles.view(s, two_i // 32, 2, 16, h).transpose(1, 2).reshape(s, two_i, h)
     return gate_up, down

@@ -41,10 +41,10 @@ static inline __attribute__((always_inline)) void ukernel(const char *const *x, 
     if (bf16) {
 #ifdef __AVX512BF16__
         for (int64_t p = 0; p < K / 2; p++) {
-            _mm_prefetch(w0 + (p + PF) * 64, _MM_HINT_T0);
-            _mm_prefetch(w1 + (p + PF) * 64, _MM_HINT_T0);
-            const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + p * 64);
-            const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 64);
+            _mm_prefetch(w0 + (p + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w1 + (p + PF) * 128, _MM_HINT_T0);
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + p * 128);
+            const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 128);
             for (int i = 0; i < M; i++) {
                 int32_t pair;
                 memcpy(&pair, x[i] + p * 4, 4);
@@ -56,9 +56,9 @@ static inline __attribute__((always_inline)) void ukernel(const char *const *x, 
 #endif
     } else {
         for (int64_t k = 0; k < K; k++) {
-            _mm_prefetch(w0 + (k + PF) * 64, _MM_HINT_T0);
-            _mm_prefetch(w1 + (k + PF) * 64, _MM_HINT_T0);
-            const __m512 b0 = _mm512_loadu_ps(w0 + k * 64), b1 = _mm512_loadu_ps(w1 + k * 64);
+            _mm_prefetch(w0 + (k + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w1 + (k + PF) * 128, _MM_HINT_T0);
+            const __m512 b0 = _mm512_loadu_ps(w0 + k * 128), b1 = _mm512_loadu_ps(w1 + k * 128);
             for (int i = 0; i < M; i++) {
                 float xv;
                 memcpy(&xv, x[i] + k * 4, 4);
@@ -109,7 +109,7 @@ typedef struct {
 static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
     const int64_t tile = H * 16 * esz; /* bytes of one 16-feature tile */
-    const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * tile, *w1 = w0 + tile;
+    const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * tile, *w1 = w0 + 64;
     const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
     float c[MR * 32];
     for (int64_t r = r0; r < r1; r += MR) {
@@ -134,7 +134,7 @@ static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
 static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
     const int64_t tile = I * 16 * esz;
-    const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * tile, *w1 = w0 + tile;
+    const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * tile, *w1 = w0 + 64;
     const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
     float c[MR * 32];
     for (int64_t r = r0; r < r1; r += MR) {
@@ -296,7 +296,7 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
         for (int i = 0; i < m; i++) xr[i] = (const char *)x + (r + i) * K * esz;
         float c[MR * 32];
         const char *w0 = (const char *)w + 2 * j * tile;
-        uk[m](xr, w0, w0 + tile, K, c);
+        uk[m](xr, w0, w0 + 64, K, c);
         const int second = 32 * j + 16 < N; /* the last tile pair may end in padding rows */
         __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
         if (bias != NULL) {
