@@ -302,12 +302,8 @@ static void pair_bs16(const job_t *j, work16_t *w, int64_t b, int64_t h) {
 #define MESH_AVX512 1
 
 typedef struct {
-    __m512 acc[MAX_G][MAX_D / 16]; /* bf16: lanes in the pair-interleaved order (see store_bf16) */
     __m512i qh[MAX_G][MAX_D / 32]; /* bf16 queries */
     __m512 qf[MAX_G][MAX_D / 16];  /* float32 queries */
-    uint16_t pb[MAX_G][16];        /* a block's probabilities in bf16 */
-    float pf[MAX_G][16];
-    float m[MAX_G], l[MAX_G];
 } work512_t;
 
 /* Two token vectors of partial sums -> one vector holding, per 128-bit lane, [a0+a2, b0+b2, a1+a3,
@@ -355,19 +351,20 @@ static inline __m512 block_scores(const work512_t *w, int64_t g, const char *kbl
     return finish_sums(s);
 }
 
-static inline __attribute__((always_inline)) void pair512_body(const job_t *j, work512_t *w, int64_t b, int64_t h,
-                                                               const int64_t G, const int64_t C, const int bf16) {
+/* RB query heads (g0 .. g0+RB-1) of one (sequence, KV head) pair over its blocks, with their
+ * accumulators, running maxima and sums in registers; a block's value rows are loaded once for the RB
+ * rows (its keys once per row, from L1 after the first). */
+static inline __attribute__((always_inline)) void group512(const job_t *j, const work512_t *w, int64_t b, int64_t h,
+                                                           int64_t g0, const int RB, const int64_t G, const int64_t C,
+                                                           const int bf16) {
     const int64_t D = C * 16, esz = bf16 ? 2 : 4, rowbytes = D * esz;
-    const char *qb = (const char *)j->q, *kb = (const char *)j->k, *vb = (const char *)j->v;
-    for (int64_t g = 0; g < G; g++) {
-        const char *qrow = qb + ((b * j->Hk + h) * G + g) * rowbytes;
-        if (bf16)
-            for (int64_t c = 0; c < C / 2; c++) w->qh[g][c] = _mm512_loadu_si512(qrow + c * 64);
-        else
-            for (int64_t c = 0; c < C; c++) w->qf[g][c] = _mm512_loadu_ps(qrow + c * 64);
-        for (int64_t c = 0; c < C; c++) w->acc[g][c] = _mm512_setzero_ps();
-        w->m[g] = -INFINITY;
-        w->l[g] = 0.f;
+    const char *kb = (const char *)j->k, *vb = (const char *)j->v;
+    __m512 a[4][MAX_D / 16];
+    float m[4], l[4];
+    for (int r = 0; r < RB; r++) {
+        for (int64_t c = 0; c < C; c++) a[r][c] = _mm512_setzero_ps();
+        m[r] = -INFINITY;
+        l[r] = 0.f;
     }
     const __m512 scale = _mm512_set1_ps(j->scale), neg_inf = _mm512_set1_ps(-INFINITY);
     const int64_t ctx = j->ctx[b];
@@ -376,58 +373,84 @@ static inline __attribute__((always_inline)) void pair512_body(const job_t *j, w
         const int64_t n = (ctx - i * 16) < 16 ? (ctx - i * 16) : 16;
         const __mmask16 valid = (__mmask16)((1u << n) - 1u);
         const int64_t off = (h * j->N + j->table[b * j->M + i]) * 16 * rowbytes;
-        if (i + PREFETCH_AHEAD < nblocks) {
+        if (g0 == 0 && i + PREFETCH_AHEAD < nblocks) {
             const int64_t next = (h * j->N + j->table[b * j->M + i + PREFETCH_AHEAD]) * 16 * rowbytes;
             for (int64_t o = 0; o < 16 * rowbytes; o += 64) {
                 __builtin_prefetch(kb + next + o);
                 __builtin_prefetch(vb + next + o);
             }
         }
-        for (int64_t g = 0; g < G; g++) {
-            __m512 s = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g, kb + off, rowbytes, bf16, C), scale));
-            const float mnew = fmaxf(_mm512_reduce_max_ps(s), w->m[g]);
-            const float corr = exp_nonpos(w->m[g] - mnew); /* ~0 on the first block (m = -inf) */
-            v16f x = (v16f)_mm512_sub_ps(s, _mm512_set1_ps(mnew));
-            __m512 p = _mm512_maskz_mov_ps(valid, (__m512)exp16(x));
-            w->l[g] = w->l[g] * corr + _mm512_reduce_add_ps(p);
-            w->m[g] = mnew;
-            const __m512 cv = _mm512_set1_ps(corr);
-            for (int64_t c = 0; c < C; c++) w->acc[g][c] = _mm512_mul_ps(w->acc[g][c], cv);
-            if (bf16) _mm256_storeu_si256((__m256i *)w->pb[g], (__m256i)_mm512_cvtneps_pbh(p));
-            else _mm512_storeu_ps(w->pf[g], p);
+        __m512 p[4];
+        float delta[16] = {0}, mnew[4];
+        for (int r = 0; r < RB; r++) {
+            p[r] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g0 + r, kb + off, rowbytes, bf16, C), scale));
+            mnew[r] = fmaxf(_mm512_reduce_max_ps(p[r]), m[r]);
+            delta[r] = m[r] - mnew[r]; /* -inf on the first block: its factor is ~0 */
+        }
+        float cf[16];
+        _mm512_storeu_ps(cf, (__m512)exp16((v16f)_mm512_loadu_ps(delta))); /* every row's rescale, one exp */
+        for (int r = 0; r < RB; r++) {
+            p[r] = _mm512_maskz_mov_ps(valid, (__m512)exp16((v16f)_mm512_sub_ps(p[r], _mm512_set1_ps(mnew[r]))));
+            l[r] = l[r] * cf[r] + _mm512_reduce_add_ps(p[r]);
+            m[r] = mnew[r];
+            if (cf[r] != 1.f)
+                for (int64_t c = 0; c < C; c++) a[r][c] = _mm512_mul_ps(a[r][c], _mm512_set1_ps(cf[r]));
         }
         const char *vblk = vb + off;
         if (bf16) {
+            __m512i pb[4];
+            for (int r = 0; r < RB; r++) pb[r] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[r]));
             for (int64_t t = 0; t < n; t += 2) {
                 const char *v0 = vblk + t * rowbytes, *v1 = v0 + rowbytes;
+                const __m512i sel = _mm512_set1_epi32((int)(t / 2));
+                __m512bh pp[4];
+                for (int r = 0; r < RB; r++) pp[r] = (__m512bh)_mm512_permutexvar_epi32(sel, pb[r]);
                 for (int64_t c = 0; c < C / 2; c++) {
-                    __m512i a = _mm512_loadu_si512(v0 + c * 64);
-                    __m512i bb = t + 1 < n ? _mm512_loadu_si512(v1 + c * 64) : _mm512_setzero_si512();
-                    __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, bb), hi = (__m512bh)_mm512_unpackhi_epi16(a, bb);
-                    for (int64_t g = 0; g < G; g++) {
-                        int32_t pair;
-                        memcpy(&pair, &w->pb[g][t], 4);
-                        __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
-                        w->acc[g][2 * c] = _mm512_dpbf16_ps(w->acc[g][2 * c], lo, pp);
-                        w->acc[g][2 * c + 1] = _mm512_dpbf16_ps(w->acc[g][2 * c + 1], hi, pp);
+                    __m512i x0 = _mm512_loadu_si512(v0 + c * 64);
+                    __m512i x1 = t + 1 < n ? _mm512_loadu_si512(v1 + c * 64) : _mm512_setzero_si512();
+                    __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(x0, x1), hi = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
+                    for (int r = 0; r < RB; r++) {
+                        a[r][2 * c] = _mm512_dpbf16_ps(a[r][2 * c], lo, pp[r]);
+                        a[r][2 * c + 1] = _mm512_dpbf16_ps(a[r][2 * c + 1], hi, pp[r]);
                     }
                 }
             }
         } else {
             for (int64_t t = 0; t < n; t++) {
                 const char *vr = vblk + t * rowbytes;
+                const __m512i sel = _mm512_set1_epi32((int)t);
+                __m512 pt[4];
+                for (int r = 0; r < RB; r++) pt[r] = _mm512_permutexvar_ps(sel, p[r]);
                 for (int64_t c = 0; c < C; c++) {
-                    __m512 vv = _mm512_loadu_ps(vr + c * 64);
-                    for (int64_t g = 0; g < G; g++)
-                        w->acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(w->pf[g][t]), vv, w->acc[g][c]);
+                    const __m512 vv = _mm512_loadu_ps(vr + c * 64);
+                    for (int r = 0; r < RB; r++) a[r][c] = _mm512_fmadd_ps(pt[r], vv, a[r][c]);
                 }
             }
         }
     }
-    for (int64_t g = 0; g < G; g++) {
-        const float inv = w->l[g] > 0.f ? 1.f / w->l[g] : 0.f;
-        store_acc_row(w->acc[g], inv, (char *)j->out + ((b * j->Hk + h) * G + g) * rowbytes, bf16, C);
+    for (int r = 0; r < RB; r++) {
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        store_acc_row(a[r], inv, (char *)j->out + ((b * j->Hk + h) * G + g0 + r) * rowbytes, bf16, C);
     }
+}
+
+static inline __attribute__((always_inline)) void pair512_body(const job_t *j, work512_t *w, int64_t b, int64_t h,
+                                                               const int64_t G, const int64_t C, const int bf16) {
+    const int64_t rowbytes = C * 16 * (bf16 ? 2 : 4);
+    for (int64_t g = 0; g < G; g++) {
+        const char *qrow = (const char *)j->q + ((b * j->Hk + h) * G + g) * rowbytes;
+        if (bf16)
+            for (int64_t c = 0; c < C / 2; c++) w->qh[g][c] = _mm512_loadu_si512(qrow + c * 64);
+        else
+            for (int64_t c = 0; c < C; c++) w->qf[g][c] = _mm512_loadu_ps(qrow + c * 64);
+    }
+    /* rows per group: 4 where their accumulators fit the registers (head_dim <= 64), else 2 */
+    int64_t g = 0;
+    if (C <= 4)
+        for (; g + 4 <= G; g += 4) group512(j, w, b, h, g, 4, G, C, bf16);
+    else
+        for (; g + 2 <= G; g += 2) group512(j, w, b, h, g, 2, G, C, bf16);
+    for (; g < G; g++) group512(j, w, b, h, g, 1, G, C, bf16);
 }
 
 static void p512_bf16_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 4, 1); }
