@@ -74,7 +74,7 @@ class MoEDecoder:
             for layer in weights.layers]  # [Hq + Hk, D] per layer
         # On the CPU, the dense projections run in the native linear kernel from packed copies of their
         # weights (keyed by the weight tensor's id); weights it does not take keep F.linear.
-        self._packed: dict[int, torch.Tensor] = {}
+        self._packed: dict[int, native.PackedLinear] = {}
         if self.device.type == "cpu" and native.enabled():
             dense = [weights.lm_head]
             for layer in weights.layers:

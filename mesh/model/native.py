@@ -1,16 +1,22 @@
 """Native CPU kernels (`csrc/*.c`), built on first use with the system C compiler and cached.
 
-Plain C with no Python or torch headers: one `cc` call of about a second, loaded with ctypes, called
+decode_attention.c (one query token per sequence over the paged pool), prefill_attention.c (causal
+attention of a step's prefill chunks), moe_experts.c (grouped expert FFNs, the in-process MoE layer,
+plain linear layers over packed weights), norms.c (RMSNorm, residual add + RMSNorm, q/k norm +
+rotary, KV slot writes, row argmax). Each rounds where the torch spelling it replaces rounds.
+
+Plain C with no Python or torch headers: one `cc` call of a few seconds, loaded with ctypes, called
 with raw pointers (ctypes releases the GIL for the call). When torch itself runs on GNU OpenMP
 (`libgomp.so.1`, as the Linux wheels do), the kernels are built with `-fopenmp` against that same
 runtime: they run on torch's thread pool, as many threads as `torch.get_num_threads()`, instead of
 starting threads that would compete with torch's spinning workers for the same cores. Otherwise one
 thread per call. `MESH_NATIVE_THREADS` sets the count either way. Built for this machine (`-march=native`)
-into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the source, the flags, the
+into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the sources, the flags, the
 compiler and the CPU's feature flags, so a shared home directory never serves one CPU's build to
-another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops.
+another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops (also
+the GPU path). The AVX-512 paths need AVX512F/BW (and AVX512-BF16 for bfloat16); elsewhere the
+portable paths or torch ops run.
 """
-
 from __future__ import annotations
 
 import ctypes

@@ -41,7 +41,7 @@ class LocalDispatcher:
         pass
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> _Pending:
+                 topk_weights: torch.Tensor) -> _Pending | _Done:
         t, k = topk_ids.shape
         if self.expert_load is None:
             self.expert_load = torch.zeros(len(self.experts.layers), self.num_experts, dtype=torch.int64)
