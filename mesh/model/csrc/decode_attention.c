@@ -23,7 +23,7 @@
 #define MAX_G 64
 #define MAX_D 256
 #define MAX_BS 256
-#define PREFETCH_AHEAD 1 /* blocks ahead (2 measured no better) */
+#define PREFETCH_AHEAD 1 /* blocks ahead, portable path (2 measured no better; the AVX-512 path paces its prefetches) */
 
 typedef struct {
     const void *q, *k, *v;
@@ -373,16 +373,20 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
         const int64_t n = (ctx - i * 16) < 16 ? (ctx - i * 16) : 16;
         const __mmask16 valid = (__mmask16)((1u << n) - 1u);
         const int64_t off = (h * j->N + j->table[b * j->M + i]) * 16 * rowbytes;
-        if (g0 == 0 && i + PREFETCH_AHEAD < nblocks) {
-            const int64_t next = (h * j->N + j->table[b * j->M + i + PREFETCH_AHEAD]) * 16 * rowbytes;
-            for (int64_t o = 0; o < 16 * rowbytes; o += 64) {
-                __builtin_prefetch(kb + next + o);
-                __builtin_prefetch(vb + next + o);
-            }
+        /* the next block's K and V lines, asked for a few at a time while this block computes (a
+         * burst of 64 requests would overflow the core's miss buffers) */
+        const char *nk = NULL, *nv = NULL;
+        if (g0 == 0 && i + 1 < nblocks) {
+            const int64_t next = (h * j->N + j->table[b * j->M + i + 1]) * 16 * rowbytes;
+            nk = kb + next;
+            nv = vb + next;
         }
+        const int64_t lines = 16 * rowbytes / 64, per_row = (lines + RB - 1) / RB;
         __m512 p[4];
         float delta[16] = {0}, mnew[4];
         for (int r = 0; r < RB; r++) {
+            if (nk != NULL)
+                for (int64_t q = r * per_row; q < (r + 1) * per_row && q < lines; q++) __builtin_prefetch(nk + q * 64);
             p[r] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g0 + r, kb + off, rowbytes, bf16, C), scale));
             mnew[r] = fmaxf(_mm512_reduce_max_ps(p[r]), m[r]);
             delta[r] = m[r] - mnew[r]; /* -inf on the first block: its factor is ~0 */
@@ -401,6 +405,8 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
             __m512i pb[4];
             for (int r = 0; r < RB; r++) pb[r] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[r]));
             for (int64_t t = 0; t < n; t += 2) {
+                if (nv != NULL)
+                    for (int64_t q = t / 2 * (lines / 8); q < (t / 2 + 1) * (lines / 8); q++) __builtin_prefetch(nv + q * 64);
                 const char *v0 = vblk + t * rowbytes, *v1 = v0 + rowbytes;
                 const __m512i sel = _mm512_set1_epi32((int)(t / 2));
                 __m512bh pp[4];
@@ -417,6 +423,8 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
             }
         } else {
             for (int64_t t = 0; t < n; t++) {
+                if (nv != NULL)
+                    for (int64_t q = t * (lines / 16); q < (t + 1) * (lines / 16); q++) __builtin_prefetch(nv + q * 64);
                 const char *vr = vblk + t * rowbytes;
                 const __m512i sel = _mm512_set1_epi32((int)t);
                 __m512 pt[4];
