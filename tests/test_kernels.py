@@ -31,12 +31,16 @@ def _reference_experts(shard, rows, counts):
     return torch.cat(out)
 
 
+def _need_native() -> None:
+    if native.library() is None:
+        pytest.fail("the native kernels did not build (is a C compiler installed?)")
+
+
 @pytest.fixture(params=["native", "torch"])
-def expert_path(request, monkeypatch):
-    """Run a test through the native grouped-expert kernel and through the torch paths."""
+def kernel_path(request, monkeypatch):
+    """Run a test through the native kernels and through the torch ops they replace."""
     if request.param == "native":
-        if native.library() is None:
-            pytest.fail("the native kernels did not build (is a C compiler installed?)")
+        _need_native()
     else:
         native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     return request.param
@@ -54,7 +58,7 @@ COUNTS = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("counts,padded", COUNTS)
-def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, expert_path, monkeypatch):
+def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, kernel_path, monkeypatch):
     shard = _shard(dtype)
     rows = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(1)).to(dtype)
     calls, native_calls = [], []
@@ -62,9 +66,9 @@ def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, expe
     monkeypatch.setattr(moe, "_padded_experts", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(native, "moe_experts", lambda *a: native_calls.append(1) or real_native(*a))
     got = shard.forward(0, rows, counts)
-    if expert_path == "native" and native._avx512(bf16=dtype == torch.bfloat16):
+    if kernel_path == "native" and native._avx512(bf16=dtype == torch.bfloat16):
         assert native_calls and not calls
-    elif expert_path == "native":  # a CPU without AVX-512 (BF16): the kernel is never offered the rows
+    elif kernel_path == "native":  # a CPU without AVX-512 (BF16): the kernel is never offered the rows
         assert shard.layers[0].packed is False and not native_calls
     else:
         assert not native_calls and bool(calls) == padded
@@ -97,8 +101,7 @@ def test_native_experts_round_like_the_unfused_torch_ops(dtype, monkeypatch):
 
 
 def test_native_experts_reject_counts_that_do_not_add_up():
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     gate_up, down = torch.zeros(2, 32, 32), torch.zeros(2, 32, 16)
     packed = native.pack_experts(gate_up, down)
     with pytest.raises(ValueError, match="add up"):
@@ -154,23 +157,12 @@ def test_gather_blocks_returns_each_heads_tokens_in_order():
     torch.testing.assert_close(gather_blocks(kv.layer(0)[0], blocks)[:, :37], k.transpose(0, 1))
 
 
-@pytest.fixture(params=["native", "torch"])
-def decode_path(request, monkeypatch):
-    """Run a test through the native decode kernel and through the torch fallback."""
-    if request.param == "native":
-        if native.library() is None:
-            pytest.fail("the native decode kernel did not build (is a C compiler installed?)")
-    else:
-        native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths,bs,hk,groups,d", [([1], 16, 2, 4, 32), ([9], 16, 2, 4, 32),
                                                     ([5, 70, 1, 33], 16, 2, 4, 32), ([1000, 3], 16, 2, 4, 32),
                                                     ([33, 100], 16, 2, 4, 64), ([50, 16], 16, 1, 8, 128),
                                                     ([17, 300, 2], 8, 1, 16, 128), ([40, 7], 32, 4, 1, 64)])
-def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths, bs, hk, groups, d, decode_path):
+def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths, bs, hk, groups, d, kernel_path):
     g = torch.Generator().manual_seed(4)
     hq = hk * groups
     kv, seqs = _pool(lengths, bs, hk, d, dtype, g)
@@ -182,13 +174,11 @@ def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths, bs, hk, grou
     width = max(len(blocks) for _, _, blocks in seqs)
     table = [blocks.tolist() + [0] * (width - len(blocks)) for _, _, blocks in seqs]
     slots = [blocks[(n - 1) // bs] * bs + (n - 1) % bs for n, (_, _, blocks) in zip(lengths, seqs)]
-    mask = (torch.arange(width * bs)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots), num_decode=b,
-                             decode_block_table=torch.tensor(table), decode_mask=mask,
-                             decode_context_lens=torch.tensor(lengths))
+                             decode_block_table=torch.tensor(table), decode_context_lens=torch.tensor(lengths))
     kc, vc = kv.layer(0)
     got = paged_attention(q, k_new, v_new, kc, vc, meta, d ** -0.5).view(b, hq, d)
-    assert (meta.decode_bias is None) == (decode_path == "native")  # the torch path builds its mask
+    assert (meta.decode_bias is None) == (kernel_path == "native")  # the torch path builds its mask
     for i, n in enumerate(lengths):
         k, v = seqs[i][0].float(), seqs[i][1].float()  # [n, Hk, D]
         want = F.scaled_dot_product_attention(q[i].float()[:, None], k.transpose(0, 1).repeat_interleave(groups, 0),
@@ -198,8 +188,7 @@ def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths, bs, hk, grou
 
 
 def test_native_decode_threads_give_identical_results(monkeypatch):
-    if native.library() is None:
-        pytest.fail("the native decode kernel did not build")
+    _need_native()
     g = torch.Generator().manual_seed(8)
     b, hk, groups, d, bs, m = 9, 2, 4, 64, 16, 20  # 9 x 20 x 2 = 360 block pairs: enough for 2 threads
     k, v = (torch.randn(hk, b * m, bs, d, generator=g).to(torch.bfloat16) for _ in range(2))
@@ -214,8 +203,7 @@ def test_native_decode_threads_give_identical_results(monkeypatch):
 def test_native_kernels_share_torchs_openmp_pool(monkeypatch):
     """Where torch runs on GNU OpenMP (libgomp.so.1, the Linux wheels), the kernel is built against
     that runtime and uses torch's thread count; MESH_NATIVE_THREADS overrides it."""
-    if native.library() is None:
-        pytest.fail("the native decode kernel did not build")
+    _need_native()
     native_env(monkeypatch, "MESH_NATIVE_THREADS", None)
     assert native._openmp == native._shares_torch_openmp()
     if native._openmp:
@@ -225,8 +213,7 @@ def test_native_kernels_share_torchs_openmp_pool(monkeypatch):
 
 
 def test_native_decode_rejects_indices_outside_the_pool():
-    if native.library() is None:
-        pytest.fail("the native decode kernel did not build")
+    _need_native()
     k = torch.zeros(2, 4, 16, 32)
     q = torch.zeros(1, 8, 32)
     with pytest.raises(ValueError, match="outside"):
@@ -259,8 +246,7 @@ def test_prefill_with_cached_prefix_matches_causal_sdpa():
 def test_packed_experts_are_held_once_and_unpack_exactly(dtype, monkeypatch):
     """pack_native drops the stacked copies where the kernel runs; the torch paths, if the kernels are
     switched off afterwards, rebuild the stacked weights bit for bit and give the same outputs."""
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     shard, ref = _shard(dtype), _shard(dtype)
     counts = [3, 0, 5, 2, 2, 13, 3, 2]
     rows = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -286,8 +272,7 @@ def test_packed_experts_are_held_once_and_unpack_exactly(dtype, monkeypatch):
 def test_native_rms_norm_matches_the_torch_spelling(dtype):
     """One pass per row, the same rounding points as weight * F.rms_norm(x.float()).to(dtype): for a
     hidden state, and for per-head q/k weights over a strided view of a fused qkv projection."""
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     g = torch.Generator().manual_seed(5)
 
     def torch_norm(x, w):
@@ -314,8 +299,7 @@ def test_native_rms_norm_matches_the_torch_spelling(dtype):
 def test_native_qk_norm_rope_matches_norm_then_rotate(dtype, with_norm):
     """The q/k heads of a fused qkv projection (a strided view) through per-head RMSNorm (Qwen3) or
     none (Qwen2-MoE, Mixtral), then the rotary embedding at each token's position."""
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     from mesh.model.layers import RotaryTable, rms_norm, rotate
     g = torch.Generator().manual_seed(6)
     t, hq, hk, d = 7, 8, 2, 64
@@ -339,8 +323,7 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
     combine) against its torch path (sort_by_expert, gathered rows, weighted_scatter), with the
     expert-load counters; Qwen's router weights in the model dtype and Mixtral's in float32."""
     from mesh.parallel.local import LocalDispatcher
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     if not native._avx512(bf16=dtype == torch.bfloat16):
         pytest.fail("this test needs AVX-512 (BF16)")
     g = torch.Generator().manual_seed(9)
@@ -365,7 +348,7 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hk,groups,d", [(2, 4, 64), (1, 8, 128), (4, 1, 32), (2, 3, 64)])
-def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, decode_path, monkeypatch):
+def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, kernel_path, monkeypatch):
     """A step's prefill chunks (fresh prompts and chunks after a cached prefix, lengths around the
     16-token block and query-tile edges) against SDPA over each sequence, through the native kernel
     (every chunk in one call) and through the torch path."""
@@ -389,8 +372,8 @@ def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, decode_path, mon
     meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=chunks)
     kc, vc = kv.layer(0)
     got = paged_attention(q, torch.cat(k_new), torch.cat(v_new), kc, vc, meta, d ** -0.5).view(t, -1, d)
-    ran_native = decode_path == "native" and native._avx512(bf16=dtype == torch.bfloat16)
-    assert bool(calls) == (decode_path == "native")
+    ran_native = kernel_path == "native" and native._avx512(bf16=dtype == torch.bfloat16)
+    assert bool(calls) == (kernel_path == "native")
     atol = 1e-5 if dtype == torch.float32 else 3e-2
     for (past, n), (k, v, _), chunk in zip(spans, seqs, chunks):
         pos = torch.arange(past, past + n)
@@ -404,8 +387,7 @@ def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, decode_path, mon
 
 
 def test_native_prefill_rejects_chunks_outside_their_table():
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     if not native._avx512(bf16=False):
         pytest.fail("this test needs AVX-512")
     k = torch.zeros(2, 4, 16, 32)
@@ -425,8 +407,7 @@ def test_native_prefill_rejects_chunks_outside_their_table():
 def test_native_linear_matches_f_linear(dtype, m, with_bias, n):
     """The packed-weight linear kernel (the CPU's dense projections, routers and lm_head): bf16 rounds
     once, as F.linear does, so it matches bit for bit here; float32 to summation order."""
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     g = torch.Generator().manual_seed(12)
     w = torch.randn(n, 64, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if with_bias else None
@@ -446,8 +427,7 @@ def test_native_linear_matches_f_linear(dtype, m, with_bias, n):
 
 
 def test_native_argmax_matches_torch_ties_and_nan_included():
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     g = torch.Generator().manual_seed(13)
     x = torch.randn(9, 1000, generator=g)
     x[1, 10] = x[1, 500] = 50.0  # a tie: the first index
@@ -483,8 +463,7 @@ def test_kernels_compile_for_cpus_without_this_ones_features(target, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_add_rms_norm_matches_add_then_norm(dtype):
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     from mesh.model.layers import rms_norm
     g = torch.Generator().manual_seed(14)
     h, delta = (torch.randn(2, 19, 64, generator=g) * 3).to(dtype)
@@ -503,8 +482,7 @@ def test_native_add_rms_norm_matches_add_then_norm(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_kv_write_matches_index_copy(dtype):
     """New K/V rows (strided views of the projections, as the decoder passes them) into pool slots."""
-    if native.library() is None:
-        pytest.fail("the native kernels did not build")
+    _need_native()
     g = torch.Generator().manual_seed(15)
     hk, n, bs, d, t = 2, 6, 16, 32, 21
     k_cache, v_cache = torch.randn(2, hk, n, bs, d, generator=g).to(dtype)

@@ -68,10 +68,7 @@ class ModelRunner:
             width = -(-max(ctx) // bs)
             table = [s.seq.block_ids[:width] + [0] * (width - len(s.seq.block_ids[:width])) for s in decodes]
             meta.decode_block_table = torch.tensor(table, dtype=torch.long, device=self.device)  # [B, M]
-            ctx_t = torch.tensor(ctx, device=self.device)
-            meta.decode_context_lens = ctx_t
-            meta.decode_mask = (torch.arange(width * bs, device=self.device)[None, :]
-                                < ctx_t[:, None])[:, None, None, :]  # [B, 1, 1, M*bs]
+            meta.decode_context_lens = torch.tensor(ctx, device=self.device)
         row = len(decodes)
         sample_rows = [i for i, s in enumerate(decodes) if s.samples]
         samplers = [s for s in decodes if s.samples]

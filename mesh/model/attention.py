@@ -31,12 +31,12 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: flat pool slot (block * block_size + offset) per new token
     num_decode: int = 0
     decode_block_table: torch.Tensor | None = None  # [B, max_blocks] int64, padded with block 0
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
     decode_context_lens: torch.Tensor | None = None  # [B] int64: tokens each decode row attends to
     prefills: list[PrefillChunk] = field(default_factory=list)
     # Per-step values every layer shares, derived from the fields above on first use (so callers that
     # build metadata by hand need not know about them).
     decode_bias: torch.Tensor | None = None  # [B, 1, max_blocks * block_size] float32: 0 or -inf
+    prefill_spans: tuple[torch.Tensor, torch.Tensor] | None = None  # native.prefill_spans(prefills)
 
 
 class KVCache:
@@ -103,9 +103,11 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
 
-    if meta.prefills and native.enabled() and native.prefill_attention(q, k_cache, v_cache, meta.prefills,
-                                                                       scale, out):
-        return out.view(t, hq * d)  # the CPU kernel: every chunk at once, K/V read where they lie
+    if meta.prefills and native.enabled() and q.device.type == "cpu":
+        if meta.prefill_spans is None:
+            meta.prefill_spans = native.prefill_spans(meta.prefills)
+        if native.prefill_attention(q, k_cache, v_cache, meta.prefills, scale, out, meta.prefill_spans):
+            return out.view(t, hq * d)  # the CPU kernel: every chunk at once, K/V read where they lie
     for chunk in meta.prefills:
         s, n, ctx = chunk.start, chunk.length, chunk.context_len
         # 4-D inputs: with 3-D ones SDPA leaves its fused CPU kernel for the unfused math path.
@@ -139,13 +141,13 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     hk = k_cache.shape[0]
     g = hq // hk
     table = meta.decode_block_table  # [B, M]
-    if meta.decode_context_lens is not None:
-        # The native kernel reads K/V in place (no gather, no padded scores): several times faster.
-        out = native.decode_attention(q, k_cache, v_cache, table, meta.decode_context_lens, scale)
-        if out is not None:
-            return out
+    # The native kernel reads K/V in place (no gather, no padded scores): several times faster.
+    out = native.decode_attention(q, k_cache, v_cache, table, meta.decode_context_lens, scale)
+    if out is not None:
+        return out
     if meta.decode_bias is None:
-        mask = meta.decode_mask.view(b, 1, -1)  # [B, 1, M*bs]
+        span = torch.arange(table.shape[1] * k_cache.shape[2], device=q.device)  # [M*bs] token positions
+        mask = (span[None, :] < meta.decode_context_lens[:, None])[:, None, :]  # [B, 1, M*bs]
         meta.decode_bias = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
     flat = table.reshape(-1)
     kd = gather_blocks(k_cache, flat).view(hk * b, -1, d)  # [Hk*B, M*bs, D]

@@ -20,6 +20,7 @@ portable paths or torch ops run.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -35,7 +36,7 @@ import torch
 log = logging.getLogger("mesh.native")
 _CSRC = Path(__file__).with_name("csrc")
 _SRCS = [_CSRC / name for name in ("decode_attention.c", "prefill_attention.c", "moe_experts.c", "norms.c")]
-_HEADERS = [_CSRC / "avx512_math.h"]
+_HEADERS = [_CSRC / "avx512_math.h", _CSRC / "bf16.h"]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -65,7 +66,9 @@ def enabled() -> bool:
     return _env()[0]
 
 
+@functools.cache
 def _cpu_flags() -> str:
+    """The CPU's feature flags (read once: the kernels ask on every prefill step)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -223,13 +226,26 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def prefill_spans(chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's view of a step's prefill chunks (PrefillChunk-like: start, length, context_len,
+    block_ids): spans [C, 3] (start, length, context) and block tables [C, M] padded with 0. The same
+    for every layer of a step: callers compute it once."""
+    m = max(int(c.block_ids.numel()) for c in chunks)
+    tables = torch.zeros(len(chunks), m, dtype=torch.int64)
+    for i, c in enumerate(chunks):
+        tables[i, :c.block_ids.numel()] = c.block_ids
+    spans = torch.tensor([[c.start, c.length, c.context_len] for c in chunks], dtype=torch.int64)
+    return spans, tables
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks: list,
-                      scale: float, out: torch.Tensor) -> bool:
+                      scale: float, out: torch.Tensor,
+                      spans: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
     """Causal attention of a step's prefill chunks over the paged pool (their K/V already written):
     q [T, Hq, D], caches [Hk, N, 16, D], chunks: PrefillChunk-like (start, length, context_len,
-    block_ids). Writes the chunks' rows of `out` [T, Hq, D] (contiguous) and returns True, or returns
-    False when the kernel does not apply (not the CPU, another dtype or block size, no AVX-512 (BF16))
-    and the caller runs its torch path."""
+    block_ids), `spans` their `prefill_spans` when the caller has them. Writes the chunks' rows of `out`
+    [T, Hq, D] (contiguous) and returns True, or returns False when the kernel does not apply (not the
+    CPU, another dtype or block size, no AVX-512 (BF16)) and the caller runs its torch path."""
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or k_cache.dtype != q.dtype:
         return False
     lib = library()
@@ -240,13 +256,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     t, hq, d = q.shape
     hk, n, bs, _ = k_cache.shape
     q = q.contiguous()
-    m = max(int(c.block_ids.numel()) for c in chunks)
-    tables = torch.zeros(len(chunks), m, dtype=torch.int64)
-    for i, c in enumerate(chunks):
-        tables[i, :c.block_ids.numel()] = c.block_ids
-    spans = torch.tensor([[c.start, c.length, c.context_len] for c in chunks], dtype=torch.int64)
+    spans, tables = spans if spans is not None else prefill_spans(chunks)
     rc = lib.mesh_prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), spans.data_ptr(),
-                                    tables.data_ptr(), out.data_ptr(), t, len(chunks), m, hk, hq // hk, d, n, bs,
+                                    tables.data_ptr(), out.data_ptr(), t, len(chunks), tables.shape[1], hk, hq // hk,
+                                    d, n, bs,
                                     float(scale), int(q.dtype == torch.bfloat16), _threads())
     if rc == -4:
         raise MemoryError("prefill attention kernel: out of memory")

@@ -16,6 +16,12 @@ static inline __m512 round_bf16(__m512 v) {
 #endif
 }
 
+/* 16 values at p (bf16 or float32) as float32. */
+static inline __m512 load16f(const char *p, const int bf16) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16))
+                : _mm512_loadu_ps(p);
+}
+
 static inline void store16(char *dst, __m512 v, const int bf16) {
     if (bf16) _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
     else _mm512_storeu_ps((float *)dst, v);

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_G 64
 #define MAX_D 256
 #define MAX_BS 256
@@ -33,21 +35,6 @@ typedef struct {
     float scale;
     int bf16;
 } job_t;
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* ---- 16-lane vectors (GCC/Clang vector extensions, lowered to whatever the target has: one AVX-512
  * register, two AVX2 ones, ...). */
@@ -116,7 +103,7 @@ static inline float exp_nonpos(float x) { return exp16((v16f){0} + x)[0]; }
 
 /* Element i of a tensor of the job's dtype, as float32. */
 static inline float elem(const void *base, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+    return bf16 ? bf(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
 typedef struct {
@@ -189,7 +176,7 @@ static void pair_any(const job_t *j, work_t *w, int64_t b, int64_t h) {
         const int64_t row = (b * j->Hk + h) * G + g;
         if (j->bf16) {
             uint16_t *o = (uint16_t *)j->out + row * D;
-            for (int64_t d = 0; d < D; d++) o[d] = f32_to_bf16(acc[g][d] * inv);
+            for (int64_t d = 0; d < D; d++) o[d] = to_bf(acc[g][d] * inv);
         } else {
             float *o = (float *)j->out + row * D;
             for (int64_t d = 0; d < D; d++) o[d] = acc[g][d] * inv;
@@ -272,7 +259,7 @@ static inline __attribute__((always_inline)) void pair_bs16_body(const job_t *j,
             v16f r = w->acc[g][c] * inv;
             if (j->bf16) {
                 uint16_t *o = (uint16_t *)j->out + row * D + c * 16;
-                for (int k = 0; k < 16; k++) o[k] = f32_to_bf16(r[k]);
+                for (int k = 0; k < 16; k++) o[k] = to_bf(r[k]);
             } else {
                 memcpy((float *)j->out + row * D + c * 16, &r, sizeof r);
             }

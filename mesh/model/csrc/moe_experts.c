@@ -255,10 +255,7 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
             for (int64_t d = 0; d < H; d += 16) {
                 __m512 a = _mm512_setzero_ps();
                 for (int64_t k = 0; k < K; k++) {
-                    const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(rows[k] + d * 2))), 16))
-                                          : _mm512_loadu_ps(rows[k] + d * 4);
-                    a = _mm512_fmadd_ps(_mm512_set1_ps(wk[k]), v, a);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(wk[k]), load16f(rows[k] + d * esz, bf16), a);
                 }
                 store16(o + d * esz, a, bf16);
             }
@@ -301,11 +298,8 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
         __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
         if (bias != NULL) {
             const char *bp = (const char *)bias + 32 * j * esz;
-            b0 = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bp)), 16))
-                      : _mm512_loadu_ps(bp);
-            if (second)
-                b1 = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bp + 32))), 16))
-                          : _mm512_loadu_ps(bp + 64);
+            b0 = load16f(bp, bf16);
+            if (second) b1 = load16f(bp + 16 * esz, bf16);
         }
         for (int i = 0; i < m; i++) {
             char *o = (char *)out + ((r + i) * N + 32 * j) * esz;

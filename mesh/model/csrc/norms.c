@@ -12,21 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf(float f) { /* round to nearest even; NaN stays NaN; branch-free (vectorises) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
-static inline float round_bf(float f) { return bf(to_bf(f)); }
+#include "bf16.h"
 
 static void row_f32(const float *x, const float *w, float *o, int64_t D, float eps) {
     float ss = 0.f;
