@@ -497,3 +497,33 @@ def test_native_kv_write_matches_index_copy(dtype):
     with pytest.raises(ValueError, match="outside"):
         native.kv_write(k_cache, v_cache, torch.full((t,), n * bs), k_new, v_new)
     assert torch.equal(k_cache, want_k)  # checked before writing anything
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 48])  # 48: not a multiple of 32, the portable path
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_native_qkv_rope_write_matches_norm_rope_then_slot_writes(dtype, d, with_norm):
+    """The fused projection's q heads normed and rotated into a contiguous q, its k heads normed,
+    rotated and written to their pool slots, its v heads copied there: exactly what qk_norm_rope then
+    kv_write produce."""
+    _need_native()
+    from mesh.model.layers import RotaryTable
+    g = torch.Generator().manual_seed(16)
+    t, hq, hk, n, bs = 9, 8, 2, 5, 16
+    qkv = (torch.randn(t, hq + 2 * hk, d, generator=g) * 2).to(dtype)
+    weight = torch.randn(hq + hk, d, generator=g).to(dtype) if with_norm else None
+    cos, sin = RotaryTable(d, 10000.0, 4096, dtype).at(torch.tensor([0, 5, 17, 300, 301, 4000, 2, 9, 64]))
+    caches = torch.randn(2, hk, n, bs, d, generator=g).to(dtype)
+    slots = torch.randperm(n * bs, generator=g)[:t]
+    want = caches.clone()
+    qk = native.qk_norm_rope(qkv[:, :hq + hk], weight, cos, sin, 1e-6)
+    assert native.kv_write(want[0], want[1], slots, qk[:, hq:], qkv[:, hq + hk:])
+    k_cache, v_cache = caches[0], caches[1]
+    q = native.qkv_rope_write(qkv, hq, weight, cos, sin, 1e-6, k_cache, v_cache, slots)
+    assert q.shape == (t, hq, d) and q.is_contiguous()
+    assert torch.equal(q, qk[:, :hq])
+    assert torch.equal(caches, want)
+    with pytest.raises(ValueError, match="outside"):
+        native.qkv_rope_write(qkv, hq, weight, cos, sin, 1e-6, k_cache, v_cache, torch.full((t,), n * bs))
+    assert torch.equal(caches, want)  # checked before writing anything
+    assert native.qkv_rope_write(qkv[:, :-1], hq, weight, cos, sin, 1e-6, k_cache, v_cache, slots) is None

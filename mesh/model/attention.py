@@ -48,6 +48,7 @@ class KVCache:
         self.pool = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self._layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(num_layers)]  # views, made once
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
@@ -55,7 +56,7 @@ class KVCache:
         return num_layers * 2 * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pool[i, 0], self.pool[i, 1]
+        return self._layers[i]
 
     # Whole-block copies for the remote prefix tier; the payload layout is fixed whatever the pool's.
     @property
@@ -85,21 +86,24 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return out.view(hk, -1, d)
 
 
-def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+def paged_attention(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """q: [T, Hq, D]; k_new, v_new: [T, Hk, D]; caches: [Hk, N, bs, D] -> [T, Hq * D].
 
-    Writes the new K/V into their slots first, so every query sees its own token.
+    Writes the new K/V into their slots first, so every query sees its own token (k_new, v_new None:
+    the caller already wrote them, `native.qkv_rope_write`).
     """
     hk, num_blocks, bs, d = k_cache.shape
-    if not (native.enabled() and native.kv_write(k_cache, v_cache, meta.slot_mapping, k_new, v_new)):
+    if k_new is not None and not (native.enabled() and native.kv_write(k_cache, v_cache, meta.slot_mapping,
+                                                                       k_new, v_new)):
         k_cache.view(hk, -1, d).index_copy_(1, meta.slot_mapping, k_new.transpose(0, 1))
         v_cache.view(hk, -1, d).index_copy_(1, meta.slot_mapping, v_new.transpose(0, 1))
     t, hq, _ = q.shape
-    out = torch.empty_like(q)
-
     nd = meta.num_decode
+    if nd == t and not meta.prefills:  # a decode-only step: the kernel's output is the whole answer
+        return _decode_attention(q, k_cache, v_cache, meta, scale).reshape(t, hq * d)
+    out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
 
@@ -112,7 +116,7 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         s, n, ctx = chunk.start, chunk.length, chunk.context_len
         # 4-D inputs: with 3-D ones SDPA leaves its fused CPU kernel for the unfused math path.
         qp = q[s:s + n].transpose(0, 1)[None]  # [1, Hq, n, D]
-        if ctx == n:
+        if ctx == n and k_new is not None:
             # no cached prefix: the context is exactly this chunk's new K/V, no need to gather it back
             kp = k_new[s:s + n].transpose(0, 1)[None]  # [1, Hk, n, D]
             vp = v_new[s:s + n].transpose(0, 1)[None]

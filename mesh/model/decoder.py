@@ -191,16 +191,17 @@ class MoEDecoder:
         a, cfg = layer.attn, self.cfg
         hq, hk = cfg.num_heads, cfg.num_kv_heads
         qkv = self._linear(x, a.qkv, a.qkv_bias).view(x.shape[0], hq + 2 * hk, cfg.head_dim)  # [T, Hq+2Hk, D]
-        qk, v = qkv[:, :hq + hk], qkv[:, hq + hk:]
-        fused = native.qk_norm_rope(qk, self.qk_norm[i], *rope, cfg.rms_norm_eps) if native.enabled() else None
-        if fused is not None:  # the CPU: norm and rotation in one pass over the heads
-            qk = fused
-        else:
-            if self.qk_norm[i] is not None:
-                qk = rms_norm(qk, self.qk_norm[i], cfg.rms_norm_eps)
-            qk = rotate(qk, *rope)
         k_cache, v_cache = kv.layer(i)
-        o = paged_attention(qk[:, :hq], qk[:, hq:], v, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
+        q = native.qkv_rope_write(qkv, hq, self.qk_norm[i], *rope, cfg.rms_norm_eps, k_cache, v_cache,
+                                  meta.slot_mapping) if native.enabled() else None
+        if q is not None:  # the CPU: norms, rotation and the K/V slot writes in one pass over the heads
+            o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
+            return self._linear(o, a.o)
+        qk, v = qkv[:, :hq + hk], qkv[:, hq + hk:]
+        if self.qk_norm[i] is not None:
+            qk = rms_norm(qk, self.qk_norm[i], cfg.rms_norm_eps)
+        qk = rotate(qk, *rope)
+        o = paged_attention(qk[:, :hq], qk[:, hq:], v, k_cache, v_cache, meta, self.scale)
         return self._linear(o, a.o)
 
     def _moe(self, layer: LayerWeights, x: torch.Tensor, dispatcher: Dispatcher) -> torch.Tensor:

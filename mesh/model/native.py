@@ -153,6 +153,11 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_add_rms_norm
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn = lib.mesh_qkv_rope_write
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_void_p,
+                                                                                       ctypes.c_int64, ctypes.c_float,
+                                                                                       ctypes.c_int]
     fn = lib.mesh_kv_write
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -470,6 +475,41 @@ def qk_norm_rope(qk: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tenso
                           None if weight is None else weight.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                           out.data_ptr(), d, float(eps), int(qk.dtype == torch.bfloat16))
     return out
+
+
+def qkv_rope_write(qkv: torch.Tensor, num_heads: int, weight: torch.Tensor | None, cos: torch.Tensor,
+                   sin: torch.Tensor, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> torch.Tensor | None:
+    """The fused projection's output qkv [T, Hq + 2 Hk, D] (contiguous) -> q [T, Hq, D] through the
+    optional per-head RMSNorm (weight [Hq + Hk, D]) and the rotary embedding (cos, sin [T, 1, D]), with
+    the k heads (normed and rotated) and the v heads written straight into their pool slots (caches
+    [Hk, N, bs, D]): `qk_norm_rope` and `kv_write` in one pass, rounding as they do. None where it does
+    not apply (the caller runs those two)."""
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or qkv.dim() != 3:
+        return None
+    lib = library()
+    t, heads, d = qkv.shape
+    hk = k_cache.shape[0]
+    if lib is None or not qkv.is_contiguous() or d % 2 or d > 1024 or heads != num_heads + 2 * hk:
+        return None
+    if k_cache.dtype != qkv.dtype or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    cos, sin = cos.reshape(t, d), sin.reshape(t, d)
+    if cos.dtype != qkv.dtype or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    if weight is not None and (weight.shape != (num_heads + hk, d) or weight.dtype != qkv.dtype
+                               or not weight.is_contiguous()):
+        raise ValueError(f"qkv_rope_write: weight {tuple(weight.shape)} for {num_heads} + {hk} heads of {d}")
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.to(torch.int64)
+    q = torch.empty(t, num_heads, d, dtype=qkv.dtype)
+    n, bs = k_cache.shape[1], k_cache.shape[2]
+    rc = lib.mesh_qkv_rope_write(qkv.data_ptr(), t, num_heads, hk, heads * d,
+                                 None if weight is None else weight.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                 q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), n * bs,
+                                 slots.contiguous().data_ptr(), d, float(eps), int(qkv.dtype == torch.bfloat16))
+    if rc == -5:
+        raise ValueError(f"KV slots outside the pool's {n * bs}")
+    return q
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:

@@ -121,6 +121,86 @@ void mesh_rms_norm(const void *x, int64_t A, int64_t B, int64_t sA, int64_t sB, 
     }
 }
 
+#define ROPE_MAX_D 1024
+#ifdef NORMS_AVX512
+/* One head (D a multiple of 32: each half a whole number of vectors): xr -> o, as head_row below. */
+__attribute__((optimize("fp-contract=off"))) static void head_row512(const char *xr, const char *wr, const char *c,
+                                                                    const char *s, char *o, int64_t D, float eps,
+                                                                    int bf16) {
+    const int64_t es = bf16 ? 2 : 4, half = D / 2;
+    float v[ROPE_MAX_D] __attribute__((aligned(64)));
+    if (wr != NULL) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512 xv = load16f(xr + d * es, bf16);
+            acc = _mm512_fmadd_ps(xv, xv, acc);
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps));
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 y = _mm512_mul_ps(load16f(xr + d * es, bf16), inv);
+            if (bf16) y = round_bf16(y);
+            y = _mm512_mul_ps(load16f(wr + d * es, bf16), y);
+            if (bf16) y = round_bf16(y);
+            _mm512_store_ps(v + d, y);
+        }
+    } else {
+        for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(v + d, load16f(xr + d * es, bf16));
+    }
+    for (int64_t d = 0; d < half; d += 16) {
+        const __m512 x1 = _mm512_load_ps(v + d), x2 = _mm512_load_ps(v + d + half);
+        __m512 a1 = _mm512_mul_ps(x1, load16f(c + d * es, bf16));
+        __m512 b1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16f(s + d * es, bf16));
+        __m512 a2 = _mm512_mul_ps(x2, load16f(c + (d + half) * es, bf16));
+        __m512 b2 = _mm512_mul_ps(x1, load16f(s + (d + half) * es, bf16));
+        if (bf16) a1 = round_bf16(a1), b1 = round_bf16(b1), a2 = round_bf16(a2), b2 = round_bf16(b2);
+        store16(o + d * es, _mm512_add_ps(a1, b1), bf16);
+        store16(o + (d + half) * es, _mm512_add_ps(a2, b2), bf16);
+    }
+}
+#endif
+
+/* One q or k head through the optional RMSNorm (weight row wr, or NULL) and the rotary embedding at
+ * its token's cos/sin rows c, s: xr -> o (D elements each; float32: no FMA contraction, so each
+ * product rounds on its own as in torch). */
+__attribute__((optimize("fp-contract=off"))) static void head_row(const void *xr_, const void *wr, const void *c_,
+                                                                 const void *s_, void *o_, int64_t D, float eps,
+                                                                 int bf16) {
+#ifdef NORMS_AVX512
+    if (D % 32 == 0) {
+        head_row512((const char *)xr_, (const char *)wr, (const char *)c_, (const char *)s_, (char *)o_, D, eps, bf16);
+        return;
+    }
+#endif
+    const int64_t half = D / 2;
+    float v[ROPE_MAX_D];
+    if (bf16) {
+        const uint16_t *xr = (const uint16_t *)xr_, *c = (const uint16_t *)c_, *s = (const uint16_t *)s_;
+        uint16_t n[ROPE_MAX_D];
+        if (wr != NULL) row_bf16(xr, (const uint16_t *)wr, n, D, eps);
+        else memcpy(n, xr, D * 2);
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) v[d] = bf(n[d]);
+        uint16_t *o = (uint16_t *)o_;
+#pragma omp simd
+        for (int64_t d = 0; d < half; d++) {
+            o[d] = to_bf(round_bf(v[d] * bf(c[d])) + round_bf(-v[d + half] * bf(s[d])));
+            o[d + half] = to_bf(round_bf(v[d + half] * bf(c[d + half])) + round_bf(v[d] * bf(s[d + half])));
+        }
+    } else {
+        const float *xr = (const float *)xr_, *c = (const float *)c_, *s = (const float *)s_;
+        if (wr != NULL) row_f32(xr, (const float *)wr, v, D, eps);
+        else memcpy(v, xr, D * 4);
+        float *o = (float *)o_;
+#pragma omp simd
+        for (int64_t d = 0; d < half; d++) {
+            const float a = v[d] * c[d], bb = -v[d + half] * s[d];
+            const float a2 = v[d + half] * c[d + half], b2 = v[d] * s[d + half];
+            o[d] = a + bb;
+            o[d + half] = a2 + b2;
+        }
+    }
+}
+
 /* q/k heads: the optional per-head RMSNorm, then the rotary embedding, as mesh/model/decoder.py spells
  * them in torch (layers.rms_norm, then layers.rotate: x * cos + rotate_half(x) * sin, each product and
  * the sum rounded to the model dtype).
@@ -128,93 +208,39 @@ void mesh_rms_norm(const void *x, int64_t A, int64_t B, int64_t sA, int64_t sB, 
  *   w        [B, D] per-head norm weights, or NULL (no q/k norm: Qwen2-MoE, Mixtral)
  *   cos, sin [T, D] contiguous, the model dtype
  *   out      [T, B, D] contiguous */
-#define ROPE_MAX_D 1024
-#ifdef NORMS_AVX512
-/* mesh_qk_norm_rope for D a multiple of 32 (each half a whole number of vectors). */
-__attribute__((optimize("fp-contract=off"))) static void qk_norm_rope512(
-    const void *x, int64_t T, int64_t B, int64_t sT, int64_t sB, const void *w, const void *cos, const void *sin,
-    void *out, int64_t D, float eps, int bf16) {
-    const int64_t es = bf16 ? 2 : 4, half = D / 2;
-    float v[ROPE_MAX_D] __attribute__((aligned(64)));
-    for (int64_t t = 0; t < T; t++) {
-        const char *c = (const char *)cos + t * D * es, *s = (const char *)sin + t * D * es;
-        for (int64_t b = 0; b < B; b++) {
-            const char *xr = (const char *)x + (t * sT + b * sB) * es;
-            if (w != NULL) {
-                const char *wr = (const char *)w + b * D * es;
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t d = 0; d < D; d += 16) {
-                    const __m512 xv = load16f(xr + d * es, bf16);
-                    acc = _mm512_fmadd_ps(xv, xv, acc);
-                }
-                const __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps));
-                for (int64_t d = 0; d < D; d += 16) {
-                    __m512 y = _mm512_mul_ps(load16f(xr + d * es, bf16), inv);
-                    if (bf16) y = round_bf16(y);
-                    y = _mm512_mul_ps(load16f(wr + d * es, bf16), y);
-                    if (bf16) y = round_bf16(y);
-                    _mm512_store_ps(v + d, y);
-                }
-            } else {
-                for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(v + d, load16f(xr + d * es, bf16));
-            }
-            char *o = (char *)out + (t * B + b) * D * es;
-            for (int64_t d = 0; d < half; d += 16) {
-                const __m512 x1 = _mm512_load_ps(v + d), x2 = _mm512_load_ps(v + d + half);
-                __m512 a1 = _mm512_mul_ps(x1, load16f(c + d * es, bf16));
-                __m512 b1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16f(s + d * es, bf16));
-                __m512 a2 = _mm512_mul_ps(x2, load16f(c + (d + half) * es, bf16));
-                __m512 b2 = _mm512_mul_ps(x1, load16f(s + (d + half) * es, bf16));
-                if (bf16) a1 = round_bf16(a1), b1 = round_bf16(b1), a2 = round_bf16(a2), b2 = round_bf16(b2);
-                store16(o + d * es, _mm512_add_ps(a1, b1), bf16);
-                store16(o + (d + half) * es, _mm512_add_ps(a2, b2), bf16);
-            }
-        }
-    }
-}
-#endif
-
-/* float32: no FMA contraction, so each product rounds on its own as in torch */
-__attribute__((optimize("fp-contract=off"))) void mesh_qk_norm_rope(const void *x, int64_t T, int64_t B, int64_t sT, int64_t sB, const void *w, const void *cos,
+void mesh_qk_norm_rope(const void *x, int64_t T, int64_t B, int64_t sT, int64_t sB, const void *w, const void *cos,
                        const void *sin, void *out, int64_t D, float eps, int bf16) {
-    const int64_t half = D / 2;
-#ifdef NORMS_AVX512
-    if (D % 32 == 0) {
-        qk_norm_rope512(x, T, B, sT, sB, w, cos, sin, out, D, eps, bf16);
-        return;
-    }
-#endif
-    for (int64_t r = 0; r < T * B; r++) {
-        const int64_t t = r / B, b = r % B, xo = t * sT + b * sB;
-        float v[ROPE_MAX_D];
-        if (bf16) {
-            const uint16_t *xr = (const uint16_t *)x + xo, *c = (const uint16_t *)cos + t * D,
-                           *s = (const uint16_t *)sin + t * D;
-            uint16_t n[ROPE_MAX_D];
-            if (w != NULL) row_bf16(xr, (const uint16_t *)w + b * D, n, D, eps);
-            else memcpy(n, xr, D * 2);
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) v[d] = bf(n[d]);
-            uint16_t *o = (uint16_t *)out + r * D;
-#pragma omp simd
-            for (int64_t d = 0; d < half; d++) {
-                o[d] = to_bf(round_bf(v[d] * bf(c[d])) + round_bf(-v[d + half] * bf(s[d])));
-                o[d + half] = to_bf(round_bf(v[d + half] * bf(c[d + half])) + round_bf(v[d] * bf(s[d + half])));
-            }
-        } else {
-            const float *xr = (const float *)x + xo, *c = (const float *)cos + t * D, *s = (const float *)sin + t * D;
-            if (w != NULL) row_f32(xr, (const float *)w + b * D, v, D, eps);
-            else memcpy(v, xr, D * 4);
-            float *o = (float *)out + r * D;
-#pragma omp simd
-            for (int64_t d = 0; d < half; d++) {
-                const float a = v[d] * c[d], bb = -v[d + half] * s[d];
-                const float a2 = v[d + half] * c[d + half], b2 = v[d] * s[d + half];
-                o[d] = a + bb;
-                o[d + half] = a2 + b2;
-            }
+    const int64_t es = bf16 ? 2 : 4;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t b = 0; b < B; b++)
+            head_row((const char *)x + (t * sT + b * sB) * es, w ? (const char *)w + b * D * es : NULL,
+                     (const char *)cos + t * D * es, (const char *)sin + t * D * es, (char *)out + (t * B + b) * D * es,
+                     D, eps, bf16);
+}
+
+/* The attention inputs of a step from the fused projection, in one pass: x [T, Hq + 2 Hk, D] (row
+ * stride sT elements, heads contiguous) -> q heads normed and rotated into q_out [T, Hq, D]; k heads
+ * normed and rotated, and v heads as they are, straight into their pool slots (caches [Hk, slots, D]).
+ * w: [Hq + Hk, D] per-head norm weights or NULL. Returns 0, or -5 for a slot outside [0, slots)
+ * (checked first: nothing is written then). */
+int mesh_qkv_rope_write(const void *x, int64_t T, int64_t Hq, int64_t Hk, int64_t sT, const void *w, const void *cos,
+                        const void *sin, void *q_out, void *k_cache, void *v_cache, int64_t slots, const int64_t *slot,
+                        int64_t D, float eps, int bf16) {
+    for (int64_t t = 0; t < T; t++)
+        if (slot[t] < 0 || slot[t] >= slots) return -5;
+    const int64_t es = bf16 ? 2 : 4;
+    for (int64_t t = 0; t < T; t++) {
+        const char *xr = (const char *)x + t * sT * es, *c = (const char *)cos + t * D * es,
+                   *s = (const char *)sin + t * D * es;
+        for (int64_t b = 0; b < Hq + Hk; b++) {
+            char *o = b < Hq ? (char *)q_out + (t * Hq + b) * D * es
+                             : (char *)k_cache + ((b - Hq) * slots + slot[t]) * D * es;
+            head_row(xr + b * D * es, w ? (const char *)w + b * D * es : NULL, c, s, o, D, eps, bf16);
         }
+        for (int64_t h = 0; h < Hk; h++)
+            memcpy((char *)v_cache + (h * slots + slot[t]) * D * es, xr + (Hq + Hk + h) * D * es, (size_t)(D * es));
     }
+    return 0;
 }
 
 /* Row-wise argmax of x [rows, n] float32 -> idx [rows], as torch.argmax: the first maximal index, and
