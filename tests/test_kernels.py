@@ -423,6 +423,8 @@ def test_native_linear_matches_f_linear(dtype, m, with_bias, n):
         diff = (got.float() - want.float()).abs()
         assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.98
     assert got.shape == (m, n)
+    wide = native.linear(x, packed, b, out_float32=True)  # the lm_head's float32 logits in the same pass
+    assert wide.dtype == torch.float32 and torch.equal(wide, got.float())
     assert native.pack_linear(torch.zeros(40, 64, dtype=dtype)) is None  # N not a multiple of 16
 
 

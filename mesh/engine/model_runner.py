@@ -41,7 +41,10 @@ class ModelRunner:
         else:
             ids, pos, meta, samplers, sample_rows = self._prepare(batch)
             hidden = self.model.forward(ids, pos, meta, self.kv, self.dispatcher)
-            selected = hidden.index_select(0, torch.tensor(sample_rows, dtype=torch.long, device=self.device))
+            if len(sample_rows) == hidden.shape[0]:  # every row samples (a decode-only step): rows in order
+                selected = hidden
+            else:
+                selected = hidden.index_select(0, torch.tensor(sample_rows, dtype=torch.long, device=self.device))
         if not samplers:
             return [], selected.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
         return samplers, self.model.logits(selected)

@@ -183,8 +183,13 @@ class MoEDecoder:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, V] float32."""
-        return self._linear(hidden, self.w.lm_head).float()
+        """[N, H] -> [N, V] float32 (the model dtype's values, as transformers' logits.float())."""
+        packed = self._packed.get(id(self.w.lm_head))
+        if packed is not None:
+            out = native.linear(hidden, packed, out_float32=True)
+            if out is not None:
+                return out
+        return F.linear(hidden, self.w.lm_head).float()
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor,
                    rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:

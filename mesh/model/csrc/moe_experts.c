@@ -273,10 +273,11 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
 /* A linear layer y = x @ W^T (+ bias) with W packed like one expert's matrix ([Np/16, K, 16] float32
  * or [Np/16, K/2, 16, 2] bf16, Np = N rounded up to 32 with zero rows): x [M, K] contiguous, bias [N]
  * or NULL -> out [M, N], the bias added in float32 and the result rounded once to the dtype, as
- * torch's addmm does. Items are (32-column tile, MR-row chunk), tile-major so a tile's weights stay in cache while
+ * torch's addmm does (out_f32: stored as float32 after that rounding, what .float() of the output holds).
+ * Items are (32-column tile, MR-row chunk), tile-major so a tile's weights stay in cache while
  * the row chunks pass. Returns 0, or -1 when unsupported (N a multiple of 16 and K even needed). */
 int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64_t M, int64_t K, int64_t N, int bf16,
-                int nthreads) {
+                int nthreads, int out_f32) {
 #ifdef MESH_MOE_AVX512
 #ifndef __AVX512BF16__
     if (bf16) return -1;
@@ -302,14 +303,22 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
             if (second) b1 = load16f(bp + 16 * esz, bf16);
         }
         for (int i = 0; i < m; i++) {
+            const __m512 y0 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32), b0);
+            const __m512 y1 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + 16), b1);
+            if (out_f32) { /* float32 holding the dtype's values: what .float() of the rounded output gives */
+                float *o = (float *)out + (r + i) * N + 32 * j;
+                _mm512_storeu_ps(o, bf16 ? round_bf16(y0) : y0);
+                if (second) _mm512_storeu_ps(o + 16, bf16 ? round_bf16(y1) : y1);
+                continue;
+            }
             char *o = (char *)out + ((r + i) * N + 32 * j) * esz;
-            store16(o, _mm512_add_ps(_mm512_loadu_ps(c + i * 32), b0), bf16);
-            if (second) store16(o + 16 * esz, _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + 16), b1), bf16);
+            store16(o, y0, bf16);
+            if (second) store16(o + 16 * esz, y1, bf16);
         }
     }
     return 0;
 #else
-    (void)x; (void)w; (void)bias; (void)out; (void)M; (void)K; (void)N; (void)bf16; (void)nthreads;
+    (void)x; (void)w; (void)bias; (void)out; (void)M; (void)K; (void)N; (void)bf16; (void)nthreads; (void)out_f32;
     return -1;
 #endif
 }
