@@ -344,6 +344,9 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
     assert torch.equal(fast.expert_load, slow.expert_load)
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)
+    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "1")
+    fast.combine(fast.dispatch(0, hidden[:7], ids[:7], weights[:7]))  # the kernel adds to the counters
+    assert torch.equal(fast.expert_load[0], slow.expert_load[0] + torch.bincount(ids[:7].flatten(), minlength=E))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -529,3 +532,28 @@ def test_native_qkv_rope_write_matches_norm_rope_then_slot_writes(dtype, d, with
         native.qkv_rope_write(qkv, hq, weight, cos, sin, 1e-6, k_cache, v_cache, torch.full((t,), n * bs))
     assert torch.equal(caches, want)  # checked before writing anything
     assert native.qkv_rope_write(qkv[:, :-1], hq, weight, cos, sin, 1e-6, k_cache, v_cache, slots) is None
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts,top_k", [(16, 4), (60, 4), (128, 8)])
+def test_native_routing_picks_torchs_experts_ties_included(logits_dtype, experts, top_k, monkeypatch):
+    """moe.route on the CPU (torch.topk over the logits, then the weights in one native pass) picks
+    the same experts in the same order as the all-torch spelling, also where bf16 logits tie (rows
+    rounded to integers: many equal values), and its weights agree to float32 rounding."""
+    _need_native()
+    from mesh.model.moe import route
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randn(300, experts, generator=g) * 3).to(logits_dtype)
+    x[:60] = x[:60].round()
+    for normalize in (True, False):
+        for in_model_dtype in (True, False):
+            got = route(x, None, top_k, normalize, in_model_dtype, logits=x)
+            native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
+            want = route(x, None, top_k, normalize, in_model_dtype, logits=x)
+            native_env(monkeypatch, "MESH_NATIVE_KERNELS", "1")
+            assert torch.equal(got[0], want[0])
+            assert got[1].dtype == want[1].dtype
+            tol = 2 ** -7 if got[1].dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(got[1], want[1], atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="outside"):
+        native.route_weights(x, torch.full((300, top_k), experts), True, torch.float32)

@@ -26,6 +26,14 @@ def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normali
     """
     if logits is None:
         logits = F.linear(hidden, router_weight)  # [T, E]
+    if native.enabled():
+        # The CPU: top-k over the logits (softmax is monotonic: the same experts, equal values in
+        # torch.topk's order), then the weights in one native pass instead of four more ops.
+        ids = torch.topk(logits, top_k, dim=-1).indices
+        weights = native.route_weights(logits, ids, normalize, hidden.dtype if weights_in_model_dtype
+                                       else torch.float32)
+        if weights is not None:
+            return ids, weights
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if normalize:

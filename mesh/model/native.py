@@ -146,6 +146,10 @@ def _build() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4 \
         + [ctypes.c_int]
+    fn = lib.mesh_route_weights
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     fn = lib.mesh_qk_norm_rope
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float,
@@ -354,12 +358,15 @@ def moe_experts(rows: torch.Tensor, counts: list[int], packed: tuple[torch.Tenso
 
 
 def moe_local(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-              packed: tuple[torch.Tensor, torch.Tensor], intermediate: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+              packed: tuple[torch.Tensor, torch.Tensor], intermediate: int,
+              load: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A MoE layer's routed experts in one call, for the in-process dispatcher: hidden [T, H], the
     router's topk_ids / topk_weights [T, K] -> (combined output [T, H] in hidden's dtype, rows per
     slot [S] int64), or None when the kernel declines. No gathered copy of the inputs: the kernel
     sorts (token, k) pairs by slot and reads each token's row where it lies. The combine sums the K
-    weighted rows in float32 and rounds once, as `moe.weighted_scatter` does."""
+    weighted rows in float32 and rounds once, as `moe.weighted_scatter` does. `load`, when given (int64
+    [S], contiguous: a row of the dispatcher's counters), has the rows per slot added to it and is the
+    tensor returned as the second item."""
     lib = library()
     if lib is None:
         return None
@@ -373,7 +380,11 @@ def moe_local(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     if w.dtype not in (torch.float32, hidden.dtype):
         return None
     out = torch.empty_like(hidden)
-    counts = torch.empty(s, dtype=torch.int64)
+    if load is None or load.shape != (s,) or load.dtype != torch.int64 or not load.is_contiguous():
+        if load is not None:
+            raise ValueError(f"moe_local: load counters must be int64 [{s}] contiguous, got {tuple(load.shape)}")
+        load = torch.zeros(s, dtype=torch.int64)
+    counts = load
     scratch_h = hidden.new_empty(t * k, intermediate)
     scratch_y = hidden.new_empty(t * k, h)
     rc = lib.mesh_moe_local(hidden.data_ptr(), t, ids.data_ptr(), w.data_ptr(), int(w.dtype == torch.float32), k,
@@ -384,6 +395,30 @@ def moe_local(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     if rc == -4:
         raise MemoryError("moe kernel: out of memory")
     return (out, counts) if rc == 0 else None
+
+
+def route_weights(logits: torch.Tensor, ids: torch.Tensor, normalize: bool,
+                  weights_dtype: torch.dtype) -> torch.Tensor | None:
+    """The router's weights [T, K] for the experts `ids` [T, K] (int64, from torch.topk over the logits
+    [T, E]): their softmax probabilities in float32, renormalised when `normalize`, in `weights_dtype`
+    (float32 or bfloat16): what `moe.route` computes with four torch ops after its top-k, in one pass.
+    None where it does not apply (the caller runs torch ops)."""
+    if logits.device.type != "cpu" or logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    lib = library()
+    if lib is None or weights_dtype not in (torch.float32, torch.bfloat16) or ids.dtype != torch.int64:
+        return None
+    t, e = logits.shape
+    k = ids.shape[1]
+    if ids.shape[0] != t or not 1 <= k <= 64:
+        return None
+    logits, ids = logits.contiguous(), ids.contiguous()
+    weights = torch.empty(t, k, dtype=weights_dtype)
+    rc = lib.mesh_route_weights(logits.data_ptr(), int(logits.dtype == torch.bfloat16), t, e, ids.data_ptr(), k,
+                                int(normalize), weights.data_ptr(), int(weights_dtype == torch.bfloat16))
+    if rc == -2:
+        raise ValueError(f"router ids outside [0, {e})")
+    return weights if rc == 0 else None
 
 
 class PackedLinear:

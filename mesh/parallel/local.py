@@ -47,9 +47,9 @@ class LocalDispatcher:
             self.expert_load = torch.zeros(len(self.experts.layers), self.num_experts, dtype=torch.int64)
         packed = self.experts.layers[moe_index].native_packed() if t else None
         if packed is not None:  # the CPU kernel: sort, experts and weighted combine in one call
-            done = native.moe_local(hidden, topk_ids, topk_weights, packed, self.experts.intermediate_size)
+            done = native.moe_local(hidden, topk_ids, topk_weights, packed, self.experts.intermediate_size,
+                                    load=self.expert_load[moe_index])  # the kernel adds this layer's counts
             if done is not None:
-                self.expert_load[moe_index] += done[1]
                 return _Done(done[0])
         order, counts = sort_by_expert(topk_ids, self.num_experts)
         counts = counts.cpu()  # the counters and the group sizes live on the host

@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include "avx512_math.h"
 #define MESH_MOE_AVX512 1
@@ -200,8 +202,8 @@ int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, cons
  * choices to the combined output, without gathered copies of the inputs:
  *   hidden [T, H], ids [T, K] int64 (slots), weights [T, K] (float32 when weights_f32, else the model
  *   dtype) -> out [T, H] (model dtype) = sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]),
- * the sum accumulated in float32 and rounded once (as the torch combine does). counts [S] receives
- * the rows each slot computed. Scratch: h [T*K, I] and y [T*K, H] in the model dtype.
+ * the sum accumulated in float32 and rounded once (as the torch combine does). The rows each slot
+ * computed are added to counts [S] (the caller's load counters). Scratch: h [T*K, I] and y [T*K, H] in the model dtype.
  * Returns 0; -1 unsupported (nothing written); -2 an id outside [0, S); -4 out of memory. */
 int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void *weights, int weights_f32,
                    int64_t K, const void *gu, const void *dn, int64_t S, int64_t H, int64_t I, int bf16,
@@ -212,24 +214,26 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
     for (int64_t i = 0; i < N; i++)
         if (ids[i] < 0 || ids[i] >= S) return -2;
     int64_t *off = (int64_t *)malloc((size_t)(S + 1) * sizeof(int64_t));
+    int64_t *cur = (int64_t *)calloc((size_t)S, sizeof(int64_t));
     int64_t *src = (int64_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int64_t));
     int64_t *pos = (int64_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int64_t));
-    if (!off || !src || !pos) {
-        free(off), free(src), free(pos);
+    if (!off || !cur || !src || !pos) {
+        free(off), free(cur), free(src), free(pos);
         return -4;
     }
     /* a stable counting sort by slot: (token, k) pairs keep their order within a slot */
-    memset(counts, 0, (size_t)S * sizeof(int64_t));
-    for (int64_t i = 0; i < N; i++) counts[ids[i]]++;
+    for (int64_t i = 0; i < N; i++) cur[ids[i]]++;
     off[0] = 0;
-    for (int64_t s = 0; s < S; s++) off[s + 1] = off[s] + counts[s];
-    for (int64_t s = 0; s < S; s++) counts[s] = off[s]; /* cursors */
+    for (int64_t s = 0; s < S; s++) {
+        off[s + 1] = off[s] + cur[s];
+        counts[s] += cur[s];
+        cur[s] = off[s];
+    }
     for (int64_t i = 0; i < N; i++) {
-        const int64_t r = counts[ids[i]]++;
+        const int64_t r = cur[ids[i]]++;
         src[r] = i / K;
         pos[i] = r;
     }
-    for (int64_t s = 0; s < S; s++) counts[s] = off[s + 1] - off[s];
     const moe_job_t jb = {(const char *)hidden, (const char *)gu, (const char *)dn, (char *)h, (char *)y,
                           off, src, S, H, I, esz, bf16};
     if (nthreads < 1) nthreads = 1;
@@ -261,7 +265,7 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
             }
         }
     }
-    free(off), free(src), free(pos);
+    free(off), free(cur), free(src), free(pos);
     return 0;
 #else
     (void)hidden; (void)T; (void)ids; (void)weights; (void)weights_f32; (void)K; (void)gu; (void)dn; (void)S;
@@ -321,4 +325,47 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
     (void)x; (void)w; (void)bias; (void)out; (void)M; (void)K; (void)N; (void)bf16; (void)nthreads; (void)out_f32;
     return -1;
 #endif
+}
+
+/* The router's weights for experts already chosen: logits [T, E] (float32, or bf16 when logits_bf16)
+ * and ids [T, K] (torch.topk over the logits: the softmax is monotonic, so these are the K most
+ * probable, ties ordered as torch orders them) -> weights [T, K] = the softmax probabilities of those
+ * experts (exponentials of x - max times the reciprocal of their sum, in float32, as torch's softmax),
+ * divided by their sum when `normalize`, stored as float32 or rounded to bf16 (weights_bf16).
+ * Returns 0, or -2 for an id outside [0, E). Portable C. */
+int mesh_route_weights(const void *logits, int logits_bf16, int64_t T, int64_t E, const int64_t *ids, int64_t K,
+                       int normalize, void *weights, int weights_bf16) {
+    if (K < 1 || K > 64) return -1;
+    for (int64_t i = 0; i < T * K; i++)
+        if (ids[i] < 0 || ids[i] >= E) return -2;
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *xb = (const uint16_t *)logits + t * E;
+        const float *xf = (const float *)logits + t * E;
+        float m = -INFINITY, sum = 0.f, p[64], s = 0.f;
+        for (int64_t e = 0; e < E; e++) {
+            const float v = logits_bf16 ? bf(xb[e]) : xf[e];
+            m = v > m ? v : m;
+        }
+#ifdef MESH_MOE_AVX512
+        if (E % 16 == 0) { /* the denominator 16 experts at a time */
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t e = 0; e < E; e += 16)
+                acc = _mm512_add_ps(acc, exp_nonpos16(_mm512_sub_ps(load16f((const char *)logits + (t * E + e) * (logits_bf16 ? 2 : 4), logits_bf16),
+                                                                   _mm512_set1_ps(m))));
+            sum = _mm512_reduce_add_ps(acc);
+        } else
+#endif
+            for (int64_t e = 0; e < E; e++) sum += expf((logits_bf16 ? bf(xb[e]) : xf[e]) - m);
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < K; j++) {
+            const int64_t e = ids[t * K + j];
+            s += p[j] = expf((logits_bf16 ? bf(xb[e]) : xf[e]) - m) * inv;
+        }
+        for (int64_t j = 0; j < K; j++) {
+            const float w = normalize ? p[j] / s : p[j];
+            if (weights_bf16) ((uint16_t *)weights)[t * K + j] = to_bf(w);
+            else ((float *)weights)[t * K + j] = w;
+        }
+    }
+    return 0;
 }
