@@ -85,6 +85,23 @@ class MoEDecoder:
                 p = native.pack_linear(t) if t is not None else None
                 if p is not None:
                     self._packed[id(t)] = p
+        self._plan = self._native_plan()
+
+    def _native_plan(self) -> list[tuple] | None:
+        """Per layer, what the lean CPU path passes its kernels: the packed qkv (and its bias) and o
+        projections, the packed router (None: F.linear, for expert counts that are not a multiple of
+        16), the two norm weights and the q/k norm weights; None when a projection is not packed."""
+        if not self._packed or self.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        plan = []
+        for i, layer in enumerate(self.w.layers):
+            a = layer.attn
+            qkv, o = self._packed.get(id(a.qkv)), self._packed.get(id(a.o))
+            if qkv is None or o is None:
+                return None
+            router = self._packed.get(id(layer.moe.router)) if layer.moe is not None else None
+            plan.append((qkv, a.qkv_bias, o, router, layer.input_norm, layer.post_norm, self.qk_norm[i]))
+        return plan
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         packed = self._packed.get(id(weight))
@@ -108,6 +125,11 @@ class MoEDecoder:
         dispatcher.begin_step(input_ids.shape[0])
         h = F.embedding(input_ids, self.w.embed)  # [T, H]
         rope = self.rope.at(positions)  # every layer rotates by the same positions
+        if capture is None and self._plan is not None and native.enabled() and input_ids.shape[0]:
+            out = self._forward_native(h, rope, meta, kv, dispatcher)
+            if out is not None:
+                dispatcher.end_step()
+                return out
         pending = None  # the last block's output, added to h together with the next norm
         for i, layer in enumerate(self.w.layers):
             h, x = self._add_norm(h, pending, layer.input_norm)
@@ -121,6 +143,77 @@ class MoEDecoder:
                 capture.append(h)
         dispatcher.end_step()
         return self._add_norm(h, pending, self.w.norm)[1]
+
+    def _forward_native(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                        kv: KVCache, dispatcher: Dispatcher) -> torch.Tensor | None:
+        """The forward pass on the CPU kernels with one set of buffers and direct kernel calls (the
+        general path's wrappers check and allocate per call: at a decode step's sizes their Python
+        costs ~1 ms of a ~15 ms step). Same kernels, same order, same roundings as `forward` takes on
+        the CPU. h [T, H] (the embeddings; updated in place) -> final-normed hidden [T, H]; None
+        (nothing done) when the step does not fit it (the caller runs the general path)."""
+        lib = native.library()
+        cfg = self.cfg
+        t, hd = h.shape
+        hq, hk, d, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.top_k, cfg.num_experts
+        cos, sin = rope
+        if lib is None or d > 1024 or d % 2 or cos.dtype != h.dtype or h.dtype != self.dtype:
+            return None
+        bf16, threads, eps = int(h.dtype == torch.bfloat16), native._threads(), float(cfg.rms_norm_eps)
+        x = torch.empty_like(h)
+        qkv = h.new_empty(t, (hq + 2 * hk) * d)
+        q = h.new_empty(t, hq, d)
+        logits = h.new_empty(t, e)
+        weights = torch.empty(t, k, dtype=h.dtype if self.spec.router_weights_in_model_dtype else torch.float32)
+        w_bf16 = int(weights.dtype == torch.bfloat16)
+        slots = meta.slot_mapping.to(torch.int64).contiguous()
+        local = getattr(dispatcher, "native_moe", None)  # the in-process dispatcher's one-call MoE layer
+        hp, xp = h.data_ptr(), x.data_ptr()
+        pending = None
+        for i, layer in enumerate(self.w.layers):
+            qkv_w, qkv_b, o_w, router_w, in_norm, post_norm, qk_norm = self._plan[i]
+            if pending is None:
+                lib.mesh_rms_norm(hp, t, 1, hd, 0, in_norm.data_ptr(), 0, xp, hd, eps, bf16, threads)
+            else:  # h += pending (in place), x = norm(h)
+                lib.mesh_add_rms_norm(hp, pending.data_ptr(), in_norm.data_ptr(), hp, xp, t, hd, eps, bf16, threads)
+            lib.mesh_linear(xp, qkv_w.data.data_ptr(), None if qkv_b is None else qkv_b.data_ptr(), qkv.data_ptr(), t,
+                            hd, qkv_w.out_features, bf16, threads, 0)
+            k_cache, v_cache = kv.layer(i)
+            n_slots = k_cache.shape[1] * k_cache.shape[2]
+            if lib.mesh_qkv_rope_write(qkv.data_ptr(), t, hq, hk, (hq + 2 * hk) * d,
+                                       None if qk_norm is None else qk_norm.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                       q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), n_slots, slots.data_ptr(),
+                                       d, eps, bf16) != 0:
+                raise ValueError(f"KV slots outside the pool's {n_slots}")
+            o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
+            attn = torch.empty_like(h)
+            lib.mesh_linear(o.data_ptr(), o_w.data.data_ptr(), None, attn.data_ptr(), t, hq * d, hd, bf16, threads, 0)
+            lib.mesh_add_rms_norm(hp, attn.data_ptr(), post_norm.data_ptr(), hp, xp, t, hd, eps, bf16, threads)
+            m = layer.moe
+            if m is None:  # a dense MLP layer
+                pending = self._mlp(x, layer.mlp_gate_up, layer.mlp_down)
+                continue
+            if router_w is not None:
+                lib.mesh_linear(xp, router_w.data.data_ptr(), None, logits.data_ptr(), t, hd, e, bf16, threads, 0)
+                router_logits = logits
+            else:
+                router_logits = F.linear(x, m.router)
+            ids = torch.topk(router_logits, k, dim=-1).indices  # as `route`: torch's order among equal values
+            lib.mesh_route_weights(router_logits.data_ptr(), bf16, t, e, ids.data_ptr(), k, int(cfg.norm_topk_prob),
+                                   weights.data_ptr(), w_bf16)
+            pending = local(layer.moe_index, x, ids, weights) if local is not None else None
+            if pending is None:  # another dispatcher (the mesh's collective one): its two verbs
+                handle = dispatcher.dispatch(layer.moe_index, x, ids, weights)
+            if m.shared_gate_up is not None:
+                shared = self._mlp(x, m.shared_gate_up, m.shared_down)
+                shared = torch.sigmoid(F.linear(x, m.shared_gate)) * shared
+            if pending is None:
+                pending = dispatcher.combine(handle)
+            if m.shared_gate_up is not None:
+                pending = pending + shared
+        out = torch.empty_like(h)
+        lib.mesh_add_rms_norm(hp, pending.data_ptr(), self.w.norm.data_ptr(), hp, out.data_ptr(), t, hd, eps, bf16,
+                              threads)
+        return out
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
         """(h + delta, rms_norm(h + delta)): the residual add and the next norm, in one native pass on

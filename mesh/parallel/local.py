@@ -40,6 +40,19 @@ class LocalDispatcher:
     def end_step(self) -> None:
         pass
 
+    def native_moe(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor) -> torch.Tensor | None:
+        """dispatch + combine in one native call where the CPU kernel runs this layer's experts: the
+        combined output [T, H]; None where it does not (the caller uses the two verbs)."""
+        if self.expert_load is None:
+            self.expert_load = torch.zeros(len(self.experts.layers), self.num_experts, dtype=torch.int64)
+        packed = self.experts.layers[moe_index].native_packed()
+        if packed is None:
+            return None
+        done = native.moe_local(hidden, topk_ids, topk_weights, packed, self.experts.intermediate_size,
+                                load=self.expert_load[moe_index])
+        return None if done is None else done[0]
+
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> _Pending | _Done:
         t, k = topk_ids.shape
