@@ -166,7 +166,16 @@ class MoEDecoder:
         weights = torch.empty(t, k, dtype=h.dtype if self.spec.router_weights_in_model_dtype else torch.float32)
         w_bf16 = int(weights.dtype == torch.bfloat16)
         slots = meta.slot_mapping.to(torch.int64).contiguous()
-        local = getattr(dispatcher, "native_moe", None)  # the in-process dispatcher's one-call MoE layer
+        local = getattr(dispatcher, "native_moe_args", None)  # the in-process dispatcher: one call per layer
+        if local is not None:  # its kernel's buffers, shared by every layer
+            moe_out = torch.empty_like(h)
+            scratch_h = h.new_empty(t * k, cfg.moe_intermediate_size)
+            scratch_y = h.new_empty(t * k, hd)
+        decode_only = meta.num_decode == t and not meta.prefills
+        if decode_only:  # the decode kernel's arguments, the same for every layer
+            table = meta.decode_block_table.to(torch.int64).contiguous()
+            lens = meta.decode_context_lens.to(torch.int64).contiguous()
+            o_buf = h.new_empty(t, hq * d)
         hp, xp = h.data_ptr(), x.data_ptr()
         pending = None
         for i, layer in enumerate(self.w.layers):
@@ -184,7 +193,18 @@ class MoEDecoder:
                                        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), n_slots, slots.data_ptr(),
                                        d, eps, bf16) != 0:
                 raise ValueError(f"KV slots outside the pool's {n_slots}")
-            o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
+            rc = -1
+            if decode_only:
+                o = o_buf
+                rc = lib.mesh_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(),
+                                               lens.data_ptr(), o.data_ptr(), t, hk, hq // hk, d, k_cache.shape[1],
+                                               k_cache.shape[2], table.shape[1], float(self.scale), bf16, threads)
+                if rc in (-4, -5):
+                    raise (MemoryError if rc == -4 else ValueError)(
+                        "decode attention: out of memory" if rc == -4 else
+                        "decode attention: context lengths or block ids outside the block table / pool")
+            if rc != 0:  # prefill chunks in the step, or sizes past the decode kernel's limits
+                o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
             attn = torch.empty_like(h)
             lib.mesh_linear(o.data_ptr(), o_w.data.data_ptr(), None, attn.data_ptr(), t, hq * d, hd, bf16, threads, 0)
             lib.mesh_add_rms_norm(hp, attn.data_ptr(), post_norm.data_ptr(), hp, xp, t, hd, eps, bf16, threads)
@@ -200,7 +220,16 @@ class MoEDecoder:
             ids = torch.topk(router_logits, k, dim=-1).indices  # as `route`: torch's order among equal values
             lib.mesh_route_weights(router_logits.data_ptr(), bf16, t, e, ids.data_ptr(), k, int(cfg.norm_topk_prob),
                                    weights.data_ptr(), w_bf16)
-            pending = local(layer.moe_index, x, ids, weights) if local is not None else None
+            args = local(layer.moe_index) if local is not None else None
+            pending = None
+            if args is not None:
+                gu, dn, n_slots, inter, load = args
+                rc = lib.mesh_moe_local(xp, t, ids.data_ptr(), weights.data_ptr(), 1 - w_bf16, k, gu, dn, n_slots, hd,
+                                        inter, bf16, scratch_h.data_ptr(), scratch_y.data_ptr(), moe_out.data_ptr(),
+                                        load, threads)
+                if rc == -4:
+                    raise MemoryError("moe kernel: out of memory")
+                pending = moe_out if rc == 0 else None
             if pending is None:  # another dispatcher (the mesh's collective one): its two verbs
                 handle = dispatcher.dispatch(layer.moe_index, x, ids, weights)
             if m.shared_gate_up is not None:

@@ -40,18 +40,19 @@ class LocalDispatcher:
     def end_step(self) -> None:
         pass
 
-    def native_moe(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                   topk_weights: torch.Tensor) -> torch.Tensor | None:
-        """dispatch + combine in one native call where the CPU kernel runs this layer's experts: the
-        combined output [T, H]; None where it does not (the caller uses the two verbs)."""
+    def native_moe_args(self, moe_index: int) -> tuple[int, int, int, int, int] | None:
+        """For a caller that runs this layer's experts with `mesh_moe_local` itself (the decoder's lean
+        CPU path): (packed gate_up address, packed down address, slots, intermediate size, address of
+        this layer's int64 load counters, which the kernel adds to); None where the kernel does not run
+        these experts (the caller uses the two verbs)."""
         if self.expert_load is None:
             self.expert_load = torch.zeros(len(self.experts.layers), self.num_experts, dtype=torch.int64)
         packed = self.experts.layers[moe_index].native_packed()
         if packed is None:
             return None
-        done = native.moe_local(hidden, topk_ids, topk_weights, packed, self.experts.intermediate_size,
-                                load=self.expert_load[moe_index])
-        return None if done is None else done[0]
+        gu, dn = packed
+        return (gu.data_ptr(), dn.data_ptr(), gu.shape[0], self.experts.intermediate_size,
+                self.expert_load[moe_index].data_ptr())
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> _Pending | _Done:
