@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import ctypes
 import sys
 
@@ -69,9 +70,14 @@ class ModelRunner:
         if decodes:
             ctx = [s.seq.num_computed_tokens + 1 for s in decodes]
             width = -(-max(ctx) // bs)
-            table = [s.seq.block_ids[:width] + [0] * (width - len(s.seq.block_ids[:width])) for s in decodes]
-            meta.decode_block_table = torch.tensor(table, dtype=torch.long, device=self.device)  # [B, M]
-            meta.decode_context_lens = torch.tensor(ctx, device=self.device)
+            table: list[int] = []
+            for s in decodes:
+                row = s.seq.block_ids[:width]
+                table += row
+                if len(row) < width:
+                    table += [0] * (width - len(row))
+            meta.decode_block_table = _longs(table, self.device).view(len(decodes), width)  # [B, M]
+            meta.decode_context_lens = _longs(ctx, self.device)
         row = len(decodes)
         sample_rows = [i for i, s in enumerate(decodes) if s.samples]
         samplers = [s for s in decodes if s.samples]
@@ -89,10 +95,20 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(row - 1)
                 samplers.append(s)
-        meta.slot_mapping = torch.cat([torch.tensor(slots, dtype=torch.long)] + prefill_slots).to(self.device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        decode_slots = _longs(slots, torch.device("cpu"))
+        meta.slot_mapping = (torch.cat([decode_slots] + prefill_slots) if prefill_slots else decode_slots).to(self.device)
+        input_ids = _longs(ids, self.device)
+        positions = _longs(pos, self.device)
         return input_ids, positions, meta, samplers, sample_rows
+
+
+def _longs(values: list[int], device: torch.device) -> torch.Tensor:
+    """A list of ints as an int64 tensor, through an `array` (a third of torch.tensor's time on a list
+    of a few hundred ints; the tensor keeps the array alive)."""
+    if not values:
+        return torch.empty(0, dtype=torch.long, device=device)
+    t = torch.frombuffer(array.array("q", values), dtype=torch.long)
+    return t if device.type == "cpu" else t.to(device)
 
 
 def _split(batch: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
