@@ -460,7 +460,7 @@ def test_kernels_compile_for_cpus_without_this_ones_features(target, tmp_path):
     cc = shutil.which("cc") or shutil.which("gcc")
     assert cc, "a C compiler is needed to build the native kernels"
     flags = [f for f in native._FLAGS if f not in ("-march=native", "-shared")] + ["-fopenmp", "-Werror", "-Wno-psabi"]
-    for src in native._SRCS:
+    for src in native._SRCS + native._CXX_SRCS:
         r = subprocess.run([cc, *flags, *target, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o"))],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{src.name} with {target}:\n{r.stderr[-3000:]}"
@@ -535,12 +535,14 @@ def test_native_qkv_rope_write_matches_norm_rope_then_slot_writes(dtype, d, with
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("experts,top_k", [(16, 4), (60, 4), (128, 8)])
-def test_native_routing_picks_torchs_experts_ties_included(logits_dtype, experts, top_k, monkeypatch):
-    """moe.route on the CPU (torch.topk over the logits, then the weights in one native pass) picks
-    the same experts in the same order as the all-torch spelling, also where bf16 logits tie (rows
-    rounded to integers: many equal values), and its weights agree to float32 rounding."""
+@pytest.mark.parametrize("experts,top_k", [(16, 4), (60, 4), (128, 8), (128, 2), (512, 8)])  # the last two:
+def test_native_routing_picks_torchs_experts_ties_included(logits_dtype, experts, top_k, monkeypatch):  # partial_sort
+    """moe.route on the CPU (the C++ top-k with torch's algorithms, or torch.topk over the logits;
+    then the weights in one native pass) picks the same experts in the same order as the all-torch
+    spelling, also where bf16 logits tie (rows rounded to integers: many equal values), and its
+    weights agree to float32 rounding."""
     _need_native()
+    assert hasattr(native.library(), "mesh_route"), "the C++ top-k (csrc/topk.cpp) did not build"
     from mesh.model.moe import route
     g = torch.Generator().manual_seed(17)
     x = (torch.randn(300, experts, generator=g) * 3).to(logits_dtype)

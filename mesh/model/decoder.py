@@ -165,6 +165,8 @@ class MoEDecoder:
         logits = h.new_empty(t, e)
         weights = torch.empty(t, k, dtype=h.dtype if self.spec.router_weights_in_model_dtype else torch.float32)
         w_bf16 = int(weights.dtype == torch.bfloat16)
+        has_route = hasattr(lib, "mesh_route")
+        ids = torch.empty(t, k, dtype=torch.int64)
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         local = getattr(dispatcher, "native_moe_args", None)  # the in-process dispatcher: one call per layer
         if local is not None:  # its kernel's buffers, shared by every layer
@@ -217,9 +219,14 @@ class MoEDecoder:
                 router_logits = logits
             else:
                 router_logits = F.linear(x, m.router)
-            ids = torch.topk(router_logits, k, dim=-1).indices  # as `route`: torch's order among equal values
-            lib.mesh_route_weights(router_logits.data_ptr(), bf16, t, e, ids.data_ptr(), k, int(cfg.norm_topk_prob),
-                                   weights.data_ptr(), w_bf16)
+            if has_route:  # as `route`: torch.topk's experts and order (csrc/topk.cpp), then the weights
+                if lib.mesh_route(router_logits.data_ptr(), bf16, t, e, k, int(cfg.norm_topk_prob), ids.data_ptr(),
+                                  weights.data_ptr(), w_bf16) == -4:
+                    raise MemoryError("routing: out of memory")
+            else:
+                ids = torch.topk(router_logits, k, dim=-1).indices
+                lib.mesh_route_weights(router_logits.data_ptr(), bf16, t, e, ids.data_ptr(), k,
+                                       int(cfg.norm_topk_prob), weights.data_ptr(), w_bf16)
             args = local(layer.moe_index) if local is not None else None
             pending = None
             if args is not None:

@@ -28,7 +28,12 @@ def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normali
         logits = F.linear(hidden, router_weight)  # [T, E]
     if native.enabled():
         # The CPU: top-k over the logits (softmax is monotonic: the same experts, equal values in
-        # torch.topk's order), then the weights in one native pass instead of four more ops.
+        # torch.topk's order), then the weights in one native pass instead of four more ops; both in
+        # one call where the C++ top-k is built.
+        out_dtype = hidden.dtype if weights_in_model_dtype else torch.float32
+        routed = native.route(logits, top_k, normalize, out_dtype)
+        if routed is not None:
+            return routed
         ids = torch.topk(logits, top_k, dim=-1).indices
         weights = native.route_weights(logits, ids, normalize, hidden.dtype if weights_in_model_dtype
                                        else torch.float32)

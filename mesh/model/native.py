@@ -36,6 +36,7 @@ import torch
 log = logging.getLogger("mesh.native")
 _CSRC = Path(__file__).with_name("csrc")
 _SRCS = [_CSRC / name for name in ("decode_attention.c", "prefill_attention.c", "moe_experts.c", "norms.c")]
+_CXX_SRCS = [_CSRC / "topk.cpp"]  # optional: a compiler without C++ builds the rest (routing keeps torch.topk)
 _HEADERS = [_CSRC / "avx512_math.h", _CSRC / "bf16.h"]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
@@ -102,8 +103,8 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     flags = _flags()
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SRCS + _HEADERS), " ".join(flags), version, platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SRCS + _CXX_SRCS + _HEADERS), " ".join(flags), version,
+                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MESH_CACHE_DIR", Path.home() / ".cache" / "moe-mesh")) / "kernels"
     target = cache / f"mesh-kernels-{key}.so"
     if not target.is_file():
@@ -113,8 +114,12 @@ def _build() -> ctypes.CDLL | None:
             # Build beside the target and rename: processes building at once never load a partial file.
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(fd)
-            r = subprocess.run([cc, *flags, *map(str, _SRCS), "-o", tmp, "-lm"], capture_output=True, text=True,
-                               timeout=300)
+            r = subprocess.run([cc, *flags, *map(str, _SRCS + _CXX_SRCS), "-o", tmp, "-lm", "-lstdc++"],
+                               capture_output=True, text=True, timeout=300)
+            if r.returncode != 0:  # no C++ compiler or library: the C kernels alone
+                log.info("building with %s failed, trying without it:\n%s", _CXX_SRCS[0].name, r.stderr[-1000:])
+                r = subprocess.run([cc, *flags, *map(str, _SRCS), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                   timeout=300)
             if r.returncode != 0:
                 os.unlink(tmp)
                 log.warning("building the native kernels failed, using the torch fallback:\n%s", r.stderr[-2000:])
@@ -146,6 +151,11 @@ def _build() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4 \
         + [ctypes.c_int]
+    if hasattr(lib, "mesh_route"):  # topk.cpp built
+        fn = lib.mesh_route
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p,
+                                                                             ctypes.c_void_p, ctypes.c_int]
     fn = lib.mesh_route_weights
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -395,6 +405,28 @@ def moe_local(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     if rc == -4:
         raise MemoryError("moe kernel: out of memory")
     return (out, counts) if rc == 0 else None
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool, weights_dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`moe.route` from the router's logits [T, E] (float32 or bfloat16) in one call: (ids [T, K] int64,
+    the K largest in torch.topk's order, ties included (csrc/topk.cpp), weights [T, K] as
+    `route_weights`). None where it does not apply (no C++ build, not the CPU, other dtypes)."""
+    if logits.device.type != "cpu" or logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    lib = library()
+    t, e = logits.shape
+    if lib is None or not hasattr(lib, "mesh_route") or weights_dtype not in (torch.float32, torch.bfloat16) \
+            or not 1 <= top_k <= min(e, 64):
+        return None
+    logits = logits.contiguous()
+    ids = torch.empty(t, top_k, dtype=torch.int64)
+    weights = torch.empty(t, top_k, dtype=weights_dtype)
+    rc = lib.mesh_route(logits.data_ptr(), int(logits.dtype == torch.bfloat16), t, e, top_k, int(normalize),
+                        ids.data_ptr(), weights.data_ptr(), int(weights_dtype == torch.bfloat16))
+    if rc == -4:
+        raise MemoryError("routing: out of memory")
+    return (ids, weights) if rc == 0 else None
 
 
 def route_weights(logits: torch.Tensor, ids: torch.Tensor, normalize: bool,
