@@ -53,6 +53,7 @@ COUNTS = [
     ([0, 0, 0, 7, 0, 0, 0, 0], False),  # every row to one expert
     ([0, 1, 0, 0, 0, 0, 0, 0], False),  # a single row
     ([90, 10, 0, 5, 60, 3, 0, 1], False),  # skewed: padding would more than double the rows
+    ([100, 0, 13, 49, 0, 0, 2, 48], False),  # busy slots in row blocks of 48 (the native kernel's packed path)
 ]
 
 
@@ -327,10 +328,10 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
     if not native._avx512(bf16=dtype == torch.bfloat16):
         pytest.fail("this test needs AVX-512 (BF16)")
     g = torch.Generator().manual_seed(9)
-    t, k, h = 29, 3, H
+    t, k, h = 61, 3, H
     hidden = torch.randn(t, h, generator=g).to(dtype)
     ids = torch.randint(0, E, (t, k), generator=g)
-    ids[:, 0] = 2  # one busy expert: more rows than a micro-kernel tile
+    ids[:, 0] = 2  # one busy expert: more rows than a row block of the native kernel (48), the rest fewer
     weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(weights_dtype)
     fast = LocalDispatcher(_shard(dtype), E)
     got = fast.combine(fast.dispatch(0, hidden, ids, weights))

@@ -30,6 +30,9 @@
 #include "avx512_math.h"
 #define MESH_MOE_AVX512 1
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define PF 32 /* weight vectors prefetched ahead: 2 KiB (measured: 16 -> 0.58, 32 -> 0.46 ms per layer) */
 #define MR 12 /* rows per micro-kernel call: 24 accumulators of the 32 vector registers */
@@ -90,6 +93,75 @@ static const uk_fn UK_F32[MR + 1] = {NULL, uk_f32_1, uk_f32_2, uk_f32_3, uk_f32_
 static const uk_fn UK_BF16[MR + 1] = {NULL, uk_bf16_1, uk_bf16_2, uk_bf16_3, uk_bf16_4, uk_bf16_5, uk_bf16_6,
                                       uk_bf16_7, uk_bf16_8, uk_bf16_9, uk_bf16_10, uk_bf16_11, uk_bf16_12};
 
+/* The same product with the rows' inputs packed into a panel: element (unit p, row i) at a[p * MR + i]
+ * (4 bytes: a bf16 pair or a float32), so the broadcasts read one sequential stream instead of M rows
+ * spread over memory. Used for experts with many rows (prefill), where a packed block of rows is
+ * reused across every output tile. */
+static inline __attribute__((always_inline)) void ukernel_panel(const char *a, const char *w0, const char *w1,
+                                                                int64_t units, float *c, const int M, const int bf16) {
+    __m512 acc[MR][2];
+    for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    if (bf16) {
+#ifdef __AVX512BF16__
+        for (int64_t p = 0; p < units; p++) {
+            _mm_prefetch(w0 + (p + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w1 + (p + PF) * 128, _MM_HINT_T0);
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + p * 128);
+            const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 128);
+            const int32_t *ap = (const int32_t *)a + p * MR;
+            for (int i = 0; i < M; i++) {
+                const __m512bh av = (__m512bh)_mm512_set1_epi32(ap[i]);
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+            }
+        }
+#endif
+    } else {
+        for (int64_t k = 0; k < units; k++) {
+            _mm_prefetch(w0 + (k + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w1 + (k + PF) * 128, _MM_HINT_T0);
+            const __m512 b0 = _mm512_loadu_ps(w0 + k * 128), b1 = _mm512_loadu_ps(w1 + k * 128);
+            const float *ap = (const float *)a + k * MR;
+            for (int i = 0; i < M; i++) {
+                const __m512 av = _mm512_set1_ps(ap[i]);
+                acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+            }
+        }
+    }
+    for (int i = 0; i < M; i++) {
+        _mm512_storeu_ps(c + i * 32, acc[i][0]);
+        _mm512_storeu_ps(c + i * 32 + 16, acc[i][1]);
+    }
+}
+
+#define UKP(M)                                                                                  \
+    static void ukp_f32_##M(const char *a, const char *w0, const char *w1, int64_t u, float *c) {  \
+        ukernel_panel(a, w0, w1, u, c, M, 0);                                                   \
+    }                                                                                           \
+    static void ukp_bf16_##M(const char *a, const char *w0, const char *w1, int64_t u, float *c) { \
+        ukernel_panel(a, w0, w1, u, c, M, 1);                                                   \
+    }
+UKP(1) UKP(2) UKP(3) UKP(4) UKP(5) UKP(6) UKP(7) UKP(8) UKP(9) UKP(10) UKP(11) UKP(12)
+typedef void (*ukp_fn)(const char *, const char *, const char *, int64_t, float *);
+static const ukp_fn UKP_F32[MR + 1] = {NULL, ukp_f32_1, ukp_f32_2, ukp_f32_3, ukp_f32_4, ukp_f32_5, ukp_f32_6,
+                                       ukp_f32_7, ukp_f32_8, ukp_f32_9, ukp_f32_10, ukp_f32_11, ukp_f32_12};
+static const ukp_fn UKP_BF16[MR + 1] = {NULL, ukp_bf16_1, ukp_bf16_2, ukp_bf16_3, ukp_bf16_4, ukp_bf16_5,
+                                        ukp_bf16_6, ukp_bf16_7, ukp_bf16_8, ukp_bf16_9, ukp_bf16_10, ukp_bf16_11,
+                                        ukp_bf16_12};
+
+/* m rows (pointers) of `units` 4-byte elements -> panels of MR rows: [chunk][unit][MR]. */
+static void pack_rows(const char *const *rows, int64_t m, int64_t units, int32_t *panel) {
+    for (int64_t c0 = 0; c0 < m; c0 += MR) {
+        int32_t *pc = panel + (c0 / MR) * units * MR;
+        const int64_t mm = m - c0 < MR ? m - c0 : MR;
+        for (int64_t i = 0; i < mm; i++) {
+            const int32_t *src = (const int32_t *)rows[c0 + i];
+            for (int64_t p = 0; p < units; p++) pc[p * MR + i] = src[p];
+        }
+    }
+}
+
 /* silu(g) = g * sigmoid(g), with the exponential taken of -|g| so it never overflows. */
 static inline __m512 silu16(__m512 g) {
     const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
@@ -105,6 +177,8 @@ typedef struct {
     const int64_t *src; /* row r of the sorted order is row src[r] of x; NULL: row r */
     int64_t S, H, I, esz;
     int bf16;
+    char *panels; /* per thread, panel_bytes each, for row-block items (NULL: none needed) */
+    int64_t panel_bytes;
 } moe_job_t;
 
 /* gate/up tile j (h columns 16j..16j+15) of slot s: rows in chunks of MR, silu(gate) * up. */
@@ -152,17 +226,99 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
     }
 }
 
-/* Both matmuls over every slot with rows: gate/up tiles, then (after the implicit barrier) down tiles.
- * Called inside a parallel region. */
+/* Rows per block when a busy slot is cut into row blocks (see run_experts). */
+#define RB (4 * MR)
+
+/* Both matmuls for rows r0 .. r1 (at most RB) of slot s, from packed panels: the block's inputs are
+ * packed once and reused across all 2I/32 gate/up tiles, then its h rows (computed here, so no
+ * barrier) are packed and reused across all H/32 down tiles. `panel`: RB * max(H, I) elements. */
+static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, int32_t *panel) {
+    const int64_t H = jb->H, I = jb->I, esz = jb->esz, m = r1 - r0;
+    const ukp_fn *uk = jb->bf16 ? UKP_BF16 : UKP_F32;
+    const char *rows[RB];
+    float c[MR * 32];
+    for (int64_t i = 0; i < m; i++) rows[i] = jb->x + (jb->src ? jb->src[r0 + i] : r0 + i) * H * esz;
+    int64_t units = jb->bf16 ? H / 2 : H;
+    pack_rows(rows, m, units, panel);
+    for (int64_t j = 0; j < I / 16; j++) {
+        const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * (H * 16 * esz), *w1 = w0 + 64;
+        for (int64_t c0 = 0; c0 < m; c0 += MR) {
+            const int n = (int)(m - c0 < MR ? m - c0 : MR);
+            uk[n]((const char *)(panel + (c0 / MR) * units * MR), w0, w1, units, c);
+            for (int i = 0; i < n; i++) {
+                __m512 g = _mm512_loadu_ps(c + i * 32), u = _mm512_loadu_ps(c + i * 32 + 16);
+                __m512 y = jb->bf16 ? _mm512_mul_ps(round_bf16(silu16(round_bf16(g))), round_bf16(u))
+                                    : _mm512_mul_ps(silu16(g), u);
+                store16(jb->h + ((r0 + c0 + i) * I + 16 * j) * esz, y, jb->bf16);
+            }
+        }
+    }
+    for (int64_t i = 0; i < m; i++) rows[i] = jb->h + (r0 + i) * I * esz;
+    units = jb->bf16 ? I / 2 : I;
+    pack_rows(rows, m, units, panel);
+    for (int64_t j = 0; j < H / 32; j++) {
+        const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * (I * 16 * esz), *w1 = w0 + 64;
+        for (int64_t c0 = 0; c0 < m; c0 += MR) {
+            const int n = (int)(m - c0 < MR ? m - c0 : MR);
+            uk[n]((const char *)(panel + (c0 / MR) * units * MR), w0, w1, units, c);
+            for (int i = 0; i < n; i++) {
+                char *o = jb->out + ((r0 + c0 + i) * H + 32 * j) * esz;
+                store16(o, _mm512_loadu_ps(c + i * 32), jb->bf16);
+                store16(o + 16 * esz, _mm512_loadu_ps(c + i * 32 + 16), jb->bf16);
+            }
+        }
+    }
+}
+
+/* Both matmuls over every slot with rows. Called inside a parallel region. A slot with at least RB
+ * rows (prefill) is cut into row blocks, each a work item that runs both matmuls from packed panels
+ * (block_item). Slots with fewer rows (decode) go by output tile: gate/up tiles, then, after the
+ * barrier (down's inputs span all of h), down tiles; their rows are read where they lie. */
 static void run_experts(const moe_job_t *jb) {
     const int64_t S = jb->S, t1 = jb->I / 16, t2 = jb->H / 32;
     const int64_t *off = jb->offsets;
+    int64_t blocks = 0; /* row-block items, slot by slot, then the tile items of the small slots */
+    if (jb->panels != NULL)
+        for (int64_t s = 0; s < S; s++)
+            if (off[s + 1] - off[s] >= RB) blocks += (off[s + 1] - off[s] + RB - 1) / RB;
+#ifdef _OPENMP
+    int32_t *panel = (int32_t *)(jb->panels + omp_get_thread_num() * jb->panel_bytes);
+#else
+    int32_t *panel = (int32_t *)jb->panels;
+#endif
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < blocks + S * t1; it++) {
+        if (it < blocks) {
+            int64_t s = 0, b = it;
+            for (;; s++) {
+                const int64_t n = off[s + 1] - off[s];
+                if (n < RB) continue;
+                const int64_t nb = (n + RB - 1) / RB;
+                if (b < nb) break;
+                b -= nb;
+            }
+            const int64_t r0 = off[s] + b * RB, r1 = r0 + RB < off[s + 1] ? r0 + RB : off[s + 1];
+            block_item(jb, s, r0, r1, panel);
+            continue;
+        }
+        const int64_t i = it - blocks, s = i / t1, n = off[s + 1] - off[s];
+        if (n > 0 && (n < RB || !blocks)) gate_up_item(jb, s, i % t1);
+    }
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t it = 0; it < S * t1; it++)
-        if (off[it / t1 + 1] > off[it / t1]) gate_up_item(jb, it / t1, it % t1);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t it = 0; it < S * t2; it++)
-        if (off[it / t2 + 1] > off[it / t2]) down_item(jb, it / t2, it % t2);
+    for (int64_t it = 0; it < S * t2; it++) {
+        const int64_t s = it / t2, n = off[s + 1] - off[s];
+        if (n > 0 && (n < RB || !blocks)) down_item(jb, s, it % t2);
+    }
+}
+
+/* The per-thread panels run_experts needs when some slot has RB rows or more; NULL when none does (or
+ * out of memory: every slot then goes by tile, slower, same results). Free with free(). */
+static char *alloc_panels(const int64_t *off, int64_t S, int64_t H, int64_t I, int64_t esz, int nthreads,
+                          int64_t *panel_bytes) {
+    int busy = 0;
+    for (int64_t s = 0; s < S && !busy; s++) busy = off[s + 1] - off[s] >= RB;
+    *panel_bytes = ((int64_t)RB * (H > I ? H : I) * esz + 63) / 64 * 64;
+    return busy ? (char *)aligned_alloc(64, (size_t)(*panel_bytes * nthreads)) : NULL;
 }
 
 static int supported(int64_t H, int64_t I, int bf16) {
@@ -185,11 +341,14 @@ int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, cons
     if (!supported(H, I, bf16) || S < 0) return -1;
     for (int64_t s = 0; s < S; s++)
         if (offsets[s + 1] < offsets[s]) return -2;
-    const moe_job_t jb = {(const char *)x, (const char *)gu, (const char *)dn, (char *)h, (char *)out,
-                          offsets, NULL, S, H, I, bf16 ? 2 : 4, bf16};
     if (nthreads < 1) nthreads = 1;
+    int64_t panel_bytes;
+    char *panels = alloc_panels(offsets, S, H, I, bf16 ? 2 : 4, nthreads, &panel_bytes);
+    const moe_job_t jb = {(const char *)x, (const char *)gu, (const char *)dn, (char *)h, (char *)out,
+                          offsets, NULL, S, H, I, bf16 ? 2 : 4, bf16, panels, panel_bytes};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     run_experts(&jb);
+    free(panels);
     return 0;
 #else
     (void)x; (void)offsets; (void)gu; (void)dn; (void)h; (void)out; (void)S; (void)H; (void)I; (void)bf16;
@@ -234,9 +393,11 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
         src[r] = i / K;
         pos[i] = r;
     }
-    const moe_job_t jb = {(const char *)hidden, (const char *)gu, (const char *)dn, (char *)h, (char *)y,
-                          off, src, S, H, I, esz, bf16};
     if (nthreads < 1) nthreads = 1;
+    int64_t panel_bytes;
+    char *panels = alloc_panels(off, S, H, I, esz, nthreads, &panel_bytes);
+    const moe_job_t jb = {(const char *)hidden, (const char *)gu, (const char *)dn, (char *)h, (char *)y,
+                          off, src, S, H, I, esz, bf16, panels, panel_bytes};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         run_experts(&jb);
@@ -265,7 +426,7 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
             }
         }
     }
-    free(off), free(cur), free(src), free(pos);
+    free(off), free(cur), free(src), free(pos), free(panels);
     return 0;
 #else
     (void)hidden; (void)T; (void)ids; (void)weights; (void)weights_f32; (void)K; (void)gu; (void)dn; (void)S;
