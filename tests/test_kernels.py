@@ -508,17 +508,19 @@ def test_native_kv_write_matches_index_copy(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 48])  # 48: not a multiple of 32, the portable path
 @pytest.mark.parametrize("with_norm", [True, False])
-def test_native_qkv_rope_write_matches_norm_rope_then_slot_writes(dtype, d, with_norm):
+@pytest.mark.parametrize("t", [9, 1500])  # 1500 tokens: split over threads
+def test_native_qkv_rope_write_matches_norm_rope_then_slot_writes(dtype, d, with_norm, t):
     """The fused projection's q heads normed and rotated into a contiguous q, its k heads normed,
     rotated and written to their pool slots, its v heads copied there: exactly what qk_norm_rope then
     kv_write produce."""
     _need_native()
     from mesh.model.layers import RotaryTable
     g = torch.Generator().manual_seed(16)
-    t, hq, hk, n, bs = 9, 8, 2, 5, 16
+    hq, hk, bs = 8, 2, 16
+    n = -(-t // bs) + 3
     qkv = (torch.randn(t, hq + 2 * hk, d, generator=g) * 2).to(dtype)
     weight = torch.randn(hq + hk, d, generator=g).to(dtype) if with_norm else None
-    cos, sin = RotaryTable(d, 10000.0, 4096, dtype).at(torch.tensor([0, 5, 17, 300, 301, 4000, 2, 9, 64]))
+    cos, sin = RotaryTable(d, 10000.0, 4096, dtype).at(torch.randint(0, 4096, (t,), generator=g))
     caches = torch.randn(2, hk, n, bs, d, generator=g).to(dtype)
     slots = torch.randperm(n * bs, generator=g)[:t]
     want = caches.clone()

@@ -193,7 +193,7 @@ class MoEDecoder:
             if lib.mesh_qkv_rope_write(qkv.data_ptr(), t, hq, hk, (hq + 2 * hk) * d,
                                        None if qk_norm is None else qk_norm.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), n_slots, slots.data_ptr(),
-                                       d, eps, bf16) != 0:
+                                       d, eps, bf16, threads) != 0:
                 raise ValueError(f"KV slots outside the pool's {n_slots}")
             rc = -1
             if decode_only:

@@ -171,7 +171,7 @@ def _build() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_void_p,
                                                                                        ctypes.c_int64, ctypes.c_float,
-                                                                                       ctypes.c_int]
+                                                                                       ctypes.c_int, ctypes.c_int]
     fn = lib.mesh_kv_write
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -575,7 +575,8 @@ def qkv_rope_write(qkv: torch.Tensor, num_heads: int, weight: torch.Tensor | Non
     rc = lib.mesh_qkv_rope_write(qkv.data_ptr(), t, num_heads, hk, heads * d,
                                  None if weight is None else weight.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                  q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), n * bs,
-                                 slots.contiguous().data_ptr(), d, float(eps), int(qkv.dtype == torch.bfloat16))
+                                 slots.contiguous().data_ptr(), d, float(eps), int(qkv.dtype == torch.bfloat16),
+                                 _threads())
     if rc == -5:
         raise ValueError(f"KV slots outside the pool's {n * bs}")
     return q

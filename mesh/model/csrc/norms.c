@@ -221,14 +221,17 @@ void mesh_qk_norm_rope(const void *x, int64_t T, int64_t B, int64_t sT, int64_t 
 /* The attention inputs of a step from the fused projection, in one pass: x [T, Hq + 2 Hk, D] (row
  * stride sT elements, heads contiguous) -> q heads normed and rotated into q_out [T, Hq, D]; k heads
  * normed and rotated, and v heads as they are, straight into their pool slots (caches [Hk, slots, D]).
- * w: [Hq + Hk, D] per-head norm weights or NULL. Returns 0, or -5 for a slot outside [0, slots)
- * (checked first: nothing is written then). */
+ * w: [Hq + Hk, D] per-head norm weights or NULL. Tokens split over threads (their slots are distinct).
+ * Returns 0, or -5 for a slot outside [0, slots) (checked first: nothing is written then). */
 int mesh_qkv_rope_write(const void *x, int64_t T, int64_t Hq, int64_t Hk, int64_t sT, const void *w, const void *cos,
                         const void *sin, void *q_out, void *k_cache, void *v_cache, int64_t slots, const int64_t *slot,
-                        int64_t D, float eps, int bf16) {
+                        int64_t D, float eps, int bf16, int nthreads) {
     for (int64_t t = 0; t < T; t++)
         if (slot[t] < 0 || slot[t] >= slots) return -5;
     const int64_t es = bf16 ? 2 : 4;
+    if (T * (Hq + 2 * Hk) * D < (1 << 18)) nthreads = 1; /* a decode step's rows: a hand-off costs more */
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t t = 0; t < T; t++) {
         const char *xr = (const char *)x + t * sT * es, *c = (const char *)cos + t * D * es,
                    *s = (const char *)sin + t * D * es;
