@@ -1,9 +1,11 @@
-"""Native CPU kernels (`csrc/*.c`), built on first use with the system C compiler and cached.
+"""Native CPU kernels (`csrc/*.c`, `csrc/topk.cpp`), built on first use with the system compiler and cached.
 
 decode_attention.c (one query token per sequence over the paged pool), prefill_attention.c (causal
 attention of a step's prefill chunks), moe_experts.c (grouped expert FFNs, the in-process MoE layer,
-plain linear layers over packed weights), norms.c (RMSNorm, residual add + RMSNorm, q/k norm +
-rotary, KV slot writes, row argmax). Each rounds where the torch spelling it replaces rounds.
+plain linear layers over packed weights, the router's weights), norms.c (RMSNorm, residual add +
+RMSNorm, q/k norm + rotary with the K/V slot writes, row argmax), topk.cpp (the router's top-k with
+torch.topk's algorithms: the same experts, ties included; optional, the rest builds without a C++
+compiler). Each rounds where the torch spelling it replaces rounds.
 
 Plain C with no Python or torch headers: one `cc` call of a few seconds, loaded with ctypes, called
 with raw pointers (ctypes releases the GIL for the call). When torch itself runs on GNU OpenMP
