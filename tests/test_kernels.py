@@ -468,11 +468,12 @@ def test_kernels_compile_for_cpus_without_this_ones_features(target, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_add_rms_norm_matches_add_then_norm(dtype):
+@pytest.mark.parametrize("rows", [19, 300])  # 300 x 64: split over threads
+def test_native_add_rms_norm_matches_add_then_norm(dtype, rows):
     _need_native()
     from mesh.model.layers import rms_norm
     g = torch.Generator().manual_seed(14)
-    h, delta = (torch.randn(2, 19, 64, generator=g) * 3).to(dtype)
+    h, delta = (torch.randn(2, rows, 64, generator=g) * 3).to(dtype)
     w = torch.randn(64, generator=g).to(dtype)
     got_h, got_x = native.add_rms_norm(h, delta, w, 1e-6)
     want_h = h + delta
