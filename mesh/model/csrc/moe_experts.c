@@ -96,7 +96,8 @@ static const uk_fn UK_BF16[MR + 1] = {NULL, uk_bf16_1, uk_bf16_2, uk_bf16_3, uk_
 /* The same product with the rows' inputs packed into a panel: element (unit p, row i) at a[p * MR + i]
  * (4 bytes: a bf16 pair or a float32), so the broadcasts read one sequential stream instead of M rows
  * spread over memory. Used for experts with many rows (prefill), where a packed block of rows is
- * reused across every output tile. */
+ * reused across every output tile. A separate kernel rather than `ukernel` with a row stride: one base
+ * register instead of MR row pointers (measured 6-8 % faster at prefill sizes than the shared one). */
 static inline __attribute__((always_inline)) void ukernel_panel(const char *a, const char *w0, const char *w1,
                                                                 int64_t units, float *c, const int M, const int bf16) {
     __m512 acc[MR][2];
