@@ -159,7 +159,7 @@ class MoEDecoder:
         if lib is None or d > 1024 or d % 2 or cos.dtype != h.dtype or h.dtype != self.dtype:
             return None
         bf16, threads, eps = int(h.dtype == torch.bfloat16), native._threads(), float(cfg.rms_norm_eps)
-        x = torch.empty_like(h)
+        x, attn = torch.empty_like(h), torch.empty_like(h)  # attn: the o projection's output, every layer
         qkv = h.new_empty(t, (hq + 2 * hk) * d)
         q = h.new_empty(t, hq, d)
         logits = h.new_empty(t, e)
@@ -207,7 +207,6 @@ class MoEDecoder:
                         "decode attention: context lengths or block ids outside the block table / pool")
             if rc != 0:  # prefill chunks in the step, or sizes past the decode kernel's limits
                 o = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)  # [T, Hq * D]
-            attn = torch.empty_like(h)
             lib.mesh_linear(o.data_ptr(), o_w.data.data_ptr(), None, attn.data_ptr(), t, hq * d, hd, bf16, threads, 0)
             lib.mesh_add_rms_norm(hp, attn.data_ptr(), post_norm.data_ptr(), hp, xp, t, hd, eps, bf16, threads)
             m = layer.moe
