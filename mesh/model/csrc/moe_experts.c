@@ -191,8 +191,9 @@ static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * tile, *w1 = w0 + 64;
     const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
     float c[MR * 32];
-    for (int64_t r = r0; r < r1; r += MR) {
-        const int m = (int)(r1 - r < MR ? r1 - r : MR);
+    const int64_t nch = (r1 - r0 + MR - 1) / MR, step = nch ? (r1 - r0 + nch - 1) / nch : MR;
+    for (int64_t r = r0; r < r1; r += step) {
+        const int m = (int)(r1 - r < step ? r1 - r : step);
         const char *xr[MR];
         for (int i = 0; i < m; i++) xr[i] = jb->x + (jb->src ? jb->src[r + i] : r + i) * H * esz;
         uk[m](xr, w0, w1, H, c);
@@ -216,8 +217,9 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * tile, *w1 = w0 + 64;
     const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
     float c[MR * 32];
-    for (int64_t r = r0; r < r1; r += MR) {
-        const int m = (int)(r1 - r < MR ? r1 - r : MR);
+    const int64_t nch = (r1 - r0 + MR - 1) / MR, step = nch ? (r1 - r0 + nch - 1) / nch : MR;
+    for (int64_t r = r0; r < r1; r += step) {
+        const int m = (int)(r1 - r < step ? r1 - r : step);
         const char *xr[MR];
         for (int i = 0; i < m; i++) xr[i] = jb->h + (r + i) * I * esz;
         uk[m](xr, w0, w1, I, c);
@@ -489,12 +491,13 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
 #endif
     if (N % 16 || K % 2 || M < 0) return -1;
     const int64_t esz = bf16 ? 2 : 4, tile = K * 16 * esz, tiles = (N + 31) / 32, chunks = (M + MR - 1) / MR;
+    const int64_t step = chunks ? (M + chunks - 1) / chunks : MR; /* rows per chunk, balanced: 64 = 6 x 11 - 2 */
     const uk_fn *uk = bf16 ? UK_BF16 : UK_F32;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
     for (int64_t it = 0; it < tiles * chunks; it++) {
-        const int64_t j = it / chunks, r = (it % chunks) * MR;
-        const int m = (int)(M - r < MR ? M - r : MR);
+        const int64_t j = it / chunks, r = (it % chunks) * step;
+        const int m = (int)(M - r < step ? M - r : step);
         const char *xr[MR];
         for (int i = 0; i < m; i++) xr[i] = (const char *)x + (r + i) * K * esz;
         float c[MR * 32];
