@@ -116,6 +116,7 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._raw_decode = tokenizer._tok.decode  # the Rust call itself: this runs twice per token
         # The prompt's tail is context only: its text is not part of the output.
         self._ids: list[int] = list(prompt_ids)[-4:]
         self._prefix_offset = 0
@@ -124,7 +125,7 @@ class IncrementalDetokenizer:
         self._pieces: list[str] = []  # deltas not yet joined into _text
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=self._skip)
+        return self._raw_decode(ids, self._skip)
 
     def add(self, new_ids: Iterable[int]) -> str:
         """Append generated ids; returns the text they complete (may be "" while a character is split)."""

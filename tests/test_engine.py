@@ -195,3 +195,37 @@ def test_bad_sampling_params_are_rejected_clearly(kwargs, message):
 def test_kv_budget_too_small_is_a_config_error(hf_checkpoints):
     with pytest.raises(ConfigError, match="kv-cache-memory"):
         _engine(hf_checkpoints["qwen3_moe"], kv_cache_memory=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from mesh.presets import init_model
+    return init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("eng") / "tiny")  # has tokenizer.json
+
+
+def test_stop_strings_end_the_text_where_they_first_appear(tiny_dir):
+    """The streamed text (every step's new_text joined) stops right before the first occurrence of any
+    stop string, wherever the token boundaries fall; text that could begin a stop string is held back,
+    never lost: without a match the whole text comes out."""
+    engine = _engine(tiny_dir)
+    prompt = engine.tokenizer.encode("def main():\n    ")
+
+    def run(stop, n=48):
+        req = engine.make_request(prompt_token_ids=prompt, sampling=SamplingParams(
+            max_tokens=n, temperature=0, ignore_eos=True, stop=stop))
+        engine.add_request(req)
+        pieces, last = [], None
+        while engine.has_unfinished():
+            for out in engine.step():
+                pieces.append(out.new_text)
+                last = out
+        return "".join(pieces), last
+
+    full, out = run(())
+    assert out.finish_reason is FinishReason.LENGTH and len(full) >= 24, full
+    assert run(("\x00never\x00",))[0] == full  # held back while it might match, then released
+    for a, b in ((3, 7), (10, 11), (15, 21)):
+        stop = full[a:b]
+        text, out = run((stop, full[b:b + 9] + "\x00"))  # a second, longer stop string that never matches
+        assert out.finish_reason is FinishReason.STOP
+        assert text == full[:full.index(stop)], (stop, text)

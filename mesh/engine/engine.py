@@ -79,7 +79,7 @@ class Engine:
         self.generator = torch.Generator().manual_seed(config.seed)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._emitted_text: dict[str, int] = {}
+        self._stop_text: dict[str, tuple[str, str]] = {}  # per request with stop strings: (emitted tail, held)
         self._ids = itertools.count()
         self.num_steps = 0
         self.observer = EngineObserver(self)
@@ -119,7 +119,6 @@ class Engine:
         self._seqs[req.request_id] = seq
         if self.tokenizer is not None:
             self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
-        self._emitted_text[req.request_id] = 0
         self.observer.on_add(seq)
         self.scheduler.add(seq)
 
@@ -189,24 +188,34 @@ class Engine:
         text = ""
         detok = self._detok.get(seq.request_id)
         if detok is not None:
-            if visible:
-                detok.add([token])
+            delta = detok.add((token,)) if visible else ""
             if reason is FinishReason.LENGTH:
-                detok.flush()  # release a character still split across tokens
-            full, start = detok.text, self._emitted_text[seq.request_id]
-            end = len(full)
+                delta += detok.flush()  # release a character still split across tokens
             if sp.stop:
-                longest = max(map(len, sp.stop))
-                cut = _find_stop(full, sp.stop, max(0, start - longest + 1))
-                if cut is not None:
-                    end, reason = cut, FinishReason.STOP
-                elif reason is None:
-                    end = max(start, end - (longest - 1))  # a tail that may still become a stop string
-            text = full[start:end]
-            self._emitted_text[seq.request_id] = end
+                text, stopped = self._hold_for_stop(seq.request_id, sp.stop, delta, final=reason is not None)
+                if stopped:
+                    reason = FinishReason.STOP
+            else:
+                text = delta
         if reason is not None:
             self._finish(seq, reason)
         return RequestOutput(seq.request_id, [token], text, reason is not None, reason, self._usage(seq))
+
+    def _hold_for_stop(self, request_id: str, stops: tuple[str, ...], delta: str, final: bool) -> tuple[str, bool]:
+        """The text to emit now for a request with stop strings, given its newly decoded `delta`, and
+        whether a stop string ended it. Text that may still become the start of a stop string (the
+        last longest-1 characters) is held back until the next token or the end; a stop string is
+        searched for from the last longest-1 characters already emitted (one may straddle the
+        boundary). Only that tail and the held text are kept, not the whole output."""
+        tail, held = self._stop_text.get(request_id, ("", ""))
+        buf, base = tail + held + delta, len(tail)
+        cut = _find_stop(buf, stops, 0)
+        if cut is not None:
+            return buf[base:cut], True
+        keep = max(map(len, stops)) - 1
+        end = len(buf) if final else max(base, len(buf) - keep)
+        self._stop_text[request_id] = (buf[max(0, end - keep):end] if keep else "", buf[end:])
+        return buf[base:end], False
 
     def _usage(self, seq: Sequence) -> Usage:
         return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
@@ -218,7 +227,7 @@ class Engine:
         seq.finish_reason = reason
         self._seqs.pop(seq.request_id, None)
         self._detok.pop(seq.request_id, None)
-        self._emitted_text.pop(seq.request_id, None)
+        self._stop_text.pop(seq.request_id, None)
 
     def close(self) -> None:
         """Flush and stop background work (the prefix tier's writer)."""
