@@ -351,6 +351,46 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype, monkeypatch):
+    """Threads take contiguous, cost-balanced ranges of work items: every item must be done exactly once
+    whatever the split, so outputs are bit-identical on 1, 2, 3 and 7 threads (busy, idle and single-row
+    experts; a busy one in row blocks; linear layers of several row counts)."""
+    _need_native()
+    if not native._avx512(bf16=dtype == torch.bfloat16):
+        pytest.fail("this test needs AVX-512 (BF16)")
+    g = torch.Generator().manual_seed(5)
+    shard = _shard(dtype)
+    packed = shard.layers[0].native_packed()
+    t, k = 37, 3
+    hidden = torch.randn(t, H, generator=g).to(dtype)
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(dtype)
+    skewed = torch.randint(0, E, (t, k), generator=g)
+    skewed[:, 0] = 5  # 37 rows on one expert
+    few = torch.tensor([[1, 4, 6]] * t)  # five experts idle
+    busy = torch.randint(0, E, (60, k), generator=g)
+    busy[:, 1] = 2  # 60 rows: a row block of 48 and the rest by tile
+    w_busy = torch.softmax(torch.randn(60, k, generator=g), -1).to(dtype)
+    x_busy = torch.randn(60, H, generator=g).to(dtype)
+    lin = native.pack_linear(torch.randn(96, H, generator=g).to(dtype))
+    assert packed is not None and lin is not None
+
+    def run():
+        out = [native.moe_local(hidden, ids, weights, packed, I)[0] for ids in (skewed, few)]
+        out.append(native.moe_local(x_busy, busy, w_busy, packed, I)[0])
+        out.append(native.moe_experts(hidden[:13], [0, 1, 0, 12, 0, 0, 0, 0], packed, I))
+        out += [native.linear(torch.randn(m, H, generator=torch.Generator().manual_seed(m)).to(dtype), lin)
+                for m in (1, 5, 13, 64, 100)]
+        return out
+
+    native_env(monkeypatch, "MESH_NATIVE_THREADS", "1")
+    want = run()
+    for n in ("2", "3", "7"):
+        native_env(monkeypatch, "MESH_NATIVE_THREADS", n)
+        for a, b in zip(run(), want):
+            assert torch.equal(a, b), f"{n} threads"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hk,groups,d", [(2, 4, 64), (1, 8, 128), (4, 1, 32), (2, 3, 64)])
 def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, kernel_path, monkeypatch):
     """A step's prefill chunks (fresh prompts and chunks after a cached prefix, lengths around the

@@ -275,6 +275,25 @@ static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, i
     }
 }
 
+static inline int64_t item_cost(const int64_t *off, int64_t s, int64_t skip_from) {
+    const int64_t n = off[s + 1] - off[s];
+    return n > 0 && n < skip_from ? n + 8 : 0;
+}
+
+/* The first item with work whose cost-so-far (the costs of the items before it) is at least `want`;
+ * S * tiles when none is. O(S). */
+static int64_t item_at(const int64_t *off, int64_t S, int64_t tiles, int64_t skip_from, int64_t want) {
+    int64_t acc = 0;
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t c = item_cost(off, s, skip_from);
+        if (c == 0) continue;
+        const int64_t j = want <= acc ? 0 : (want - acc + c - 1) / c;
+        if (j < tiles) return s * tiles + j;
+        acc += c * tiles;
+    }
+    return S * tiles;
+}
+
 /* This thread's share [*lo, *hi) of the tile items it = s * tiles + j of slots with fewer than RB rows,
  * as one contiguous range: consecutive items read consecutive packed weights, so each thread's
  * weights arrive as one long stream (the hardware prefetcher and the micro-kernel's prefetches run
@@ -283,24 +302,9 @@ static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, i
 static void tile_span(const int64_t *off, int64_t S, int64_t tiles, int64_t skip_from, int nth, int tid,
                       int64_t *lo, int64_t *hi) {
     int64_t total = 0;
-    for (int64_t s = 0; s < S; s++) {
-        const int64_t n = off[s + 1] - off[s];
-        if (n > 0 && n < skip_from) total += (n + 8) * tiles;
-    }
-    const int64_t want_lo = total * tid / nth, want_hi = total * (tid + 1) / nth;
-    int64_t acc = 0;
-    *lo = *hi = S * tiles;
-    int lo_set = 0;
-    for (int64_t s = 0; s < S; s++) {
-        const int64_t n = off[s + 1] - off[s];
-        const int64_t c = n > 0 && n < skip_from ? n + 8 : 0;
-        for (int64_t j = 0; j < tiles; j++) {
-            if (!lo_set && acc >= want_lo && c) { *lo = s * tiles + j; lo_set = 1; }
-            if (acc >= want_hi && c) { *hi = s * tiles + j; return; }
-            acc += c;
-        }
-    }
-    if (!lo_set) *lo = S * tiles;
+    for (int64_t s = 0; s < S; s++) total += item_cost(off, s, skip_from) * tiles;
+    *lo = item_at(off, S, tiles, skip_from, total * tid / nth);
+    *hi = tid + 1 == nth ? S * tiles : item_at(off, S, tiles, skip_from, total * (tid + 1) / nth);
 }
 
 /* Both matmuls over every slot with rows. Called inside a parallel region. A slot with at least RB
