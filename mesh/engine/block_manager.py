@@ -106,6 +106,8 @@ class BlockManager:
         bs = self.block_size
         first = len(seq.block_hashes)
         full = seq.num_computed_tokens // bs
+        if full <= first:  # most decode steps: no block filled
+            return []
         ns = self.namespace_of(seq)
         for i in range(len(seq.block_hashes), full):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
