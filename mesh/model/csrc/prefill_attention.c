@@ -82,16 +82,56 @@ static void rearrange(const pjob_t *j, int64_t c, int64_t h, int64_t kb) {
     }
 }
 
+/* P.V of one key block for RB rows: probabilities p (float32, zeros past the context) into the
+ * accumulators. */
+static inline __attribute__((always_inline)) void pv_block(__m512 a[4][PMAX_D / 16], const __m512 *p, const char *vp,
+                                                           const int RB, const int64_t C, const int bf16) {
+    const int64_t D = C * 16;
+    if (bf16) {
+#ifdef __AVX512BF16__
+        __m512i pb[4];
+        for (int i = 0; i < RB; i++) pb[i] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[i]));
+        for (int64_t tp = 0; tp < 8; tp++) {
+            const __m512i sel = _mm512_set1_epi32((int)tp);
+            __m512bh pp[4];
+            for (int i = 0; i < RB; i++) pp[i] = (__m512bh)_mm512_permutexvar_epi32(sel, pb[i]);
+            const __m512i *vv = (const __m512i *)vp + tp * (D / 32) * 2;
+            for (int64_t cc = 0; cc < D / 32; cc++) {
+                const __m512bh lo = (__m512bh)_mm512_load_si512(vv + 2 * cc);
+                const __m512bh hi = (__m512bh)_mm512_load_si512(vv + 2 * cc + 1);
+                for (int i = 0; i < RB; i++) {
+                    a[i][2 * cc] = _mm512_dpbf16_ps(a[i][2 * cc], lo, pp[i]);
+                    a[i][2 * cc + 1] = _mm512_dpbf16_ps(a[i][2 * cc + 1], hi, pp[i]);
+                }
+            }
+        }
+#endif
+    } else {
+        for (int64_t t = 0; t < 16; t++) {
+            const __m512i sel = _mm512_set1_epi32((int)t);
+            const char *vr = vp + t * D * 4;
+            __m512 pt[4];
+            for (int i = 0; i < RB; i++) pt[i] = _mm512_permutexvar_ps(sel, p[i]);
+            for (int64_t cc = 0; cc < C; cc++) {
+                const __m512 vv = _mm512_load_ps((const float *)(vr + cc * 64));
+                for (int i = 0; i < RB; i++) a[i][cc] = _mm512_fmadd_ps(pt[i], vv, a[i][cc]);
+            }
+        }
+    }
+}
+
 /* RB query rows of one position (heads g0 .. g0+RB-1 of the group) over every key block up to that
- * position. Accumulators, running max and sum stay in registers for the whole sweep; each block's keys
- * and values are loaded once for the RB rows. */
+ * position, two key blocks at a time: each query element is broadcast once for both blocks, the two
+ * blocks' scores are independent dependency chains, and the online softmax (maximum, rescale) runs once
+ * per 32 keys. Accumulators, running max and sum stay in registers for the whole sweep; each block's
+ * keys and values are loaded once for the RB rows. */
 static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int64_t c, int64_t h, int64_t row,
                                                             int64_t pos, int64_t g0, const int RB, const int64_t C,
                                                             const int bf16) {
-    const int64_t D = C * 16, esz = bf16 ? 2 : 4, Hq = j->Hk * j->G;
-    const int64_t base = j->first[c * j->Hk + h] * 16 * D * esz;
+    const int64_t D = C * 16, esz = bf16 ? 2 : 4, Hq = j->Hk * j->G, bbytes = 16 * D * esz;
+    const int64_t base = j->first[c * j->Hk + h] * bbytes;
     const char *qr[4];
-    __m512 a[4][PMAX_D / 16], s[4];
+    __m512 a[4][PMAX_D / 16], s0[4], s1[4];
     float m[4], l[4];
     for (int i = 0; i < RB; i++) {
         qr[i] = j->q + (row * Hq + h * j->G + g0 + i) * D * esz;
@@ -101,82 +141,65 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
     }
     const __m512 scale = _mm512_set1_ps(j->scale), neg_inf = _mm512_set1_ps(-INFINITY);
     const int64_t nkb = pos / 16 + 1;
-    for (int64_t kb = 0; kb < nkb; kb++) {
-        const char *kt = j->kt + base + kb * 16 * D * esz, *vp = j->vp + base + kb * 16 * D * esz;
-        const __mmask16 valid = kb + 1 < nkb ? (__mmask16)0xffff : (__mmask16)((2u << (pos - kb * 16)) - 1u);
-        for (int i = 0; i < RB; i++) s[i] = _mm512_setzero_ps();
+    const __mmask16 last = (__mmask16)((2u << (pos - (nkb - 1) * 16)) - 1u); /* keys <= pos in the last block */
+    for (int64_t kb = 0; kb < nkb; kb += 2) {
+        const int two = kb + 1 < nkb;
+        const char *kt0 = j->kt + base + kb * bbytes, *kt1 = two ? kt0 + bbytes : kt0;
+        const __mmask16 valid0 = two ? (__mmask16)0xffff : last;
+        const __mmask16 valid1 = !two ? (__mmask16)0 : kb + 2 < nkb ? (__mmask16)0xffff : last;
+        for (int i = 0; i < RB; i++) s0[i] = s1[i] = _mm512_setzero_ps();
         if (bf16) {
 #ifdef __AVX512BF16__ /* (bf16 items are never run without it: mesh_prefill_attention declines) */
             for (int64_t p = 0; p < D / 2; p++) {
-                const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + p * 64);
+                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt0 + p * 64);
+                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt1 + p * 64);
                 for (int i = 0; i < RB; i++) {
                     int32_t pair;
                     memcpy(&pair, qr[i] + p * 4, 4);
-                    s[i] = _mm512_dpbf16_ps(s[i], kv, (__m512bh)_mm512_set1_epi32(pair));
+                    const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
+                    s0[i] = _mm512_dpbf16_ps(s0[i], k0, qv);
+                    s1[i] = _mm512_dpbf16_ps(s1[i], k1, qv);
                 }
             }
 #endif
         } else {
             for (int64_t d = 0; d < D; d++) {
-                const __m512 kv = _mm512_loadu_ps(kt + d * 64);
+                const __m512 k0 = _mm512_loadu_ps(kt0 + d * 64), k1 = _mm512_loadu_ps(kt1 + d * 64);
                 for (int i = 0; i < RB; i++) {
-                    float qv;
-                    memcpy(&qv, qr[i] + d * 4, 4);
-                    s[i] = _mm512_fmadd_ps(_mm512_set1_ps(qv), kv, s[i]);
+                    float q1;
+                    memcpy(&q1, qr[i] + d * 4, 4);
+                    const __m512 qv = _mm512_set1_ps(q1);
+                    s0[i] = _mm512_fmadd_ps(qv, k0, s0[i]);
+                    s1[i] = _mm512_fmadd_ps(qv, k1, s1[i]);
                 }
             }
         }
         float delta[16] = {0};
         float mnew[4];
         for (int i = 0; i < RB; i++) {
-            s[i] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(s[i], scale));
-            mnew[i] = fmaxf(_mm512_reduce_max_ps(s[i]), m[i]);
-            delta[i] = m[i] - mnew[i]; /* -inf on the first block: its factor is ~0 */
+            s0[i] = _mm512_mask_mov_ps(neg_inf, valid0, _mm512_mul_ps(s0[i], scale));
+            s1[i] = _mm512_mask_mov_ps(neg_inf, valid1, _mm512_mul_ps(s1[i], scale));
+            mnew[i] = fmaxf(_mm512_reduce_max_ps(_mm512_max_ps(s0[i], s1[i])), m[i]);
+            delta[i] = m[i] - mnew[i]; /* -inf on the first blocks: their factor is ~0 */
         }
         const __m512 corr = exp_nonpos16(_mm512_loadu_ps(delta)); /* every row's rescale in one exp */
         float cf[16];
         _mm512_storeu_ps(cf, corr);
-        __m512 p[4];
+        __m512 p0[4], p1[4];
         for (int i = 0; i < RB; i++) {
-            p[i] = _mm512_maskz_mov_ps(valid, exp_nonpos16(_mm512_sub_ps(s[i], _mm512_set1_ps(mnew[i]))));
-            l[i] = l[i] * cf[i] + _mm512_reduce_add_ps(p[i]);
+            const __m512 mv = _mm512_set1_ps(mnew[i]);
+            p0[i] = _mm512_maskz_mov_ps(valid0, exp_nonpos16(_mm512_sub_ps(s0[i], mv)));
+            p1[i] = _mm512_maskz_mov_ps(valid1, exp_nonpos16(_mm512_sub_ps(s1[i], mv)));
+            l[i] = l[i] * cf[i] + _mm512_reduce_add_ps(_mm512_add_ps(p0[i], p1[i]));
             m[i] = mnew[i];
             if (cf[i] != 1.f) {
                 const __m512 cv = _mm512_set1_ps(cf[i]);
                 for (int64_t cc = 0; cc < C; cc++) a[i][cc] = _mm512_mul_ps(a[i][cc], cv);
             }
         }
-        if (bf16) {
-#ifdef __AVX512BF16__
-            __m512i pb[4];
-            for (int i = 0; i < RB; i++) pb[i] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[i]));
-            for (int64_t tp = 0; tp < 8; tp++) {
-                const __m512i sel = _mm512_set1_epi32((int)tp);
-                __m512bh pp[4];
-                for (int i = 0; i < RB; i++) pp[i] = (__m512bh)_mm512_permutexvar_epi32(sel, pb[i]);
-                const __m512i *vv = (const __m512i *)vp + tp * (D / 32) * 2;
-                for (int64_t cc = 0; cc < D / 32; cc++) {
-                    const __m512bh lo = (__m512bh)_mm512_load_si512(vv + 2 * cc);
-                    const __m512bh hi = (__m512bh)_mm512_load_si512(vv + 2 * cc + 1);
-                    for (int i = 0; i < RB; i++) {
-                        a[i][2 * cc] = _mm512_dpbf16_ps(a[i][2 * cc], lo, pp[i]);
-                        a[i][2 * cc + 1] = _mm512_dpbf16_ps(a[i][2 * cc + 1], hi, pp[i]);
-                    }
-                }
-            }
-#endif
-        } else {
-            for (int64_t t = 0; t < 16; t++) {
-                const __m512i sel = _mm512_set1_epi32((int)t);
-                const char *vr = vp + t * D * 4;
-                __m512 pt[4];
-                for (int i = 0; i < RB; i++) pt[i] = _mm512_permutexvar_ps(sel, p[i]);
-                for (int64_t cc = 0; cc < C; cc++) {
-                    const __m512 vv = _mm512_load_ps((const float *)(vr + cc * 64));
-                    for (int i = 0; i < RB; i++) a[i][cc] = _mm512_fmadd_ps(pt[i], vv, a[i][cc]);
-                }
-            }
-        }
+        const char *vp0 = j->vp + base + kb * bbytes;
+        pv_block(a, p0, vp0, RB, C, bf16);
+        if (two) pv_block(a, p1, vp0 + bbytes, RB, C, bf16);
     }
     for (int i = 0; i < RB; i++) {
         const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
