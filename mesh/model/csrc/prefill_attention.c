@@ -89,12 +89,11 @@ static inline __attribute__((always_inline)) void pv_block(__m512 a[4][PMAX_D / 
     const int64_t D = C * 16;
     if (bf16) {
 #ifdef __AVX512BF16__
-        __m512i pb[4];
-        for (int i = 0; i < RB; i++) pb[i] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[i]));
+        int32_t pb[4][8]; /* each row's probabilities as bf16 pairs, broadcast from memory below */
+        for (int i = 0; i < RB; i++) _mm256_storeu_si256((__m256i *)pb[i], (__m256i)_mm512_cvtneps_pbh(p[i]));
         for (int64_t tp = 0; tp < 8; tp++) {
-            const __m512i sel = _mm512_set1_epi32((int)tp);
             __m512bh pp[4];
-            for (int i = 0; i < RB; i++) pp[i] = (__m512bh)_mm512_permutexvar_epi32(sel, pb[i]);
+            for (int i = 0; i < RB; i++) pp[i] = (__m512bh)_mm512_set1_epi32(pb[i][tp]);
             const __m512i *vv = (const __m512i *)vp + tp * (D / 32) * 2;
             for (int64_t cc = 0; cc < D / 32; cc++) {
                 const __m512bh lo = (__m512bh)_mm512_load_si512(vv + 2 * cc);
