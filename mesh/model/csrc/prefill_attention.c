@@ -130,13 +130,13 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
     const int64_t D = C * 16, esz = bf16 ? 2 : 4, Hq = j->Hk * j->G, bbytes = 16 * D * esz;
     const int64_t base = j->first[c * j->Hk + h] * bbytes;
     const char *qr[4];
-    __m512 a[4][PMAX_D / 16], s0[4], s1[4];
-    float m[4], l[4];
+    __m512 a[4][PMAX_D / 16], s0[4], s1[4], lv[4]; /* lv: softmax denominators, 16 partial sums each */
+    float m[4];
     for (int i = 0; i < RB; i++) {
         qr[i] = j->q + (row * Hq + h * j->G + g0 + i) * D * esz;
         for (int64_t cc = 0; cc < C; cc++) a[i][cc] = _mm512_setzero_ps();
         m[i] = -INFINITY;
-        l[i] = 0.f;
+        lv[i] = _mm512_setzero_ps();
     }
     const __m512 scale = _mm512_set1_ps(j->scale), neg_inf = _mm512_set1_ps(-INFINITY);
     const int64_t nkb = pos / 16 + 1;
@@ -189,7 +189,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
             const __m512 mv = _mm512_set1_ps(mnew[i]);
             p0[i] = _mm512_maskz_mov_ps(valid0, exp_nonpos16(_mm512_sub_ps(s0[i], mv)));
             p1[i] = _mm512_maskz_mov_ps(valid1, exp_nonpos16(_mm512_sub_ps(s1[i], mv)));
-            l[i] = l[i] * cf[i] + _mm512_reduce_add_ps(_mm512_add_ps(p0[i], p1[i]));
+            lv[i] = _mm512_fmadd_ps(lv[i], _mm512_set1_ps(cf[i]), _mm512_add_ps(p0[i], p1[i]));
             m[i] = mnew[i];
             if (cf[i] != 1.f) {
                 const __m512 cv = _mm512_set1_ps(cf[i]);
@@ -201,7 +201,8 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
         if (two) pv_block(a, p1, vp0 + bbytes, RB, C, bf16);
     }
     for (int i = 0; i < RB; i++) {
-        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        const float l = _mm512_reduce_add_ps(lv[i]);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
         store_acc_row(a[i], inv, j->out + (row * Hq + h * j->G + g0 + i) * D * esz, bf16, C);
     }
 }
