@@ -62,12 +62,24 @@ def median_time(fn, repeat: int = 5, warmup: int = 2) -> float:
 
 
 def gemm_peak(dtype: torch.dtype, n: int = 2048, device: str = "cpu") -> float:
-    """Measured FLOP/s of a square matmul in `dtype` on this machine, now."""
+    """Measured FLOP/s of a square matmul in `dtype` on this machine, now: the faster of torch.mm and,
+    on the CPU, this project's own linear kernel (which beats torch's float32 GEMM on some CPUs: a
+    roofline from the slower one would let a step look faster than the machine)."""
+    return max(gemm_peaks(dtype, n, device).values())
+
+
+def gemm_peaks(dtype: torch.dtype, n: int = 2048, device: str = "cpu") -> dict[str, float]:
+    """FLOP/s of an n x n x n product through torch.mm and (CPU, where it runs) mesh's native linear."""
     if device != "cpu":
         n = max(n, 8192)  # a GPU needs a big product to reach its peak
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-    t = median_time(lambda: torch.mm(a, b), repeat=5)
-    return 2 * n ** 3 / t
+    out = {"torch": 2 * n ** 3 / median_time(lambda: torch.mm(a, b), repeat=5)}
+    if device == "cpu":
+        from mesh.model import native
+        packed = native.pack_linear(b) if native.enabled() else None
+        if packed is not None and native.linear(a, packed) is not None:
+            out["native"] = 2 * n ** 3 / median_time(lambda: native.linear(a, packed), repeat=5)
+    return out
 
 
 def memory_bandwidth(nbytes: int = 512 << 20, device: str = "cpu") -> float:
