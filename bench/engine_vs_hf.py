@@ -5,7 +5,8 @@ Workloads:
   (b) 256 requests, prompt lengths 16-1024, outputs 16-256 (transformers: left-padded batches of 32,
       each run to its longest requested output; only requested tokens count as output).
 Also: one decode step at batch 64 against this machine's roofline (GEMM peak and memory bandwidth
-measured in the same run; the peak is the faster of torch.mm and mesh's own linear kernel). Prints one JSON object per result.
+measured in the same run; the peak is the faster of torch.mm and mesh's own linear kernel). Prints one
+JSON object per result.
 
     .venv/bin/python bench/engine_vs_hf.py                 # both dtypes, both workloads
     .venv/bin/python bench/engine_vs_hf.py --quick         # (b) with 64 requests
@@ -21,7 +22,8 @@ import time
 
 import torch
 
-from common import bench_model, emit, gemm_peak, gemm_peaks, hardware, memory_bandwidth, median_time, peak_rss_bytes, sync
+from common import (bench_model, emit, gemm_peak, gemm_peaks, hardware, memory_bandwidth, median_time,
+                    peak_rss_bytes, sync)
 
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine

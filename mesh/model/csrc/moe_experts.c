@@ -184,6 +184,13 @@ typedef struct {
     int64_t panel_bytes;
 } moe_job_t;
 
+/* Rows per micro-kernel call when n rows are cut into the fewest chunks of at most MR: as equal as
+ * possible (16 = 8 + 8, not 12 + 4; 64 = 6 x 11 - 2), so no call runs on a few rows alone. */
+static inline int64_t chunk_rows(int64_t n) {
+    const int64_t chunks = (n + MR - 1) / MR;
+    return chunks ? (n + chunks - 1) / chunks : MR;
+}
+
 /* gate/up tile j (h columns 16j..16j+15) of slot s: rows in chunks of MR, silu(gate) * up. */
 static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
@@ -191,7 +198,7 @@ static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * tile, *w1 = w0 + 64;
     const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
     float c[MR * 32];
-    const int64_t nch = (r1 - r0 + MR - 1) / MR, step = nch ? (r1 - r0 + nch - 1) / nch : MR;
+    const int64_t step = chunk_rows(r1 - r0);
     for (int64_t r = r0; r < r1; r += step) {
         const int m = (int)(r1 - r < step ? r1 - r : step);
         const char *xr[MR];
@@ -217,7 +224,7 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * tile, *w1 = w0 + 64;
     const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
     float c[MR * 32];
-    const int64_t nch = (r1 - r0 + MR - 1) / MR, step = nch ? (r1 - r0 + nch - 1) / nch : MR;
+    const int64_t step = chunk_rows(r1 - r0);
     for (int64_t r = r0; r < r1; r += step) {
         const int m = (int)(r1 - r < step ? r1 - r : step);
         const char *xr[MR];
@@ -275,6 +282,8 @@ static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, i
     }
 }
 
+/* Cost of each tile item of slot s: its rows plus a weight-streaming share; 0 when the slot has no rows
+ * or went by row block (skip_from rows or more). */
 static inline int64_t item_cost(const int64_t *off, int64_t s, int64_t skip_from) {
     const int64_t n = off[s + 1] - off[s];
     return n > 0 && n < skip_from ? n + 8 : 0;
@@ -344,16 +353,16 @@ static void run_experts(const moe_job_t *jb) {
     int64_t lo, hi;
     tile_span(off, S, t1, skip_from, nth, tid, &lo, &hi);
     for (int64_t it = lo; it < hi; it++) {
-        const int64_t s = it / t1, n = off[s + 1] - off[s];
-        if (n > 0 && n < skip_from) gate_up_item(jb, s, it % t1);
+        const int64_t s = it / t1;
+        if (item_cost(off, s, skip_from)) gate_up_item(jb, s, it % t1);
     }
 #pragma omp barrier
     tile_span(off, S, t2, skip_from, nth, tid, &lo, &hi);
     for (int64_t it = lo; it < hi; it++) {
-        const int64_t s = it / t2, n = off[s + 1] - off[s];
-        if (n > 0 && n < skip_from) down_item(jb, s, it % t2);
+        const int64_t s = it / t2;
+        if (item_cost(off, s, skip_from)) down_item(jb, s, it % t2);
     }
-#pragma omp barrier
+#pragma omp barrier /* the caller's combine reads every slot's rows */
 }
 
 /* The per-thread panels run_experts needs when some slot has RB rows or more; NULL when none does (or
@@ -486,7 +495,8 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
  * torch's addmm does (out_f32: stored as float32 after that rounding, what .float() of the output holds).
  * Items are (32-column tile, MR-row chunk), tile-major so a tile's weights stay in cache while
  * the row chunks pass; each thread takes one contiguous range of them, so its weights come as one
- * stream (b64 lm_head 8192 x 512: 0.65 -> 0.56 ms against items handed out four at a time). Returns 0, or -1 when unsupported (N a multiple of 16 and K even needed). */
+ * stream (b64 lm_head 8192 x 512: 0.65 -> 0.56 ms against items handed out four at a time).
+ * Returns 0, or -1 when unsupported (N a multiple of 16 and K even needed). */
 int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64_t M, int64_t K, int64_t N, int bf16,
                 int nthreads, int out_f32) {
 #ifdef MESH_MOE_AVX512
@@ -495,7 +505,7 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
 #endif
     if (N % 16 || K % 2 || M < 0) return -1;
     const int64_t esz = bf16 ? 2 : 4, tile = K * 16 * esz, tiles = (N + 31) / 32, chunks = (M + MR - 1) / MR;
-    const int64_t step = chunks ? (M + chunks - 1) / chunks : MR; /* rows per chunk, balanced: 64 = 6 x 11 - 2 */
+    const int64_t step = chunk_rows(M);
     const uk_fn *uk = bf16 ? UK_BF16 : UK_F32;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
