@@ -137,7 +137,7 @@ def _fresh_native_settings():
 
 
 def native_env(monkeypatch, name: str, value: str | None) -> None:
-    """Set (or with None, unset) MESH_NATIVE_KERNELS / MESH_NATIVE_THREADS for this test, effective now."""
+    """Set (or with None, unset) MESH_NATIVE_KERNELS / _THREADS / _AMX for this test, effective now."""
     from mesh.model import native
     if value is None:
         monkeypatch.delenv(name, raising=False)

@@ -101,6 +101,56 @@ def test_native_experts_round_like_the_unfused_torch_ops(dtype, monkeypatch):
         assert (diff == 0).float().mean() > 0.9
 
 
+
+@pytest.mark.parametrize("tiles", ["1", "0"])
+def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(tiles, monkeypatch):
+    """On a CPU with AMX the bf16 expert and linear kernels run their products as tile products (16-row
+    blocks padded with zero rows, 32 inputs per step); MESH_NATIVE_AMX=0 keeps them on VDPBF16PS. Both
+    give torch's results to summation order: slots of 1, 15, 16, 17, 31, 33 and 100 rows (a row block of
+    48 and a remainder), empty slots, one or two 16-row tile blocks, linear layers of 1-100 rows. Where
+    the CPU has amx_bf16 the tile path must be the one that runs."""
+    _need_native()
+    if not native._avx512(bf16=True):
+        pytest.fail("this test needs AVX-512 BF16")
+    native_env(monkeypatch, "MESH_NATIVE_AMX", tiles)
+    has_amx = "amx_bf16" in native._cpu_flags().split()
+    assert native.amx() == (has_amx and tiles == "1")
+    g = torch.Generator().manual_seed(21)
+    h, i, e = 64, 96, 8  # both matmuls' inputs multiples of 32: the tile path's condition
+    gate_up = (torch.randn(e, 2 * i, h, generator=g) * 0.2).to(torch.bfloat16)
+    down = (torch.randn(e, h, i, generator=g) * 0.2).to(torch.bfloat16)
+    from mesh.parallel.local import LocalDispatcher
+
+    def run(native_on: str):
+        native_env(monkeypatch, "MESH_NATIVE_KERNELS", native_on)
+        shard = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)])
+        got = shard.forward(0, rows, counts)
+        assert bool(shard.layers[0].packed) == (native_on == "1")
+        disp = LocalDispatcher(ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]), e)
+        return got, disp.combine(disp.dispatch(0, hidden, ids, weights))
+
+    counts = [1, 15, 0, 16, 17, 31, 33, 100]
+    rows = torch.randn(sum(counts), h, generator=g).to(torch.bfloat16)
+    t, k = 45, 3  # the one-call local MoE: rows read through the sort, not copied
+    hidden = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, e, (t, k), generator=g)
+    ids[:, 0] = 3  # 45+ rows on one slot: two tile blocks
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(torch.bfloat16)
+    got, got_moe = run("1")
+    want, want_moe = run("0")  # torch ops, rounding where the kernel rounds
+    diff = (got.float() - want.float()).abs()  # summation order only: at most one bf16 step apart
+    assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.9
+    torch.testing.assert_close(got_moe.float(), want_moe.float(), atol=2e-2, rtol=2e-2)
+    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "1")
+    w = torch.randn(80, 96, generator=g).to(torch.bfloat16)
+    b = torch.randn(80, generator=g).to(torch.bfloat16)
+    packed = native.pack_linear(w)
+    for m in (1, 16, 17, 33, 100):
+        x = torch.randn(m, 96, generator=g).to(torch.bfloat16)
+        got, want = native.linear(x, packed, b), F.linear(x, w, b)
+        d = (got.float() - want.float()).abs()
+        assert (d <= want.float().abs() * 2 ** -7 + 1e-6).all() and (d == 0).float().mean() > 0.95
+
 def test_native_experts_reject_counts_that_do_not_add_up():
     _need_native()
     gate_up, down = torch.zeros(2, 32, 32), torch.zeros(2, 32, 16)

@@ -60,9 +60,24 @@ def _env() -> tuple[bool, str | None]:
 
 
 def refresh_settings() -> None:
-    """Read MESH_NATIVE_KERNELS and MESH_NATIVE_THREADS again (after changing them in-process)."""
+    """Read MESH_NATIVE_KERNELS, MESH_NATIVE_THREADS and MESH_NATIVE_AMX again (after changing them
+    in-process)."""
     global _settings
     _settings = None
+    if _lib is not None:
+        _apply_amx(_lib)
+
+
+def _apply_amx(lib: ctypes.CDLL) -> bool:
+    """MESH_NATIVE_AMX=0 keeps bfloat16 products off Intel's tile unit (AMX) even where the build and
+    the OS allow it; returns whether they run there."""
+    return bool(lib.mesh_set_amx(int(os.environ.get("MESH_NATIVE_AMX", "1") != "0")))
+
+
+def amx() -> bool:
+    """Whether the expert and linear kernels run their bfloat16 products on AMX tiles in this process."""
+    lib = library()
+    return lib is not None and _apply_amx(lib)
 
 
 def enabled() -> bool:
@@ -145,6 +160,9 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_moe_experts
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+    fn = lib.mesh_set_amx
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int]
     fn = lib.mesh_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -187,6 +205,7 @@ def _build() -> ctypes.CDLL | None:
                                                                ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     global _openmp
     _openmp = "-fopenmp" in flags
+    _apply_amx(lib)
     return lib
 
 
@@ -495,6 +514,8 @@ def linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = No
     out = x.new_empty(m, n, dtype=torch.float32 if out_float32 else x.dtype)
     rc = lib.mesh_linear(x.data_ptr(), packed.data.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
                          m, k, n, int(x.dtype == torch.bfloat16), _threads(), int(out_float32))
+    if rc == -4:
+        raise MemoryError("linear kernel: out of memory")
     return out if rc == 0 else None
 
 
