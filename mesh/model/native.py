@@ -17,7 +17,9 @@ into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the sourc
 compiler and the CPU's feature flags, so a shared home directory never serves one CPU's build to
 another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops (also
 the GPU path). The AVX-512 paths need AVX512F/BW (and AVX512-BF16 for bfloat16); elsewhere the
-portable paths or torch ops run.
+portable paths or torch ops run. Where the build targets AMX (Intel Sapphire Rapids and later) and the
+OS grants tile state, the expert and linear kernels run bfloat16 products on the tiles
+(`MESH_NATIVE_AMX=0`: not).
 """
 from __future__ import annotations
 
