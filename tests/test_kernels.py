@@ -442,10 +442,15 @@ def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hk,groups,d", [(2, 4, 64), (1, 8, 128), (4, 1, 32), (2, 3, 64)])
-def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, kernel_path, monkeypatch):
+@pytest.mark.parametrize("tiles", ["1", "0"])
+def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, tiles, kernel_path, monkeypatch):
     """A step's prefill chunks (fresh prompts and chunks after a cached prefix, lengths around the
     16-token block and query-tile edges) against SDPA over each sequence, through the native kernel
-    (every chunk in one call) and through the torch path."""
+    (every chunk in one call) and through the torch path. bf16 on a CPU with AMX: the tile path
+    (16 query positions x 32 keys per step) and, with MESH_NATIVE_AMX=0, the VDPBF16PS one."""
+    native_env(monkeypatch, "MESH_NATIVE_AMX", tiles)
+    if kernel_path == "native":
+        assert native.amx() == (tiles == "1" and "amx_bf16" in native._cpu_flags().split())
     g = torch.Generator().manual_seed(11)
     bs = 16
     spans = [(0, 1), (0, 15), (0, 17), (5, 40), (16, 16), (33, 100)]  # (cached tokens, new tokens)

@@ -41,7 +41,7 @@ log = logging.getLogger("mesh.native")
 _CSRC = Path(__file__).with_name("csrc")
 _SRCS = [_CSRC / name for name in ("decode_attention.c", "prefill_attention.c", "moe_experts.c", "norms.c")]
 _CXX_SRCS = [_CSRC / "topk.cpp"]  # optional: a compiler without C++ builds the rest (routing keeps torch.topk)
-_HEADERS = [_CSRC / "avx512_math.h", _CSRC / "bf16.h"]
+_HEADERS = [_CSRC / "avx512_math.h", _CSRC / "bf16.h", _CSRC / "amx.h"]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -44,40 +44,24 @@
  * inputs per instruction, float32 accumulation) instead of VDPBF16PS, which such CPUs issue at half the
  * rate of a float32 FMA (measured on a 2-core Xeon VM: VDPBF16PS 85 GFLOP/s per core, FMA 170, tiles
  * ~1000). The packed bf16 weights are already in the tile unit's B layout: per 32-column tile, 16 input
- * pairs x 64 bytes per half, rows 128 bytes apart. Inputs go through a row-major panel padded with
- * zero rows to a multiple of 16. The kernel asks the kernel (arch_prctl) for tile state once per
+ * pairs x 64 bytes per half, rows 128 bytes apart. Inputs go through a tile-order panel padded with
+ * zero rows to a multiple of 16. The library asks the OS (arch_prctl) for tile state once per
  * process; when refused, or turned off with mesh_set_amx(0), the VDPBF16PS paths run. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__x86_64__)
-#define MESH_AMX 1
-#include <immintrin.h>
+#include "amx.h"
+#ifdef MESH_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_PF 4096 /* weight bytes prefetched ahead (two input steps): experts per b64 layer from memory 1.37 -> 0.85 ms */
 static int amx_on = 1;   /* mesh_set_amx */
 static int amx_perm = 0; /* 1 granted, -1 refused, 0 not asked yet */
 
-static int amx_ready(void) {
+int mesh_amx_ready(void) {
     if (!amx_on) return 0;
     if (amx_perm == 0) /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
         amx_perm = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
     return amx_perm > 0;
 }
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_cfg_t;
-
-/* Every thread that runs tiles configures them first (8 tiles of 16 rows x 64 bytes) and releases
- * them when done. */
-static void amx_begin(void) {
-    amx_cfg_t c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
-    _tile_loadconfig(&c);
-}
+static int amx_ready(void) { return mesh_amx_ready(); }
 
 /* c [16 * nb rows][32] float32 = a (16 * nb rows of K bf16 in tile order, see amx_pack) x one packed
  * 32-column bf16 tile w (K/2 pair rows of 128 bytes). nb is 1 or 2: tiles 0-3 accumulate, 4-5 hold

@@ -25,6 +25,7 @@
 #include "avx512_math.h"
 #define MESH_PREFILL_AVX512 1
 #endif
+#include "amx.h"
 
 #define QB 16      /* query positions per work item */
 #define PMAX_G 64  /* query heads per KV head */
@@ -220,6 +221,122 @@ static inline __attribute__((always_inline)) void item_body(const pjob_t *j, int
     }
 }
 
+#if defined(MESH_AMX) && defined(__AVX512BF16__)
+/* bfloat16 on the tile unit (where the build targets AMX and the OS grants it): one work item's 16 query
+ * positions of one head at a time, 32 keys (two rearranged blocks) per step. The rearranged blocks
+ * already are the tile unit's B operands: kt [D/2 pairs][16 keys] for S = Q.K^T (one 1 KiB tile per
+ * 32 dimensions), and vp's pair rows, 8 per block and consecutive across a (chunk, head)'s blocks, for
+ * P.V (16 key pairs x 16 dimensions per tile, rows (D/32) * 128 bytes apart, the dimensions in the
+ * VPUNPCK order that store_acc_row undoes). Scores go through a 16 x 32 float32 buffer for the online
+ * softmax (scaled, causally masked, row maxima and rescales as in rows_body); probabilities are
+ * rounded to bf16 into the P tile; the P.V tiles are added to float32 accumulators in memory. */
+static void item_amx(const pjob_t *j, int64_t c, int64_t h, int64_t qb) {
+    const int64_t D = j->D, Hq = j->Hk * j->G, bbytes = 16 * D * 2, vstride = D / 32 * 128;
+    const int64_t start = j->chunks[c * 3], n = j->chunks[c * 3 + 1], ctx = j->chunks[c * 3 + 2];
+    const int64_t q0 = qb * QB, qn = n - q0 < QB ? n - q0 : QB, p0 = ctx - n + q0;
+    const int64_t nkb = (p0 + qn - 1) / 16 + 1;
+    const char *kt = j->kt + j->first[c * j->Hk + h] * bbytes, *vp = j->vp + j->first[c * j->Hk + h] * bbytes;
+    uint16_t qbuf[16 * PMAX_D] __attribute__((aligned(64)));
+    float obuf[16 * PMAX_D] __attribute__((aligned(64)));
+    float sbuf[16 * 32] __attribute__((aligned(64)));
+    float tbuf[16 * 64] __attribute__((aligned(64)));
+    uint16_t pbuf[16 * 32] __attribute__((aligned(64)));
+    const __m512 scale = _mm512_set1_ps(j->scale), neg_inf = _mm512_set1_ps(-INFINITY);
+    for (int64_t g = 0; g < j->G; g++) {
+        for (int64_t i = 0; i < 16; i++) { /* rows past the chunk: zero queries, never stored */
+            if (i < qn) memcpy(qbuf + i * D, j->q + ((start + q0 + i) * Hq + h * j->G + g) * D * 2, (size_t)D * 2);
+            else memset(qbuf + i * D, 0, (size_t)D * 2);
+        }
+        memset(obuf, 0, sizeof(float) * 16 * (size_t)D);
+        float m[16], l[16];
+        for (int i = 0; i < 16; i++) m[i] = -INFINITY, l[i] = 0.f;
+        for (int64_t kb = 0; kb < nkb; kb += 2) {
+            const int two = kb + 1 < nkb;
+            const char *k0 = kt + kb * bbytes;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t dc = 0; dc < D / 32; dc++) {
+                _tile_loadd(4, qbuf + dc * 32, D * 2);
+                _tile_loadd(6, k0 + dc * 1024, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two) {
+                    _tile_loadd(7, k0 + bbytes + dc * 1024, 64);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+            }
+            _tile_stored(0, sbuf, 128);
+            _tile_stored(1, sbuf + 16, 128);
+            float delta[16];
+            for (int i = 0; i < 16; i++) {
+                /* keys kb*16 .. visible to row i: those <= its position (rows past the chunk: row 0's) */
+                const int64_t see = (i < qn ? p0 + i : p0) - kb * 16 + 1;
+                const __mmask16 v0 = see >= 16 ? (__mmask16)0xffff
+                                     : see <= 0  ? (__mmask16)0
+                                                 : (__mmask16)((1u << see) - 1u);
+                const __mmask16 v1 = !two || see <= 16 ? (__mmask16)0
+                                     : see >= 32     ? (__mmask16)0xffff
+                                                     : (__mmask16)((1u << (see - 16)) - 1u);
+                const __m512 s0 = _mm512_mask_mov_ps(neg_inf, v0, _mm512_mul_ps(_mm512_load_ps(sbuf + i * 32), scale));
+                const __m512 s1 = _mm512_mask_mov_ps(neg_inf, v1, _mm512_mul_ps(_mm512_load_ps(sbuf + i * 32 + 16), scale));
+                _mm512_store_ps(sbuf + i * 32, s0);
+                _mm512_store_ps(sbuf + i * 32 + 16, s1);
+                const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+                const float mnew = mx > m[i] ? mx : m[i];
+                delta[i] = m[i] - mnew; /* -inf on the first blocks: their factor is ~0 */
+                m[i] = mnew;
+            }
+            float cf[16];
+            _mm512_storeu_ps(cf, exp_nonpos16(_mm512_loadu_ps(delta)));
+            for (int i = 0; i < 16; i++) {
+                const __m512 mv = _mm512_set1_ps(m[i]);
+                const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_load_ps(sbuf + i * 32), neg_inf, _CMP_NEQ_OQ),
+                                                      exp_nonpos16(_mm512_sub_ps(_mm512_load_ps(sbuf + i * 32), mv)));
+                const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_load_ps(sbuf + i * 32 + 16), neg_inf, _CMP_NEQ_OQ),
+                                                      exp_nonpos16(_mm512_sub_ps(_mm512_load_ps(sbuf + i * 32 + 16), mv)));
+                l[i] = l[i] * cf[i] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+                _mm256_store_si256((__m256i *)(pbuf + i * 32), (__m256i)_mm512_cvtneps_pbh(e0));
+                _mm256_store_si256((__m256i *)(pbuf + i * 32 + 16), (__m256i)_mm512_cvtneps_pbh(e1));
+            }
+            /* P.V: up to four 16-dimension output tiles per pass (tiles 0-3), P in tile 5 */
+            _tile_loadd(5, pbuf, 64);
+            const char *v0 = vp + kb * bbytes;
+            for (int64_t o0 = 0; o0 < D / 16; o0 += 4) {
+                const int64_t no = D / 16 - o0 < 4 ? D / 16 - o0 : 4;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                /* output tile o = 2 cc + half: vp column block cc, lo (0) or hi (1) half */
+#define PV_TILE(t)                                                                                   \
+    if ((t) < no) {                                                                                  \
+        const int64_t o = o0 + (t);                                                                  \
+        _tile_loadd(6, v0 + (o / 2) * 128 + (o % 2) * 64, vstride);                                   \
+        _tile_dpbf16ps(t, 5, 6);                                                                      \
+    }
+                PV_TILE(0) PV_TILE(1) PV_TILE(2) PV_TILE(3)
+#undef PV_TILE
+                _tile_stored(0, tbuf, 256);
+                _tile_stored(1, tbuf + 16, 256);
+                _tile_stored(2, tbuf + 32, 256);
+                _tile_stored(3, tbuf + 48, 256);
+                for (int i = 0; i < 16; i++) {
+                    const __m512 cv = _mm512_set1_ps(cf[i]);
+                    for (int64_t t = 0; t < no; t++) {
+                        float *acc = obuf + i * D + (o0 + t) * 16;
+                        _mm512_store_ps(acc, _mm512_fmadd_ps(_mm512_load_ps(acc), cv, _mm512_load_ps(tbuf + i * 64 + t * 16)));
+                    }
+                }
+            }
+        }
+        for (int64_t i = 0; i < qn; i++) {
+            const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+            store_acc_row((const __m512 *)(obuf + i * D), inv, j->out + ((start + q0 + i) * Hq + h * j->G + g) * D * 2, 1,
+                          D / 16);
+        }
+    }
+}
+#endif
+
 static void item_bf16_d64(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 4, 4, 1); }
 static void item_bf16_d128(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 2, 8, 1); }
 static void item_bf16(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 1, j->D / 16, 1); }
@@ -262,7 +379,8 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
     }
     const size_t block_bytes = (size_t)16 * D * (bf16 ? 2 : 4);
     char *kt = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
-    char *vp = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
+    /* one zero block past the end: the tile path's P.V reads two blocks' value pairs at a time */
+    char *vp = (char *)aligned_alloc(64, (size_t)(blocks + 1) * block_bytes + 64);
     /* work items, the longest first (a query block's cost grows with its position) */
     int64_t *order = (int64_t *)malloc((size_t)(items > 0 ? items : 1) * 3 * sizeof(int64_t));
     if (kt == NULL || vp == NULL || order == NULL) {
@@ -281,6 +399,13 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
     void (*item)(const pjob_t *, int64_t, int64_t, int64_t) = bf16 ? item_bf16 : item_f32;
     if (D == 64) item = bf16 ? item_bf16_d64 : item_f32_d64;
     else if (D == 128) item = bf16 ? item_bf16_d128 : item_f32_d128;
+#ifdef MESH_AMX
+    const int amx = bf16 && mesh_amx_ready();
+    if (amx) item = item_amx;
+#else
+    const int amx = 0;
+#endif
+    memset(vp + (size_t)blocks * block_bytes, 0, block_bytes);
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -292,9 +417,16 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
             const int64_t nb = (chunks[c * 3 + 2] + 15) / 16, off = b - first[c * Hk];
             rearrange(&j, c, off / nb, off % nb);
         }
+#ifdef MESH_AMX
+        if (amx) amx_begin();
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < items; i++) item(&j, order[i * 3], order[i * 3 + 1], order[i * 3 + 2]);
+#ifdef MESH_AMX
+        if (amx) _tile_release();
+#endif
     }
+    (void)amx;
     free(first), free(kt), free(vp), free(order);
     return 0;
 #else
