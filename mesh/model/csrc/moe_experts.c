@@ -732,13 +732,34 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
             }
             amx_begin();
             float c[32 * 32];
-#pragma omp for schedule(static)
-            for (int64_t it = 0; it < tiles * chunks; it++) {
-                const int64_t j = it / chunks, r = (it % chunks) * 32;
-                const int m = (int)(M - r < 32 ? M - r : 32);
-                (m > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(r, K), K, (const char *)w + 2 * j * tile, c);
-                linear_store(c, m, r, j, bias, out, N, bf16, out_f32);
-            }
+#ifdef _OPENMP
+            const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+            const int tid = 0, nth = 1;
+#endif
+            /* items (tile j, 32-row chunk) in L2-sized blocks: up to `tg` tiles x `rc` chunks (~512 KiB
+             * of weights and of inputs each), tile-major inside a block; each thread one contiguous
+             * range of that order. Without the blocks every tile would stream all of x again: at
+             * 2048 x 2048 -> 5120, 743 GFLOP/s against oneDNN's 1910. */
+            const int64_t tg = 8192 / K > 1 ? 8192 / K : 1, rc = tg, total = tiles * chunks;
+            const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
+            int64_t at = 0;
+            for (int64_t t0 = 0; t0 < tiles && at < hi; t0 += tg)
+                for (int64_t c0 = 0; c0 < chunks && at < hi; c0 += rc) {
+                    const int64_t nt = tiles - t0 < tg ? tiles - t0 : tg, nc = chunks - c0 < rc ? chunks - c0 : rc;
+                    if (at + nt * nc <= lo) {
+                        at += nt * nc;
+                        continue;
+                    }
+                    for (int64_t j = t0; j < t0 + nt; j++)
+                        for (int64_t ch = c0; ch < c0 + nc; ch++, at++) {
+                            if (at < lo || at >= hi) continue;
+                            const int64_t r = ch * 32;
+                            const int m = (int)(M - r < 32 ? M - r : 32);
+                            (m > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(r, K), K, (const char *)w + 2 * j * tile, c);
+                            linear_store(c, m, r, j, bias, out, N, bf16, out_f32);
+                        }
+                }
             _tile_release();
         }
         free(panel);
