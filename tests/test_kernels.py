@@ -150,6 +150,19 @@ def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(til
         got, want = native.linear(x, packed, b), F.linear(x, w, b)
         d = (got.float() - want.float()).abs()
         assert (d <= want.float().abs() * 2 ** -7 + 1e-6).all() and (d == 0).float().mean() > 0.95
+    # wide inputs: the tile path walks its items in blocks of a few tiles x 32-row chunks (here 2 x 2),
+    # each thread one contiguous range of that order; every item once, whatever the thread count
+    w = (torch.randn(160, 4096, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(100, 4096, generator=g).to(torch.bfloat16)
+    packed = native.pack_linear(w)
+    outs = []
+    for threads in ("1", "3"):
+        native_env(monkeypatch, "MESH_NATIVE_THREADS", threads)
+        outs.append(native.linear(x, packed))
+    want = F.linear(x, w)
+    d = (outs[0].float() - want.float()).abs()
+    assert torch.equal(outs[0], outs[1])
+    assert (d <= want.float().abs() * 2 ** -7 + 1e-6).all() and (d == 0).float().mean() > 0.9
 
 def test_native_experts_reject_counts_that_do_not_add_up():
     _need_native()
