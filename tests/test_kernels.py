@@ -106,8 +106,8 @@ def test_native_experts_round_like_the_unfused_torch_ops(dtype, monkeypatch):
 def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(tiles, monkeypatch):
     """On a CPU with AMX the bf16 expert and linear kernels run their products as tile products (16-row
     blocks padded with zero rows, 32 inputs per step); MESH_NATIVE_AMX=0 keeps them on VDPBF16PS. Both
-    give torch's results to summation order: slots of 1, 15, 16, 17, 31, 33 and 100 rows (a row block of
-    48 and a remainder), empty slots, one or two 16-row tile blocks, linear layers of 1-100 rows. Where
+    give torch's results to summation order: slots of 1, 15, 16, 17, 31, 33 and 150 rows (row blocks of
+    48 or, on the tile unit, 128, and a remainder), empty slots, one or two 16-row tile blocks, linear layers of 1-100 rows. Where
     the CPU has amx_bf16 the tile path must be the one that runs."""
     _need_native()
     if not native._avx512(bf16=True):
@@ -129,7 +129,7 @@ def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(til
         disp = LocalDispatcher(ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]), e)
         return got, disp.combine(disp.dispatch(0, hidden, ids, weights))
 
-    counts = [1, 15, 0, 16, 17, 31, 33, 100]
+    counts = [1, 15, 0, 16, 17, 31, 33, 150]
     rows = torch.randn(sum(counts), h, generator=g).to(torch.bfloat16)
     t, k = 45, 3  # the one-call local MoE: rows read through the sort, not copied
     hidden = torch.randn(t, h, generator=g).to(torch.bfloat16)
@@ -430,10 +430,10 @@ def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype,
     skewed = torch.randint(0, E, (t, k), generator=g)
     skewed[:, 0] = 5  # 37 rows on one expert
     few = torch.tensor([[1, 4, 6]] * t)  # five experts idle
-    busy = torch.randint(0, E, (60, k), generator=g)
-    busy[:, 1] = 2  # 60 rows: a row block of 48 and the rest by tile
-    w_busy = torch.softmax(torch.randn(60, k, generator=g), -1).to(dtype)
-    x_busy = torch.randn(60, H, generator=g).to(dtype)
+    busy = torch.randint(0, E, (140, k), generator=g)
+    busy[:, 1] = 2  # 140 rows: row blocks (48 rows each, 128 on the tile unit), the rest by tile
+    w_busy = torch.softmax(torch.randn(140, k, generator=g), -1).to(dtype)
+    x_busy = torch.randn(140, H, generator=g).to(dtype)
     lin = native.pack_linear(torch.randn(96, H, generator=g).to(dtype))
     assert packed is not None and lin is not None
 
