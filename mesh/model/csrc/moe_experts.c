@@ -460,6 +460,30 @@ static void tile_span(const int64_t *off, int64_t S, int64_t tiles, int64_t skip
     *hi = tid + 1 == nth ? S * tiles : item_at(off, S, tiles, skip_from, total * (tid + 1) / nth);
 }
 
+/* One phase of the tile items, this thread's range of them: gate/up (tiles = I/16) or down (tiles =
+ * H/32) of every slot not cut into row blocks. On the tile unit the panel holds the rows of the slot
+ * being worked on, packed when the slot changes. */
+static void tile_phase(const moe_job_t *jb, int down, int64_t tiles, int64_t skip_from, int nth, int tid,
+                       char *panel) {
+    const int64_t *off = jb->offsets;
+    int64_t lo, hi, packed = -1;
+    tile_span(off, jb->S, tiles, skip_from, nth, tid, &lo, &hi);
+    for (int64_t it = lo; it < hi; it++) {
+        const int64_t s = it / tiles, j = it % tiles;
+        if (!item_cost(off, s, skip_from)) continue;
+#ifdef MESH_AMX
+        if (jb->amx) {
+            const int64_t r0 = off[s], m = off[s + 1] - off[s];
+            if (packed != s) amx_pack_rows(jb, r0, m, down, panel), packed = s;
+            (down ? amx_down : amx_gate_up)(jb, s, j, panel, r0, m);
+            continue;
+        }
+#endif
+        (down ? down_item : gate_up_item)(jb, s, j);
+    }
+    (void)panel;
+}
+
 /* Both matmuls over every slot with rows. Called inside a parallel region. A slot with at least RB rows
  * (RB_AMX on the tile unit; prefill) is cut into row blocks, each a work item that runs both matmuls
  * from packed panels (block_item), handed out dynamically. Slots with fewer rows (decode) go by output
@@ -507,35 +531,9 @@ static void run_experts(const moe_job_t *jb) {
             block_item(jb, s, r0, r1, panel);
         }
     }
-    int64_t lo, hi, packed = -1; /* AMX: the slot whose rows the panel holds */
-    tile_span(off, S, t1, skip_from, nth, tid, &lo, &hi);
-    for (int64_t it = lo; it < hi; it++) {
-        const int64_t s = it / t1;
-        if (!item_cost(off, s, skip_from)) continue;
-#ifdef MESH_AMX
-        if (amx) {
-            if (packed != s) amx_pack_rows(jb, off[s], off[s + 1] - off[s], 0, (char *)panel), packed = s;
-            amx_gate_up(jb, s, it % t1, (const char *)panel, off[s], off[s + 1] - off[s]);
-            continue;
-        }
-#endif
-        gate_up_item(jb, s, it % t1);
-    }
+    tile_phase(jb, 0, t1, skip_from, nth, tid, (char *)panel);
 #pragma omp barrier
-    packed = -1;
-    tile_span(off, S, t2, skip_from, nth, tid, &lo, &hi);
-    for (int64_t it = lo; it < hi; it++) {
-        const int64_t s = it / t2;
-        if (!item_cost(off, s, skip_from)) continue;
-#ifdef MESH_AMX
-        if (amx) {
-            if (packed != s) amx_pack_rows(jb, off[s], off[s + 1] - off[s], 1, (char *)panel), packed = s;
-            amx_down(jb, s, it % t2, (const char *)panel, off[s], off[s + 1] - off[s]);
-            continue;
-        }
-#endif
-        down_item(jb, s, it % t2);
-    }
+    tile_phase(jb, 1, t2, skip_from, nth, tid, (char *)panel);
 #ifdef MESH_AMX
     if (amx) _tile_release();
 #endif
