@@ -498,6 +498,31 @@ def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, tiles, kernel_pa
                                    rtol=atol, msg=lambda m: f"chunk {past}+{n} ({'native' if ran_native else 'torch'}): {m}")
 
 
+
+def test_bf16_prefill_heads_do_not_see_each_others_values():
+    """The tile path takes the values of two key blocks per step; a chunk whose last step has one block
+    must not multiply the next KV head's values (here infinite) by its zero probabilities: 0 * inf is
+    NaN. Head 0 of a one-block chunk stays finite and equal to SDPA; head 1, whose values hold the
+    infinity, is not looked at."""
+    _need_native()
+    if not native._avx512(bf16=True):
+        pytest.fail("this test needs AVX-512 BF16")
+    g = torch.Generator().manual_seed(13)
+    hk, groups, d, n = 2, 2, 64, 16
+    kv, seqs = _pool([n], 16, hk, d, torch.bfloat16, g)
+    k, v, blocks = seqs[0]
+    kc, vc = kv.layer(0)
+    vc[1, blocks[0], 3, 5] = float("inf")
+    q = torch.randn(n, hk * groups, d, generator=g).to(torch.bfloat16)
+    out = torch.zeros_like(q)
+    assert native.prefill_attention(q, kc, vc, [PrefillChunk(0, n, n, blocks)], d ** -0.5, out)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    want = F.scaled_dot_product_attention(q[:, :groups].float().transpose(0, 1), k[:, :1].float().transpose(0, 1)
+                                          .expand(groups, n, d), v[:, :1].float().transpose(0, 1).expand(groups, n, d),
+                                          attn_mask=mask, scale=d ** -0.5)
+    assert torch.isfinite(out[:, :groups]).all()
+    torch.testing.assert_close(out[:, :groups].float(), want.transpose(0, 1), atol=3e-2, rtol=3e-2)
+
 def test_native_prefill_rejects_chunks_outside_their_table():
     _need_native()
     if not native._avx512(bf16=False):

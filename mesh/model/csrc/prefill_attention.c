@@ -241,6 +241,7 @@ static void item_amx(const pjob_t *j, int64_t c, int64_t h, int64_t qb) {
     float sbuf[16 * 32] __attribute__((aligned(64)));
     float tbuf[16 * 64] __attribute__((aligned(64)));
     uint16_t pbuf[16 * 32] __attribute__((aligned(64)));
+    char vlast[2 * 16 * PMAX_D * 2] __attribute__((aligned(64))); /* an odd last block, then zeros */
     const __m512 scale = _mm512_set1_ps(j->scale), neg_inf = _mm512_set1_ps(-INFINITY);
     for (int64_t g = 0; g < j->G; g++) {
         for (int64_t i = 0; i < 16; i++) { /* rows past the chunk: zero queries, never stored */
@@ -300,6 +301,11 @@ static void item_amx(const pjob_t *j, int64_t c, int64_t h, int64_t qb) {
             /* P.V: up to four 16-dimension output tiles per pass (tiles 0-3), P in tile 5 */
             _tile_loadd(5, pbuf, 64);
             const char *v0 = vp + kb * bbytes;
+            if (!two) { /* the tile reads two blocks' value pairs: past the last, zeros (not another head's) */
+                memcpy(vlast, v0, (size_t)bbytes);
+                memset(vlast + bbytes, 0, (size_t)bbytes);
+                v0 = vlast;
+            }
             for (int64_t o0 = 0; o0 < D / 16; o0 += 4) {
                 const int64_t no = D / 16 - o0 < 4 ? D / 16 - o0 : 4;
                 _tile_zero(0);
@@ -379,8 +385,7 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
     }
     const size_t block_bytes = (size_t)16 * D * (bf16 ? 2 : 4);
     char *kt = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
-    /* one zero block past the end: the tile path's P.V reads two blocks' value pairs at a time */
-    char *vp = (char *)aligned_alloc(64, (size_t)(blocks + 1) * block_bytes + 64);
+    char *vp = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
     /* work items, the longest first (a query block's cost grows with its position) */
     int64_t *order = (int64_t *)malloc((size_t)(items > 0 ? items : 1) * 3 * sizeof(int64_t));
     if (kt == NULL || vp == NULL || order == NULL) {
@@ -405,7 +410,6 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
 #else
     const int amx = 0;
 #endif
-    memset(vp + (size_t)blocks * block_bytes, 0, block_bytes);
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
