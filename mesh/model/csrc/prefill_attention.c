@@ -14,7 +14,8 @@
  *      context are zeros.
  *   2. Per (chunk, KV head, block of 16 query positions), every query head of the group walks the key
  *      blocks up to its position. Probabilities are rounded to bf16 before P.V in bfloat16, as the
- *      reference rounds them before its probabilities-times-values matmul.
+ *      reference rounds them before its probabilities-times-values matmul. In bfloat16 on a CPU with
+ *      AMX, item_amx runs this phase on the tile unit, the rearranged blocks as its operands.
  */
 #include <math.h>
 #include <stdint.h>
