@@ -280,6 +280,27 @@ static inline int64_t chunk_rows(int64_t n) {
     return chunks ? (n + chunks - 1) / chunks : MR;
 }
 
+/* m rows of gate/up sums (row i: gate at c + 32i, up at c + 32i + 16) -> h rows r .. r + m, columns
+ * 16j .. 16j + 15: silu(gate) * up, rounded as torch rounds (bf16: the matmul outputs, silu's output,
+ * the product). */
+static inline void gate_up_store(const moe_job_t *jb, const float *c, int64_t m, int64_t r, int64_t j) {
+    for (int64_t i = 0; i < m; i++) {
+        const __m512 g = _mm512_loadu_ps(c + i * 32), u = _mm512_loadu_ps(c + i * 32 + 16);
+        const __m512 y = jb->bf16 ? _mm512_mul_ps(round_bf16(silu16(round_bf16(g))), round_bf16(u))
+                                  : _mm512_mul_ps(silu16(g), u);
+        store16(jb->h + ((r + i) * jb->I + 16 * j) * jb->esz, y, jb->bf16);
+    }
+}
+
+/* m rows of down sums (row i at c + 32i) -> output rows r .. r + m, columns 32j .. 32j + 31. */
+static inline void down_store(const moe_job_t *jb, const float *c, int64_t m, int64_t r, int64_t j) {
+    for (int64_t i = 0; i < m; i++) {
+        char *o = jb->out + ((r + i) * jb->H + 32 * j) * jb->esz;
+        store16(o, _mm512_loadu_ps(c + i * 32), jb->bf16);
+        store16(o + 16 * jb->esz, _mm512_loadu_ps(c + i * 32 + 16), jb->bf16);
+    }
+}
+
 /* gate/up tile j (h columns 16j..16j+15) of slot s: rows in chunks of MR, silu(gate) * up. */
 static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
@@ -293,16 +314,7 @@ static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
         const char *xr[MR];
         for (int i = 0; i < m; i++) xr[i] = jb->x + (jb->src ? jb->src[r + i] : r + i) * H * esz;
         uk[m](xr, w0, w1, H, c);
-        for (int i = 0; i < m; i++) {
-            __m512 g = _mm512_loadu_ps(c + i * 32), u = _mm512_loadu_ps(c + i * 32 + 16);
-            __m512 y;
-            if (jb->bf16) { /* as torch: bf16 matmul outputs, bf16 silu output, bf16 product */
-                y = _mm512_mul_ps(round_bf16(silu16(round_bf16(g))), round_bf16(u));
-            } else {
-                y = _mm512_mul_ps(silu16(g), u);
-            }
-            store16(jb->h + ((r + i) * I + 16 * j) * esz, y, jb->bf16);
-        }
+        gate_up_store(jb, c, m, r, j);
     }
 }
 
@@ -319,11 +331,7 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
         const char *xr[MR];
         for (int i = 0; i < m; i++) xr[i] = jb->h + (r + i) * I * esz;
         uk[m](xr, w0, w1, I, c);
-        for (int i = 0; i < m; i++) {
-            char *o = jb->out + ((r + i) * H + 32 * j) * esz;
-            store16(o, _mm512_loadu_ps(c + i * 32), jb->bf16);
-            store16(o + 16 * esz, _mm512_loadu_ps(c + i * 32 + 16), jb->bf16);
-        }
+        down_store(jb, c, m, r, j);
     }
 }
 
@@ -343,11 +351,7 @@ static void amx_gate_up(const moe_job_t *jb, int64_t s, int64_t j, const char *p
     for (int64_t c0 = 0; c0 < m; c0 += 32) {
         const int64_t n = m - c0 < 32 ? m - c0 : 32;
         (n > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(c0, H), H, w, c);
-        for (int64_t i = 0; i < n; i++) {
-            const __m512 g = _mm512_loadu_ps(c + i * 32), u = _mm512_loadu_ps(c + i * 32 + 16);
-            store16(jb->h + ((r0 + c0 + i) * I + 16 * j) * 2,
-                    _mm512_mul_ps(round_bf16(silu16(round_bf16(g))), round_bf16(u)), 1);
-        }
+        gate_up_store(jb, c, n, r0 + c0, j);
     }
 }
 
@@ -360,11 +364,7 @@ static void amx_down(const moe_job_t *jb, int64_t s, int64_t j, const char *pane
     for (int64_t c0 = 0; c0 < m; c0 += 32) {
         const int64_t n = m - c0 < 32 ? m - c0 : 32;
         (n > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(c0, I), I, w, c);
-        for (int64_t i = 0; i < n; i++) {
-            char *o = jb->out + ((r0 + c0 + i) * H + 32 * j) * 2;
-            store16(o, _mm512_loadu_ps(c + i * 32), 1);
-            store16(o + 32, _mm512_loadu_ps(c + i * 32 + 16), 1);
-        }
+        down_store(jb, c, n, r0 + c0, j);
     }
 }
 
@@ -401,12 +401,7 @@ static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, i
         for (int64_t c0 = 0; c0 < m; c0 += MR) {
             const int n = (int)(m - c0 < MR ? m - c0 : MR);
             uk[n]((const char *)(panel + (c0 / MR) * units * MR), w0, w1, units, c);
-            for (int i = 0; i < n; i++) {
-                __m512 g = _mm512_loadu_ps(c + i * 32), u = _mm512_loadu_ps(c + i * 32 + 16);
-                __m512 y = jb->bf16 ? _mm512_mul_ps(round_bf16(silu16(round_bf16(g))), round_bf16(u))
-                                    : _mm512_mul_ps(silu16(g), u);
-                store16(jb->h + ((r0 + c0 + i) * I + 16 * j) * esz, y, jb->bf16);
-            }
+            gate_up_store(jb, c, n, r0 + c0, j);
         }
     }
     for (int64_t i = 0; i < m; i++) rows[i] = jb->h + (r0 + i) * I * esz;
@@ -417,11 +412,7 @@ static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, i
         for (int64_t c0 = 0; c0 < m; c0 += MR) {
             const int n = (int)(m - c0 < MR ? m - c0 : MR);
             uk[n]((const char *)(panel + (c0 / MR) * units * MR), w0, w1, units, c);
-            for (int i = 0; i < n; i++) {
-                char *o = jb->out + ((r0 + c0 + i) * H + 32 * j) * esz;
-                store16(o, _mm512_loadu_ps(c + i * 32), jb->bf16);
-                store16(o + 16 * esz, _mm512_loadu_ps(c + i * 32 + 16), jb->bf16);
-            }
+            down_store(jb, c, n, r0 + c0, j);
         }
     }
 }
@@ -466,7 +457,10 @@ static void tile_span(const int64_t *off, int64_t S, int64_t tiles, int64_t skip
 static void tile_phase(const moe_job_t *jb, int down, int64_t tiles, int64_t skip_from, int nth, int tid,
                        char *panel) {
     const int64_t *off = jb->offsets;
-    int64_t lo, hi, packed = -1;
+    int64_t lo, hi;
+#ifdef MESH_AMX
+    int64_t packed = -1;
+#endif
     tile_span(off, jb->S, tiles, skip_from, nth, tid, &lo, &hi);
     for (int64_t it = lo; it < hi; it++) {
         const int64_t s = it / tiles, j = it % tiles;
@@ -505,10 +499,7 @@ static void run_experts(const moe_job_t *jb) {
 #endif
     int32_t *panel = jb->panels != NULL ? (int32_t *)(jb->panels + tid * jb->panel_bytes) : NULL;
 #ifdef MESH_AMX
-    const int amx = jb->amx;
-    if (amx) amx_begin();
-#else
-    const int amx = 0;
+    if (jb->amx) amx_begin();
 #endif
     if (blocks) {
 #pragma omp for schedule(dynamic, 1)
@@ -523,7 +514,7 @@ static void run_experts(const moe_job_t *jb) {
             }
             const int64_t r0 = off[s] + b * rb, r1 = r0 + rb < off[s + 1] ? r0 + rb : off[s + 1];
 #ifdef MESH_AMX
-            if (amx) {
+            if (jb->amx) {
                 amx_block_item(jb, s, r0, r1, (char *)panel);
                 continue;
             }
@@ -535,15 +526,14 @@ static void run_experts(const moe_job_t *jb) {
 #pragma omp barrier
     tile_phase(jb, 1, t2, skip_from, nth, tid, (char *)panel);
 #ifdef MESH_AMX
-    if (amx) _tile_release();
+    if (jb->amx) _tile_release();
 #endif
-    (void)amx;
 #pragma omp barrier /* the caller's combine reads every slot's rows */
 }
 
 /* The per-thread panels run_experts needs when some slot has RB rows or more (always on the tile unit:
- * its inputs go through them); NULL when none does (or
- * out of memory: every slot then goes by tile, slower, same results). Free with free(). */
+ * its inputs go through them); NULL when none does (or out of memory: every slot then goes by tile,
+ * slower, same results). Free with free(). */
 static char *alloc_panels(const int64_t *off, int64_t S, int64_t H, int64_t I, int64_t esz, int nthreads,
                           int64_t *panel_bytes, int amx) {
     int busy = amx;

@@ -231,8 +231,96 @@ static inline __attribute__((always_inline)) void item_body(const pjob_t *j, int
  * VPUNPCK order that store_acc_row undoes). Scores go through a 16 x 32 float32 buffer for the online
  * softmax (scaled, causally masked, row maxima and rescales as in rows_body); probabilities are
  * rounded to bf16 into the P tile; the P.V tiles are added to float32 accumulators in memory. */
+/* The first n of 16 keys (n clamped to 0 .. 16). */
+static inline __mmask16 first_keys(int64_t n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* s [16][32] float32 = the 16 query rows of q (tile order: rows D * 2 bytes apart) against the keys
+ * of the rearranged blocks k0 and, with two, the next one (else zeros). */
+static inline void amx_scores(const uint16_t *q, const char *k0, int two, int64_t D, float *s) {
+    const int64_t bbytes = 16 * D * 2;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t dc = 0; dc < D / 32; dc++) {
+        _tile_loadd(4, q + dc * 32, D * 2);
+        _tile_loadd(6, k0 + dc * 1024, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two) {
+            _tile_loadd(7, k0 + bbytes + dc * 1024, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+    }
+    _tile_stored(0, s, 128);
+    _tile_stored(1, s + 16, 128);
+}
+
+/* The online-softmax step for 16 rows over 32 keys, as rows_body takes it: scores s scaled and masked
+ * (row i sees `see[i]` of the 32 keys), running maxima m and sums l updated, probabilities rounded to
+ * bf16 into p [16][32], each row's rescale of its accumulators into cf. */
+static inline void amx_softmax(const float *s, const int64_t *see, float scale, float *m, float *l, uint16_t *p,
+                               float *cf) {
+    const __m512 sc = _mm512_set1_ps(scale), neg_inf = _mm512_set1_ps(-INFINITY);
+    __m512 s0[16], s1[16];
+    __mmask16 v0[16], v1[16];
+    float delta[16];
+    for (int i = 0; i < 16; i++) {
+        v0[i] = first_keys(see[i]);
+        v1[i] = first_keys(see[i] - 16);
+        s0[i] = _mm512_mask_mov_ps(neg_inf, v0[i], _mm512_mul_ps(_mm512_load_ps(s + i * 32), sc));
+        s1[i] = _mm512_mask_mov_ps(neg_inf, v1[i], _mm512_mul_ps(_mm512_load_ps(s + i * 32 + 16), sc));
+        const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0[i], s1[i]));
+        const float mnew = mx > m[i] ? mx : m[i];
+        delta[i] = m[i] - mnew; /* -inf on the first blocks: their factor is ~0 */
+        m[i] = mnew;
+    }
+    _mm512_storeu_ps(cf, exp_nonpos16(_mm512_loadu_ps(delta)));
+    for (int i = 0; i < 16; i++) {
+        const __m512 mv = _mm512_set1_ps(m[i]);
+        const __m512 e0 = _mm512_maskz_mov_ps(v0[i], exp_nonpos16(_mm512_sub_ps(s0[i], mv)));
+        const __m512 e1 = _mm512_maskz_mov_ps(v1[i], exp_nonpos16(_mm512_sub_ps(s1[i], mv)));
+        l[i] = l[i] * cf[i] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+        _mm256_store_si256((__m256i *)(p + i * 32), (__m256i)_mm512_cvtneps_pbh(e0));
+        _mm256_store_si256((__m256i *)(p + i * 32 + 16), (__m256i)_mm512_cvtneps_pbh(e1));
+    }
+}
+
+/* acc [16][D] = acc * cf (per row) + P [16][32 keys] . V, V the value pairs of two rearranged blocks at
+ * v (16 pair rows, (D/32) * 128 bytes apart): up to four 16-dimension output tiles per pass, output
+ * tile o = 2 cc + half from vp column block cc's lo (0) or hi (1) half. */
+static inline void amx_pv(const uint16_t *p, const char *v, const float *cf, int64_t D, float *acc) {
+    float t[16 * 64] __attribute__((aligned(64)));
+    _tile_loadd(5, p, 64);
+    for (int64_t o0 = 0; o0 < D / 16; o0 += 4) {
+        const int64_t no = D / 16 - o0 < 4 ? D / 16 - o0 : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+#define PV_TILE(k)                                                                                  \
+    if ((k) < no) {                                                                                 \
+        const int64_t o = o0 + (k);                                                                 \
+        _tile_loadd(6, v + (o / 2) * 128 + (o % 2) * 64, D / 32 * 128);                              \
+        _tile_dpbf16ps(k, 5, 6);                                                                     \
+    }
+        PV_TILE(0) PV_TILE(1) PV_TILE(2) PV_TILE(3)
+#undef PV_TILE
+        _tile_stored(0, t, 256);
+        _tile_stored(1, t + 16, 256);
+        _tile_stored(2, t + 32, 256);
+        _tile_stored(3, t + 48, 256);
+        for (int i = 0; i < 16; i++) {
+            const __m512 cv = _mm512_set1_ps(cf[i]);
+            for (int64_t k = 0; k < no; k++) {
+                float *a = acc + i * D + (o0 + k) * 16;
+                _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_load_ps(a), cv, _mm512_load_ps(t + i * 64 + k * 16)));
+            }
+        }
+    }
+}
+
 static void item_amx(const pjob_t *j, int64_t c, int64_t h, int64_t qb) {
-    const int64_t D = j->D, Hq = j->Hk * j->G, bbytes = 16 * D * 2, vstride = D / 32 * 128;
+    const int64_t D = j->D, Hq = j->Hk * j->G, bbytes = 16 * D * 2;
     const int64_t start = j->chunks[c * 3], n = j->chunks[c * 3 + 1], ctx = j->chunks[c * 3 + 2];
     const int64_t q0 = qb * QB, qn = n - q0 < QB ? n - q0 : QB, p0 = ctx - n + q0;
     const int64_t nkb = (p0 + qn - 1) / 16 + 1;
@@ -240,100 +328,31 @@ static void item_amx(const pjob_t *j, int64_t c, int64_t h, int64_t qb) {
     uint16_t qbuf[16 * PMAX_D] __attribute__((aligned(64)));
     float obuf[16 * PMAX_D] __attribute__((aligned(64)));
     float sbuf[16 * 32] __attribute__((aligned(64)));
-    float tbuf[16 * 64] __attribute__((aligned(64)));
     uint16_t pbuf[16 * 32] __attribute__((aligned(64)));
     char vlast[2 * 16 * PMAX_D * 2] __attribute__((aligned(64))); /* an odd last block, then zeros */
-    const __m512 scale = _mm512_set1_ps(j->scale), neg_inf = _mm512_set1_ps(-INFINITY);
     for (int64_t g = 0; g < j->G; g++) {
         for (int64_t i = 0; i < 16; i++) { /* rows past the chunk: zero queries, never stored */
             if (i < qn) memcpy(qbuf + i * D, j->q + ((start + q0 + i) * Hq + h * j->G + g) * D * 2, (size_t)D * 2);
             else memset(qbuf + i * D, 0, (size_t)D * 2);
         }
         memset(obuf, 0, sizeof(float) * 16 * (size_t)D);
-        float m[16], l[16];
+        float m[16], l[16], cf[16];
         for (int i = 0; i < 16; i++) m[i] = -INFINITY, l[i] = 0.f;
         for (int64_t kb = 0; kb < nkb; kb += 2) {
             const int two = kb + 1 < nkb;
-            const char *k0 = kt + kb * bbytes;
-            _tile_zero(0);
-            _tile_zero(1);
-            for (int64_t dc = 0; dc < D / 32; dc++) {
-                _tile_loadd(4, qbuf + dc * 32, D * 2);
-                _tile_loadd(6, k0 + dc * 1024, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                if (two) {
-                    _tile_loadd(7, k0 + bbytes + dc * 1024, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                }
-            }
-            _tile_stored(0, sbuf, 128);
-            _tile_stored(1, sbuf + 16, 128);
-            float delta[16];
-            for (int i = 0; i < 16; i++) {
-                /* keys kb*16 .. visible to row i: those <= its position (rows past the chunk: row 0's) */
-                const int64_t see = (i < qn ? p0 + i : p0) - kb * 16 + 1;
-                const __mmask16 v0 = see >= 16 ? (__mmask16)0xffff
-                                     : see <= 0  ? (__mmask16)0
-                                                 : (__mmask16)((1u << see) - 1u);
-                const __mmask16 v1 = !two || see <= 16 ? (__mmask16)0
-                                     : see >= 32     ? (__mmask16)0xffff
-                                                     : (__mmask16)((1u << (see - 16)) - 1u);
-                const __m512 s0 = _mm512_mask_mov_ps(neg_inf, v0, _mm512_mul_ps(_mm512_load_ps(sbuf + i * 32), scale));
-                const __m512 s1 = _mm512_mask_mov_ps(neg_inf, v1, _mm512_mul_ps(_mm512_load_ps(sbuf + i * 32 + 16), scale));
-                _mm512_store_ps(sbuf + i * 32, s0);
-                _mm512_store_ps(sbuf + i * 32 + 16, s1);
-                const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-                const float mnew = mx > m[i] ? mx : m[i];
-                delta[i] = m[i] - mnew; /* -inf on the first blocks: their factor is ~0 */
-                m[i] = mnew;
-            }
-            float cf[16];
-            _mm512_storeu_ps(cf, exp_nonpos16(_mm512_loadu_ps(delta)));
-            for (int i = 0; i < 16; i++) {
-                const __m512 mv = _mm512_set1_ps(m[i]);
-                const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_load_ps(sbuf + i * 32), neg_inf, _CMP_NEQ_OQ),
-                                                      exp_nonpos16(_mm512_sub_ps(_mm512_load_ps(sbuf + i * 32), mv)));
-                const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_load_ps(sbuf + i * 32 + 16), neg_inf, _CMP_NEQ_OQ),
-                                                      exp_nonpos16(_mm512_sub_ps(_mm512_load_ps(sbuf + i * 32 + 16), mv)));
-                l[i] = l[i] * cf[i] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-                _mm256_store_si256((__m256i *)(pbuf + i * 32), (__m256i)_mm512_cvtneps_pbh(e0));
-                _mm256_store_si256((__m256i *)(pbuf + i * 32 + 16), (__m256i)_mm512_cvtneps_pbh(e1));
-            }
-            /* P.V: up to four 16-dimension output tiles per pass (tiles 0-3), P in tile 5 */
-            _tile_loadd(5, pbuf, 64);
+            /* keys from kb*16 on that row i sees: those <= its position (rows past the chunk: row 0's);
+             * at most 16 when this is the last block (kb is the last query's block then) */
+            int64_t see[16];
+            for (int i = 0; i < 16; i++) see[i] = (i < qn ? p0 + i : p0) - kb * 16 + 1;
+            amx_scores(qbuf, kt + kb * bbytes, two, D, sbuf);
+            amx_softmax(sbuf, see, j->scale, m, l, pbuf, cf);
             const char *v0 = vp + kb * bbytes;
             if (!two) { /* the tile reads two blocks' value pairs: past the last, zeros (not another head's) */
                 memcpy(vlast, v0, (size_t)bbytes);
                 memset(vlast + bbytes, 0, (size_t)bbytes);
                 v0 = vlast;
             }
-            for (int64_t o0 = 0; o0 < D / 16; o0 += 4) {
-                const int64_t no = D / 16 - o0 < 4 ? D / 16 - o0 : 4;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                /* output tile o = 2 cc + half: vp column block cc, lo (0) or hi (1) half */
-#define PV_TILE(t)                                                                                   \
-    if ((t) < no) {                                                                                  \
-        const int64_t o = o0 + (t);                                                                  \
-        _tile_loadd(6, v0 + (o / 2) * 128 + (o % 2) * 64, vstride);                                   \
-        _tile_dpbf16ps(t, 5, 6);                                                                      \
-    }
-                PV_TILE(0) PV_TILE(1) PV_TILE(2) PV_TILE(3)
-#undef PV_TILE
-                _tile_stored(0, tbuf, 256);
-                _tile_stored(1, tbuf + 16, 256);
-                _tile_stored(2, tbuf + 32, 256);
-                _tile_stored(3, tbuf + 48, 256);
-                for (int i = 0; i < 16; i++) {
-                    const __m512 cv = _mm512_set1_ps(cf[i]);
-                    for (int64_t t = 0; t < no; t++) {
-                        float *acc = obuf + i * D + (o0 + t) * 16;
-                        _mm512_store_ps(acc, _mm512_fmadd_ps(_mm512_load_ps(acc), cv, _mm512_load_ps(tbuf + i * 64 + t * 16)));
-                    }
-                }
-            }
+            amx_pv(pbuf, v0, cf, D, obuf);
         }
         for (int64_t i = 0; i < qn; i++) {
             const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
