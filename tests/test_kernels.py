@@ -2,6 +2,10 @@
 gather-and-matmul combine vs a float32 index_add_, and batched decode attention over the paged,
 head-major KV pool vs SDPA over each sequence's own keys."""
 
+import re
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -442,7 +446,7 @@ def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype,
         out.append(native.moe_local(x_busy, busy, w_busy, packed, I)[0])
         out.append(native.moe_experts(hidden[:13], [0, 1, 0, 12, 0, 0, 0, 0], packed, I))
         out += [native.linear(torch.randn(m, H, generator=torch.Generator().manual_seed(m)).to(dtype), lin)
-                for m in (1, 5, 13, 64, 100)]
+                for m in (1, 5, 13, 64, 100, 2500)]  # 2500 float32 rows: two L2-sized row blocks
         return out
 
     native_env(monkeypatch, "MESH_NATIVE_THREADS", "1")
@@ -538,12 +542,14 @@ def test_native_prefill_rejects_chunks_outside_their_table():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 13, 64])
+@pytest.mark.parametrize("m", [1, 13, 64, 2100])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("n", [96, 48, 16])  # 48, 16: the last 32-wide tile half padding (routers)
 def test_native_linear_matches_f_linear(dtype, m, with_bias, n):
     """The packed-weight linear kernel (the CPU's dense projections, routers and lm_head): bf16 rounds
-    once, as F.linear does, so it matches bit for bit here; float32 to summation order."""
+    once, as F.linear does, so it matches bit for bit here; float32 to summation order. 2100 rows of 64
+    inputs span three of the L2-sized row blocks the VDPBF16PS / FMA path walks (256 KiB of inputs
+    each; the last one short)."""
     _need_native()
     g = torch.Generator().manual_seed(12)
     w = torch.randn(n, 64, generator=g).to(dtype)
@@ -696,3 +702,40 @@ def test_native_routing_picks_torchs_experts_ties_included(logits_dtype, experts
             torch.testing.assert_close(got[1], want[1], atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="outside"):
         native.route_weights(x, torch.full((300, top_k), experts), True, torch.float32)
+
+
+def _huge_bytes_in(t: torch.Tensor) -> int:
+    """AnonHugePages (bytes) of the mappings overlapping t's memory, from /proc/self/smaps (the advice
+    splits a mapping at the 2 MiB boundaries)."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            a, b = (int(x, 16) for x in head.split("-"))
+            inside = a < hi and lo < b
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_kv_pool_and_packed_weights_ask_for_huge_pages(monkeypatch):
+    """The KV pool and the packed weights are advised onto transparent huge pages before they are first
+    written (decode attention reads 4 KiB blocks scattered over the pool: one TLB miss each on 4 KiB
+    pages). Where the kernel's THP mode is `madvise` or `always` the pool's memory must really sit on
+    2 MiB pages; MESH_HUGE_PAGES=0 turns the advice off. The pool starts zeroed either way."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not sys.platform.startswith("linux") or not thp.exists():
+        kv = KVCache(2, 512, 16, 2, 64, torch.float32)
+        assert not kv.huge_pages and not kv.pool.any()
+        return
+    mode = re.search(r"\[(\w+)\]", thp.read_text()).group(1)
+    kv = KVCache(2, 512, 16, 2, 64, torch.float32)  # 16 MiB
+    assert kv.huge_pages and not kv.pool.any()
+    if mode != "never":
+        assert _huge_bytes_in(kv.pool) >= 2 << 20, f"THP mode {mode}: the pool is on 4 KiB pages"
+        packed = native._pack(torch.randn(4, 256, 1024))  # 4 MiB
+        assert _huge_bytes_in(packed) >= 2 << 20
+    monkeypatch.setenv("MESH_HUGE_PAGES", "0")
+    kv = KVCache(2, 512, 16, 2, 64, torch.float32)
+    assert not kv.huge_pages and not kv.pool.any()

@@ -45,7 +45,9 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (num_layers, 2, kv_heads, num_blocks, block_size, head_dim)
-        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.pool = torch.empty(shape, dtype=dtype, device=device)
+        self.huge_pages = native.advise_huge_pages(self.pool)  # before the zeroing faults the pages in
+        self.pool.zero_()
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(num_layers)]  # views, made once

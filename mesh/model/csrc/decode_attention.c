@@ -360,13 +360,20 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
         const int64_t n = (ctx - i * 16) < 16 ? (ctx - i * 16) : 16;
         const __mmask16 valid = (__mmask16)((1u << n) - 1u);
         const int64_t off = (h * j->N + j->table[b * j->M + i]) * 16 * rowbytes;
-        /* the next block's K and V lines, asked for a few at a time while this block computes (a
-         * burst of 64 requests would overflow the core's miss buffers) */
-        const char *nk = NULL, *nv = NULL;
+        /* the next block's K and V lines into L1 and the one after into L2, asked for a few at a time
+         * while this block computes (a burst of 64 requests would overflow the core's miss buffers).
+         * The L2 requests two blocks ahead keep more misses in flight: fp32 from memory (scattered
+         * blocks, Xeon) 16 -> 18-19.7 GB/s, bf16 11-13 -> 13-14.8 */
+        const char *nk = NULL, *nv = NULL, *fk = NULL, *fv = NULL;
         if (g0 == 0 && i + 1 < nblocks) {
             const int64_t next = (h * j->N + j->table[b * j->M + i + 1]) * 16 * rowbytes;
             nk = kb + next;
             nv = vb + next;
+        }
+        if (g0 == 0 && i + 2 < nblocks) {
+            const int64_t far = (h * j->N + j->table[b * j->M + i + 2]) * 16 * rowbytes;
+            fk = kb + far;
+            fv = vb + far;
         }
         const int64_t lines = 16 * rowbytes / 64, per_row = (lines + RB - 1) / RB;
         __m512 p[4];
@@ -374,6 +381,8 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
         for (int r = 0; r < RB; r++) {
             if (nk != NULL)
                 for (int64_t q = r * per_row; q < (r + 1) * per_row && q < lines; q++) __builtin_prefetch(nk + q * 64);
+            if (fk != NULL)
+                for (int64_t q = r * per_row; q < (r + 1) * per_row && q < lines; q++) _mm_prefetch(fk + q * 64, _MM_HINT_T1);
             p[r] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g0 + r, kb + off, rowbytes, bf16, C), scale));
             mnew[r] = fmaxf(_mm512_reduce_max_ps(p[r]), m[r]);
             delta[r] = m[r] - mnew[r]; /* -inf on the first block: its factor is ~0 */
@@ -394,6 +403,8 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
             for (int64_t t = 0; t < n; t += 2) {
                 if (nv != NULL)
                     for (int64_t q = t / 2 * (lines / 8); q < (t / 2 + 1) * (lines / 8); q++) __builtin_prefetch(nv + q * 64);
+                if (fv != NULL)
+                    for (int64_t q = t / 2 * (lines / 8); q < (t / 2 + 1) * (lines / 8); q++) _mm_prefetch(fv + q * 64, _MM_HINT_T1);
                 const char *v0 = vblk + t * rowbytes, *v1 = v0 + rowbytes;
                 const __m512i sel = _mm512_set1_epi32((int)(t / 2));
                 __m512bh pp[4];
@@ -412,6 +423,8 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
             for (int64_t t = 0; t < n; t++) {
                 if (nv != NULL)
                     for (int64_t q = t * (lines / 16); q < (t + 1) * (lines / 16); q++) __builtin_prefetch(nv + q * 64);
+                if (fv != NULL)
+                    for (int64_t q = t * (lines / 16); q < (t + 1) * (lines / 16); q++) _mm_prefetch(fv + q * 64, _MM_HINT_T1);
                 const char *vr = vblk + t * rowbytes;
                 const __m512i sel = _mm512_set1_epi32((int)t);
                 __m512 pt[4];

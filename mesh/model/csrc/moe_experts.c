@@ -761,10 +761,12 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
     }
 #endif
     const int64_t chunks = (M + MR - 1) / MR, step = chunk_rows(M);
+    const int64_t bc = (256 << 10) / (K * esz * step) > 1 ? (256 << 10) / (K * esz * step) : 1;
     const uk_fn *uk = bf16 ? UK_BF16 : UK_F32;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
     for (int64_t it = 0; it < tiles * chunks; it++) {
-        const int64_t j = it / chunks, r = (it % chunks) * step;
+        const int64_t blk = it / (tiles * bc), nc = chunks - blk * bc < bc ? chunks - blk * bc : bc,
+                      rem = it - blk * tiles * bc, j = rem / nc, r = (blk * bc + rem % nc) * step;
         const int m = (int)(M - r < step ? M - r : step);
         const char *xr[MR];
         for (int i = 0; i < m; i++) xr[i] = (const char *)x + (r + i) * K * esz;
