@@ -723,19 +723,21 @@ def test_kv_pool_and_packed_weights_ask_for_huge_pages(monkeypatch):
     """The KV pool and the packed weights are advised onto transparent huge pages before they are first
     written (decode attention reads 4 KiB blocks scattered over the pool: one TLB miss each on 4 KiB
     pages). Where the kernel's THP mode is `madvise` or `always` the pool's memory must really sit on
-    2 MiB pages; MESH_HUGE_PAGES=0 turns the advice off. The pool starts zeroed either way."""
+    2 MiB pages; MESH_HUGE_PAGES=0 turns the advice off. The pool starts zeroed either way. (Tensors
+    of 64 MiB: glibc serves smaller ones, up to its 32 MiB dynamic mmap threshold, from recycled heap
+    memory that is already on 4 KiB pages, where the advice changes nothing.)"""
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not sys.platform.startswith("linux") or not thp.exists():
-        kv = KVCache(2, 512, 16, 2, 64, torch.float32)
+        kv = KVCache(2, 2048, 16, 2, 64, torch.float32)
         assert not kv.huge_pages and not kv.pool.any()
         return
     mode = re.search(r"\[(\w+)\]", thp.read_text()).group(1)
-    kv = KVCache(2, 512, 16, 2, 64, torch.float32)  # 16 MiB
+    kv = KVCache(2, 2048, 16, 2, 64, torch.float32)  # 64 MiB
     assert kv.huge_pages and not kv.pool.any()
     if mode != "never":
         assert _huge_bytes_in(kv.pool) >= 2 << 20, f"THP mode {mode}: the pool is on 4 KiB pages"
-        packed = native._pack(torch.randn(4, 256, 1024))  # 4 MiB
+        packed = native._pack(torch.randn(16, 256, 4096))  # 64 MiB
         assert _huge_bytes_in(packed) >= 2 << 20
     monkeypatch.setenv("MESH_HUGE_PAGES", "0")
-    kv = KVCache(2, 512, 16, 2, 64, torch.float32)
+    kv = KVCache(2, 2048, 16, 2, 64, torch.float32)
     assert not kv.huge_pages and not kv.pool.any()

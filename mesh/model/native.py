@@ -537,7 +537,8 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask Linux to back the 2 MiB-aligned part of a CPU tensor's memory with transparent huge pages
     (granted where /sys/kernel/mm/transparent_hugepage/enabled is `madvise` or `always`). Call it
     before the memory is first written. Returns whether the kernel took the advice; `MESH_HUGE_PAGES=0`
-    turns it off. Used for the KV pool and the packed weights.
+    turns it off. Used for the KV pool and the packed weights (for tensors under glibc's 32 MiB mmap
+    threshold, memory recycled from the heap may already sit on 4 KiB pages: best effort there).
 
     Why: decode attention reads KV blocks scattered over the pool, each block of a head in its own
     4 KiB page, so every block costs a TLB miss (a nested page walk on a VM). Measured on a 2-core

