@@ -351,7 +351,9 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
  * cost is streaming the expert's weights, so blocks are bigger: Qwen3-Coder-30B's experts (2048 ->
  * 768 -> 2048) with 128 rows each, 48-row blocks 60.4 ms per 32 experts, 128-row blocks 53.3. */
 #define RB (4 * MR)
+_Static_assert(RB % MR == 0, "pack_rows fills whole MR-row chunks: the panel holds RB rows");
 #define RB_AMX 128
+_Static_assert(RB_AMX % 16 == 0, "amx_pack pads a block to whole 16-row tiles: the panel holds RB_AMX rows");
 
 #ifdef MESH_AMX
 /* gate/up tile j of slot s for its rows r0 .. r0 + m, read from a panel of them (amx_pack): silu(gate)
