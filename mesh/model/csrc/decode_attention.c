@@ -325,6 +325,16 @@ static inline __m512 dot_f32(const __m512 *q, const char *krow, const int64_t C)
     return a;
 }
 
+/* Lines [from, to) of the next block (near, into L1) and of the one after (far, into L2); NULL: none.
+ * All the near lines first: interleaving near and far line by line measured 20-30 % slower from memory. */
+static inline __attribute__((always_inline)) void prefetch_ahead(const char *near, const char *far, int64_t from,
+                                                                  int64_t to) {
+    if (near != NULL)
+        for (int64_t q = from; q < to; q++) _mm_prefetch(near + q * 64, _MM_HINT_T0);
+    if (far != NULL)
+        for (int64_t q = from; q < to; q++) _mm_prefetch(far + q * 64, _MM_HINT_T1);
+}
+
 /* The 16 scores of one query row against a block (rows past n are garbage: masked by the caller). */
 static inline __m512 block_scores(const work512_t *w, int64_t g, const char *kblk, int64_t rowbytes,
                                   const int bf16, const int64_t C) {
@@ -379,10 +389,7 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
         __m512 p[4];
         float delta[16] = {0}, mnew[4];
         for (int r = 0; r < RB; r++) {
-            if (nk != NULL)
-                for (int64_t q = r * per_row; q < (r + 1) * per_row && q < lines; q++) __builtin_prefetch(nk + q * 64);
-            if (fk != NULL)
-                for (int64_t q = r * per_row; q < (r + 1) * per_row && q < lines; q++) _mm_prefetch(fk + q * 64, _MM_HINT_T1);
+            prefetch_ahead(nk, fk, r * per_row, (r + 1) * per_row < lines ? (r + 1) * per_row : lines);
             p[r] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g0 + r, kb + off, rowbytes, bf16, C), scale));
             mnew[r] = fmaxf(_mm512_reduce_max_ps(p[r]), m[r]);
             delta[r] = m[r] - mnew[r]; /* -inf on the first block: its factor is ~0 */
@@ -401,10 +408,7 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
             __m512i pb[4];
             for (int r = 0; r < RB; r++) pb[r] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[r]));
             for (int64_t t = 0; t < n; t += 2) {
-                if (nv != NULL)
-                    for (int64_t q = t / 2 * (lines / 8); q < (t / 2 + 1) * (lines / 8); q++) __builtin_prefetch(nv + q * 64);
-                if (fv != NULL)
-                    for (int64_t q = t / 2 * (lines / 8); q < (t / 2 + 1) * (lines / 8); q++) _mm_prefetch(fv + q * 64, _MM_HINT_T1);
+                prefetch_ahead(nv, fv, t / 2 * (lines / 8), (t / 2 + 1) * (lines / 8));
                 const char *v0 = vblk + t * rowbytes, *v1 = v0 + rowbytes;
                 const __m512i sel = _mm512_set1_epi32((int)(t / 2));
                 __m512bh pp[4];
@@ -421,10 +425,7 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
             }
         } else {
             for (int64_t t = 0; t < n; t++) {
-                if (nv != NULL)
-                    for (int64_t q = t * (lines / 16); q < (t + 1) * (lines / 16); q++) __builtin_prefetch(nv + q * 64);
-                if (fv != NULL)
-                    for (int64_t q = t * (lines / 16); q < (t + 1) * (lines / 16); q++) _mm_prefetch(fv + q * 64, _MM_HINT_T1);
+                prefetch_ahead(nv, fv, t * (lines / 16), (t + 1) * (lines / 16));
                 const char *vr = vblk + t * rowbytes;
                 const __m512i sel = _mm512_set1_epi32((int)t);
                 __m512 pt[4];

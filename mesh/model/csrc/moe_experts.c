@@ -356,29 +356,18 @@ _Static_assert(RB % MR == 0, "pack_rows fills whole MR-row chunks: the panel hol
 _Static_assert(RB_AMX % 16 == 0, "amx_pack pads a block to whole 16-row tiles: the panel holds RB_AMX rows");
 
 #ifdef MESH_AMX
-/* gate/up tile j of slot s for its rows r0 .. r0 + m, read from a panel of them (amx_pack): silu(gate)
- * * up into h, rounded where gate_up_item rounds. */
-static void amx_gate_up(const moe_job_t *jb, int64_t s, int64_t j, const char *panel, int64_t r0, int64_t m) {
-    const int64_t H = jb->H, I = jb->I;
-    const char *w = jb->gu + (s * (2 * I / 16) + 2 * j) * (H * 32);
+/* Gate/up tile j (silu(gate) * up into h, rounded where gate_up_item rounds) or, with down, down tile j
+ * (output columns 32j .. 32j + 31) of slot s for its rows r0 .. r0 + m, read from a panel of its x
+ * (or h) rows made by amx_pack_rows, 32 rows per tile product. */
+static void amx_rows(const moe_job_t *jb, int64_t s, int64_t j, const char *panel, int64_t r0, int64_t m, int down) {
+    const int64_t H = jb->H, I = jb->I, K = down ? I : H;
+    const char *w = down ? jb->dn + (s * (H / 16) + 2 * j) * (I * 32) : jb->gu + (s * (2 * I / 16) + 2 * j) * (H * 32);
     float c[32 * 32];
     for (int64_t c0 = 0; c0 < m; c0 += 32) {
         const int64_t n = m - c0 < 32 ? m - c0 : 32;
-        (n > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(c0, H), H, w, c);
-        gate_up_store(jb, c, n, r0 + c0, j);
-    }
-}
-
-/* down tile j (output columns 32j .. 32j + 31) of slot s for its rows r0 .. r0 + m, from a panel of
- * their h rows. */
-static void amx_down(const moe_job_t *jb, int64_t s, int64_t j, const char *panel, int64_t r0, int64_t m) {
-    const int64_t H = jb->H, I = jb->I;
-    const char *w = jb->dn + (s * (H / 16) + 2 * j) * (I * 32);
-    float c[32 * 32];
-    for (int64_t c0 = 0; c0 < m; c0 += 32) {
-        const int64_t n = m - c0 < 32 ? m - c0 : 32;
-        (n > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(c0, I), I, w, c);
-        down_store(jb, c, n, r0 + c0, j);
+        (n > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(c0, K), K, w, c);
+        if (down) down_store(jb, c, n, r0 + c0, j);
+        else gate_up_store(jb, c, n, r0 + c0, j);
     }
 }
 
@@ -393,9 +382,9 @@ static void amx_pack_rows(const moe_job_t *jb, int64_t r0, int64_t m, int h_rows
 /* block_item on the tile unit: both matmuls for rows r0 .. r1 (at most RB_AMX) of slot s. */
 static void amx_block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, char *panel) {
     amx_pack_rows(jb, r0, r1 - r0, 0, panel);
-    for (int64_t j = 0; j < jb->I / 16; j++) amx_gate_up(jb, s, j, panel, r0, r1 - r0);
+    for (int64_t j = 0; j < jb->I / 16; j++) amx_rows(jb, s, j, panel, r0, r1 - r0, 0);
     amx_pack_rows(jb, r0, r1 - r0, 1, panel);
-    for (int64_t j = 0; j < jb->H / 32; j++) amx_down(jb, s, j, panel, r0, r1 - r0);
+    for (int64_t j = 0; j < jb->H / 32; j++) amx_rows(jb, s, j, panel, r0, r1 - r0, 1);
 }
 #endif
 
@@ -483,7 +472,7 @@ static void tile_phase(const moe_job_t *jb, int down, int64_t tiles, int64_t ski
         if (jb->amx) {
             const int64_t r0 = off[s], m = off[s + 1] - off[s];
             if (packed != s) amx_pack_rows(jb, r0, m, down, panel), packed = s;
-            (down ? amx_down : amx_gate_up)(jb, s, j, panel, r0, m);
+            amx_rows(jb, s, j, panel, r0, m, down);
             continue;
         }
 #endif
@@ -677,6 +666,19 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
 }
 
 #ifdef MESH_MOE_AVX512
+/* Item `it` of a linear layer's (32-column tile, row chunk) items in blocked order: blocks of up to tg
+ * tiles x rc chunks (the last ones smaller), blocks tile-major, items tile-major inside a block, so a
+ * block's weights and inputs stay in L2 while it runs. -> its tile *j and chunk *ch. */
+static inline void blocked_item(int64_t it, int64_t tiles, int64_t chunks, int64_t tg, int64_t rc, int64_t *j,
+                                int64_t *ch) {
+    const int64_t t0 = it / (tg * chunks) * tg, nt = tiles - t0 < tg ? tiles - t0 : tg;
+    int64_t rem = it - t0 * chunks;
+    const int64_t c0 = rem / (nt * rc) * rc, nc = chunks - c0 < rc ? chunks - c0 : rc;
+    rem -= c0 * nt;
+    *j = t0 + rem / nc;
+    *ch = c0 + rem % nc;
+}
+
 /* Rows r .. r + m of a linear layer's output tile j (columns 32j .. 32j + 31) from float32 sums c
  * (row i at c + 32 i): bias added in float32, rounded once. */
 static void linear_store(const float *c, int m, int64_t r, int64_t j, const void *bias, void *out, int64_t N,
@@ -747,29 +749,19 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
 #else
             const int tid = 0, nth = 1;
 #endif
-            /* items (tile j, 32-row chunk) in L2-sized blocks: up to `tg` tiles x `rc` chunks (~512 KiB
-             * of weights and of inputs each), tile-major inside a block; each thread one contiguous
-             * range of that order. Without the blocks every tile would stream all of x again: at
-             * 2048 x 2048 -> 5120, 743 GFLOP/s against oneDNN's 1910. */
-            const int64_t tg = 8192 / K > 1 ? 8192 / K : 1, rc = tg, total = tiles * chunks;
-            const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
-            int64_t at = 0;
-            for (int64_t t0 = 0; t0 < tiles && at < hi; t0 += tg)
-                for (int64_t c0 = 0; c0 < chunks && at < hi; c0 += rc) {
-                    const int64_t nt = tiles - t0 < tg ? tiles - t0 : tg, nc = chunks - c0 < rc ? chunks - c0 : rc;
-                    if (at + nt * nc <= lo) {
-                        at += nt * nc;
-                        continue;
-                    }
-                    for (int64_t j = t0; j < t0 + nt; j++)
-                        for (int64_t ch = c0; ch < c0 + nc; ch++, at++) {
-                            if (at < lo || at >= hi) continue;
-                            const int64_t r = ch * 32;
-                            const int m = (int)(M - r < 32 ? M - r : 32);
-                            (m > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(r, K), K, (const char *)w + 2 * j * tile, c);
-                            linear_store(c, m, r, j, bias, out, N, bf16, out_f32);
-                        }
-                }
+            /* items (tile j, 32-row chunk) in L2-sized blocks of up to tg tiles x tg chunks (~512 KiB of
+             * weights and of inputs each); each thread one contiguous range of that order. Without the
+             * blocks every tile would stream all of x again: at 2048 x 2048 -> 5120, 743 GFLOP/s
+             * against oneDNN's 1910. */
+            const int64_t tg = 8192 / K > 1 ? 8192 / K : 1, total = tiles * chunks;
+            for (int64_t it = total * tid / nth; it < total * (tid + 1) / nth; it++) {
+                int64_t j, ch;
+                blocked_item(it, tiles, chunks, tg, tg, &j, &ch);
+                const int64_t r = ch * 32;
+                const int m = (int)(M - r < 32 ? M - r : 32);
+                (m > 16 ? amx_tile2 : amx_tile1)(panel + amx_row(r, K), K, (const char *)w + 2 * j * tile, c);
+                linear_store(c, m, r, j, bias, out, N, bf16, out_f32);
+            }
             _tile_release();
         }
         free(panel);
@@ -781,8 +773,9 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
     const uk_fn *uk = bf16 ? UK_BF16 : UK_F32;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
     for (int64_t it = 0; it < tiles * chunks; it++) {
-        const int64_t blk = it / (tiles * bc), nc = chunks - blk * bc < bc ? chunks - blk * bc : bc,
-                      rem = it - blk * tiles * bc, j = rem / nc, r = (blk * bc + rem % nc) * step;
+        int64_t j, ch;
+        blocked_item(it, tiles, chunks, tiles, bc, &j, &ch); /* row blocks of ~256 KiB of x, every tile */
+        const int64_t r = ch * step;
         const int m = (int)(M - r < step ? M - r : step);
         const char *xr[MR];
         for (int i = 0; i < m; i++) xr[i] = (const char *)x + (r + i) * K * esz;
