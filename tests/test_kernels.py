@@ -106,19 +106,25 @@ def test_native_experts_round_like_the_unfused_torch_ops(dtype, monkeypatch):
 
 
 
-@pytest.mark.parametrize("tiles", ["1", "0"])
-def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(tiles, monkeypatch):
+@pytest.mark.parametrize("path", ["tiles", "vdpbf16ps", "wide"])
+def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(path, monkeypatch):
     """On a CPU with AMX the bf16 expert and linear kernels run their products as tile products (16-row
-    blocks padded with zero rows, 32 inputs per step); MESH_NATIVE_AMX=0 keeps them on VDPBF16PS. Both
-    give torch's results to summation order: slots of 1, 15, 16, 17, 31, 33 and 150 rows (row blocks of
-    48 or, on the tile unit, 128, and a remainder), empty slots, one or two 16-row tile blocks, linear layers of 1-100 rows. Where
-    the CPU has amx_bf16 the tile path must be the one that runs."""
+    blocks padded with zero rows, 32 inputs per step); MESH_NATIVE_AMX=0 keeps them on VDPBF16PS, or with
+    MESH_NATIVE_BF16_WIDE=1 on float32 FMAs over operands widened from bf16. All three give torch's
+    results to summation order: slots of 1, 15, 16, 17, 31, 33 and 150 rows (row blocks of 48 or, on the
+    tile unit, 128, and a remainder), empty slots, one or two 16-row tile blocks, linear layers of 1-100
+    rows. Where the CPU has amx_bf16 the tile path must be the one that runs."""
     _need_native()
     if not native._avx512(bf16=True):
         pytest.fail("this test needs AVX-512 BF16")
-    native_env(monkeypatch, "MESH_NATIVE_AMX", tiles)
+    native_env(monkeypatch, "MESH_NATIVE_AMX", "1" if path == "tiles" else "0")
+    native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", {"tiles": "auto", "vdpbf16ps": "0", "wide": "1"}[path])
     has_amx = "amx_bf16" in native._cpu_flags().split()
-    assert native.amx() == (has_amx and tiles == "1")
+    assert native.amx() == (has_amx and path == "tiles")
+    if path == "tiles":  # without AMX: whichever of the other two measured faster here
+        assert native.bf16_products() == "amx" if has_amx else native.bf16_products() in ("wide", "vdpbf16ps")
+    else:
+        assert native.bf16_products() == path
     g = torch.Generator().manual_seed(21)
     h, i, e = 64, 96, 8  # both matmuls' inputs multiples of 32: the tile path's condition
     gate_up = (torch.randn(e, 2 * i, h, generator=g) * 0.2).to(torch.bfloat16)
@@ -417,14 +423,16 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
     assert torch.equal(fast.expert_load[0], slow.expert_load[0] + torch.bincount(ids[:7].flatten(), minlength=E))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,wide", [(torch.float32, "auto"), (torch.bfloat16, "0"), (torch.bfloat16, "1")])
+def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype, wide, monkeypatch):
     """Threads take contiguous, cost-balanced ranges of work items: every item must be done exactly once
     whatever the split, so outputs are bit-identical on 1, 2, 3 and 7 threads (busy, idle and single-row
-    experts; a busy one in row blocks; linear layers of several row counts)."""
+    experts; a busy one in row blocks; linear layers of several row counts). bf16 with its products on
+    VDPBF16PS and on the wide float32 kernels (AMX, where the CPU has it, comes first)."""
     _need_native()
     if not native._avx512(bf16=dtype == torch.bfloat16):
         pytest.fail("this test needs AVX-512 (BF16)")
+    native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", wide)
     g = torch.Generator().manual_seed(5)
     shard = _shard(dtype)
     packed = shard.layers[0].native_packed()

@@ -19,7 +19,9 @@ another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back 
 the GPU path). The AVX-512 paths need AVX512F/BW (and AVX512-BF16 for bfloat16); elsewhere the
 portable paths or torch ops run. Where the build targets AMX (Intel Sapphire Rapids and later) and the
 OS grants tile state, the expert and linear kernels run bfloat16 products on the tiles
-(`MESH_NATIVE_AMX=0`: not).
+(`MESH_NATIVE_AMX=0`: not); elsewhere on VDPBF16PS, or, where that instruction issues at half the
+float32 FMA's rate (Intel Xeons without AMX), as float32 FMAs on operands widened from bf16, chosen
+by a measurement at first use (`MESH_NATIVE_BF16_WIDE=1`/`0` forces either).
 """
 from __future__ import annotations
 
@@ -63,18 +65,44 @@ def _env() -> tuple[bool, str | None]:
 
 
 def refresh_settings() -> None:
-    """Read MESH_NATIVE_KERNELS, MESH_NATIVE_THREADS and MESH_NATIVE_AMX again (after changing them
-    in-process)."""
+    """Read MESH_NATIVE_KERNELS, MESH_NATIVE_THREADS, MESH_NATIVE_AMX and MESH_NATIVE_BF16_WIDE again
+    (after changing them in-process)."""
     global _settings
     _settings = None
     if _lib is not None:
         _apply_amx(_lib)
+        _apply_bf16_wide(_lib)
 
 
 def _apply_amx(lib: ctypes.CDLL) -> bool:
     """MESH_NATIVE_AMX=0 keeps bfloat16 products off Intel's tile unit (AMX) even where the build and
     the OS allow it; returns whether they run there."""
     return bool(lib.mesh_set_amx(int(os.environ.get("MESH_NATIVE_AMX", "1") != "0")))
+
+
+def _apply_bf16_wide(lib: ctypes.CDLL) -> int:
+    """MESH_NATIVE_BF16_WIDE: how bfloat16 products run off the AMX tile unit. `auto` (the default)
+    measures once per process which multiplies faster here: VDPBF16PS, or float32 FMAs on operands
+    widened from bf16 (exact; wins where VDPBF16PS issues at half the FMA's rate, as on Intel Xeons
+    without AMX); `1` forces the wide kernels, `0` VDPBF16PS. Returns the mode in force (1 wide, 0
+    VDPBF16PS, -1 no AVX-512 kernels in this build)."""
+    value = os.environ.get("MESH_NATIVE_BF16_WIDE", "auto").strip().lower()
+    modes = {"auto": -1, "": -1, "1": 1, "0": 0}
+    if value not in modes:
+        raise ValueError(f"MESH_NATIVE_BF16_WIDE must be auto, 1 or 0, not {value!r}")
+    return int(lib.mesh_set_bf16_wide(modes[value]))
+
+
+def bf16_products() -> str | None:
+    """Where the expert and linear kernels' bfloat16 products run in this process: "amx" (tile unit),
+    "wide" (float32 FMAs on widened operands), "vdpbf16ps", or None (no native bf16 kernels)."""
+    lib = library()
+    if lib is None or not _avx512(True):
+        return None
+    if _apply_amx(lib):
+        return "amx"
+    mode = _apply_bf16_wide(lib)
+    return None if mode < 0 else "wide" if mode else "vdpbf16ps"
 
 
 def amx() -> bool:
@@ -166,6 +194,9 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.mesh_set_amx
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int]
+    fn = lib.mesh_set_bf16_wide
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int]
     fn = lib.mesh_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -209,6 +240,7 @@ def _build() -> ctypes.CDLL | None:
     global _openmp
     _openmp = "-fopenmp" in flags
     _apply_amx(lib)
+    _apply_bf16_wide(lib)
     return lib
 
 

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "bf16.h"
 
@@ -33,6 +34,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <pthread.h>
 
 #define PF 64 /* bf16 pairs (128 B each) prefetched ahead, 8 KiB. Measured per b64 layer, weights from memory: 16 -> 0.58,
                 * 32 -> 0.46 ms with items handed out one at a time; with contiguous per-thread ranges 32 -> 0.33,
@@ -129,11 +131,118 @@ int mesh_set_amx(int on) {
 
 #ifdef MESH_MOE_AVX512
 
+/* bfloat16 products off the tile unit, two ways. VDPBF16PS multiplies bf16 pairs straight from the
+ * packed weights; but some CPUs issue it at half the rate of a float32 FMA (the Xeons measured here:
+ * 85 against 170 GFLOP/s per core), and there the "wide" kernels run instead: each packed weight vector
+ * (16 outputs x 2 inputs as bf16 pairs) widened into two float32 vectors by a shift and a mask (exact),
+ * the inputs (bf16 values) read as float32 from a widened copy, and float32 FMAs. A product of two
+ * bf16 values is exact in float32 and the sums are float32 either way: the results differ from
+ * VDPBF16PS's only in summation order. Weights stay bf16 in memory (decode stays memory-bound on
+ * them). Which way runs: mesh_set_bf16_wide (-1: measure once which multiplies faster). */
+#define WIDE 2 /* the micro-kernels' `bf16` argument for that mode */
+
+static inline __attribute__((always_inline)) void widen_pairs(const char *w, __m512 *even, __m512 *odd) {
+    const __m512i v = _mm512_loadu_si512(w);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+static int bf16_wide = -1; /* -1: not decided yet; 0: VDPBF16PS; 1: wide */
+static int bf16_wide_asked = -1; /* mesh_set_bf16_wide's argument */
+
+#ifdef __AVX512BF16__
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* Seconds for n rounds of 12 independent VDPBF16PS (dp) or FMA chains: enough chains to cover either's
+ * latency, so the time is the issue rate. */
+static double chain_time(int dp, int n) {
+    __m512 a[12];
+    for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps(1e-3f * i);
+    __m512 x = _mm512_set1_ps(1e-6f);
+    __asm__ volatile("" : "+v"(x));
+    const __m512bh xb = (__m512bh)_mm512_castps_si512(x);
+    const double t0 = now_s();
+    for (int r = 0; r < n; r++)
+        for (int i = 0; i < 12; i++) a[i] = dp ? _mm512_dpbf16_ps(a[i], xb, xb) : _mm512_fmadd_ps(x, x, a[i]);
+    const double t = now_s() - t0;
+    float sink = 0.f;
+    for (int i = 0; i < 12; i++) sink += _mm512_reduce_add_ps(a[i]);
+    __asm__ volatile("" : : "x"(sink));
+    return t;
+}
+
+/* 1 when VDPBF16PS (64 flops each) does less than 3/4 of the float32 FMA's work (32 flops each) per
+ * second: the wide kernels then win. Best of 5 alternating runs of ~10-40 us each, after a warm-up (the
+ * core's wide-vector clock). Measured: Xeon (no AMX) 0.5 -> wide; AMD Zen 4/5 issue VDPBF16PS at the
+ * FMA's rate (2x its flops) -> VDPBF16PS. */
+static int probe_wide(void) {
+    const int n = 2048;
+    chain_time(0, n), chain_time(1, n);
+    double dp = 1e9, fma = 1e9;
+    for (int r = 0; r < 5; r++) {
+        const double a = chain_time(1, n), b = chain_time(0, n);
+        dp = a < dp ? a : dp;
+        fma = b < fma ? b : fma;
+    }
+    return 64.0 / dp < 0.75 * (32.0 / fma);
+}
+#endif
+
+/* Whether bf16 products off the tile unit run wide (1) or on VDPBF16PS (0) in this process. */
+static int wide_bf16(void) {
+    if (bf16_wide < 0) {
+#ifdef __AVX512BF16__
+        bf16_wide = bf16_wide_asked >= 0 ? bf16_wide_asked : probe_wide();
+#else
+        bf16_wide = 1; /* no VDPBF16PS: wide is the only way */
+#endif
+    }
+    return bf16_wide;
+}
+#endif
+
+/* -1: decide by measuring (the default), 0: VDPBF16PS, 1: the wide float32 kernels (see above). Returns
+ * the mode bf16 products will run in (1 wide, 0 VDPBF16PS; AMX, where it runs, comes first), or -1
+ * when this build has no AVX-512 kernels. */
+int mesh_set_bf16_wide(int mode) {
+#ifdef MESH_MOE_AVX512
+#ifndef __AVX512BF16__
+    mode = 1;
+#endif
+    if (mode != bf16_wide_asked) bf16_wide = -1;
+    bf16_wide_asked = mode;
+    return wide_bf16();
+#else
+    (void)mode;
+    return -1;
+#endif
+}
+
+#ifdef MESH_MOE_AVX512
+
 static inline __attribute__((always_inline)) void ukernel(const char *const *x, const char *w0, const char *w1,
                                                           int64_t K, float *c, const int M, const int bf16) {
     __m512 acc[MR][2];
     for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    if (bf16) {
+    if (bf16 == WIDE) { /* bf16 weight pairs widened to two float32 vectors, float32 inputs (see WIDE) */
+        for (int64_t p = 0; p < K / 2; p++) {
+            _mm_prefetch(w0 + (p + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w1 + (p + PF) * 128, _MM_HINT_T0);
+            __m512 b0e, b0o, b1e, b1o;
+            widen_pairs(w0 + p * 128, &b0e, &b0o);
+            widen_pairs(w1 + p * 128, &b1e, &b1o);
+            for (int i = 0; i < M; i++) {
+                const float *xi = (const float *)x[i] + 2 * p;
+                const __m512 ae = _mm512_set1_ps(xi[0]), ao = _mm512_set1_ps(xi[1]);
+                acc[i][0] = _mm512_fmadd_ps(ao, b0o, _mm512_fmadd_ps(ae, b0e, acc[i][0]));
+                acc[i][1] = _mm512_fmadd_ps(ao, b1o, _mm512_fmadd_ps(ae, b1e, acc[i][1]));
+            }
+        }
+    } else if (bf16) {
 #ifdef __AVX512BF16__
         for (int64_t p = 0; p < K / 2; p++) {
             _mm_prefetch(w0 + (p + PF) * 128, _MM_HINT_T0);
@@ -175,6 +284,9 @@ static inline __attribute__((always_inline)) void ukernel(const char *const *x, 
     }                                                                                           \
     static void uk_bf16_##M(const char *const *x, const char *w0, const char *w1, int64_t K, float *c) { \
         ukernel(x, w0, w1, K, c, M, 1);                                                         \
+    }                                                                                           \
+    static void uk_wide_##M(const char *const *x, const char *w0, const char *w1, int64_t K, float *c) { \
+        ukernel(x, w0, w1, K, c, M, WIDE);                                                      \
     }
 UK(1) UK(2) UK(3) UK(4) UK(5) UK(6) UK(7) UK(8) UK(9) UK(10) UK(11) UK(12)
 typedef void (*uk_fn)(const char *const *, const char *, const char *, int64_t, float *);
@@ -182,6 +294,8 @@ static const uk_fn UK_F32[MR + 1] = {NULL, uk_f32_1, uk_f32_2, uk_f32_3, uk_f32_
                                      uk_f32_7, uk_f32_8, uk_f32_9, uk_f32_10, uk_f32_11, uk_f32_12};
 static const uk_fn UK_BF16[MR + 1] = {NULL, uk_bf16_1, uk_bf16_2, uk_bf16_3, uk_bf16_4, uk_bf16_5, uk_bf16_6,
                                       uk_bf16_7, uk_bf16_8, uk_bf16_9, uk_bf16_10, uk_bf16_11, uk_bf16_12};
+static const uk_fn UK_WIDE[MR + 1] = {NULL, uk_wide_1, uk_wide_2, uk_wide_3, uk_wide_4, uk_wide_5, uk_wide_6,
+                                      uk_wide_7, uk_wide_8, uk_wide_9, uk_wide_10, uk_wide_11, uk_wide_12};
 
 /* The same product with the rows' inputs packed into a panel: element (unit p, row i) at a[p * MR + i]
  * (4 bytes: a bf16 pair or a float32), so the broadcasts read one sequential stream instead of M rows
@@ -192,7 +306,21 @@ static inline __attribute__((always_inline)) void ukernel_panel(const char *a, c
                                                                 int64_t units, float *c, const int M, const int bf16) {
     __m512 acc[MR][2];
     for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    if (bf16) {
+    if (bf16 == WIDE) { /* float32 panel (units = inputs), bf16 weight pairs widened */
+        for (int64_t p = 0; p < units / 2; p++) {
+            _mm_prefetch(w0 + (p + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w1 + (p + PF) * 128, _MM_HINT_T0);
+            __m512 b0e, b0o, b1e, b1o;
+            widen_pairs(w0 + p * 128, &b0e, &b0o);
+            widen_pairs(w1 + p * 128, &b1e, &b1o);
+            const float *ap = (const float *)a + 2 * p * MR;
+            for (int i = 0; i < M; i++) {
+                const __m512 ae = _mm512_set1_ps(ap[i]), ao = _mm512_set1_ps(ap[MR + i]);
+                acc[i][0] = _mm512_fmadd_ps(ao, b0o, _mm512_fmadd_ps(ae, b0e, acc[i][0]));
+                acc[i][1] = _mm512_fmadd_ps(ao, b1o, _mm512_fmadd_ps(ae, b1e, acc[i][1]));
+            }
+        }
+    } else if (bf16) {
 #ifdef __AVX512BF16__
         for (int64_t p = 0; p < units; p++) {
             _mm_prefetch(w0 + (p + PF) * 128, _MM_HINT_T0);
@@ -232,6 +360,9 @@ static inline __attribute__((always_inline)) void ukernel_panel(const char *a, c
     }                                                                                           \
     static void ukp_bf16_##M(const char *a, const char *w0, const char *w1, int64_t u, float *c) { \
         ukernel_panel(a, w0, w1, u, c, M, 1);                                                   \
+    }                                                                                           \
+    static void ukp_wide_##M(const char *a, const char *w0, const char *w1, int64_t u, float *c) { \
+        ukernel_panel(a, w0, w1, u, c, M, WIDE);                                                \
     }
 UKP(1) UKP(2) UKP(3) UKP(4) UKP(5) UKP(6) UKP(7) UKP(8) UKP(9) UKP(10) UKP(11) UKP(12)
 typedef void (*ukp_fn)(const char *, const char *, const char *, int64_t, float *);
@@ -240,6 +371,9 @@ static const ukp_fn UKP_F32[MR + 1] = {NULL, ukp_f32_1, ukp_f32_2, ukp_f32_3, uk
 static const ukp_fn UKP_BF16[MR + 1] = {NULL, ukp_bf16_1, ukp_bf16_2, ukp_bf16_3, ukp_bf16_4, ukp_bf16_5,
                                         ukp_bf16_6, ukp_bf16_7, ukp_bf16_8, ukp_bf16_9, ukp_bf16_10, ukp_bf16_11,
                                         ukp_bf16_12};
+static const ukp_fn UKP_WIDE[MR + 1] = {NULL, ukp_wide_1, ukp_wide_2, ukp_wide_3, ukp_wide_4, ukp_wide_5,
+                                        ukp_wide_6, ukp_wide_7, ukp_wide_8, ukp_wide_9, ukp_wide_10, ukp_wide_11,
+                                        ukp_wide_12};
 
 /* m rows (pointers) of `units` 4-byte elements -> panels of MR rows: [chunk][unit][MR]. */
 static void pack_rows(const char *const *rows, int64_t m, int64_t units, int32_t *panel) {
@@ -278,8 +412,9 @@ typedef struct {
     char *h, *out;
     const int64_t *offsets;
     const int64_t *src; /* row r of the sorted order is row src[r] of x; NULL: row r */
-    int64_t S, H, I, esz;
-    int bf16;
+    int64_t S, H, I, esz; /* esz: bytes per element of the weights and of out */
+    int64_t xsz;          /* bytes per element of x and h: 4 in the wide mode (float32 copies), else esz */
+    int bf16;             /* 1 bf16 (VDPBF16PS), WIDE bf16 weights with float32 x and h, 0 float32 */
     char *panels; /* per thread, panel_bytes each, for row-block items and AMX inputs (NULL: none needed) */
     int64_t panel_bytes;
     int amx; /* bf16 products on the tile unit (MESH_AMX builds; the panels are then always there) */
@@ -300,7 +435,9 @@ static inline void gate_up_store(const moe_job_t *jb, const float *c, int64_t m,
         const __m512 g = _mm512_loadu_ps(c + i * 32), u = _mm512_loadu_ps(c + i * 32 + 16);
         const __m512 y = jb->bf16 ? _mm512_mul_ps(round_bf16(silu16(round_bf16(g))), round_bf16(u))
                                   : _mm512_mul_ps(silu16(g), u);
-        store16(jb->h + ((r + i) * jb->I + 16 * j) * jb->esz, y, jb->bf16);
+        char *o = jb->h + ((r + i) * jb->I + 16 * j) * jb->xsz;
+        if (jb->bf16 == WIDE) _mm512_storeu_ps((float *)o, round_bf16(y)); /* the bf16 value, as float32 */
+        else store16(o, y, jb->bf16);
     }
 }
 
@@ -318,13 +455,13 @@ static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
     const int64_t tile = H * 16 * esz; /* bytes of one 16-feature tile */
     const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * tile, *w1 = w0 + 64;
-    const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
+    const uk_fn *uk = jb->bf16 == WIDE ? UK_WIDE : jb->bf16 ? UK_BF16 : UK_F32;
     float c[MR * 32];
     const int64_t step = chunk_rows(r1 - r0);
     for (int64_t r = r0; r < r1; r += step) {
         const int m = (int)(r1 - r < step ? r1 - r : step);
         const char *xr[MR];
-        for (int i = 0; i < m; i++) xr[i] = jb->x + (jb->src ? jb->src[r + i] : r + i) * H * esz;
+        for (int i = 0; i < m; i++) xr[i] = jb->x + (jb->src ? jb->src[r + i] : r + i) * H * jb->xsz;
         uk[m](xr, w0, w1, H, c);
         gate_up_store(jb, c, m, r, j);
     }
@@ -335,13 +472,13 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
     const int64_t tile = I * 16 * esz;
     const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * tile, *w1 = w0 + 64;
-    const uk_fn *uk = jb->bf16 ? UK_BF16 : UK_F32;
+    const uk_fn *uk = jb->bf16 == WIDE ? UK_WIDE : jb->bf16 ? UK_BF16 : UK_F32;
     float c[MR * 32];
     const int64_t step = chunk_rows(r1 - r0);
     for (int64_t r = r0; r < r1; r += step) {
         const int m = (int)(r1 - r < step ? r1 - r : step);
         const char *xr[MR];
-        for (int i = 0; i < m; i++) xr[i] = jb->h + (r + i) * I * esz;
+        for (int i = 0; i < m; i++) xr[i] = jb->h + (r + i) * I * jb->xsz;
         uk[m](xr, w0, w1, I, c);
         down_store(jb, c, m, r, j);
     }
@@ -392,12 +529,12 @@ static void amx_block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r
  * packed once and reused across all 2I/32 gate/up tiles, then its h rows (computed here, so no
  * barrier) are packed and reused across all H/32 down tiles. `panel`: RB * max(H, I) elements. */
 static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, int32_t *panel) {
-    const int64_t H = jb->H, I = jb->I, esz = jb->esz, m = r1 - r0;
-    const ukp_fn *uk = jb->bf16 ? UKP_BF16 : UKP_F32;
+    const int64_t H = jb->H, I = jb->I, esz = jb->esz, xsz = jb->xsz, m = r1 - r0;
+    const ukp_fn *uk = jb->bf16 == WIDE ? UKP_WIDE : jb->bf16 ? UKP_BF16 : UKP_F32;
     const char *rows[RB];
     float c[MR * 32];
-    for (int64_t i = 0; i < m; i++) rows[i] = jb->x + (jb->src ? jb->src[r0 + i] : r0 + i) * H * esz;
-    int64_t units = jb->bf16 ? H / 2 : H;
+    for (int64_t i = 0; i < m; i++) rows[i] = jb->x + (jb->src ? jb->src[r0 + i] : r0 + i) * H * xsz;
+    int64_t units = xsz == 2 ? H / 2 : H; /* 4-byte units: bf16 pairs or float32 values */
     pack_rows(rows, m, units, panel);
     for (int64_t j = 0; j < I / 16; j++) {
         const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * (H * 16 * esz), *w1 = w0 + 64;
@@ -407,8 +544,8 @@ static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, i
             gate_up_store(jb, c, n, r0 + c0, j);
         }
     }
-    for (int64_t i = 0; i < m; i++) rows[i] = jb->h + (r0 + i) * I * esz;
-    units = jb->bf16 ? I / 2 : I;
+    for (int64_t i = 0; i < m; i++) rows[i] = jb->h + (r0 + i) * I * xsz;
+    units = xsz == 2 ? I / 2 : I;
     pack_rows(rows, m, units, panel);
     for (int64_t j = 0; j < H / 32; j++) {
         const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * (I * 16 * esz), *w1 = w0 + 64;
@@ -557,6 +694,43 @@ static int supported(int64_t H, int64_t I, int bf16) {
 
 /* Whether this call's bf16 products go to the tile unit: both matmuls' inputs a multiple of 32 wide. */
 static int use_amx(int64_t H, int64_t I, int bf16) { return bf16 && H % 32 == 0 && I % 32 == 0 && amx_ready(); }
+
+/* Per-thread buffers kept across calls, grown as needed and freed when their thread exits: the wide
+ * mode's float32 copies of x and h (at most the largest step's rows: bounded by the engine's token budget). */
+typedef struct {
+    void *p[2];
+    size_t n[2];
+} kept_t;
+static pthread_key_t kept_key;
+static pthread_once_t kept_once = PTHREAD_ONCE_INIT;
+static void kept_free(void *v) {
+    kept_t *k = (kept_t *)v;
+    free(k->p[0]), free(k->p[1]), free(k);
+}
+static void make_kept_key(void) { pthread_key_create(&kept_key, kept_free); }
+
+static float *kept_buffer(int which, int64_t floats) {
+    pthread_once(&kept_once, make_kept_key);
+    kept_t *k = (kept_t *)pthread_getspecific(kept_key);
+    if (k == NULL) {
+        if ((k = (kept_t *)calloc(1, sizeof *k)) == NULL) return NULL;
+        pthread_setspecific(kept_key, k);
+    }
+    const size_t bytes = ((size_t)(floats > 0 ? floats : 1) * 4 + 63) / 64 * 64;
+    if (k->n[which] < bytes) {
+        free(k->p[which]);
+        k->p[which] = aligned_alloc(64, bytes);
+        k->n[which] = k->p[which] != NULL ? bytes : 0;
+    }
+    return (float *)k->p[which];
+}
+
+/* n bf16 values -> float32 (exact). */
+static inline void widen_row(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16f((const char *)(src + i), 1));
+    for (; i < n; i++) dst[i] = bf(src[i]);
+}
 #endif
 
 /* x [N, H] rows sorted by slot, offsets [S + 1] (slot s owns rows offsets[s] .. offsets[s+1]),
@@ -571,12 +745,22 @@ int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, cons
         if (offsets[s + 1] < offsets[s]) return -2;
     if (nthreads < 1) nthreads = 1;
     int64_t panel_bytes;
-    const int amx = use_amx(H, I, bf16);
-    char *panels = alloc_panels(offsets, S, H, I, bf16 ? 2 : 4, nthreads, &panel_bytes, amx);
-    const moe_job_t jb = {(const char *)x, (const char *)gu, (const char *)dn, (char *)h, (char *)out,
-                          offsets, NULL, S, H, I, bf16 ? 2 : 4, bf16, panels, panel_bytes, amx && panels};
+    const int amx = use_amx(H, I, bf16), mode = bf16 && !amx && wide_bf16() ? WIDE : bf16;
+    const int64_t N = offsets[S], esz = bf16 ? 2 : 4, xsz = mode == WIDE ? 4 : esz;
+    float *xf = NULL, *hf = NULL;
+    if (mode == WIDE && ((xf = kept_buffer(0, N * H)) == NULL || (hf = kept_buffer(1, N * I)) == NULL)) return -4;
+    char *panels = alloc_panels(offsets, S, H, I, xsz, nthreads, &panel_bytes, amx);
+    const moe_job_t jb = {xf ? (const char *)xf : (const char *)x, (const char *)gu, (const char *)dn,
+                          hf ? (char *)hf : (char *)h, (char *)out, offsets, NULL, S, H, I, esz, xsz, mode,
+                          panels, panel_bytes, amx && panels};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    run_experts(&jb);
+    {
+        if (xf != NULL) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < N; r++) widen_row((const uint16_t *)x + r * H, xf + r * H, H);
+        }
+        run_experts(&jb);
+    }
     free(panels);
     return 0;
 #else
@@ -624,12 +808,23 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
     }
     if (nthreads < 1) nthreads = 1;
     int64_t panel_bytes;
-    const int amx = use_amx(H, I, bf16);
-    char *panels = alloc_panels(off, S, H, I, esz, nthreads, &panel_bytes, amx);
-    const moe_job_t jb = {(const char *)hidden, (const char *)gu, (const char *)dn, (char *)h, (char *)y,
-                          off, src, S, H, I, esz, bf16, panels, panel_bytes, amx && panels};
+    const int amx = use_amx(H, I, bf16), mode = bf16 && !amx && wide_bf16() ? WIDE : bf16;
+    const int64_t xsz = mode == WIDE ? 4 : esz;
+    float *xf = NULL, *hf = NULL;
+    if (mode == WIDE && ((xf = kept_buffer(0, T * H)) == NULL || (hf = kept_buffer(1, N * I)) == NULL)) {
+        free(off), free(cur), free(src), free(pos);
+        return -4;
+    }
+    char *panels = alloc_panels(off, S, H, I, xsz, nthreads, &panel_bytes, amx);
+    const moe_job_t jb = {xf ? (const char *)xf : (const char *)hidden, (const char *)gu, (const char *)dn,
+                          hf ? (char *)hf : (char *)h, (char *)y, off, src, S, H, I, esz, xsz, mode, panels,
+                          panel_bytes, amx && panels};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
+        if (xf != NULL) {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) widen_row((const uint16_t *)hidden + t * H, xf + t * H, H);
+        }
         run_experts(&jb);
         /* combine: per token, the K weighted expert rows summed in float32, rounded once */
 #pragma omp for schedule(static)
@@ -768,21 +963,32 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
         return 0;
     }
 #endif
-    const int64_t chunks = (M + MR - 1) / MR, step = chunk_rows(M);
-    const int64_t bc = (256 << 10) / (K * esz * step) > 1 ? (256 << 10) / (K * esz * step) : 1;
-    const uk_fn *uk = bf16 ? UK_BF16 : UK_F32;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
-    for (int64_t it = 0; it < tiles * chunks; it++) {
-        int64_t j, ch;
-        blocked_item(it, tiles, chunks, tiles, bc, &j, &ch); /* row blocks of ~256 KiB of x, every tile */
-        const int64_t r = ch * step;
-        const int m = (int)(M - r < step ? M - r : step);
-        const char *xr[MR];
-        for (int i = 0; i < m; i++) xr[i] = (const char *)x + (r + i) * K * esz;
-        float c[MR * 32];
-        const char *w0 = (const char *)w + 2 * j * tile;
-        uk[m](xr, w0, w0 + 64, K, c);
-        linear_store(c, m, r, j, bias, out, N, bf16, out_f32);
+    const int wide = bf16 && wide_bf16();
+    const int64_t chunks = (M + MR - 1) / MR, step = chunk_rows(M), xsz = wide ? 4 : esz;
+    const int64_t bc = (256 << 10) / (K * xsz * step) > 1 ? (256 << 10) / (K * xsz * step) : 1;
+    const uk_fn *uk = wide ? UK_WIDE : bf16 ? UK_BF16 : UK_F32;
+    float *xf = wide ? kept_buffer(0, M * K) : NULL; /* the wide mode's float32 copy of x */
+    if (wide && xf == NULL) return -4;
+    const char *xs = wide ? (const char *)xf : (const char *)x;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
+    {
+        if (wide) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < M; r++) widen_row((const uint16_t *)x + r * K, xf + r * K, K);
+        }
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < tiles * chunks; it++) {
+            int64_t j, ch;
+            blocked_item(it, tiles, chunks, tiles, bc, &j, &ch); /* row blocks of ~256 KiB of x, every tile */
+            const int64_t r = ch * step;
+            const int m = (int)(M - r < step ? M - r : step);
+            const char *xr[MR];
+            for (int i = 0; i < m; i++) xr[i] = xs + (r + i) * K * xsz;
+            float c[MR * 32];
+            const char *w0 = (const char *)w + 2 * j * tile;
+            uk[m](xr, w0, w0 + 64, K, c);
+            linear_store(c, m, r, j, bias, out, N, bf16, out_f32);
+        }
     }
     return 0;
 #else
