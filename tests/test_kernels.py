@@ -231,12 +231,15 @@ def test_gather_blocks_returns_each_heads_tokens_in_order():
     torch.testing.assert_close(gather_blocks(kv.layer(0)[0], blocks)[:, :37], k.transpose(0, 1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,wide", [(torch.float32, "auto"), (torch.bfloat16, "0"), (torch.bfloat16, "1")])
 @pytest.mark.parametrize("lengths,bs,hk,groups,d", [([1], 16, 2, 4, 32), ([9], 16, 2, 4, 32),
                                                     ([5, 70, 1, 33], 16, 2, 4, 32), ([1000, 3], 16, 2, 4, 32),
                                                     ([33, 100], 16, 2, 4, 64), ([50, 16], 16, 1, 8, 128),
                                                     ([17, 300, 2], 8, 1, 16, 128), ([40, 7], 32, 4, 1, 64)])
-def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths, bs, hk, groups, d, kernel_path):
+def test_decode_attention_matches_sdpa_per_sequence(dtype, wide, lengths, bs, hk, groups, d, kernel_path, monkeypatch):
+    """bf16 with its products on VDPBF16PS (MESH_NATIVE_BF16_WIDE=0) and on float32 FMAs over widened keys
+    and values (1)."""
+    native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", wide)
     g = torch.Generator().manual_seed(4)
     hq = hk * groups
     kv, seqs = _pool(lengths, bs, hk, d, dtype, g)
@@ -261,8 +264,10 @@ def test_decode_attention_matches_sdpa_per_sequence(dtype, lengths, bs, hk, grou
         torch.testing.assert_close(got[i].float(), want[:, 0], atol=atol, rtol=atol)
 
 
-def test_native_decode_threads_give_identical_results(monkeypatch):
+@pytest.mark.parametrize("wide", ["0", "1"])
+def test_native_decode_threads_give_identical_results(wide, monkeypatch):
     _need_native()
+    native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", wide)
     g = torch.Generator().manual_seed(8)
     b, hk, groups, d, bs, m = 9, 2, 4, 64, 16, 20  # 9 x 20 x 2 = 360 block pairs: enough for 2 threads
     k, v = (torch.randn(hk, b * m, bs, d, generator=g).to(torch.bfloat16) for _ in range(2))
@@ -467,13 +472,15 @@ def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hk,groups,d", [(2, 4, 64), (1, 8, 128), (4, 1, 32), (2, 3, 64)])
-@pytest.mark.parametrize("tiles", ["1", "0"])
+@pytest.mark.parametrize("tiles", ["1", "0", "wide"])
 def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, tiles, kernel_path, monkeypatch):
     """A step's prefill chunks (fresh prompts and chunks after a cached prefix, lengths around the
     16-token block and query-tile edges) against SDPA over each sequence, through the native kernel
     (every chunk in one call) and through the torch path. bf16 on a CPU with AMX: the tile path
-    (16 query positions x 32 keys per step) and, with MESH_NATIVE_AMX=0, the VDPBF16PS one."""
-    native_env(monkeypatch, "MESH_NATIVE_AMX", tiles)
+    (16 query positions x 32 keys per step); with MESH_NATIVE_AMX=0, the VDPBF16PS one, or with
+    MESH_NATIVE_BF16_WIDE=1 too, float32 FMAs over keys and values widened from bf16."""
+    native_env(monkeypatch, "MESH_NATIVE_AMX", "1" if tiles == "1" else "0")
+    native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", {"1": "auto", "0": "0", "wide": "1"}[tiles])
     if kernel_path == "native":
         assert native.amx() == (tiles == "1" and "amx_bf16" in native._cpu_flags().split())
     g = torch.Generator().manual_seed(11)

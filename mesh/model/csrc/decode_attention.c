@@ -287,6 +287,10 @@ static void pair_bs16(const job_t *j, work16_t *w, int64_t b, int64_t h) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include "avx512_math.h"
 #define MESH_AVX512 1
+#define WIDE 2 /* `bf16` of a bf16 job run on float32 FMAs (see mesh_bf16_wide in moe_experts.c): the
+                * block's keys widened once into float32 (bf16 pairs split by a shift and a mask, the
+                * queries split the same way, so dot products pair up), value rows widened as loaded */
+int mesh_bf16_wide(void);
 
 typedef struct {
     __m512i qh[MAX_G][MAX_D / 32]; /* bf16 queries */
@@ -356,6 +360,7 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
                                                            const int bf16) {
     const int64_t D = C * 16, esz = bf16 ? 2 : 4, rowbytes = D * esz;
     const char *kb = (const char *)j->k, *vb = (const char *)j->v;
+    float kw[16 * MAX_D] __attribute__((aligned(64))); /* WIDE: the block's keys as float32 pairs-split */
     __m512 a[4][MAX_D / 16];
     float m[4], l[4];
     for (int r = 0; r < RB; r++) {
@@ -386,11 +391,23 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
             fv = vb + far;
         }
         const int64_t lines = 16 * rowbytes / 64, per_row = (lines + RB - 1) / RB;
+        const char *kblk = kb + off;
+        int64_t krow = rowbytes;
+        if (bf16 == WIDE) {
+            for (int t = 0; t < 16; t++)
+                for (int64_t c = 0; c < C / 2; c++) {
+                    const __m512i v = _mm512_loadu_si512(kblk + t * rowbytes + c * 64);
+                    _mm512_store_si512(kw + t * D + 32 * c, _mm512_slli_epi32(v, 16));
+                    _mm512_store_si512(kw + t * D + 32 * c + 16, _mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+                }
+            kblk = (const char *)kw;
+            krow = D * 4;
+        }
         __m512 p[4];
         float delta[16] = {0}, mnew[4];
         for (int r = 0; r < RB; r++) {
             prefetch_ahead(nk, fk, r * per_row, (r + 1) * per_row < lines ? (r + 1) * per_row : lines);
-            p[r] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g0 + r, kb + off, rowbytes, bf16, C), scale));
+            p[r] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g0 + r, kblk, krow, bf16 == 1, C), scale));
             mnew[r] = fmaxf(_mm512_reduce_max_ps(p[r]), m[r]);
             delta[r] = m[r] - mnew[r]; /* -inf on the first block: its factor is ~0 */
         }
@@ -404,7 +421,20 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
                 for (int64_t c = 0; c < C; c++) a[r][c] = _mm512_mul_ps(a[r][c], _mm512_set1_ps(cf[r]));
         }
         const char *vblk = vb + off;
-        if (bf16) {
+        if (bf16 == WIDE) { /* probabilities rounded to bf16 (as below), value rows widened as loaded */
+            float pf[4][16] __attribute__((aligned(64)));
+            for (int r = 0; r < RB; r++) _mm512_store_ps(pf[r], round_bf16(p[r]));
+            for (int64_t t = 0; t < n; t++) {
+                prefetch_ahead(nv, fv, t * (lines / 16), (t + 1) * (lines / 16));
+                const char *vr = vblk + t * rowbytes;
+                __m512 pt[4];
+                for (int r = 0; r < RB; r++) pt[r] = _mm512_set1_ps(pf[r][t]);
+                for (int64_t c = 0; c < C; c++) {
+                    const __m512 vv = load16f(vr + c * 32, 1);
+                    for (int r = 0; r < RB; r++) a[r][c] = _mm512_fmadd_ps(pt[r], vv, a[r][c]);
+                }
+            }
+        } else if (bf16) {
             __m512i pb[4];
             for (int r = 0; r < RB; r++) pb[r] = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(p[r]));
             for (int64_t t = 0; t < n; t += 2) {
@@ -439,7 +469,11 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
     }
     for (int r = 0; r < RB; r++) {
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        store_acc_row(a[r], inv, (char *)j->out + ((b * j->Hk + h) * G + g0 + r) * rowbytes, bf16, C);
+        char *o = (char *)j->out + ((b * j->Hk + h) * G + g0 + r) * rowbytes;
+        if (bf16 == WIDE) /* accumulators in order, rounded to bf16 */
+            for (int64_t c = 0; c < C; c++) store16(o + c * 32, _mm512_mul_ps(a[r][c], _mm512_set1_ps(inv)), 1);
+        else
+            store_acc_row(a[r], inv, o, bf16, C);
     }
 }
 
@@ -448,7 +482,13 @@ static inline __attribute__((always_inline)) void pair512_body(const job_t *j, w
     const int64_t rowbytes = C * 16 * (bf16 ? 2 : 4);
     for (int64_t g = 0; g < G; g++) {
         const char *qrow = (const char *)j->q + ((b * j->Hk + h) * G + g) * rowbytes;
-        if (bf16)
+        if (bf16 == WIDE) /* split like the keys: even elements of each 32, then odd ones */
+            for (int64_t c = 0; c < C / 2; c++) {
+                const __m512i v = _mm512_loadu_si512(qrow + c * 64);
+                w->qf[g][2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                w->qf[g][2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+            }
+        else if (bf16)
             for (int64_t c = 0; c < C / 2; c++) w->qh[g][c] = _mm512_loadu_si512(qrow + c * 64);
         else
             for (int64_t c = 0; c < C; c++) w->qf[g][c] = _mm512_loadu_ps(qrow + c * 64);
@@ -466,6 +506,10 @@ static void p512_bf16_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h)
 static void p512_bf16_g4_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 8, 1); }
 static void p512_bf16_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 8, 8, 1); }
 static void p512_bf16(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, j->G, j->D / 16, 1); }
+static void p512_wide_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 4, WIDE); }
+static void p512_wide_g4_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 8, WIDE); }
+static void p512_wide_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 8, 8, WIDE); }
+static void p512_wide(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, j->G, j->D / 16, WIDE); }
 static void p512_f32_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 4, 0); }
 static void p512_f32_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 8, 8, 0); }
 static void p512_f32(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, j->G, j->D / 16, 0); }
@@ -473,6 +517,13 @@ static void p512_f32(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair5
 typedef void (*pair512_fn)(const job_t *, work512_t *, int64_t, int64_t);
 static pair512_fn pick512(const job_t *j) {
     if (j->bs != 16) return NULL;
+    if (j->bf16 && mesh_bf16_wide()) {
+        if (j->D % 32) return NULL;
+        if (j->G == 4 && j->D == 64) return p512_wide_g4_d64;
+        if (j->G == 4 && j->D == 128) return p512_wide_g4_d128;
+        if (j->G == 8 && j->D == 128) return p512_wide_g8_d128;
+        return p512_wide;
+    }
     if (j->bf16) {
         if (j->D % 32) return NULL;
         if (j->G == 4 && j->D == 64) return p512_bf16_g4_d64;

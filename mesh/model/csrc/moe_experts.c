@@ -205,6 +205,16 @@ static int wide_bf16(void) {
 }
 #endif
 
+/* Whether bf16 products off the tile unit run wide in this process (1) or on VDPBF16PS (0): also the
+ * attention kernels' choice. */
+int mesh_bf16_wide(void) {
+#ifdef MESH_MOE_AVX512
+    return wide_bf16();
+#else
+    return 0;
+#endif
+}
+
 /* -1: decide by measuring (the default), 0: VDPBF16PS, 1: the wide float32 kernels (see above). Returns
  * the mode bf16 products will run in (1 wide, 0 VDPBF16PS; AMX, where it runs, comes first), or -1
  * when this build has no AVX-512 kernels. */

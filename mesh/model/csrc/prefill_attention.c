@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include "avx512_math.h"
 #define MESH_PREFILL_AVX512 1
@@ -29,6 +31,8 @@
 #include "amx.h"
 
 #define QB 16      /* query positions per work item */
+#define WIDE 2     /* `bf16` of a bf16 job run on float32 FMAs (see mesh_bf16_wide in moe_experts.c) */
+int mesh_bf16_wide(void);
 #define PMAX_G 64  /* query heads per KV head */
 #define PMAX_D 256 /* head_dim */
 
@@ -42,18 +46,27 @@ typedef struct {
     char *kt, *vp;         /* rearranged blocks, 16 * D elements each */
     int64_t M, Hk, G, D, N;
     float scale;
-    int bf16;
+    int bf16; /* 0 float32; 1 bf16 on VDPBF16PS; WIDE bf16 on float32 FMAs: blocks rearranged as float32 */
 } pjob_t;
 
 /* Phase 1: one (chunk, head, key block). */
 static void rearrange(const pjob_t *j, int64_t c, int64_t h, int64_t kb) {
-    const int64_t D = j->D, esz = j->bf16 ? 2 : 4, ctx = j->chunks[c * 3 + 2];
+    const int64_t D = j->D, esz = j->bf16 ? 2 : 4, ctx = j->chunks[c * 3 + 2], rsz = j->bf16 == 1 ? 2 : 4;
     const int64_t valid = ctx - kb * 16 < 16 ? ctx - kb * 16 : 16;
     const int64_t blk = j->tables[c * j->M + kb];
     const char *ks = j->k + (h * j->N + blk) * 16 * D * esz, *vs = j->v + (h * j->N + blk) * 16 * D * esz;
-    const int64_t at = (j->first[c * j->Hk + h] + kb) * 16 * D * esz;
+    const int64_t at = (j->first[c * j->Hk + h] + kb) * 16 * D * rsz;
     char *kt = j->kt + at, *vp = j->vp + at;
-    if (j->bf16) {
+    if (j->bf16 == WIDE) { /* the float32 layout below, from bf16 (exact) */
+        float *o = (float *)kt;
+        for (int64_t t = 0; t < 16; t++) {
+            const uint16_t *row = (const uint16_t *)(ks + t * D * 2);
+            for (int64_t d = 0; d < D; d++) o[d * 16 + t] = t < valid ? bf(row[d]) : 0.f;
+        }
+        for (int64_t t = 0; t < 16; t++)
+            for (int64_t d = 0; d < D; d += 16)
+                _mm512_storeu_ps((float *)vp + t * D + d, t < valid ? load16f(vs + (t * D + d) * 2, 1) : _mm512_setzero_ps());
+    } else if (j->bf16) {
         /* kt: [D/2][16] int32 pairs; key t's pair p at kt[p][t] */
         uint32_t *o = (uint32_t *)kt;
         for (int64_t t = 0; t < 16; t++) {
@@ -89,7 +102,7 @@ static void rearrange(const pjob_t *j, int64_t c, int64_t h, int64_t kb) {
 static inline __attribute__((always_inline)) void pv_block(__m512 a[4][PMAX_D / 16], const __m512 *p, const char *vp,
                                                            const int RB, const int64_t C, const int bf16) {
     const int64_t D = C * 16;
-    if (bf16) {
+    if (bf16 == 1) {
 #ifdef __AVX512BF16__
         int32_t pb[4][8]; /* each row's probabilities as bf16 pairs, broadcast from memory below */
         for (int i = 0; i < RB; i++) _mm256_storeu_si256((__m256i *)pb[i], (__m256i)_mm512_cvtneps_pbh(p[i]));
@@ -110,8 +123,8 @@ static inline __attribute__((always_inline)) void pv_block(__m512 a[4][PMAX_D / 
     } else {
         /* each probability broadcast from memory (a load port) rather than permuted out of its vector
          * (the shuffle port, shared with the FMAs): 2 % faster */
-        float pf[4][16] __attribute__((aligned(64)));
-        for (int i = 0; i < RB; i++) _mm512_store_ps(pf[i], p[i]);
+        float pf[4][16] __attribute__((aligned(64))); /* wide bf16: rounded to bf16, as above */
+        for (int i = 0; i < RB; i++) _mm512_store_ps(pf[i], bf16 ? round_bf16(p[i]) : p[i]);
         for (int64_t t = 0; t < 16; t++) {
             const char *vr = vp + t * D * 4;
             __m512 pt[4];
@@ -132,13 +145,18 @@ static inline __attribute__((always_inline)) void pv_block(__m512 a[4][PMAX_D / 
 static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int64_t c, int64_t h, int64_t row,
                                                             int64_t pos, int64_t g0, const int RB, const int64_t C,
                                                             const int bf16) {
-    const int64_t D = C * 16, esz = bf16 ? 2 : 4, Hq = j->Hk * j->G, bbytes = 16 * D * esz;
+    const int64_t D = C * 16, esz = bf16 ? 2 : 4, Hq = j->Hk * j->G, bbytes = 16 * D * (bf16 == 1 ? 2 : 4);
     const int64_t base = j->first[c * j->Hk + h] * bbytes;
     const char *qr[4];
+    float qw[4][PMAX_D] __attribute__((aligned(64))); /* wide bf16: the query rows as float32 */
     __m512 a[4][PMAX_D / 16], s0[4], s1[4], lv[4]; /* lv: softmax denominators, 16 partial sums each */
     float m[4];
     for (int i = 0; i < RB; i++) {
         qr[i] = j->q + (row * Hq + h * j->G + g0 + i) * D * esz;
+        if (bf16 == WIDE) {
+            for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(qw[i] + d, load16f(qr[i] + d * 2, 1));
+            qr[i] = (const char *)qw[i];
+        }
         for (int64_t cc = 0; cc < C; cc++) a[i][cc] = _mm512_setzero_ps();
         m[i] = -INFINITY;
         lv[i] = _mm512_setzero_ps();
@@ -152,7 +170,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
         const __mmask16 valid0 = two ? (__mmask16)0xffff : last;
         const __mmask16 valid1 = !two ? (__mmask16)0 : kb + 2 < nkb ? (__mmask16)0xffff : last;
         for (int i = 0; i < RB; i++) s0[i] = s1[i] = _mm512_setzero_ps();
-        if (bf16) {
+        if (bf16 == 1) {
 #ifdef __AVX512BF16__ /* (bf16 items are never run without it: mesh_prefill_attention declines) */
             for (int64_t p = 0; p < D / 2; p++) {
                 const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt0 + p * 64);
@@ -208,7 +226,11 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
     for (int i = 0; i < RB; i++) {
         const float l = _mm512_reduce_add_ps(lv[i]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        store_acc_row(a[i], inv, j->out + (row * Hq + h * j->G + g0 + i) * D * esz, bf16, C);
+        char *o = j->out + (row * Hq + h * j->G + g0 + i) * D * esz;
+        if (bf16 == WIDE) /* accumulators in order (float32 layout), rounded to bf16 */
+            for (int64_t cc = 0; cc < C; cc++) store16(o + cc * 32, _mm512_mul_ps(a[i][cc], _mm512_set1_ps(inv)), 1);
+        else
+            store_acc_row(a[i], inv, o, bf16, C);
     }
 }
 
@@ -369,6 +391,9 @@ static void item_amx(const pjob_t *j, int64_t c, int64_t h, int64_t qb) {
 static void item_bf16_d64(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 4, 4, 1); }
 static void item_bf16_d128(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 2, 8, 1); }
 static void item_bf16(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 1, j->D / 16, 1); }
+static void item_wide_d64(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 4, 4, WIDE); }
+static void item_wide_d128(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 2, 8, WIDE); }
+static void item_wide(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 1, j->D / 16, WIDE); }
 static void item_f32_d64(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 4, 4, 0); }
 static void item_f32_d128(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 2, 8, 0); }
 static void item_f32(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 1, j->D / 16, 0); }
@@ -406,7 +431,13 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
         blocks += nb * Hk;
         items += (n + QB - 1) / QB * Hk;
     }
-    const size_t block_bytes = (size_t)16 * D * (bf16 ? 2 : 4);
+#ifdef MESH_AMX
+    const int amx = bf16 && mesh_amx_ready();
+#else
+    const int amx = 0;
+#endif
+    const int mode = bf16 && !amx && mesh_bf16_wide() ? WIDE : bf16;
+    const size_t block_bytes = (size_t)16 * D * (mode == 1 ? 2 : 4); /* rearranged blocks */
     char *kt = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
     char *vp = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
     /* work items, the longest first (a query block's cost grows with its position) */
@@ -423,15 +454,12 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
                 it++;
             }
     const pjob_t j = {(const char *)q, (const char *)k, (const char *)v, (char *)out, chunks, tables, first, kt, vp,
-                      M, Hk, G, D, N, scale, bf16};
-    void (*item)(const pjob_t *, int64_t, int64_t, int64_t) = bf16 ? item_bf16 : item_f32;
-    if (D == 64) item = bf16 ? item_bf16_d64 : item_f32_d64;
-    else if (D == 128) item = bf16 ? item_bf16_d128 : item_f32_d128;
+                      M, Hk, G, D, N, scale, mode};
+    void (*item)(const pjob_t *, int64_t, int64_t, int64_t) = mode == WIDE ? item_wide : mode ? item_bf16 : item_f32;
+    if (D == 64) item = mode == WIDE ? item_wide_d64 : mode ? item_bf16_d64 : item_f32_d64;
+    else if (D == 128) item = mode == WIDE ? item_wide_d128 : mode ? item_bf16_d128 : item_f32_d128;
 #ifdef MESH_AMX
-    const int amx = bf16 && mesh_amx_ready();
     if (amx) item = item_amx;
-#else
-    const int amx = 0;
 #endif
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
