@@ -38,8 +38,10 @@ def hardware() -> dict:
                 break
     except OSError:
         pass
+    from mesh.model import native
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "bf16_products": native.bf16_products()}  # amx, wide, vdpbf16ps or None (torch ops)
 
 
 def sync() -> None:
