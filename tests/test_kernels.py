@@ -279,6 +279,25 @@ def test_native_decode_threads_give_identical_results(wide, monkeypatch):
     assert torch.equal(native.decode_attention(q, k, v, table, lens, 0.125), one)
 
 
+def test_bf16_wide_setting_is_read_and_a_bad_value_warns(monkeypatch, caplog):
+    """MESH_NATIVE_BF16_WIDE picks how bf16 products run off the AMX tiles: 1 wide, 0 VDPBF16PS, auto
+    (or unset) measured; anything else is named in a warning and measured like auto."""
+    _need_native()
+    if not native._avx512(bf16=True):
+        pytest.fail("this test needs AVX-512 BF16")
+    native_env(monkeypatch, "MESH_NATIVE_AMX", "0")
+    for value, want in (("1", "wide"), ("0", "vdpbf16ps")):
+        native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", value)
+        assert native.bf16_products() == want
+    native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", None)
+    measured = native.bf16_products()
+    assert measured in ("wide", "vdpbf16ps")
+    with caplog.at_level("WARNING"):
+        native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", "sometimes")
+        assert native.bf16_products() == measured
+    assert "MESH_NATIVE_BF16_WIDE='sometimes'" in caplog.text
+
+
 def test_native_kernels_share_torchs_openmp_pool(monkeypatch):
     """Where torch runs on GNU OpenMP (libgomp.so.1, the Linux wheels), the kernel is built against
     that runtime and uses torch's thread count; MESH_NATIVE_THREADS overrides it."""

@@ -89,7 +89,8 @@ def _apply_bf16_wide(lib: ctypes.CDLL) -> int:
     value = os.environ.get("MESH_NATIVE_BF16_WIDE", "auto").strip().lower()
     modes = {"auto": -1, "": -1, "1": 1, "0": 0}
     if value not in modes:
-        raise ValueError(f"MESH_NATIVE_BF16_WIDE must be auto, 1 or 0, not {value!r}")
+        log.warning("MESH_NATIVE_BF16_WIDE=%r is not auto, 1 or 0: using auto", value)
+        value = "auto"
     return int(lib.mesh_set_bf16_wide(modes[value]))
 
 

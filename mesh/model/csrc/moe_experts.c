@@ -744,7 +744,7 @@ static inline void widen_row(const uint16_t *src, float *dst, int64_t n) {
 #endif
 
 /* x [N, H] rows sorted by slot, offsets [S + 1] (slot s owns rows offsets[s] .. offsets[s+1]),
- * gu packed [S, 2I/16, ...], dn packed [S, H/16, ...], h [N, I] scratch, out [N, H].
+ * gu packed [S, 2I/16, ...], dn packed [S, H/16, ...], h [N, I] scratch (unused in the wide bf16 mode), out [N, H].
  * Returns 0, or -1 when this build or these sizes are not supported (the caller runs torch ops):
  * needs AVX-512 (and AVX512-BF16 for bfloat16), H a multiple of 32, I a multiple of 16. */
 int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, const void *dn, void *h, void *out,
@@ -785,7 +785,8 @@ int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, cons
  *   hidden [T, H], ids [T, K] int64 (slots), weights [T, K] (float32 when weights_f32, else the model
  *   dtype) -> out [T, H] (model dtype) = sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]),
  * the sum accumulated in float32 and rounded once (as the torch combine does). The rows each slot
- * computed are added to counts [S] (the caller's load counters). Scratch: h [T*K, I] and y [T*K, H] in the model dtype.
+ * computed are added to counts [S] (the caller's load counters). Scratch: h [T*K, I] and y [T*K, H] in the model dtype
+ * (h unused in the wide bf16 mode, which keeps float32 copies of x and h per thread instead).
  * Returns 0; -1 unsupported (nothing written); -2 an id outside [0, S); -4 out of memory. */
 int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void *weights, int weights_f32,
                    int64_t K, const void *gu, const void *dn, int64_t S, int64_t H, int64_t I, int bf16,
