@@ -39,6 +39,10 @@
 #define PF 64 /* bf16 pairs (128 B each) prefetched ahead, 8 KiB. Measured per b64 layer, weights from memory: 16 -> 0.58,
                 * 32 -> 0.46 ms with items handed out one at a time; with contiguous per-thread ranges 32 -> 0.33,
                 * 64 -> 0.31, 128 -> 0.31 */
+#define FAR 256 /* input steps (128 B of weights each) prefetched ahead into L2 as well, 32 KiB, by the row-pointer
+                 * micro-kernel (decode sizes, weights streamed from memory): more misses in flight than the L1
+                 * prefetches alone allow. Experts at 64 tokens, weights from memory (Xeon): float32 17.7 ->
+                 * 20.2 GB/s, bf16 12.7 -> 13.3 (16 KiB ahead: the same); a b64 decode step float32 4 % faster */
 #define MR 12 /* rows per micro-kernel call: 24 accumulators of the 32 vector registers */
 
 /* AMX (Intel's tile matrix unit, Sapphire Rapids and later): where the build targets it, bfloat16
@@ -242,6 +246,8 @@ static inline __attribute__((always_inline)) void ukernel(const char *const *x, 
         for (int64_t p = 0; p < K / 2; p++) {
             _mm_prefetch(w0 + (p + PF) * 128, _MM_HINT_T0);
             _mm_prefetch(w1 + (p + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w0 + (p + FAR) * 128, _MM_HINT_T1);
+            _mm_prefetch(w1 + (p + FAR) * 128, _MM_HINT_T1);
             __m512 b0e, b0o, b1e, b1o;
             widen_pairs(w0 + p * 128, &b0e, &b0o);
             widen_pairs(w1 + p * 128, &b1e, &b1o);
@@ -257,6 +263,8 @@ static inline __attribute__((always_inline)) void ukernel(const char *const *x, 
         for (int64_t p = 0; p < K / 2; p++) {
             _mm_prefetch(w0 + (p + PF) * 128, _MM_HINT_T0);
             _mm_prefetch(w1 + (p + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w0 + (p + FAR) * 128, _MM_HINT_T1);
+            _mm_prefetch(w1 + (p + FAR) * 128, _MM_HINT_T1);
             const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + p * 128);
             const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 128);
             for (int i = 0; i < M; i++) {
@@ -272,6 +280,8 @@ static inline __attribute__((always_inline)) void ukernel(const char *const *x, 
         for (int64_t k = 0; k < K; k++) {
             _mm_prefetch(w0 + (k + PF) * 128, _MM_HINT_T0);
             _mm_prefetch(w1 + (k + PF) * 128, _MM_HINT_T0);
+            _mm_prefetch(w0 + (k + FAR) * 128, _MM_HINT_T1);
+            _mm_prefetch(w1 + (k + FAR) * 128, _MM_HINT_T1);
             const __m512 b0 = _mm512_loadu_ps(w0 + k * 128), b1 = _mm512_loadu_ps(w1 + k * 128);
             for (int i = 0; i < M; i++) {
                 float xv;
