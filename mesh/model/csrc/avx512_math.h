@@ -5,6 +5,17 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+/* The kernels' `bf16` argument for a bfloat16 job whose products run as float32 FMAs on operands
+ * widened from bf16 (see mesh_bf16_wide in moe_experts.c); 1 is VDPBF16PS, 0 float32. */
+#define MESH_WIDE 2
+
+/* 16 bf16 pairs (32 values, as a 64-byte vector) -> the 16 even-indexed values and the 16 odd-indexed
+ * ones as float32, exactly: a shift and a mask. */
+static inline void split_bf16_pairs(__m512i v, __m512 *even, __m512 *odd) {
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
 /* float32 -> bf16 (round to nearest even) -> float32: what storing a bf16 tensor does to a value. */
 static inline __m512 round_bf16(__m512 v) {
 #ifdef __AVX512BF16__
@@ -52,10 +63,10 @@ static inline __m512 exp_nonpos16(__m512 x) {
  * the output dtype. bf16 P.V accumulators, built from value rows interleaved into pairs by
  * VPUNPCK{L,H}WD (which work within 128-bit lanes), hold the c-th 32 values of a row out of order:
  * accumulator 2c lane 4k+i holds d = 32c + 8k + i, accumulator 2c+1 holds d = 32c + 8k + 4 + i.
- * These indices put them back in order. */
+ * These indices put them back in order. float32 and MESH_WIDE accumulators are in order. */
 static inline void store_acc_row(const __m512 *acc, float inv, void *out, const int bf16, const int64_t C) {
-    if (!bf16) {
-        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps((float *)out + c * 16, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+    if (bf16 != 1) {
+        for (int64_t c = 0; c < C; c++) store16((char *)out + c * 16 * (bf16 ? 2 : 4), _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)), bf16);
         return;
     }
 #ifdef __AVX512BF16__ /* bf16 kernels run only where the CPU has it */

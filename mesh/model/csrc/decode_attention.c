@@ -287,9 +287,9 @@ static void pair_bs16(const job_t *j, work16_t *w, int64_t b, int64_t h) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include "avx512_math.h"
 #define MESH_AVX512 1
-#define WIDE 2 /* `bf16` of a bf16 job run on float32 FMAs (see mesh_bf16_wide in moe_experts.c): the
-                * block's keys widened once into float32 (bf16 pairs split by a shift and a mask, the
-                * queries split the same way, so dot products pair up), value rows widened as loaded */
+#define WIDE MESH_WIDE /* a bf16 job on float32 FMAs (see mesh_bf16_wide in moe_experts.c): the block's keys
+                        * widened once into float32 (bf16 pairs split into even and odd elements, the
+                        * queries split the same way, so dot products pair up), value rows widened as loaded */
 int mesh_bf16_wide(void);
 
 typedef struct {
@@ -396,9 +396,10 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
         if (bf16 == WIDE) {
             for (int t = 0; t < 16; t++)
                 for (int64_t c = 0; c < C / 2; c++) {
-                    const __m512i v = _mm512_loadu_si512(kblk + t * rowbytes + c * 64);
-                    _mm512_store_si512(kw + t * D + 32 * c, _mm512_slli_epi32(v, 16));
-                    _mm512_store_si512(kw + t * D + 32 * c + 16, _mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+                    __m512 e, o;
+                    split_bf16_pairs(_mm512_loadu_si512(kblk + t * rowbytes + c * 64), &e, &o);
+                    _mm512_store_ps(kw + t * D + 32 * c, e);
+                    _mm512_store_ps(kw + t * D + 32 * c + 16, o);
                 }
             kblk = (const char *)kw;
             krow = D * 4;
@@ -469,11 +470,7 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
     }
     for (int r = 0; r < RB; r++) {
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        char *o = (char *)j->out + ((b * j->Hk + h) * G + g0 + r) * rowbytes;
-        if (bf16 == WIDE) /* accumulators in order, rounded to bf16 */
-            for (int64_t c = 0; c < C; c++) store16(o + c * 32, _mm512_mul_ps(a[r][c], _mm512_set1_ps(inv)), 1);
-        else
-            store_acc_row(a[r], inv, o, bf16, C);
+        store_acc_row(a[r], inv, (char *)j->out + ((b * j->Hk + h) * G + g0 + r) * rowbytes, bf16, C);
     }
 }
 
@@ -483,11 +480,7 @@ static inline __attribute__((always_inline)) void pair512_body(const job_t *j, w
     for (int64_t g = 0; g < G; g++) {
         const char *qrow = (const char *)j->q + ((b * j->Hk + h) * G + g) * rowbytes;
         if (bf16 == WIDE) /* split like the keys: even elements of each 32, then odd ones */
-            for (int64_t c = 0; c < C / 2; c++) {
-                const __m512i v = _mm512_loadu_si512(qrow + c * 64);
-                w->qf[g][2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                w->qf[g][2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
-            }
+            for (int64_t c = 0; c < C / 2; c++) split_bf16_pairs(_mm512_loadu_si512(qrow + c * 64), &w->qf[g][2 * c], &w->qf[g][2 * c + 1]);
         else if (bf16)
             for (int64_t c = 0; c < C / 2; c++) w->qh[g][c] = _mm512_loadu_si512(qrow + c * 64);
         else

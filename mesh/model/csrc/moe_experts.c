@@ -143,12 +143,10 @@ int mesh_set_amx(int on) {
  * bf16 values is exact in float32 and the sums are float32 either way: the results differ from
  * VDPBF16PS's only in summation order. Weights stay bf16 in memory (decode stays memory-bound on
  * them). Which way runs: mesh_set_bf16_wide (-1: measure once which multiplies faster). */
-#define WIDE 2 /* the micro-kernels' `bf16` argument for that mode */
+#define WIDE MESH_WIDE /* the micro-kernels' `bf16` argument for that mode */
 
 static inline __attribute__((always_inline)) void widen_pairs(const char *w, __m512 *even, __m512 *odd) {
-    const __m512i v = _mm512_loadu_si512(w);
-    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+    split_bf16_pairs(_mm512_loadu_si512(w), even, odd);
 }
 
 static int bf16_wide = -1; /* -1: not decided yet; 0: VDPBF16PS; 1: wide */

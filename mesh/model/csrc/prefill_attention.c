@@ -27,12 +27,12 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include "avx512_math.h"
 #define MESH_PREFILL_AVX512 1
+#define WIDE MESH_WIDE /* a bf16 job on float32 FMAs: blocks rearranged as float32 (see mesh_bf16_wide) */
+int mesh_bf16_wide(void);
 #endif
 #include "amx.h"
 
 #define QB 16      /* query positions per work item */
-#define WIDE 2     /* `bf16` of a bf16 job run on float32 FMAs (see mesh_bf16_wide in moe_experts.c) */
-int mesh_bf16_wide(void);
 #define PMAX_G 64  /* query heads per KV head */
 #define PMAX_D 256 /* head_dim */
 
@@ -226,11 +226,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
     for (int i = 0; i < RB; i++) {
         const float l = _mm512_reduce_add_ps(lv[i]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        char *o = j->out + (row * Hq + h * j->G + g0 + i) * D * esz;
-        if (bf16 == WIDE) /* accumulators in order (float32 layout), rounded to bf16 */
-            for (int64_t cc = 0; cc < C; cc++) store16(o + cc * 32, _mm512_mul_ps(a[i][cc], _mm512_set1_ps(inv)), 1);
-        else
-            store_acc_row(a[i], inv, o, bf16, C);
+        store_acc_row(a[i], inv, j->out + (row * Hq + h * j->G + g0 + i) * D * esz, bf16, C);
     }
 }
 
