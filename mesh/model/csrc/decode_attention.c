@@ -495,39 +495,35 @@ static inline __attribute__((always_inline)) void pair512_body(const job_t *j, w
     for (; g < G; g++) group512(j, w, b, h, g, 1, G, C, bf16);
 }
 
-static void p512_bf16_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 4, 1); }
-static void p512_bf16_g4_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 8, 1); }
-static void p512_bf16_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 8, 8, 1); }
-static void p512_bf16(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, j->G, j->D / 16, 1); }
-static void p512_wide_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 4, WIDE); }
-static void p512_wide_g4_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 8, WIDE); }
-static void p512_wide_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 8, 8, WIDE); }
-static void p512_wide(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, j->G, j->D / 16, WIDE); }
-static void p512_f32_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 4, 4, 0); }
-static void p512_f32_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, 8, 8, 0); }
-static void p512_f32(const job_t *j, work512_t *w, int64_t b, int64_t h) { pair512_body(j, w, b, h, j->G, j->D / 16, 0); }
+/* Per mode, the supported models' shapes as compile-time constants (G x head_dim 4 x 64, 4 x 128,
+ * 8 x 128) and one generic instantiation. */
+#define P512_SET(name, mode)                                                                                     \
+    static void p512_##name##_g4_d64(const job_t *j, work512_t *w, int64_t b, int64_t h) {                       \
+        pair512_body(j, w, b, h, 4, 4, mode);                                                                    \
+    }                                                                                                            \
+    static void p512_##name##_g4_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) {                      \
+        pair512_body(j, w, b, h, 4, 8, mode);                                                                    \
+    }                                                                                                            \
+    static void p512_##name##_g8_d128(const job_t *j, work512_t *w, int64_t b, int64_t h) {                      \
+        pair512_body(j, w, b, h, 8, 8, mode);                                                                    \
+    }                                                                                                            \
+    static void p512_##name(const job_t *j, work512_t *w, int64_t b, int64_t h) {                                \
+        pair512_body(j, w, b, h, j->G, j->D / 16, mode);                                                         \
+    }
+P512_SET(f32, 0)
+P512_SET(bf16, 1)
+P512_SET(wide, WIDE)
 
 typedef void (*pair512_fn)(const job_t *, work512_t *, int64_t, int64_t);
 static pair512_fn pick512(const job_t *j) {
-    if (j->bs != 16) return NULL;
-    if (j->bf16 && mesh_bf16_wide()) {
-        if (j->D % 32) return NULL;
-        if (j->G == 4 && j->D == 64) return p512_wide_g4_d64;
-        if (j->G == 4 && j->D == 128) return p512_wide_g4_d128;
-        if (j->G == 8 && j->D == 128) return p512_wide_g8_d128;
-        return p512_wide;
-    }
-    if (j->bf16) {
-        if (j->D % 32) return NULL;
-        if (j->G == 4 && j->D == 64) return p512_bf16_g4_d64;
-        if (j->G == 4 && j->D == 128) return p512_bf16_g4_d128;
-        if (j->G == 8 && j->D == 128) return p512_bf16_g8_d128;
-        return p512_bf16;
-    }
-    if (j->D % 16) return NULL;
-    if (j->G == 4 && j->D == 64) return p512_f32_g4_d64;
-    if (j->G == 8 && j->D == 128) return p512_f32_g8_d128;
-    return p512_f32;
+    static const pair512_fn fns[WIDE + 1][4] = {
+        {p512_f32_g4_d64, p512_f32_g4_d128, p512_f32_g8_d128, p512_f32},
+        {p512_bf16_g4_d64, p512_bf16_g4_d128, p512_bf16_g8_d128, p512_bf16},
+        {p512_wide_g4_d64, p512_wide_g4_d128, p512_wide_g8_d128, p512_wide}};
+    if (j->bs != 16 || j->D % (j->bf16 ? 32 : 16)) return NULL;
+    const int mode = j->bf16 ? (mesh_bf16_wide() ? WIDE : 1) : 0;
+    const int shape = j->G == 4 && j->D == 64 ? 0 : j->G == 4 && j->D == 128 ? 1 : j->G == 8 && j->D == 128 ? 2 : 3;
+    return fns[mode][shape];
 }
 #endif
 

@@ -222,10 +222,7 @@ int mesh_bf16_wide(void) {
  * when this build has no AVX-512 kernels. */
 int mesh_set_bf16_wide(int mode) {
 #ifdef MESH_MOE_AVX512
-#ifndef __AVX512BF16__
-    mode = 1;
-#endif
-    if (mode != bf16_wide_asked) bf16_wide = -1;
+    if (mode != bf16_wide_asked) bf16_wide = -1; /* (without AVX512-BF16, wide_bf16 says wide whatever asked) */
     bf16_wide_asked = mode;
     return wide_bf16();
 #else
@@ -314,6 +311,7 @@ static const uk_fn UK_BF16[MR + 1] = {NULL, uk_bf16_1, uk_bf16_2, uk_bf16_3, uk_
                                       uk_bf16_7, uk_bf16_8, uk_bf16_9, uk_bf16_10, uk_bf16_11, uk_bf16_12};
 static const uk_fn UK_WIDE[MR + 1] = {NULL, uk_wide_1, uk_wide_2, uk_wide_3, uk_wide_4, uk_wide_5, uk_wide_6,
                                       uk_wide_7, uk_wide_8, uk_wide_9, uk_wide_10, uk_wide_11, uk_wide_12};
+static const uk_fn *const UK[WIDE + 1] = {UK_F32, UK_BF16, UK_WIDE}; /* by the jobs' `bf16` mode */
 
 /* The same product with the rows' inputs packed into a panel: element (unit p, row i) at a[p * MR + i]
  * (4 bytes: a bf16 pair or a float32), so the broadcasts read one sequential stream instead of M rows
@@ -392,6 +390,7 @@ static const ukp_fn UKP_BF16[MR + 1] = {NULL, ukp_bf16_1, ukp_bf16_2, ukp_bf16_3
 static const ukp_fn UKP_WIDE[MR + 1] = {NULL, ukp_wide_1, ukp_wide_2, ukp_wide_3, ukp_wide_4, ukp_wide_5,
                                         ukp_wide_6, ukp_wide_7, ukp_wide_8, ukp_wide_9, ukp_wide_10, ukp_wide_11,
                                         ukp_wide_12};
+static const ukp_fn *const UKP[WIDE + 1] = {UKP_F32, UKP_BF16, UKP_WIDE};
 
 /* m rows (pointers) of `units` 4-byte elements -> panels of MR rows: [chunk][unit][MR]. */
 static void pack_rows(const char *const *rows, int64_t m, int64_t units, int32_t *panel) {
@@ -473,7 +472,7 @@ static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
     const int64_t tile = H * 16 * esz; /* bytes of one 16-feature tile */
     const char *w0 = jb->gu + (s * (2 * I / 16) + 2 * j) * tile, *w1 = w0 + 64;
-    const uk_fn *uk = jb->bf16 == WIDE ? UK_WIDE : jb->bf16 ? UK_BF16 : UK_F32;
+    const uk_fn *uk = UK[jb->bf16];
     float c[MR * 32];
     const int64_t step = chunk_rows(r1 - r0);
     for (int64_t r = r0; r < r1; r += step) {
@@ -490,7 +489,7 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
     const int64_t tile = I * 16 * esz;
     const char *w0 = jb->dn + (s * (H / 16) + 2 * j) * tile, *w1 = w0 + 64;
-    const uk_fn *uk = jb->bf16 == WIDE ? UK_WIDE : jb->bf16 ? UK_BF16 : UK_F32;
+    const uk_fn *uk = UK[jb->bf16];
     float c[MR * 32];
     const int64_t step = chunk_rows(r1 - r0);
     for (int64_t r = r0; r < r1; r += step) {
@@ -548,7 +547,7 @@ static void amx_block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r
  * barrier) are packed and reused across all H/32 down tiles. `panel`: RB * max(H, I) elements. */
 static void block_item(const moe_job_t *jb, int64_t s, int64_t r0, int64_t r1, int32_t *panel) {
     const int64_t H = jb->H, I = jb->I, esz = jb->esz, xsz = jb->xsz, m = r1 - r0;
-    const ukp_fn *uk = jb->bf16 == WIDE ? UKP_WIDE : jb->bf16 ? UKP_BF16 : UKP_F32;
+    const ukp_fn *uk = UKP[jb->bf16];
     const char *rows[RB];
     float c[MR * 32];
     for (int64_t i = 0; i < m; i++) rows[i] = jb->x + (jb->src ? jb->src[r0 + i] : r0 + i) * H * xsz;
@@ -743,11 +742,20 @@ static float *kept_buffer(int which, int64_t floats) {
     return (float *)k->p[which];
 }
 
-/* n bf16 values -> float32 (exact). */
-static inline void widen_row(const uint16_t *src, float *dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16f((const char *)(src + i), 1));
-    for (; i < n; i++) dst[i] = bf(src[i]);
+/* How a call's products run: 0 float32, 1 bf16 on VDPBF16PS or the tile unit, WIDE bf16 widened. */
+static int product_mode(int bf16, int amx) { return bf16 && !amx && wide_bf16() ? WIDE : bf16; }
+
+/* rows x n bf16 values -> float32 (exact), the rows shared out over the enclosing parallel region's
+ * threads (an orphaned `omp for`, its barrier included). */
+static void widen_rows(const uint16_t *src, float *dst, int64_t rows, int64_t n) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *s = src + r * n;
+        float *d = dst + r * n;
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, load16f((const char *)(s + i), 1));
+        for (; i < n; i++) d[i] = bf(s[i]);
+    }
 }
 #endif
 
@@ -763,7 +771,7 @@ int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, cons
         if (offsets[s + 1] < offsets[s]) return -2;
     if (nthreads < 1) nthreads = 1;
     int64_t panel_bytes;
-    const int amx = use_amx(H, I, bf16), mode = bf16 && !amx && wide_bf16() ? WIDE : bf16;
+    const int amx = use_amx(H, I, bf16), mode = product_mode(bf16, amx);
     const int64_t N = offsets[S], esz = bf16 ? 2 : 4, xsz = mode == WIDE ? 4 : esz;
     float *xf = NULL, *hf = NULL;
     if (mode == WIDE && ((xf = kept_buffer(0, N * H)) == NULL || (hf = kept_buffer(1, N * I)) == NULL)) return -4;
@@ -773,10 +781,7 @@ int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, cons
                           panels, panel_bytes, amx && panels};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        if (xf != NULL) {
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < N; r++) widen_row((const uint16_t *)x + r * H, xf + r * H, H);
-        }
+        if (xf != NULL) widen_rows((const uint16_t *)x, xf, N, H);
         run_experts(&jb);
     }
     free(panels);
@@ -827,7 +832,7 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
     }
     if (nthreads < 1) nthreads = 1;
     int64_t panel_bytes;
-    const int amx = use_amx(H, I, bf16), mode = bf16 && !amx && wide_bf16() ? WIDE : bf16;
+    const int amx = use_amx(H, I, bf16), mode = product_mode(bf16, amx);
     const int64_t xsz = mode == WIDE ? 4 : esz;
     float *xf = NULL, *hf = NULL;
     if (mode == WIDE && ((xf = kept_buffer(0, T * H)) == NULL || (hf = kept_buffer(1, N * I)) == NULL)) {
@@ -840,10 +845,7 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
                           panel_bytes, amx && panels};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        if (xf != NULL) {
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) widen_row((const uint16_t *)hidden + t * H, xf + t * H, H);
-        }
+        if (xf != NULL) widen_rows((const uint16_t *)hidden, xf, T, H);
         run_experts(&jb);
         /* combine: per token, the K weighted expert rows summed in float32, rounded once */
 #pragma omp for schedule(static)
@@ -982,19 +984,16 @@ int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64
         return 0;
     }
 #endif
-    const int wide = bf16 && wide_bf16();
+    const int mode = product_mode(bf16, 0), wide = mode == WIDE;
     const int64_t chunks = (M + MR - 1) / MR, step = chunk_rows(M), xsz = wide ? 4 : esz;
     const int64_t bc = (256 << 10) / (K * xsz * step) > 1 ? (256 << 10) / (K * xsz * step) : 1;
-    const uk_fn *uk = wide ? UK_WIDE : bf16 ? UK_BF16 : UK_F32;
+    const uk_fn *uk = UK[mode];
     float *xf = wide ? kept_buffer(0, M * K) : NULL; /* the wide mode's float32 copy of x */
     if (wide && xf == NULL) return -4;
     const char *xs = wide ? (const char *)xf : (const char *)x;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tiles * chunks > 1)
     {
-        if (wide) {
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < M; r++) widen_row((const uint16_t *)x + r * K, xf + r * K, K);
-        }
+        if (wide) widen_rows((const uint16_t *)x, xf, M, K);
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < tiles * chunks; it++) {
             int64_t j, ch;

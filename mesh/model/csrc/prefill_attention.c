@@ -451,9 +451,10 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
             }
     const pjob_t j = {(const char *)q, (const char *)k, (const char *)v, (char *)out, chunks, tables, first, kt, vp,
                       M, Hk, G, D, N, scale, mode};
-    void (*item)(const pjob_t *, int64_t, int64_t, int64_t) = mode == WIDE ? item_wide : mode ? item_bf16 : item_f32;
-    if (D == 64) item = mode == WIDE ? item_wide_d64 : mode ? item_bf16_d64 : item_f32_d64;
-    else if (D == 128) item = mode == WIDE ? item_wide_d128 : mode ? item_bf16_d128 : item_f32_d128;
+    static void (*const by_mode[WIDE + 1][3])(const pjob_t *, int64_t, int64_t, int64_t) = {
+        {item_f32_d64, item_f32_d128, item_f32}, {item_bf16_d64, item_bf16_d128, item_bf16},
+        {item_wide_d64, item_wide_d128, item_wide}}; /* by mode, then head_dim 64, 128, other */
+    void (*item)(const pjob_t *, int64_t, int64_t, int64_t) = by_mode[mode][D == 64 ? 0 : D == 128 ? 1 : 2];
 #ifdef MESH_AMX
     if (amx) item = item_amx;
 #endif
