@@ -71,9 +71,9 @@ def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, kern
     monkeypatch.setattr(moe, "_padded_experts", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(native, "moe_experts", lambda *a: native_calls.append(1) or real_native(*a))
     got = shard.forward(0, rows, counts)
-    if kernel_path == "native" and native._avx512(bf16=dtype == torch.bfloat16):
+    if kernel_path == "native" and native._vector_kernels(bf16=dtype == torch.bfloat16):
         assert native_calls and not calls
-    elif kernel_path == "native":  # a CPU without AVX-512 (BF16): the kernel is never offered the rows
+    elif kernel_path == "native":  # a CPU with neither AVX-512 (BF16) nor AVX2: the kernel is never offered the rows
         assert shard.layers[0].packed is False and not native_calls
     else:
         assert not native_calls and bool(calls) == padded
@@ -86,8 +86,8 @@ def test_native_experts_round_like_the_unfused_torch_ops(dtype, monkeypatch):
     """The kernel rounds where torch's ops round (matmul outputs, silu, the product): against the
     torch path it differs by summation order only, far below one bf16 step. Wider than the kernel's
     12-row and 32-column tiles, with empty slots, so every edge of the tiling runs."""
-    if not (native.library() is not None and native._avx512(bf16=dtype == torch.bfloat16)):
-        pytest.fail("this test needs the native expert kernel: a C compiler and AVX-512 (BF16)")
+    if not (native.library() is not None and native._vector_kernels(bf16=dtype == torch.bfloat16)):
+        pytest.fail("this test needs the native expert kernel: a C compiler and AVX-512 (BF16) or AVX2")
     g = torch.Generator().manual_seed(3)
     h, i, e = 96, 48, 5
     gate_up, down = (torch.randn(e, 2 * i, h, generator=g) * 0.2).to(dtype), (torch.randn(e, h, i, generator=g) * 0.2).to(dtype)
@@ -113,15 +113,18 @@ def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(pat
     MESH_NATIVE_BF16_WIDE=1 on float32 FMAs over operands widened from bf16. All three give torch's
     results to summation order: slots of 1, 15, 16, 17, 31, 33 and 150 rows (row blocks of 48 or, on the
     tile unit, 128, and a remainder), empty slots, one or two 16-row tile blocks, linear layers of 1-100
-    rows. Where the CPU has amx_bf16 the tile path must be the one that runs."""
+    rows. Where the CPU has amx_bf16 the tile path must be the one that runs. A CPU without AVX-512 (the
+    AVX2 build) has neither tiles nor VDPBF16PS: every setting runs wide there."""
     _need_native()
-    if not native._avx512(bf16=True):
-        pytest.fail("this test needs AVX-512 BF16")
+    if not native._vector_kernels(bf16=True):
+        pytest.fail("this test needs AVX-512 BF16 or AVX2")
     native_env(monkeypatch, "MESH_NATIVE_AMX", "1" if path == "tiles" else "0")
     native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", {"tiles": "auto", "vdpbf16ps": "0", "wide": "1"}[path])
     has_amx = "amx_bf16" in native._cpu_flags().split()
     assert native.amx() == (has_amx and path == "tiles")
-    if path == "tiles":  # without AMX: whichever of the other two measured faster here
+    if not native._avx512(bf16=True):
+        assert native.bf16_products() == "wide"
+    elif path == "tiles":  # without AMX: whichever of the other two measured faster here
         assert native.bf16_products() in (("amx",) if has_amx else ("wide", "vdpbf16ps"))
     else:
         assert native.bf16_products() == path
@@ -281,12 +284,13 @@ def test_native_decode_threads_give_identical_results(wide, monkeypatch):
 
 def test_bf16_wide_setting_is_read_and_a_bad_value_warns(monkeypatch, caplog):
     """MESH_NATIVE_BF16_WIDE picks how bf16 products run off the AMX tiles: 1 wide, 0 VDPBF16PS, auto
-    (or unset) measured; anything else is named in a warning and measured like auto."""
+    (or unset) measured; anything else is named in a warning and measured like auto. Without AVX-512 (the
+    AVX2 build) wide is the only way, whatever the setting."""
     _need_native()
-    if not native._avx512(bf16=True):
-        pytest.fail("this test needs AVX-512 BF16")
+    if not native._vector_kernels(bf16=True):
+        pytest.fail("this test needs AVX-512 BF16 or AVX2")
     native_env(monkeypatch, "MESH_NATIVE_AMX", "0")
-    for value, want in (("1", "wide"), ("0", "vdpbf16ps")):
+    for value, want in (("1", "wide"), ("0", "vdpbf16ps" if native._avx512(bf16=True) else "wide")):
         native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", value)
         assert native.bf16_products() == want
     native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", None)
@@ -350,7 +354,7 @@ def test_packed_experts_are_held_once_and_unpack_exactly(dtype, monkeypatch):
     rows = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(2)).to(dtype)
     stacked_bytes = shard.nbytes
     runs = shard.pack_native()
-    assert runs == native._avx512(bf16=dtype == torch.bfloat16)
+    assert runs == native._vector_kernels(bf16=dtype == torch.bfloat16)
     if not runs:  # no kernel for this dtype on this CPU: nothing packed, nothing dropped
         assert shard.nbytes == stacked_bytes and shard.layers[0].gate_up is not None
         return
@@ -422,8 +426,8 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
     expert-load counters; Qwen's router weights in the model dtype and Mixtral's in float32."""
     from mesh.parallel.local import LocalDispatcher
     _need_native()
-    if not native._avx512(bf16=dtype == torch.bfloat16):
-        pytest.fail("this test needs AVX-512 (BF16)")
+    if not native._vector_kernels(bf16=dtype == torch.bfloat16):
+        pytest.fail("this test needs AVX-512 (BF16) or AVX2")
     g = torch.Generator().manual_seed(9)
     t, k, h = 61, 3, H
     hidden = torch.randn(t, h, generator=g).to(dtype)
@@ -454,8 +458,8 @@ def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype,
     experts; a busy one in row blocks; linear layers of several row counts). bf16 with its products on
     VDPBF16PS and on the wide float32 kernels (AMX, where the CPU has it, comes first)."""
     _need_native()
-    if not native._avx512(bf16=dtype == torch.bfloat16):
-        pytest.fail("this test needs AVX-512 (BF16)")
+    if not native._vector_kernels(bf16=dtype == torch.bfloat16):
+        pytest.fail("this test needs AVX-512 (BF16) or AVX2")
     native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", wide)
     g = torch.Generator().manual_seed(5)
     shard = _shard(dtype)
@@ -522,7 +526,7 @@ def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, tiles, kernel_pa
     meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=chunks)
     kc, vc = kv.layer(0)
     got = paged_attention(q, torch.cat(k_new), torch.cat(v_new), kc, vc, meta, d ** -0.5).view(t, -1, d)
-    ran_native = kernel_path == "native" and native._avx512(bf16=dtype == torch.bfloat16)
+    ran_native = kernel_path == "native" and native._vector_kernels(bf16=dtype == torch.bfloat16)
     assert bool(calls) == (kernel_path == "native")
     atol = 1e-5 if dtype == torch.float32 else 3e-2
     for (past, n), (k, v, _), chunk in zip(spans, seqs, chunks):
@@ -543,8 +547,8 @@ def test_bf16_prefill_heads_do_not_see_each_others_values():
     NaN. Head 0 of a one-block chunk stays finite and equal to SDPA; head 1, whose values hold the
     infinity, is not looked at."""
     _need_native()
-    if not native._avx512(bf16=True):
-        pytest.fail("this test needs AVX-512 BF16")
+    if not native._vector_kernels(bf16=True):
+        pytest.fail("this test needs AVX-512 BF16 or AVX2")
     g = torch.Generator().manual_seed(13)
     hk, groups, d, n = 2, 2, 64, 16
     kv, seqs = _pool([n], 16, hk, d, torch.bfloat16, g)
@@ -563,8 +567,8 @@ def test_bf16_prefill_heads_do_not_see_each_others_values():
 
 def test_native_prefill_rejects_chunks_outside_their_table():
     _need_native()
-    if not native._avx512(bf16=False):
-        pytest.fail("this test needs AVX-512")
+    if not native._vector_kernels(bf16=False):
+        pytest.fail("this test needs AVX-512 or AVX2")
     k = torch.zeros(2, 4, 16, 32)
     q, out = torch.zeros(20, 8, 32), torch.zeros(20, 8, 32)
     with pytest.raises(ValueError, match="outside"):  # block 4 of a 4-block pool
@@ -590,7 +594,7 @@ def test_native_linear_matches_f_linear(dtype, m, with_bias, n):
     b = torch.randn(n, generator=g).to(dtype) if with_bias else None
     x = torch.randn(m, 64, generator=g).to(dtype)
     packed = native.pack_linear(w)
-    if not native._avx512(bf16=dtype == torch.bfloat16):  # no kernel for it here: declined at packing
+    if not native._vector_kernels(bf16=dtype == torch.bfloat16):  # no kernel for it here: declined at packing
         assert packed is None
         return
     got, want = native.linear(x, packed, b), F.linear(x, w, b)

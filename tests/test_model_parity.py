@@ -79,7 +79,7 @@ def test_lean_cpu_path_matches_the_general_path_bit_for_bit(family, dtype, hf_ch
     from mesh.model import native
     model, experts = load_model(hf_checkpoints[family], dtype, DEVICE)
     if DEVICE != "cpu" or not native.enabled() or native.library() is None \
-            or not native._avx512(bf16=dtype == torch.bfloat16):
+            or not native._vector_kernels(bf16=dtype == torch.bfloat16):
         assert model._plan is None  # no packed projections: the general path runs
         return
     assert model._plan is not None

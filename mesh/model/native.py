@@ -16,8 +16,10 @@ thread per call. `MESH_NATIVE_THREADS` sets the count either way. Built for this
 into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the sources, the flags, the
 compiler and the CPU's feature flags, so a shared home directory never serves one CPU's build to
 another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops (also
-the GPU path). The AVX-512 paths need AVX512F/BW (and AVX512-BF16 for bfloat16); elsewhere the
-portable paths or torch ops run. Where the build targets AMX (Intel Sapphire Rapids and later) and the
+the GPU path). The AVX-512 paths need AVX512F/BW (and AVX512-BF16 for bfloat16); CPUs without
+AVX-512 but with AVX2 and FMA (AMD Zen 2/3, Intel client cores) get AVX2 builds of the expert, linear
+and prefill attention kernels (bfloat16 there as float32 FMAs on operands widened from bf16);
+elsewhere the portable paths or torch ops run. Where the build targets AMX (Intel Sapphire Rapids and later) and the
 OS grants tile state, the expert and linear kernels run bfloat16 products on the tiles
 (`MESH_NATIVE_AMX=0`: not); elsewhere on VDPBF16PS, or, where that instruction issues at half the
 float32 FMA's rate (Intel Xeons without AMX), as float32 FMAs on operands widened from bf16, chosen
@@ -44,7 +46,8 @@ log = logging.getLogger("mesh.native")
 _CSRC = Path(__file__).with_name("csrc")
 _SRCS = [_CSRC / name for name in ("decode_attention.c", "prefill_attention.c", "moe_experts.c", "norms.c")]
 _CXX_SRCS = [_CSRC / "topk.cpp"]  # optional: a compiler without C++ builds the rest (routing keeps torch.topk)
-_HEADERS = [_CSRC / "avx512_math.h", _CSRC / "bf16.h", _CSRC / "amx.h"]
+_HEADERS = [_CSRC / name for name in ("avx512_math.h", "avx2_math.h", "moe_avx2.h", "prefill_avx2.h", "decode_avx2.h",
+                                       "bf16.h", "amx.h")]
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -98,7 +101,7 @@ def bf16_products() -> str | None:
     """Where the expert and linear kernels' bfloat16 products run in this process: "amx" (tile unit),
     "wide" (float32 FMAs on widened operands), "vdpbf16ps", or None (no native bf16 kernels)."""
     lib = library()
-    if lib is None or not _avx512(True):
+    if lib is None or not _vector_kernels(True):
         return None
     if _apply_amx(lib):
         return "amx"
@@ -321,13 +324,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     q [T, Hq, D], caches [Hk, N, 16, D], chunks: PrefillChunk-like (start, length, context_len,
     block_ids), `spans` their `prefill_spans` when the caller has them. Writes the chunks' rows of `out`
     [T, Hq, D] (contiguous) and returns True, or returns False when the kernel does not apply (not the
-    CPU, another dtype or block size, no AVX-512 (BF16)) and the caller runs its torch path."""
+    CPU, another dtype or block size, neither AVX-512 (BF16) nor AVX2) and the caller runs its torch path."""
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or k_cache.dtype != q.dtype:
         return False
     lib = library()
     if lib is None or not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()):
         return False
-    if not _avx512(q.dtype == torch.bfloat16):
+    if not _vector_kernels(q.dtype == torch.bfloat16):
         return False
     t, hq, d = q.shape
     hk, n, bs, _ = k_cache.shape
@@ -352,9 +355,20 @@ def _avx512(bf16: bool) -> bool:
     return "avx512f" in flags and "avx512bw" in flags and (not bf16 or "avx512_bf16" in flags)
 
 
+def _vector_kernels(bf16: bool) -> bool:
+    """Whether this CPU runs the expert, linear and prefill attention kernels for the dtype: the
+    AVX-512 build (bfloat16 with AVX512-BF16), or, on a CPU without AVX-512, the AVX2 + FMA build
+    (moe_avx2.h, prefill_avx2.h; bfloat16 as float32 FMAs on widened operands: AMD Zen 2/3, Intel
+    client cores)."""
+    flags = _cpu_flags().split()
+    if "avx512f" in flags and "avx512bw" in flags:
+        return not bf16 or "avx512_bf16" in flags
+    return "avx2" in flags and "fma" in flags
+
+
 def experts_supported(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether `moe_experts` runs these weights ([S, 2I, H], [S, H, I]) here: on the CPU, float32 or
-    bfloat16, H a multiple of 32 and I of 16, a CPU with AVX-512 (and AVX512-BF16 for bfloat16)."""
+    bfloat16, H a multiple of 32 and I of 16, a CPU with AVX-512 (and AVX512-BF16 for bfloat16) or AVX2."""
     if gate_up.device.type != "cpu" or gate_up.dtype not in (torch.float32, torch.bfloat16):
         return False
     if down.dtype != gate_up.dtype or gate_up.dim() != 3 or down.dim() != 3:
@@ -362,7 +376,7 @@ def experts_supported(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     _, two_i, h = gate_up.shape
     if h % 32 or two_i % 32 or down.shape[1:] != (h, two_i // 2):
         return False
-    return _avx512(gate_up.dtype == torch.bfloat16) and library() is not None
+    return _vector_kernels(gate_up.dtype == torch.bfloat16) and library() is not None
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -528,11 +542,11 @@ class PackedLinear:
 
 def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
     """A linear layer's weight [N, K] packed for `linear`, or None where the kernel does not run it
-    (not the CPU, another dtype, N not a multiple of 16, K odd, no AVX-512 (BF16), no build)."""
+    (not the CPU, another dtype, N not a multiple of 16, K odd, neither AVX-512 (BF16) nor AVX2, no build)."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2:
         return None
     n, k = weight.shape
-    if n % 16 or k % 2 or not _avx512(weight.dtype == torch.bfloat16) or library() is None:
+    if n % 16 or k % 2 or not _vector_kernels(weight.dtype == torch.bfloat16) or library() is None:
         return None
     return PackedLinear(weight)
 

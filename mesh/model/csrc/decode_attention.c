@@ -525,11 +525,15 @@ static pair512_fn pick512(const job_t *j) {
     const int shape = j->G == 4 && j->D == 64 ? 0 : j->G == 4 && j->D == 128 ? 1 : j->G == 8 && j->D == 128 ? 2 : 3;
     return fns[mode][shape];
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "avx2_math.h"
+#define MESH_DECODE_AVX2 1
+#include "decode_avx2.h"
 #endif
 
 /* Which pair routine (and workspace) a job runs. */
 typedef struct {
-    int kind; /* 0: block_size-16 vector path, 1: generic, 2: AVX-512 */
+    int kind; /* 0: block_size-16 vector path, 1: generic, 2: AVX-512, 3: AVX2 */
     void (*p16)(const job_t *, work16_t *, int64_t, int64_t);
     void (*pany)(const job_t *, work_t *, int64_t, int64_t);
 #ifdef MESH_AVX512
@@ -545,6 +549,13 @@ static plan_t plan_for(const job_t *j) {
     if (p.p512 != NULL) {
         p.kind = 2;
         p.size = sizeof(work512_t);
+        return p;
+    }
+#endif
+#ifdef MESH_DECODE_AVX2
+    if (j->bs == 16 && j->D % 32 == 0) {
+        p.kind = 3;
+        p.size = sizeof(work2_t);
         return p;
     }
 #endif
@@ -571,6 +582,12 @@ static void do_item(const plan_t *p, const job_t *j, void *w, int64_t it) {
         return;
     }
 #endif
+#ifdef MESH_DECODE_AVX2
+    if (p->kind == 3) {
+        pair_avx2(j, (work2_t *)w, b, h);
+        return;
+    }
+#endif
     if (p->kind == 0) p->p16(j, (work16_t *)w, b, h);
     else p->pany(j, (work_t *)w, b, h);
 }
@@ -578,10 +595,10 @@ static void do_item(const plan_t *p, const job_t *j, void *w, int64_t it) {
 /* Workspaces, one per thread and routine kind, kept across calls (the engine's thread and OpenMP's
  * pool threads live as long as the process) and freed when their thread exits; threads started for
  * one call (the pthread build) allocate theirs and free it. */
-static pthread_key_t kept_key[3];
+static pthread_key_t kept_key[4];
 static pthread_once_t kept_once = PTHREAD_ONCE_INIT;
 static void make_keys(void) {
-    for (int i = 0; i < 3; i++) pthread_key_create(&kept_key[i], free);
+    for (int i = 0; i < 4; i++) pthread_key_create(&kept_key[i], free);
 }
 
 static void *workspace(size_t size, int kept, int which) {

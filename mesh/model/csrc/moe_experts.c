@@ -30,6 +30,13 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include "avx512_math.h"
 #define MESH_MOE_AVX512 1
+#define MESH_MOE_SIMD 1
+#define MR 12 /* rows per micro-kernel call: 24 accumulators of the 32 vector registers */
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "avx2_math.h" /* the kernels themselves: moe_avx2.h, included below */
+#define MESH_MOE_AVX2 1
+#define MESH_MOE_SIMD 1
+#define MR 6 /* rows per micro-kernel call: 12 accumulators of the 16 vector registers */
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -43,7 +50,29 @@
                  * micro-kernel (decode sizes, weights streamed from memory): more misses in flight than the L1
                  * prefetches alone allow. Experts at 64 tokens, weights from memory (Xeon): float32 17.7 ->
                  * 20.2 GB/s, bf16 12.7 -> 13.3 (16 KiB ahead: the same); a b64 decode step float32 4 % faster */
-#define MR 12 /* rows per micro-kernel call: 24 accumulators of the 32 vector registers */
+
+/* One expert job (mesh_moe_experts, mesh_moe_local), as the work items see it. */
+typedef struct {
+    const char *x, *gu, *dn;
+    char *h, *out;
+    const int64_t *offsets;
+    const int64_t *src; /* row r of the sorted order is row src[r] of x; NULL: row r */
+    int64_t S, H, I, esz; /* esz: bytes per element of the weights and of out */
+    int64_t xsz;          /* bytes per element of x and h: 4 in the wide mode (float32 copies), else esz */
+    int bf16;             /* 1 bf16 (VDPBF16PS), WIDE bf16 weights with float32 x and h, 0 float32 */
+    char *panels; /* per thread, panel_bytes each, for row-block items and AMX inputs (NULL: none needed) */
+    int64_t panel_bytes;
+    int amx; /* bf16 products on the tile unit (MESH_AMX builds; the panels are then always there) */
+} moe_job_t;
+
+#ifdef MESH_MOE_SIMD
+/* Rows per micro-kernel call when n rows are cut into the fewest chunks of at most MR: as equal as
+ * possible (16 = 8 + 8, not 12 + 4; 64 = 6 x 11 - 2), so no call runs on a few rows alone. */
+static inline int64_t chunk_rows(int64_t n) {
+    const int64_t chunks = (n + MR - 1) / MR;
+    return chunks ? (n + chunks - 1) / chunks : MR;
+}
+#endif
 
 /* AMX (Intel's tile matrix unit, Sapphire Rapids and later): where the build targets it, bfloat16
  * products of the expert and linear kernels run as tile products (TDPBF16PS: 16 rows x 16 outputs x 32
@@ -205,12 +234,14 @@ static int wide_bf16(void) {
     }
     return bf16_wide;
 }
+#elif defined(MESH_MOE_AVX2)
+#include "moe_avx2.h" /* AVX2 micro-kernels and epilogues; wide_bf16() there always says wide */
 #endif
 
 /* Whether bf16 products off the tile unit run wide in this process (1) or on VDPBF16PS (0): also the
  * attention kernels' choice. */
 int mesh_bf16_wide(void) {
-#ifdef MESH_MOE_AVX512
+#ifdef MESH_MOE_SIMD
     return wide_bf16();
 #else
     return 0;
@@ -219,11 +250,14 @@ int mesh_bf16_wide(void) {
 
 /* -1: decide by measuring (the default), 0: VDPBF16PS, 1: the wide float32 kernels (see above). Returns
  * the mode bf16 products will run in (1 wide, 0 VDPBF16PS; AMX, where it runs, comes first), or -1
- * when this build has no AVX-512 kernels. */
+ * when this build has no vector kernels. The AVX2 build runs bf16 wide whatever is asked. */
 int mesh_set_bf16_wide(int mode) {
 #ifdef MESH_MOE_AVX512
     if (mode != bf16_wide_asked) bf16_wide = -1; /* (without AVX512-BF16, wide_bf16 says wide whatever asked) */
     bf16_wide_asked = mode;
+    return wide_bf16();
+#elif defined(MESH_MOE_AVX2)
+    (void)mode;
     return wide_bf16();
 #else
     (void)mode;
@@ -424,26 +458,6 @@ static inline __m512 silu16(__m512 g) {
     return _mm512_mul_ps(g, _mm512_mask_mul_ps(inv, neg, inv, e)); /* g<0: e/(1+e) */
 }
 
-typedef struct {
-    const char *x, *gu, *dn;
-    char *h, *out;
-    const int64_t *offsets;
-    const int64_t *src; /* row r of the sorted order is row src[r] of x; NULL: row r */
-    int64_t S, H, I, esz; /* esz: bytes per element of the weights and of out */
-    int64_t xsz;          /* bytes per element of x and h: 4 in the wide mode (float32 copies), else esz */
-    int bf16;             /* 1 bf16 (VDPBF16PS), WIDE bf16 weights with float32 x and h, 0 float32 */
-    char *panels; /* per thread, panel_bytes each, for row-block items and AMX inputs (NULL: none needed) */
-    int64_t panel_bytes;
-    int amx; /* bf16 products on the tile unit (MESH_AMX builds; the panels are then always there) */
-} moe_job_t;
-
-/* Rows per micro-kernel call when n rows are cut into the fewest chunks of at most MR: as equal as
- * possible (16 = 8 + 8, not 12 + 4; 64 = 6 x 11 - 2), so no call runs on a few rows alone. */
-static inline int64_t chunk_rows(int64_t n) {
-    const int64_t chunks = (n + MR - 1) / MR;
-    return chunks ? (n + chunks - 1) / chunks : MR;
-}
-
 /* m rows of gate/up sums (row i: gate at c + 32i, up at c + 32i + 16) -> h rows r .. r + m, columns
  * 16j .. 16j + 15: silu(gate) * up, rounded as torch rounds (bf16: the matmul outputs, silu's output,
  * the product). */
@@ -467,6 +481,9 @@ static inline void down_store(const moe_job_t *jb, const float *c, int64_t m, in
     }
 }
 
+#endif
+
+#ifdef MESH_MOE_SIMD
 /* gate/up tile j (h columns 16j..16j+15) of slot s: rows in chunks of MR, silu(gate) * up. */
 static void gate_up_item(const moe_job_t *jb, int64_t s, int64_t j) {
     const int64_t r0 = jb->offsets[s], r1 = jb->offsets[s + 1], H = jb->H, I = jb->I, esz = jb->esz;
@@ -504,7 +521,7 @@ static void down_item(const moe_job_t *jb, int64_t s, int64_t j) {
 /* Rows per block when a busy slot is cut into row blocks (see run_experts). On the tile unit a block's
  * cost is streaming the expert's weights, so blocks are bigger: Qwen3-Coder-30B's experts (2048 ->
  * 768 -> 2048) with 128 rows each, 48-row blocks 60.4 ms per 32 experts, 128-row blocks 53.3. */
-#define RB (4 * MR)
+#define RB 48 /* 4 AVX-512 chunks, 8 AVX2 ones */
 _Static_assert(RB % MR == 0, "pack_rows fills whole MR-row chunks: the panel holds RB rows");
 #define RB_AMX 128
 _Static_assert(RB_AMX % 16 == 0, "amx_pack pads a block to whole 16-row tiles: the panel holds RB_AMX rows");
@@ -701,7 +718,7 @@ static char *alloc_panels(const int64_t *off, int64_t S, int64_t H, int64_t I, i
 }
 
 static int supported(int64_t H, int64_t I, int bf16) {
-#ifdef __AVX512BF16__
+#if defined(__AVX512BF16__) || defined(MESH_MOE_AVX2) /* (the AVX2 build's bf16 runs wide) */
     (void)bf16;
 #else
     if (bf16) return 0;
@@ -752,9 +769,13 @@ static void widen_rows(const uint16_t *src, float *dst, int64_t rows, int64_t n)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *s = src + r * n;
         float *d = dst + r * n;
+#ifdef MESH_MOE_AVX512
         int64_t i = 0;
         for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, load16f((const char *)(s + i), 1));
         for (; i < n; i++) d[i] = bf(s[i]);
+#else
+        widen_row(s, d, n);
+#endif
     }
 }
 #endif
@@ -762,10 +783,10 @@ static void widen_rows(const uint16_t *src, float *dst, int64_t rows, int64_t n)
 /* x [N, H] rows sorted by slot, offsets [S + 1] (slot s owns rows offsets[s] .. offsets[s+1]),
  * gu packed [S, 2I/16, ...], dn packed [S, H/16, ...], h [N, I] scratch (unused in the wide bf16 mode), out [N, H].
  * Returns 0, or -1 when this build or these sizes are not supported (the caller runs torch ops):
- * needs AVX-512 (and AVX512-BF16 for bfloat16), H a multiple of 32, I a multiple of 16. */
+ * needs AVX-512 (and AVX512-BF16 for bfloat16) or AVX2 + FMA, H a multiple of 32, I a multiple of 16. */
 int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, const void *dn, void *h, void *out,
                      int64_t S, int64_t H, int64_t I, int bf16, int nthreads) {
-#ifdef MESH_MOE_AVX512
+#ifdef MESH_MOE_SIMD
     if (!supported(H, I, bf16) || S < 0) return -1;
     for (int64_t s = 0; s < S; s++)
         if (offsets[s + 1] < offsets[s]) return -2;
@@ -804,7 +825,7 @@ int mesh_moe_experts(const void *x, const int64_t *offsets, const void *gu, cons
 int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void *weights, int weights_f32,
                    int64_t K, const void *gu, const void *dn, int64_t S, int64_t H, int64_t I, int bf16,
                    void *h, void *y, void *out, int64_t *counts, int nthreads) {
-#ifdef MESH_MOE_AVX512
+#ifdef MESH_MOE_SIMD
     if (!supported(H, I, bf16) || S < 1 || K < 1 || K > 64) return -1;
     const int64_t N = T * K, esz = bf16 ? 2 : 4;
     for (int64_t i = 0; i < N; i++)
@@ -863,6 +884,7 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
                 rows[k] = (const char *)y + pos[i] * H * esz;
             }
             char *o = (char *)out + t * H * esz;
+#ifdef MESH_MOE_AVX512
             for (int64_t d = 0; d < H; d += 16) {
                 __m512 a = _mm512_setzero_ps();
                 for (int64_t k = 0; k < K; k++) {
@@ -870,6 +892,9 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
                 }
                 store16(o + d * esz, a, bf16);
             }
+#else
+            combine_row(o, rows, wk, K, H, esz, bf16);
+#endif
         }
     }
     free(off), free(cur), free(src), free(pos), free(panels);
@@ -881,7 +906,7 @@ int mesh_moe_local(const void *hidden, int64_t T, const int64_t *ids, const void
 #endif
 }
 
-#ifdef MESH_MOE_AVX512
+#ifdef MESH_MOE_SIMD
 /* Item `it` of a linear layer's (32-column tile, row chunk) items in blocked order: blocks of up to tg
  * tiles x rc chunks (the last ones smaller), blocks tile-major, items tile-major inside a block, so a
  * block's weights and inputs stay in L2 while it runs. -> its tile *j and chunk *ch. */
@@ -895,6 +920,7 @@ static inline void blocked_item(int64_t it, int64_t tiles, int64_t chunks, int64
     *ch = c0 + rem % nc;
 }
 
+#ifdef MESH_MOE_AVX512 /* (the AVX2 build's is moe_avx2.h's) */
 /* Rows r .. r + m of a linear layer's output tile j (columns 32j .. 32j + 31) from float32 sums c
  * (row i at c + 32 i): bias added in float32, rounded once. */
 static void linear_store(const float *c, int m, int64_t r, int64_t j, const void *bias, void *out, int64_t N,
@@ -922,6 +948,7 @@ static void linear_store(const float *c, int m, int64_t r, int64_t j, const void
     }
 }
 #endif
+#endif
 
 /* A linear layer y = x @ W^T (+ bias) with W packed like one expert's matrix ([Np/16, K, 16] float32
  * or [Np/16, K/2, 16, 2] bf16, Np = N rounded up to 32 with zero rows): x [M, K] contiguous, bias [N]
@@ -937,8 +964,8 @@ static void linear_store(const float *c, int m, int64_t r, int64_t j, const void
  * Returns 0, or -1 when unsupported (N a multiple of 16 and K even needed), -4 out of memory. */
 int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64_t M, int64_t K, int64_t N, int bf16,
                 int nthreads, int out_f32) {
-#ifdef MESH_MOE_AVX512
-#ifndef __AVX512BF16__
+#ifdef MESH_MOE_SIMD
+#if defined(MESH_MOE_AVX512) && !defined(__AVX512BF16__)
     if (bf16) return -1;
 #endif
     if (N % 16 || K % 2 || M < 0) return -1;
@@ -1041,6 +1068,17 @@ int mesh_route_weights(const void *logits, int logits_bf16, int64_t T, int64_t E
                 acc = _mm512_add_ps(acc, exp_nonpos16(_mm512_sub_ps(load16f((const char *)logits + (t * E + e) * (logits_bf16 ? 2 : 4), logits_bf16),
                                                                    _mm512_set1_ps(m))));
             sum = _mm512_reduce_add_ps(acc);
+        } else
+#elif defined(MESH_MOE_AVX2)
+        if (E % 16 == 0) { /* the same 16 lanes as two halves */
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t e = 0; e < E; e += 8)
+                acc[(e / 8) % 2] = _mm256_add_ps(acc[(e / 8) % 2], exp_nonpos8(_mm256_sub_ps(
+                    load8f((const char *)logits + (t * E + e) * (logits_bf16 ? 2 : 4), logits_bf16), _mm256_set1_ps(m))));
+            const __m256 a = _mm256_add_ps(acc[0], acc[1]);
+            const __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            sum = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
         } else
 #endif
             for (int64_t e = 0; e < E; e++) sum += expf((logits_bf16 ? bf(xb[e]) : xf[e]) - m);

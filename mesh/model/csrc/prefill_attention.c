@@ -29,6 +29,10 @@
 #define MESH_PREFILL_AVX512 1
 #define WIDE MESH_WIDE /* a bf16 job on float32 FMAs: blocks rearranged as float32 (see mesh_bf16_wide) */
 int mesh_bf16_wide(void);
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "avx2_math.h" /* the AVX2 phases: prefill_avx2.h, included below */
+#define MESH_PREFILL_AVX2 1
+#define WIDE MESH_WIDE /* bf16 jobs always run wide there */
 #endif
 #include "amx.h"
 
@@ -36,7 +40,7 @@ int mesh_bf16_wide(void);
 #define PMAX_G 64  /* query heads per KV head */
 #define PMAX_D 256 /* head_dim */
 
-#ifdef MESH_PREFILL_AVX512
+#if defined(MESH_PREFILL_AVX512) || defined(MESH_PREFILL_AVX2)
 typedef struct {
     const char *q, *k, *v;
     char *out;
@@ -48,6 +52,9 @@ typedef struct {
     float scale;
     int bf16; /* 0 float32; 1 bf16 on VDPBF16PS; WIDE bf16 on float32 FMAs: blocks rearranged as float32 */
 } pjob_t;
+#endif
+
+#ifdef MESH_PREFILL_AVX512
 
 /* Phase 1: one (chunk, head, key block). */
 static void rearrange(const pjob_t *j, int64_t c, int64_t h, int64_t kb) {
@@ -393,6 +400,8 @@ static void item_wide(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_
 static void item_f32_d64(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 4, 4, 0); }
 static void item_f32_d128(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 2, 8, 0); }
 static void item_f32(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_body(j, c, h, qb, 1, j->D / 16, 0); }
+#elif defined(MESH_PREFILL_AVX2)
+#include "prefill_avx2.h"
 #endif
 
 /* q [T, Hk*G, D] (the step's queries), k, v [Hk, N, 16, D] (one layer's pool), chunks [C, 3] (first row,
@@ -403,8 +412,8 @@ static void item_f32(const pjob_t *j, int64_t c, int64_t h, int64_t qb) { item_b
 int mesh_prefill_attention(const void *q, const void *k, const void *v, const int64_t *chunks, const int64_t *tables,
                            void *out, int64_t T, int64_t C, int64_t M, int64_t Hk, int64_t G, int64_t D, int64_t N,
                            int64_t bs, float scale, int bf16, int nthreads) {
-#ifdef MESH_PREFILL_AVX512
-#ifndef __AVX512BF16__
+#if defined(MESH_PREFILL_AVX512) || defined(MESH_PREFILL_AVX2)
+#if defined(MESH_PREFILL_AVX512) && !defined(__AVX512BF16__)
     if (bf16) return -1;
 #endif
     if (bs != 16 || G < 1 || G > PMAX_G || D < 32 || D > PMAX_D || D % 32) return -1;
@@ -432,7 +441,11 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
 #else
     const int amx = 0;
 #endif
+#ifdef MESH_PREFILL_AVX512
     const int mode = bf16 && !amx && mesh_bf16_wide() ? WIDE : bf16;
+#else
+    const int mode = bf16 ? WIDE : 0;
+#endif
     const size_t block_bytes = (size_t)16 * D * (mode == 1 ? 2 : 4); /* rearranged blocks */
     char *kt = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
     char *vp = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
@@ -451,10 +464,14 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
             }
     const pjob_t j = {(const char *)q, (const char *)k, (const char *)v, (char *)out, chunks, tables, first, kt, vp,
                       M, Hk, G, D, N, scale, mode};
+#ifdef MESH_PREFILL_AVX512
     static void (*const by_mode[WIDE + 1][3])(const pjob_t *, int64_t, int64_t, int64_t) = {
         {item_f32_d64, item_f32_d128, item_f32}, {item_bf16_d64, item_bf16_d128, item_bf16},
         {item_wide_d64, item_wide_d128, item_wide}}; /* by mode, then head_dim 64, 128, other */
     void (*item)(const pjob_t *, int64_t, int64_t, int64_t) = by_mode[mode][D == 64 ? 0 : D == 128 ? 1 : 2];
+#else
+    void (*item)(const pjob_t *, int64_t, int64_t, int64_t) = item_avx2;
+#endif
 #ifdef MESH_AMX
     if (amx) item = item_amx;
 #endif
