@@ -44,7 +44,10 @@ static inline __attribute__((always_inline)) void qk_tile(work2_t *w, const floa
         for (int u = 0; u < NT; u++) a[i][u] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
         __m256 kv[2];
-        for (int u = 0; u < NT; u++) kv[u] = _mm256_loadu_ps(k + (t0 + u) * D + d);
+        for (int u = 0; u < NT; u++) {
+            kv[u] = _mm256_loadu_ps(k + (t0 + u) * D + d);
+            __asm__("" : "+x"(kv[u])); /* a register, loaded once: not a memory operand of each head's FMA */
+        }
         for (int i = 0; i < GN; i++) {
             const __m256 qv = _mm256_load_ps(w->q[g0 + i] + d);
             for (int u = 0; u < NT; u++) a[i][u] = _mm256_fmadd_ps(qv, kv[u], a[i][u]);
@@ -72,8 +75,9 @@ static inline __attribute__((always_inline)) void pv_heads(work2_t *w, const flo
         }
         for (int64_t t = 0; t < n; t++) {
             const float *vr = v + t * D + d0;
-            const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
-                         v3 = _mm256_loadu_ps(vr + 24);
+            __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
+                   v3 = _mm256_loadu_ps(vr + 24);
+            if (GN > 1) __asm__("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3)); /* loaded once for both heads */
             for (int i = 0; i < GN; i++) {
                 const __m256 pt = _mm256_broadcast_ss(&w->p[g0 + i][t]);
                 a[i][0] = _mm256_fmadd_ps(pt, v0, a[i][0]);

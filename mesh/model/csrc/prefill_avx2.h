@@ -49,8 +49,9 @@ static inline __attribute__((always_inline)) void pv_rows(float acc[RB2][PMAX_D]
         }
         for (int64_t t = 0; t < nt; t++) {
             const float *vr = vp + t * D + d0;
-            const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
-                         v3 = _mm256_loadu_ps(vr + 24);
+            __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
+                   v3 = _mm256_loadu_ps(vr + 24);
+            if (RB > 1) __asm__("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3)); /* loaded once for the rows */
             for (int i = 0; i < RB; i++) {
                 const __m256 pt = _mm256_broadcast_ss(&p[i][t]);
                 a[i][0] = _mm256_fmadd_ps(pt, v0, a[i][0]);
@@ -92,8 +93,10 @@ static inline __attribute__((always_inline)) void rows2(const pjob_t *j, int64_t
         __m256 s[RB2][4];
         for (int i = 0; i < RB; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d++) {
-            const __m256 k0 = _mm256_loadu_ps(kt0 + d * 16), k1 = _mm256_loadu_ps(kt0 + d * 16 + 8);
-            const __m256 k2 = _mm256_loadu_ps(kt1 + d * 16), k3 = _mm256_loadu_ps(kt1 + d * 16 + 8);
+            __m256 k0 = _mm256_loadu_ps(kt0 + d * 16), k1 = _mm256_loadu_ps(kt0 + d * 16 + 8);
+            __m256 k2 = _mm256_loadu_ps(kt1 + d * 16), k3 = _mm256_loadu_ps(kt1 + d * 16 + 8);
+            if (RB > 1) /* registers, loaded once for the rows: not a memory operand of each row's FMA */
+                __asm__("" : "+x"(k0), "+x"(k1), "+x"(k2), "+x"(k3));
             for (int i = 0; i < RB; i++) {
                 const __m256 qv = _mm256_broadcast_ss(qw[i] + d);
                 s[i][0] = _mm256_fmadd_ps(qv, k0, s[i][0]);
