@@ -1,6 +1,7 @@
-/* Causal attention of prefill chunks straight over the paged KV pool, for the CPU (AVX-512; bfloat16
- * with AVX512-BF16), flash style: float32 scores of a block of 16 keys at a time, an online softmax per
- * query row, the value rows accumulated in float32. Nothing of size context x context is written.
+/* Causal attention of prefill chunks straight over the paged KV pool, for the CPU (AVX-512, bfloat16
+ * with AVX512-BF16; on CPUs without AVX-512, the AVX2 + FMA phases of prefill_avx2.h), flash style:
+ * float32 scores of a block of 16 keys at a time, an online softmax per query row, the value rows
+ * accumulated in float32. Nothing of size context x context is written.
  *
  * A chunk is `n` new tokens of one sequence whose first `ctx - n` tokens are already cached; its
  * query i sits at position ctx - n + i and sees keys 0 ..= that position. Its K/V (the new tokens'
