@@ -17,10 +17,10 @@ into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the sourc
 compiler and the CPU's feature flags, so a shared home directory never serves one CPU's build to
 another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops (also
 the GPU path). The AVX-512 paths need AVX512F/BW (and AVX512-BF16 for bfloat16); CPUs without
-AVX-512 but with AVX2 and FMA (AMD Zen 2/3, Intel client cores) get AVX2 builds of the expert, linear
-and prefill attention kernels (bfloat16 there as float32 FMAs on operands widened from bf16);
-elsewhere the portable paths or torch ops run. Where the build targets AMX (Intel Sapphire Rapids and later) and the
-OS grants tile state, the expert and linear kernels run bfloat16 products on the tiles
+AVX-512 but with AVX2 and FMA (AMD Zen 2/3, Intel client cores) get AVX2 builds of the expert, linear,
+prefill and decode attention kernels (bfloat16 there as float32 FMAs on operands widened from bf16);
+elsewhere the portable paths or torch ops run. Where the build targets AMX (Intel Sapphire Rapids and
+later) and the OS grants tile state, the expert and linear kernels run bfloat16 products on the tiles
 (`MESH_NATIVE_AMX=0`: not); elsewhere on VDPBF16PS, or, where that instruction issues at half the
 float32 FMA's rate (Intel Xeons without AMX), as float32 FMAs on operands widened from bf16, chosen
 by a measurement at first use (`MESH_NATIVE_BF16_WIDE=1`/`0` forces either).
@@ -355,11 +355,12 @@ def _avx512(bf16: bool) -> bool:
     return "avx512f" in flags and "avx512bw" in flags and (not bf16 or "avx512_bf16" in flags)
 
 
+@functools.cache
 def _vector_kernels(bf16: bool) -> bool:
     """Whether this CPU runs the expert, linear and prefill attention kernels for the dtype: the
     AVX-512 build (bfloat16 with AVX512-BF16), or, on a CPU without AVX-512, the AVX2 + FMA build
     (moe_avx2.h, prefill_avx2.h; bfloat16 as float32 FMAs on widened operands: AMD Zen 2/3, Intel
-    client cores)."""
+    client cores). Cached: prefill attention asks once per layer of every prefill step."""
     flags = _cpu_flags().split()
     if "avx512f" in flags and "avx512bw" in flags:
         return not bf16 or "avx512_bf16" in flags

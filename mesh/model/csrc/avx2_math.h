@@ -56,6 +56,38 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* The attention kernels' P.V step: for rows i < RB (1 or 2), acc_i [D] = acc_i * cf[i] + sum over the nt
+ * value rows t at v ([nt][D] float32) of p_i[t] * v_t. Rows acc_stride floats apart from acc, their
+ * probabilities p_stride apart from p. 32 dimensions at a time in 8 registers; each value vector is
+ * loaded once for the rows (pinned to a register by an empty asm: otherwise GCC folds a load into every
+ * row's FMA). */
+static inline __attribute__((always_inline)) void pv_accumulate(float *acc, int64_t acc_stride, const float *p,
+                                                                int64_t p_stride, const float *cf, const float *v,
+                                                                int64_t nt, int64_t D, const int RB) {
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        __m256 a[2][4];
+        for (int i = 0; i < RB; i++) {
+            const __m256 c = _mm256_set1_ps(cf[i]);
+            for (int u = 0; u < 4; u++) a[i][u] = _mm256_mul_ps(_mm256_load_ps(acc + i * acc_stride + d0 + 8 * u), c);
+        }
+        for (int64_t t = 0; t < nt; t++) {
+            const float *vr = v + t * D + d0;
+            __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
+                   v3 = _mm256_loadu_ps(vr + 24);
+            if (RB > 1) __asm__("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3));
+            for (int i = 0; i < RB; i++) {
+                const __m256 pt = _mm256_broadcast_ss(p + i * p_stride + t);
+                a[i][0] = _mm256_fmadd_ps(pt, v0, a[i][0]);
+                a[i][1] = _mm256_fmadd_ps(pt, v1, a[i][1]);
+                a[i][2] = _mm256_fmadd_ps(pt, v2, a[i][2]);
+                a[i][3] = _mm256_fmadd_ps(pt, v3, a[i][3]);
+            }
+        }
+        for (int i = 0; i < RB; i++)
+            for (int u = 0; u < 4; u++) _mm256_store_ps(acc + i * acc_stride + d0 + 8 * u, a[i][u]);
+    }
+}
+
 /* exp(x) for x <= 0 on 8 lanes: exp_nonpos16's arithmetic (the same polynomial, and 2^n built in the
  * exponent field, which for n >= -126 is scalef's exact result). */
 static inline __m256 exp_nonpos8(__m256 x) {

@@ -65,33 +65,6 @@ static inline __attribute__((always_inline)) void qk_heads(work2_t *w, const flo
     if (t < n) qk_tile(w, k, D, g0, t, GN, 1);
 }
 
-/* w->acc rows g0 .. g0+GN-1 = acc * corr + P . V over the block's n value rows (D floats apart from v). */
-static inline __attribute__((always_inline)) void pv_heads(work2_t *w, const float *v, int64_t D, int64_t g0,
-                                                           int64_t n, const int GN) {
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {
-        __m256 a[2][4];
-        for (int i = 0; i < GN; i++) {
-            const __m256 c = _mm256_set1_ps(w->corr[g0 + i]);
-            for (int u = 0; u < 4; u++) a[i][u] = _mm256_mul_ps(_mm256_load_ps(w->acc[g0 + i] + d0 + 8 * u), c);
-        }
-        for (int64_t t = 0; t < n; t++) {
-            const float *vr = v + t * D + d0;
-            __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
-                   v3 = _mm256_loadu_ps(vr + 24);
-            if (GN > 1) __asm__("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3)); /* loaded once for both heads */
-            for (int i = 0; i < GN; i++) {
-                const __m256 pt = _mm256_broadcast_ss(&w->p[g0 + i][t]);
-                a[i][0] = _mm256_fmadd_ps(pt, v0, a[i][0]);
-                a[i][1] = _mm256_fmadd_ps(pt, v1, a[i][1]);
-                a[i][2] = _mm256_fmadd_ps(pt, v2, a[i][2]);
-                a[i][3] = _mm256_fmadd_ps(pt, v3, a[i][3]);
-            }
-        }
-        for (int i = 0; i < GN; i++)
-            for (int u = 0; u < 4; u++) _mm256_store_ps(w->acc[g0 + i] + d0 + 8 * u, a[i][u]);
-    }
-}
-
 static void pair_avx2(const job_t *j, work2_t *w, int64_t b, int64_t h) {
     const int64_t G = j->G, D = j->D, esz = j->bf16 ? 2 : 4;
     const char *qb = (const char *)j->q, *kb = (const char *)j->k, *vb = (const char *)j->v;
@@ -145,8 +118,9 @@ static void pair_avx2(const job_t *j, work2_t *w, int64_t b, int64_t h) {
             _mm256_store_ps(w->p[gg], j->bf16 ? round_bf16_8(p0) : p0);
             _mm256_store_ps(w->p[gg] + 8, j->bf16 ? round_bf16_8(p1) : p1);
         }
-        for (g = 0; g + 2 <= G; g += 2) pv_heads(w, v, D, g, n, 2);
-        for (; g < G; g++) pv_heads(w, v, D, g, n, 1);
+        /* P.V: acc = acc * corr + P . V, two heads at a time */
+        for (g = 0; g + 2 <= G; g += 2) pv_accumulate(w->acc[g], MAX_D, w->p[g], 16, w->corr + g, v, n, D, 2);
+        for (; g < G; g++) pv_accumulate(w->acc[g], MAX_D, w->p[g], 16, w->corr + g, v, n, D, 1);
     }
     for (int64_t g = 0; g < G; g++) {
         const __m256 inv = _mm256_set1_ps(w->l[g] > 0.f ? 1.f / w->l[g] : 0.f);

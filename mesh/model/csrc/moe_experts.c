@@ -38,6 +38,9 @@
 #define MESH_MOE_SIMD 1
 #define MR 6 /* rows per micro-kernel call: 12 accumulators of the 16 vector registers */
 #endif
+#if defined(__AVX512BF16__) || defined(MESH_MOE_AVX2)
+#define MESH_MOE_BF16 1 /* bfloat16 jobs run here (the AVX2 build's wide); the AVX-512 build needs AVX512-BF16 */
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -718,7 +721,7 @@ static char *alloc_panels(const int64_t *off, int64_t S, int64_t H, int64_t I, i
 }
 
 static int supported(int64_t H, int64_t I, int bf16) {
-#if defined(__AVX512BF16__) || defined(MESH_MOE_AVX2) /* (the AVX2 build's bf16 runs wide) */
+#ifdef MESH_MOE_BF16
     (void)bf16;
 #else
     if (bf16) return 0;
@@ -965,7 +968,7 @@ static void linear_store(const float *c, int m, int64_t r, int64_t j, const void
 int mesh_linear(const void *x, const void *w, const void *bias, void *out, int64_t M, int64_t K, int64_t N, int bf16,
                 int nthreads, int out_f32) {
 #ifdef MESH_MOE_SIMD
-#if defined(MESH_MOE_AVX512) && !defined(__AVX512BF16__)
+#ifndef MESH_MOE_BF16
     if (bf16) return -1;
 #endif
     if (N % 16 || K % 2 || M < 0) return -1;

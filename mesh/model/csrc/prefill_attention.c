@@ -33,7 +33,8 @@ int mesh_bf16_wide(void);
 #elif defined(__AVX2__) && defined(__FMA__)
 #include "avx2_math.h" /* the AVX2 phases: prefill_avx2.h, included below */
 #define MESH_PREFILL_AVX2 1
-#define WIDE MESH_WIDE /* bf16 jobs always run wide there */
+#define WIDE MESH_WIDE /* bf16 jobs always run wide there (mesh_bf16_wide says so) */
+int mesh_bf16_wide(void);
 #endif
 #include "amx.h"
 
@@ -442,11 +443,7 @@ int mesh_prefill_attention(const void *q, const void *k, const void *v, const in
 #else
     const int amx = 0;
 #endif
-#ifdef MESH_PREFILL_AVX512
     const int mode = bf16 && !amx && mesh_bf16_wide() ? WIDE : bf16;
-#else
-    const int mode = bf16 ? WIDE : 0;
-#endif
     const size_t block_bytes = (size_t)16 * D * (mode == 1 ? 2 : 4); /* rearranged blocks */
     char *kt = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);
     char *vp = (char *)aligned_alloc(64, (size_t)blocks * block_bytes + 64);

@@ -37,34 +37,6 @@ static inline __m256 first_keys8(int64_t n, int half) {
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx));
 }
 
-/* acc[i] [D] = acc[i] * cf[i] + sum over the nt value rows t at vp ([nt][D] float32) of p[i][t] * row t,
- * 32 dimensions at a time in registers. */
-static inline __attribute__((always_inline)) void pv_rows(float acc[RB2][PMAX_D], const float p[RB2][32], const float *cf,
-                                                          const float *vp, int64_t nt, int64_t D, const int RB) {
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {
-        __m256 a[RB2][4];
-        for (int i = 0; i < RB; i++) {
-            const __m256 c = _mm256_set1_ps(cf[i]);
-            for (int u = 0; u < 4; u++) a[i][u] = _mm256_mul_ps(_mm256_load_ps(acc[i] + d0 + 8 * u), c);
-        }
-        for (int64_t t = 0; t < nt; t++) {
-            const float *vr = vp + t * D + d0;
-            __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8), v2 = _mm256_loadu_ps(vr + 16),
-                   v3 = _mm256_loadu_ps(vr + 24);
-            if (RB > 1) __asm__("" : "+x"(v0), "+x"(v1), "+x"(v2), "+x"(v3)); /* loaded once for the rows */
-            for (int i = 0; i < RB; i++) {
-                const __m256 pt = _mm256_broadcast_ss(&p[i][t]);
-                a[i][0] = _mm256_fmadd_ps(pt, v0, a[i][0]);
-                a[i][1] = _mm256_fmadd_ps(pt, v1, a[i][1]);
-                a[i][2] = _mm256_fmadd_ps(pt, v2, a[i][2]);
-                a[i][3] = _mm256_fmadd_ps(pt, v3, a[i][3]);
-            }
-        }
-        for (int i = 0; i < RB; i++)
-            for (int u = 0; u < 4; u++) _mm256_store_ps(acc[i] + d0 + 8 * u, a[i][u]);
-    }
-}
-
 /* RB query rows of one position (heads g0 .. g0+RB-1 of the group) over every key block up to that
  * position, two key blocks at a time (rows_body of the AVX-512 build, 8 lanes at a time). */
 static inline __attribute__((always_inline)) void rows2(const pjob_t *j, int64_t c, int64_t h, int64_t row, int64_t pos,
@@ -131,7 +103,7 @@ static inline __attribute__((always_inline)) void rows2(const pjob_t *j, int64_t
             lv[i][0] = _mm256_fmadd_ps(lv[i][0], cv, _mm256_add_ps(e[0], e[2]));
             lv[i][1] = _mm256_fmadd_ps(lv[i][1], cv, _mm256_add_ps(e[1], e[3]));
         }
-        pv_rows(acc, p, cf, (const float *)(j->vp + base + kb * bbytes), two ? 32 : 16, D, RB);
+        pv_accumulate(acc[0], PMAX_D, p[0], 32, cf, (const float *)(j->vp + base + kb * bbytes), two ? 32 : 16, D, RB);
     }
     for (int i = 0; i < RB; i++) {
         const float l = hsum8(_mm256_add_ps(lv[i][0], lv[i][1]));
