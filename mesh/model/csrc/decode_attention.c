@@ -409,7 +409,7 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
         for (int r = 0; r < RB; r++) {
             prefetch_ahead(nk, fk, r * per_row, (r + 1) * per_row < lines ? (r + 1) * per_row : lines);
             p[r] = _mm512_mask_mov_ps(neg_inf, valid, _mm512_mul_ps(block_scores(w, g0 + r, kblk, krow, bf16 == 1, C), scale));
-            mnew[r] = fmaxf(_mm512_reduce_max_ps(p[r]), m[r]);
+            mnew[r] = max_running(_mm512_reduce_max_ps(p[r]), m[r]);
             delta[r] = m[r] - mnew[r]; /* -inf on the first block: its factor is ~0 */
         }
         float cf[16];

@@ -107,7 +107,7 @@ static void pair_avx2(const job_t *j, work2_t *w, int64_t b, int64_t h) {
         for (int64_t gg = 0; gg < G; gg++) {
             const __m256 s0 = _mm256_blendv_ps(neg_inf, sum8x8((const float(*)[8])w->ps[gg]), valid0);
             const __m256 s1 = n > 8 ? _mm256_blendv_ps(neg_inf, sum8x8((const float(*)[8])w->ps[gg] + 8), valid1) : neg_inf;
-            const float mnew = fmaxf(hmax8(_mm256_max_ps(s0, s1)), w->m[gg]);
+            const float mnew = max_running(hmax8(_mm256_max_ps(s0, s1)), w->m[gg]);
             const __m256 mv = _mm256_set1_ps(mnew);
             const __m256 p0 = _mm256_and_ps(valid0, exp_nonpos8(_mm256_sub_ps(s0, mv)));
             const __m256 p1 = _mm256_and_ps(valid1, exp_nonpos8(_mm256_sub_ps(s1, mv)));

@@ -120,8 +120,9 @@ static inline __attribute__((always_inline)) void pv_block(__m512 a[4][PMAX_D / 
             for (int i = 0; i < RB; i++) pp[i] = (__m512bh)_mm512_set1_epi32(pb[i][tp]);
             const __m512i *vv = (const __m512i *)vp + tp * (D / 32) * 2;
             for (int64_t cc = 0; cc < D / 32; cc++) {
-                const __m512bh lo = (__m512bh)_mm512_load_si512(vv + 2 * cc);
-                const __m512bh hi = (__m512bh)_mm512_load_si512(vv + 2 * cc + 1);
+                __m512bh lo = (__m512bh)_mm512_load_si512(vv + 2 * cc);
+                __m512bh hi = (__m512bh)_mm512_load_si512(vv + 2 * cc + 1);
+                __asm__("" : "+v"(lo), "+v"(hi));
                 for (int i = 0; i < RB; i++) {
                     a[i][2 * cc] = _mm512_dpbf16_ps(a[i][2 * cc], lo, pp[i]);
                     a[i][2 * cc + 1] = _mm512_dpbf16_ps(a[i][2 * cc + 1], hi, pp[i]);
@@ -139,7 +140,8 @@ static inline __attribute__((always_inline)) void pv_block(__m512 a[4][PMAX_D / 
             __m512 pt[4];
             for (int i = 0; i < RB; i++) pt[i] = _mm512_set1_ps(pf[i][t]);
             for (int64_t cc = 0; cc < C; cc++) {
-                const __m512 vv = _mm512_load_ps((const float *)(vr + cc * 64));
+                __m512 vv = _mm512_load_ps((const float *)(vr + cc * 64));
+                __asm__("" : "+v"(vv));
                 for (int i = 0; i < RB; i++) a[i][cc] = _mm512_fmadd_ps(pt[i], vv, a[i][cc]);
             }
         }
@@ -182,8 +184,9 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
         if (bf16 == 1) {
 #ifdef __AVX512BF16__ /* (bf16 items are never run without it: mesh_prefill_attention declines) */
             for (int64_t p = 0; p < D / 2; p++) {
-                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt0 + p * 64);
-                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt1 + p * 64);
+                __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt0 + p * 64);
+                __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt1 + p * 64);
+                __asm__("" : "+v"(k0), "+v"(k1)); /* see PIN below */
                 for (int i = 0; i < RB; i++) {
                     int32_t pair;
                     memcpy(&pair, qr[i] + p * 4, 4);
@@ -195,7 +198,8 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
 #endif
         } else {
             for (int64_t d = 0; d < D; d++) {
-                const __m512 k0 = _mm512_loadu_ps(kt0 + d * 64), k1 = _mm512_loadu_ps(kt1 + d * 64);
+                __m512 k0 = _mm512_loadu_ps(kt0 + d * 64), k1 = _mm512_loadu_ps(kt1 + d * 64);
+                __asm__("" : "+v"(k0), "+v"(k1));
                 for (int i = 0; i < RB; i++) {
                     float q1;
                     memcpy(&q1, qr[i] + d * 4, 4);
@@ -210,7 +214,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
         for (int i = 0; i < RB; i++) {
             s0[i] = _mm512_mask_mov_ps(neg_inf, valid0, _mm512_mul_ps(s0[i], scale));
             s1[i] = _mm512_mask_mov_ps(neg_inf, valid1, _mm512_mul_ps(s1[i], scale));
-            mnew[i] = fmaxf(_mm512_reduce_max_ps(_mm512_max_ps(s0[i], s1[i])), m[i]);
+            mnew[i] = max_running(_mm512_reduce_max_ps(_mm512_max_ps(s0[i], s1[i])), m[i]);
             delta[i] = m[i] - mnew[i]; /* -inf on the first blocks: their factor is ~0 */
         }
         const __m512 corr = exp_nonpos16(_mm512_loadu_ps(delta)); /* every row's rescale in one exp */

@@ -87,7 +87,7 @@ static inline __attribute__((always_inline)) void rows2(const pjob_t *j, int64_t
                 s[i][u] = _mm256_blendv_ps(neg_inf, _mm256_mul_ps(s[i][u], scale), valid[u]);
                 mx = _mm256_max_ps(mx, s[i][u]);
             }
-            const float mnew = fmaxf(hmax8(mx), m[i]);
+            const float mnew = max_running(hmax8(mx), m[i]);
             delta[i] = m[i] - mnew; /* -inf on the first blocks: their factor is ~0 */
             m[i] = mnew;
         }
