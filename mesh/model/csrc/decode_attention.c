@@ -431,7 +431,10 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
                 __m512 pt[4];
                 for (int r = 0; r < RB; r++) pt[r] = _mm512_set1_ps(pf[r][t]);
                 for (int64_t c = 0; c < C; c++) {
-                    const __m512 vv = load16f(vr + c * 32, 1);
+                    /* pinned to a register (an empty asm): GCC would fold the load into each row's FMA,
+                     * RB loads of the same line where one does (the same below) */
+                    __m512 vv = load16f(vr + c * 32, 1);
+                    __asm__("" : "+v"(vv));
                     for (int r = 0; r < RB; r++) a[r][c] = _mm512_fmadd_ps(pt[r], vv, a[r][c]);
                 }
             }
@@ -462,7 +465,8 @@ static inline __attribute__((always_inline)) void group512(const job_t *j, const
                 __m512 pt[4];
                 for (int r = 0; r < RB; r++) pt[r] = _mm512_permutexvar_ps(sel, p[r]);
                 for (int64_t c = 0; c < C; c++) {
-                    const __m512 vv = _mm512_loadu_ps(vr + c * 64);
+                    __m512 vv = _mm512_loadu_ps(vr + c * 64);
+                    __asm__("" : "+v"(vv));
                     for (int r = 0; r < RB; r++) a[r][c] = _mm512_fmadd_ps(pt[r], vv, a[r][c]);
                 }
             }
