@@ -122,6 +122,8 @@ static inline __attribute__((always_inline)) void pv_block(__m512 a[4][PMAX_D / 
             for (int64_t cc = 0; cc < D / 32; cc++) {
                 __m512bh lo = (__m512bh)_mm512_load_si512(vv + 2 * cc);
                 __m512bh hi = (__m512bh)_mm512_load_si512(vv + 2 * cc + 1);
+                /* pinned to registers (an empty asm), loaded once for the RB rows: GCC would otherwise
+                 * load them again for every row (here and for the keys in rows_body) */
                 __asm__("" : "+v"(lo), "+v"(hi));
                 for (int i = 0; i < RB; i++) {
                     a[i][2 * cc] = _mm512_dpbf16_ps(a[i][2 * cc], lo, pp[i]);
@@ -186,7 +188,7 @@ static inline __attribute__((always_inline)) void rows_body(const pjob_t *j, int
             for (int64_t p = 0; p < D / 2; p++) {
                 __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt0 + p * 64);
                 __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt1 + p * 64);
-                __asm__("" : "+v"(k0), "+v"(k1)); /* see PIN below */
+                __asm__("" : "+v"(k0), "+v"(k1)); /* pinned, as in pv_block */
                 for (int i = 0; i < RB; i++) {
                     int32_t pair;
                     memcpy(&pair, qr[i] + p * 4, 4);
