@@ -28,12 +28,14 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include "avx512_math.h"
 #define MESH_PREFILL_AVX512 1
-#define WIDE MESH_WIDE /* a bf16 job on float32 FMAs: blocks rearranged as float32 (see mesh_bf16_wide) */
-int mesh_bf16_wide(void);
 #elif defined(__AVX2__) && defined(__FMA__)
 #include "avx2_math.h" /* the AVX2 phases: prefill_avx2.h, included below */
 #define MESH_PREFILL_AVX2 1
-#define WIDE MESH_WIDE /* bf16 jobs always run wide there (mesh_bf16_wide says so) */
+#endif
+#if defined(MESH_PREFILL_AVX512) || defined(MESH_PREFILL_AVX2)
+/* a bf16 job on float32 FMAs, blocks rearranged as float32: where mesh_bf16_wide says so (always in the
+ * AVX2 build, which has no VDPBF16PS) */
+#define WIDE MESH_WIDE
 int mesh_bf16_wide(void);
 #endif
 #include "amx.h"
