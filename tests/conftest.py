@@ -18,6 +18,10 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral"]
 # Where the runtime under test runs: "cpu" (CI) or "cuda" (a GPU machine). The references stay on the
 # CPU in float32 either way, so a GPU run checks the CUDA path against the same transformers numbers.
 DEVICE = os.environ.get("MESH_TEST_DEVICE", "cpu")
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when
+# a kernel is defined, so it must be set before any kernel module is imported.
+if not DEVICE.startswith("cuda"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
