@@ -28,7 +28,8 @@ TINY = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stag
 
 def reference(hidden, w_gate_up, w_down, topk_ids, topk_weights) -> torch.Tensor:
     """float64 on the CPU: for each expert, its pairs' gate, up and down matmuls; weighted sum."""
-    x, wgu, wd = (a.detach().cpu().double() for a in (hidden, w_gate_up, w_down))
+    x, wgu, wd = (a.detach().cpu() for a in (hidden, w_gate_up, w_down))
+    x = x.double()
     ids = topk_ids.cpu().long()
     w = torch.ones(ids.shape, dtype=torch.float64) if topk_weights is None else topk_weights.cpu().double()
     num_experts, inter = wgu.shape[0], wgu.shape[1] // 2
@@ -37,9 +38,10 @@ def reference(hidden, w_gate_up, w_down, topk_ids, topk_weights) -> torch.Tensor
         tok, kk = (ids == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
+        gate_up, down = wgu[e].double(), wd[e].double()  # [2I, H], [H, I]
         xe = x[tok]  # [n, H]
-        act = F.silu(xe @ wgu[e, :inter].T) * (xe @ wgu[e, inter:].T)  # [n, I]
-        out.index_add_(0, tok, (act @ wd[e].T) * w[tok, kk, None])
+        act = F.silu(xe @ gate_up[:inter].T) * (xe @ gate_up[inter:].T)  # [n, I]
+        out.index_add_(0, tok, (act @ down.T) * w[tok, kk, None])
     return out
 
 
@@ -50,16 +52,17 @@ def rel_err(out, ref) -> float:
 
 
 def make_inputs(t, k, e, h, i, dtype=torch.float32, seed=0, weights_dtype=torch.float32, ids=None):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(t, h, generator=g)
-    w_gate_up = torch.randn(e, 2 * i, h, generator=g) / h ** 0.5
-    w_down = torch.randn(e, h, i, generator=g) / i ** 0.5
+    """Random inputs drawn on DEVICE (a 3 GB weight set draws in milliseconds there). Weights scaled
+    so activations stay O(1); unless given, each token's k distinct experts, as top-k routes."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    hidden = torch.randn(t, h, generator=g, device=DEVICE)
+    w_gate_up = torch.randn(e, 2 * i, h, generator=g, device=DEVICE) / h ** 0.5
+    w_down = torch.randn(e, h, i, generator=g, device=DEVICE) / i ** 0.5
     if ids is None:
-        # k distinct experts per token, as a router's top-k gives
-        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.empty(0, k)
-    weights = torch.rand(t, k, generator=g)
-    return (hidden.to(DEVICE, dtype), w_gate_up.to(DEVICE, dtype), w_down.to(DEVICE, dtype),
-            ids.to(DEVICE, torch.int64), weights.to(DEVICE, weights_dtype))
+        ids = torch.rand(t, e, generator=g, device=DEVICE).argsort(dim=1)[:, :k]
+    weights = torch.rand(t, k, generator=g, device=DEVICE)
+    return (hidden.to(dtype), w_gate_up.to(dtype), w_down.to(dtype), ids.to(DEVICE, torch.int64),
+            weights.to(weights_dtype))
 
 
 # ---------------------------------------------------------------------------------------------

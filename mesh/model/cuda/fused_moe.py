@@ -239,7 +239,7 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_ptr, block_expert_ptr, num_pad
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] sorted positions, all < num_padded
     pair = tl.load(sorted_ptr + offs_m)
     row_ok = pair < num_pairs
-    row = tl.where(row_ok, pair // top_k, 0)
+    row = tl.where(row_ok, pair // top_k, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Columns past inter wrap onto valid rows (their results are never stored): unmasked weight
     # loads stay wide.
@@ -271,7 +271,7 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_ptr, block_expert_ptr, num_pad
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
     act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, float32
-    out_ptrs = act_ptr + offs_m[:, None] * stride_am + offs_n[None, :]
+    out_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :]
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=(offs_n < inter)[None, :])
 
 
