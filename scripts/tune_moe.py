@@ -7,7 +7,8 @@ graph as decode runs it, the median of `triton.testing.do_bench_cudagraph`. A ca
 to compile (too much shared memory) or disagrees with the heuristic's output is skipped. The best
 per count goes to mesh/model/cuda/moe_configs/E=..,I=..,H=..,dtype=..,device=...json (merged with
 the counts already there), unless --dry-run. With --compare, torch's grouped_mm baseline is timed
-too. Compiles dominate the run: about 40 distinct configs over the default counts, a few minutes.
+too. Compiles dominate the run: on an H200, counts 1, 64, 512 and 4096 (38 distinct configs) took a
+minute; all default counts take a few.
 
 Routing is random top-k over all experts (each token's K distinct experts), so decode batches touch
 nearly every expert, as real traffic does.

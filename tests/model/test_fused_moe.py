@@ -222,7 +222,8 @@ def test_heuristic_and_candidates_are_valid(tokens, dtype):
     up, down = fm._gemm_params(cfg)
     for p in (up, down):
         assert min(p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"]) >= 16 and p["num_warps"] in (2, 4, 8)
-    assert cfg["BLOCK_M"] == (16 if tokens <= 256 else cfg["BLOCK_M"]) and cfg["BLOCK_M"] >= 16
+    if tokens * 8 <= 16 * 128:  # at most 16 rows per expert on average: decode's 16-row blocks
+        assert cfg["BLOCK_M"] == 16
     cands = fm.configs_to_try(tokens, 8, 128)
     assert 0 < len(cands) <= 24
     for c in cands:
