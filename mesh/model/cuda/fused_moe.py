@@ -201,7 +201,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *,
     _align_kernel[(num_chunks,)](
         ids, counts, sorted_ids, block_expert, num_padded,
         num_pairs, num_experts, chunk, num_chunks, max_padded, max_blocks, triton.cdiv(max_blocks, num_chunks),
-        BLOCK_M=block_m, NB=nb, SUB=sub, BB=max(1, min(16, 2048 // nb)) if nb <= 2048 else 1,
+        BLOCK_M=block_m, NB=nb, SUB=sub, BB=max(1, min(16, 2048 // nb)),
         FUSED_COUNT=fused, num_warps=4)
     return sorted_ids, block_expert, num_padded
 
