@@ -38,7 +38,7 @@ def hardware() -> dict:
                 break
     except OSError:
         pass
-    from mesh.model import native
+    from mesh.model.cpu import native
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "bf16_products": native.bf16_products()}  # amx, wide, vdpbf16ps or None (torch ops)
@@ -83,8 +83,8 @@ def gemm_peaks(dtype: torch.dtype, n: int = 2048, device: str = "cpu") -> dict[s
     # AVX512-BF16 (AMD Zen 3) does 0.34 GFLOP/s, 50 s a call, and the decode roofline asks 4 times
     out = {"torch": 2 * n ** 3 / (once if once > 1.0 else median_time(lambda: torch.mm(a, b), repeat=5))}
     if device == "cpu":
-        from mesh.model import native
-        packed = native.pack_linear(b) if native.enabled() else None
+        from mesh.model.cpu import native
+        packed = native.pack_linear(b)
         if packed is not None and native.linear(a, packed) is not None:
             out["native"] = 2 * n ** 3 / median_time(lambda: native.linear(a, packed), repeat=5)
     return out

@@ -35,7 +35,7 @@ def _rank(rank: int, workers: int, port: int, tokens: int, steps: int, results) 
         d.step_flags = ECHO
         g = torch.Generator().manual_seed(0)
         hidden = torch.randn(tokens, H, generator=g).to(dtype)
-        ids, weights = route(hidden, torch.randn(E, H, generator=g).to(dtype), K, True, True)
+        ids, weights = route(hidden @ torch.randn(E, H, generator=g).to(dtype).T, K, True, dtype)
         for s in range(steps + 2):
             if s == 2:
                 d.reset_counters()  # two warm-up steps

@@ -47,15 +47,18 @@ def _node_ip() -> str:
 class ExpertPool:
     def __init__(self, model_dir: str, dtype: str, num_workers: int, ray_address: str | None = None,
                  threads_per_worker: int | None = None, worker_cpus: float | None = None,
-                 placement: Placement | None = None, load_timeout: float = 300.0, device: str = "cpu"):
+                 placement: Placement | None = None, load_timeout: float = 300.0, device: str = "cpu",
+                 backend: str = "auto", load_format: str = "auto"):
         """`device`: the gateway's. On "cuda[:N]" every worker asks Ray for one GPU of its own and the
-        group runs over NCCL; on "cpu" over gloo."""
+        group runs over NCCL; on "cpu" over gloo. `backend`, `load_format`: the workers' expert
+        kernels and weights (EngineConfig's)."""
         if num_workers < 1:
             raise ValueError(f"--workers must be at least 1, got {num_workers}")
         self.model_dir, self.dtype, self.num_workers = str(model_dir), dtype, num_workers
         self.device = device
         self.gpu = device.startswith("cuda")
         self.backend = "nccl" if self.gpu else "gloo"
+        self.model_backend, self.load_format = backend, load_format
         self.cfg = ModelConfig.from_dir(model_dir)
         if placement is None:
             if self.cfg.num_experts % num_workers:
@@ -139,7 +142,8 @@ class ExpertPool:
         for w in range(self.num_workers):
             spec = WorkerSpec(self.model_dir, self.dtype, w, 1, phy2log, self.placement.num_ranks,
                               self.placement.slots_per_rank, init_method, self.threads_per_worker,
-                              device="cuda" if self.gpu else "cpu")  # Ray shows each worker its own GPU
+                              device="cuda" if self.gpu else "cpu",  # Ray shows each worker its own GPU
+                              backend=self.model_backend, load_format=self.load_format)
             actor = actor_cls.options(
                 num_cpus=cpus, num_gpus=1 if self.gpu else 0, name=None,
                 runtime_env={"env_vars": _telemetry_env()},

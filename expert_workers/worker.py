@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from mesh.config import DTYPES, ModelConfig
-from mesh.model.loader import load_experts
+from mesh.model.backend import make_backend
+from mesh.model.loader import load_experts, open_reader
 from mesh.parallel.placement import Placement
 
 
@@ -32,6 +33,8 @@ class WorkerSpec:
     init_method: str  # tcp://host:port of the group's rendezvous
     threads: int = 1
     device: str = "cpu"
+    backend: str = "auto"  # the expert compute's backend (EngineConfig.backend)
+    load_format: str = "auto"  # "dummy": random weights made on the device (seeded by the rank)
 
 
 class ExpertWorker:
@@ -66,8 +69,10 @@ class ExpertWorker:
             cfg = ModelConfig.from_dir(s.model_dir)
             placement = self.placement()
             shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=placement.local_slots(s.expert_rank),
-                                 device=s.device)
-            shard.pack_native()  # where the native kernel runs: packed once, stacked copies dropped
+                                 device=s.device, reader=open_reader(s.model_dir, s.load_format, s.device,
+                                                                     seed=1 + s.expert_rank))
+            # the backend's expert compute (the CPU's packs the weights once and drops the stacked copies)
+            make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
             self.loaded_bytes = shard.nbytes
             self.load_seconds = time.perf_counter() - t0
             self.state = "loaded"

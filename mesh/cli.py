@@ -25,7 +25,7 @@ def default_model_dir() -> Path:
     return root / "models" / f"{DEFAULT_ARCH}-{DEFAULT_PRESET}-seed0"
 
 
-def resolve_model(model: str | None) -> Path:
+def resolve_model(model: str | None, load_format: str = "auto") -> Path:
     """--model DIR, else $MESH_MODEL, else the built-in default (created on first use)."""
     model = model or _env("MESH_MODEL")
     if model:
@@ -33,6 +33,9 @@ def resolve_model(model: str | None) -> Path:
         if not (path / "config.json").is_file():
             raise SystemExit(f"mesh: error: --model {model}: no config.json there "
                              f"(create one with `mesh init-model --out {model}`)")
+        if load_format != "dummy" and not any(path.glob("*.safetensors")):
+            raise SystemExit(f"mesh: error: --model {model}: no *.safetensors weights there (a config-only "
+                             f"model directory runs with --load-format dummy)")
         return path
     path = default_model_dir()
     if not (path / "config.json").is_file():
@@ -75,6 +78,19 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batches", type=int, choices=[0, 1, 2], default=0,
                    help="micro-batches in flight per step: 2 overlaps one's attention with the other's expert "
                         "round trip (default 0 = auto: 2 with expert workers on GPUs, else 1)")
+    g.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default=_env("MESH_BACKEND", "auto"),
+                   help="the model's kernels: cuda (Triton kernels and CUDA graphs), cpu (the C kernels), torch "
+                        "(plain torch ops, the reference) (default auto: cuda on a GPU, cpu on the CPU; "
+                        "env MESH_BACKEND)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run decode steps eagerly instead of replaying CUDA graphs captured at start")
+    g.add_argument("--moe-kernel", choices=["auto", "triton", "grouped_mm"], default="auto",
+                   help="the cuda backend's expert kernel: triton (the fused MoE kernels) or grouped_mm "
+                        "(torch's grouped GEMM, bf16 on sm90+) (default auto: triton)")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default=_env("MESH_LOAD_FORMAT", "auto"),
+                   help="auto: the checkpoint's weights; dummy: random weights made on the device from "
+                        "config.json alone, for benchmarks of real model shapes (default auto; env "
+                        "MESH_LOAD_FORMAT)")
 
 
 def resolve_device(text: str) -> str:
@@ -103,7 +119,9 @@ def engine_config(args):
                             kv_cache_memory=parse_size(str(args.kv_cache_memory)),
                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-                            micro_batches=args.micro_batches)
+                            micro_batches=args.micro_batches, backend=args.backend,
+                            enforce_eager=args.enforce_eager, moe_kernel=args.moe_kernel,
+                            load_format=args.load_format)
     except ConfigError as e:
         raise SystemExit(f"mesh: error: {e}") from None
 
@@ -134,7 +152,8 @@ def cmd_init_model(args) -> int:
     from mesh.presets import init_model
     t0 = time.perf_counter()
     try:
-        out = init_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype, progress=_progress)
+        out = init_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype, progress=_progress,
+                         config_only=args.config_only)
     except ValueError as e:
         raise SystemExit(f"mesh: error: {e}") from None
     _progress(f"wrote {args.arch}/{args.preset} to {out} in {time.perf_counter() - t0:.1f}s")
@@ -150,7 +169,7 @@ def cmd_generate(args) -> int:
     from mesh.engine.engine import Engine
     from mesh.types import InvalidRequest
     params = sampling_params(args)
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, args.load_format)
     engine = Engine(model, engine_config(args))
     try:
         req = engine.make_request(prompt=args.prompt, prompt_token_ids=args.prompt_ids, sampling=params)
@@ -180,9 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-model", help="write a random-weight checkpoint and tokenizer in HF format",
                        description="Write a random-weight Hugging Face checkpoint (config.json, safetensors, "
                                    "a byte-level BPE tokenizer.json trained on local Python source).")
-    p.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH, help="architecture family")
+    p.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH,
+                   help="architecture family (the coder-* presets are qwen3_moe)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                   help="model size: tiny (tests), small (the built-in default), bench (~64M params)")
+                   help="model size: tiny (tests), small (the built-in default), bench (~64M params), "
+                        "coder-30b-a3b and coder-480b-a35b (the Qwen3-Coder models' real shapes: with "
+                        "--config-only)")
+    p.add_argument("--config-only", action="store_true",
+                   help="write config.json and the tokenizer but no weights (serve them with --load-format dummy)")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype on disk")

@@ -184,6 +184,14 @@ class EngineConfig:
     # micro-batches in flight per step: 0 = auto (2 when experts are remote and on GPUs, so one
     # micro-batch's attention hides the other's expert round trip; else 1)
     micro_batches: int = 0
+    # the model's operations: auto (cuda on a GPU, the C kernels on the CPU, else torch), torch (the
+    # reference), cpu, cuda. MESH_NATIVE_KERNELS=0 makes auto keep a CPU engine on torch ops.
+    backend: str = "auto"
+    cpu_threads: int = 0  # threads per CPU kernel call; 0: MESH_NATIVE_THREADS, else torch's thread count
+    # the CUDA backend's expert kernel: auto (the fastest measured here: triton), triton, grouped_mm
+    moe_kernel: str = "auto"
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
+    load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights made on the device
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -196,6 +204,13 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.micro_batches not in (0, 1, 2):
             raise ConfigError(f"micro_batches must be 0 (auto), 1 or 2, got {self.micro_batches}")
+        choices = {"backend": ("auto", "torch", "cpu", "cuda"), "moe_kernel": ("auto", "triton", "grouped_mm"),
+                   "load_format": ("auto", "dummy")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"cpu_threads must be 0 (auto) or positive, got {self.cpu_threads}")
         if self.max_num_batched_tokens < self.block_size:
             raise ConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least the "

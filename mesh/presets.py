@@ -45,6 +45,10 @@ class Preset:
     vocab_size: int
     max_position_embeddings: int
     mlp_only_layers: tuple[int, ...] = ()  # qwen3_moe only: layers with a dense MLP
+    rope_theta: float = 1000000.0
+    # a real model's shape: too large to write random weights to disk (init-model --config-only, then
+    # serve with --load-format dummy)
+    config_only: bool = False
 
     @property
     def summary(self) -> str:
@@ -56,6 +60,11 @@ PRESETS = {
     "tiny": Preset(64, 2, 8, 2, 32, 128, 4, 2, 16, 512, 2048, mlp_only_layers=(1,)),
     "small": Preset(256, 4, 16, 4, 128, 512, 8, 2, 32, 4096, 4096),
     "bench": Preset(512, 8, 16, 4, 256, 1024, 8, 2, 64, 8192, 4096),
+    # Qwen3-Coder-30B-A3B-Instruct and Qwen3-Coder-480B-A35B-Instruct (their config.json shapes)
+    "coder-30b-a3b": Preset(2048, 48, 128, 8, 768, 6144, 32, 4, 128, 151936, 262144, rope_theta=10000000.0,
+                            config_only=True),
+    "coder-480b-a35b": Preset(6144, 62, 160, 8, 2560, 8192, 96, 8, 128, 151936, 262144, rope_theta=10000000.0,
+                              config_only=True),
 }
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>",
@@ -93,7 +102,7 @@ def hf_config(arch: str, p: Preset, eos_token_id: int, dtype: str = "float32") -
         "num_attention_heads": p.num_heads, "num_key_value_heads": p.num_kv_heads, "head_dim": p.head_dim,
         "num_experts_per_tok": p.top_k, "max_position_embeddings": p.max_position_embeddings,
         "hidden_act": "silu", "initializer_range": _INIT_STD, "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "rope_parameters": {"rope_theta": p.rope_theta, "rope_type": "default"},
         "attention_dropout": 0.0, "sliding_window": None, "tie_word_embeddings": False, "use_cache": True,
         "output_router_logits": False, "router_aux_loss_coef": 0.001,
         "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": None,
@@ -278,9 +287,17 @@ def train_tokenizer(vocab_size: int, progress: Progress = None, use_cache: bool 
 
 
 def init_model(arch: str, preset: str, out_dir: str | os.PathLike, seed: int = 0, dtype: str = "float32",
-               progress: Progress = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write a random-weight `arch` model of size `preset` to `out_dir`; returns the directory."""
+               progress: Progress = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+               config_only: bool = False) -> Path:
+    """Write a random-weight `arch` model of size `preset` to `out_dir` (with `config_only`, its
+    config.json and tokenizer alone); returns the directory."""
     p = _check(arch, preset, dtype)
+    if p.config_only and not config_only:
+        params = sum(_numel(s) for _, s, _ in tensor_specs(arch, p))
+        raise ValueError(f"--preset {preset} has {params / 1e9:.1f}B parameters ({params * 2 / 1e9:.0f} GB in "
+                         f"bfloat16): pass --config-only and run it with --load-format dummy")
+    if p.config_only and arch != "qwen3_moe":
+        raise ValueError(f"--preset {preset} is a Qwen3-MoE shape: use --arch qwen3_moe")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(p.vocab_size, progress)
@@ -300,6 +317,13 @@ def init_model(arch: str, preset: str, out_dir: str | os.PathLike, seed: int = 0
         "clean_up_tokenization_spaces": False, "additional_special_tokens": list(SPECIAL_TOKENS[1:])})
     specs = tensor_specs(arch, p)
     params = sum(_numel(s) for _, s, _ in specs)
+    if config_only:
+        for stale in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
+            stale.unlink(missing_ok=True)  # a config-only directory must not pair with old weights
+        _say(progress, f"config only: {arch} {preset} ({p.summary}), {params / 1e9:.2f}B parameters; "
+                       f"serve it with --load-format dummy")
+        _say(progress, f"done: {out}")
+        return out
     _say(progress, f"weights: {arch} {preset} ({p.summary}), {params / 1e6:.1f}M parameters, "
                    f"{dtype}, seed {seed}")
     write_weights(specs, out, seed, dtype, max_shard_bytes, progress)

@@ -78,7 +78,7 @@ def build_engine_factory(args):
     from mesh.cli import engine_config, resolve_model
     if args.workers < 0:
         raise SystemExit(f"mesh: error: --workers must be 0 or more, got {args.workers}")
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, args.load_format)
     config = engine_config(args)
     tier = None
     if args.redis:
@@ -94,7 +94,7 @@ def build_engine_factory(args):
         from expert_workers.pool import ExpertPool
         try:
             pool = ExpertPool(str(model), config.dtype, args.workers, ray_address=args.ray_address,
-                              device=config.device)
+                              device=config.device, backend=config.backend, load_format=config.load_format)
         except ValueError as e:
             raise SystemExit(f"mesh: error: {e}") from None
 

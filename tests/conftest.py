@@ -22,6 +22,9 @@ DEVICE = os.environ.get("MESH_TEST_DEVICE", "cpu")
 # a kernel is defined, so it must be set before any kernel module is imported.
 if not DEVICE.startswith("cuda"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The backends a parity test runs: the torch reference everywhere, the C kernels on the CPU, the
+# Triton kernels on a GPU and, through the interpreter, on the CPU too.
+BACKENDS = ["torch", "cuda"] if DEVICE.startswith("cuda") else ["torch", "cpu", "cuda"]
 
 
 def pytest_configure(config):
@@ -136,13 +139,14 @@ def redis_server():
 def _fresh_native_settings():
     """Native-kernel settings are read from the environment once per process; each test starts from
     the environment as it is now (an earlier test's monkeypatch has been undone)."""
-    from mesh.model import native
+    from mesh.model.cpu import native
     native.refresh_settings()
 
 
 def native_env(monkeypatch, name: str, value: str | None) -> None:
-    """Set (or with None, unset) MESH_NATIVE_KERNELS / _THREADS / _AMX for this test, effective now."""
-    from mesh.model import native
+    """Set (or with None, unset) MESH_NATIVE_KERNELS / _THREADS / _AMX / _BF16_WIDE for this test,
+    effective now (MESH_NATIVE_KERNELS is read when an engine picks its backend)."""
+    from mesh.model.cpu import native
     if value is None:
         monkeypatch.delenv(name, raising=False)
     else:

@@ -58,7 +58,7 @@ def layer_inputs(rank: int, step: int, layer: int, t: int, mode: str, dtype: tor
     if mode == "skew":  # every token to experts 3 and 2, both on expert rank 0 when contiguous
         ids = torch.tensor([[3, 2]], dtype=torch.int64).expand(t, K)
         return hidden, ids, torch.softmax(torch.randn(t, K, generator=g), dim=-1)
-    ids, weights = route(hidden, torch.randn(E, H, generator=g).to(dtype), K, True, False)
+    ids, weights = route(hidden @ torch.randn(E, H, generator=g).to(dtype).T, K, True, torch.float32)
     return hidden, ids, weights
 
 

@@ -10,7 +10,7 @@ import torch
 from mesh.config import ModelConfig
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk
 from mesh.model.loader import load_model
-from mesh.model.weights import CheckpointReader
+from mesh.model.weights import CheckpointReader, WeightError
 from mesh.parallel.local import LocalDispatcher
 from mesh.presets import ARCHS, PRESETS, init_model, tensor_specs, train_tokenizer
 from mesh.tokenizer import Tokenizer
@@ -170,3 +170,78 @@ def test_tokenizer_training_is_deterministic_and_cached(cache_env):
     assert any("cached" in line for line in lines)
     # special tokens come last, as in Qwen vocabularies, so every merge id is below them
     assert a.token_to_id("<|endoftext|>") == 512 - 9 and a.token_to_id("<|file_sep|>") == 511
+
+
+@pytest.mark.parametrize("preset,shape", [
+    ("coder-30b-a3b", dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                           head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                           vocab_size=151936, max_position_embeddings=262144)),
+    ("coder-480b-a35b", dict(hidden_size=6144, num_hidden_layers=62, num_attention_heads=96, num_key_value_heads=8,
+                             head_dim=128, num_experts=160, num_experts_per_tok=8, moe_intermediate_size=2560,
+                             vocab_size=151936, max_position_embeddings=262144))])
+def test_real_presets_write_the_coder_configs_without_weights(preset, shape, cache_env, tmp_path):
+    """--config-only writes the Qwen3-Coder models' config.json and a tokenizer, no weights; the
+    runtime reads the real shape (96 KiB of bf16 KV per token for the 30B model)."""
+    out = init_model("qwen3_moe", preset, tmp_path / preset, dtype="bfloat16", config_only=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k: cfg[k] for k in shape} == shape
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["rope_parameters"]["rope_theta"] == 1e7
+    assert cfg["norm_topk_prob"] is True and cfg["mlp_only_layers"] == []
+    assert not list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
+    mc = ModelConfig.from_dir(out)
+    assert mc.num_moe_layers == shape["num_hidden_layers"] and mc.qk_norm
+    if preset == "coder-30b-a3b":
+        assert mc.kv_bytes_per_token * 2 == 96 * 1024
+        params = sum(int(torch.tensor(s).prod()) for _, s, _ in tensor_specs("qwen3_moe", PRESETS[preset]))
+        assert 30.4e9 < params < 30.6e9  # 30.5B parameters, as published
+
+
+def test_real_presets_refuse_to_write_random_weights(cache_env, tmp_path):
+    with pytest.raises(ValueError, match="--config-only"):
+        init_model("qwen3_moe", "coder-30b-a3b", tmp_path / "m")
+    with pytest.raises(ValueError, match="--arch qwen3_moe"):
+        init_model("mixtral", "coder-30b-a3b", tmp_path / "m", config_only=True)
+
+
+def test_dummy_weights_follow_the_config_alone(tiny, tmp_path):
+    """--load-format dummy: every tensor from config.json's shapes (no safetensors read), norms ones,
+    the rest random with the initialiser's scale, the same for the same seed; the engine serves it."""
+    from mesh.config import EngineConfig
+    from mesh.engine.engine import Engine
+    from mesh.model.loader import open_reader
+    from mesh.types import SamplingParams
+    cfg_only = tmp_path / "cfg"
+    cfg_only.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (cfg_only / name).write_text((tiny["qwen3_moe"] / name).read_text())
+    model, experts = load_model(cfg_only, torch.float32, load_format="dummy")
+    again, _ = load_model(cfg_only, torch.float32, load_format="dummy")
+    layer = model.w.layers[0]
+    assert torch.equal(layer.input_norm, torch.ones_like(layer.input_norm))
+    assert 0.015 < float(layer.attn.qkv.std()) < 0.025 and torch.equal(layer.attn.qkv, again.w.layers[0].attn.qkv)
+    p = PRESETS["tiny"]
+    assert experts.layers[0].gate_up.shape == (p.num_experts, 2 * p.moe_intermediate_size, p.hidden_size)
+    other = open_reader(cfg_only, "dummy", seed=1).get("x.weight", (4, 4), torch.float32)
+    assert not torch.equal(other, open_reader(cfg_only, "dummy", seed=0).get("x.weight", (4, 4), torch.float32))
+    with pytest.raises(WeightError, match="no \\*.safetensors"):
+        CheckpointReader(cfg_only)  # no weights on disk: only the dummy format loads it
+    engine = Engine(cfg_only, EngineConfig(dtype="float32", load_format="dummy"))
+    out = engine.generate([engine.make_request(prompt="def f(x):", sampling=SamplingParams(max_tokens=5,
+                                                                                           ignore_eos=True))])[0]
+    assert len(out.token_ids) == 5
+
+
+def test_cli_config_only_and_dummy_flags(cache_env, tmp_path, capsys):
+    """`mesh init-model --config-only`, then `mesh generate --load-format dummy`; without the flag the
+    CLI names it instead of failing on the missing weights."""
+    from mesh.cli import main
+    out = tmp_path / "c"
+    assert main(["init-model", "--preset", "tiny", "--config-only", "--out", str(out)]) == 0
+    assert not list(out.glob("*.safetensors"))
+    with pytest.raises(SystemExit, match="--load-format dummy"):
+        main(["generate", "--model", str(out), "--prompt-ids", "1,2", "--device", "cpu"])
+    assert main(["generate", "--model", str(out), "--prompt-ids", "1,2", "--max-tokens", "3", "--ignore-eos",
+                 "--device", "cpu", "--dtype", "float32", "--load-format", "dummy", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 3
+    with pytest.raises(SystemExit, match="--preset coder-30b-a3b"):
+        main(["init-model", "--preset", "coder-30b-a3b", "--out", str(tmp_path / "big")])

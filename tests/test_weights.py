@@ -63,7 +63,7 @@ def test_config_errors_are_clear(tmp_path):
 
 
 def test_real_model_shapes_parse():
-    """Qwen3-Coder-30B-A3B's config.json fields (../shared/MODELS.md) give the documented KV size."""
+    """Qwen3-Coder-30B-A3B's config.json fields (the published model card) give the documented KV size."""
     cfg = ModelConfig.from_hf({
         "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 48,
         "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,

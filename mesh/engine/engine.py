@@ -17,12 +17,14 @@ from mesh.cache.remote import TieredPrefixCache
 from mesh.cache.tier import PrefixTier
 from mesh.config import ConfigError, EngineConfig, ModelConfig
 from mesh.engine.block_manager import BlockManager
-from mesh.engine.model_runner import ModelRunner
+from mesh.engine.cuda_graphs import DecodeGraphs
+from mesh.engine.model_runner import ModelRunner, keep_freed_memory
 from mesh.engine.observe import EngineObserver
 from mesh.engine.sampler import sample
 from mesh.engine.scheduler import Scheduler
 from mesh.engine.sequence import Sequence, Status
 from mesh.model.attention import KVCache
+from mesh.model.backend import make_backend
 from mesh.model.loader import load_model
 from mesh.parallel.dispatcher import Dispatcher
 from mesh.parallel.local import LocalDispatcher
@@ -52,10 +54,14 @@ class Engine:
         # A sequence must always fit in the pool by itself, else preemption could not make progress.
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings, num_blocks * config.block_size)
+        try:
+            self.backend = make_backend(config.backend, config.device, mc.rms_norm_eps, threads=config.cpu_threads,
+                                        moe_kernel=config.moe_kernel)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.model, experts = load_model(model_dir, dtype, config.device, with_experts=dispatcher is None,
-                                         max_positions=self.max_model_len)
-        if experts is not None:
-            experts.pack_native()  # where the native kernel runs: packed once, stacked copies dropped
+                                         max_positions=self.max_model_len, backend=self.backend,
+                                         load_format=config.load_format)
         self.dispatcher = dispatcher or LocalDispatcher(experts, mc.num_experts)
         self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
                           dtype, config.device)
@@ -71,7 +77,14 @@ class Engine:
         # share cores, and the doubled round trips cost more than the overlap saves (bench/mesh_vs_local.py)
         remote_gpu = not isinstance(self.dispatcher, LocalDispatcher) and config.device.startswith("cuda")
         micro = config.micro_batches or (2 if remote_gpu else 1)
-        self.runner = ModelRunner(self.model, self.kv, self.dispatcher, micro_batches=micro)
+        graphs = None
+        if (self.backend.name == "cuda" and torch.device(config.device).type == "cuda" and not config.enforce_eager
+                and micro == 1 and getattr(self.dispatcher, "graph_capturable", False)):
+            graphs = DecodeGraphs(self.model, self.kv, self.dispatcher, config.max_num_seqs, self.max_model_len)
+            graphs.capture()
+        if torch.device(config.device).type == "cpu":
+            keep_freed_memory()  # process-wide: a CPU engine owns its process's allocator settings
+        self.runner = ModelRunner(self.model, self.kv, self.dispatcher, micro_batches=micro, graphs=graphs)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:
@@ -171,7 +184,7 @@ class Engine:
             hashed = self.blocks.commit(s.seq)
             if hashed and self.prefix_cache is not None:
                 self.prefix_cache.store(s.seq, hashed)
-        new_tokens = sample(logits, [s.seq for s in samplers], self.generator) if samplers else []
+        new_tokens = sample(logits, [s.seq for s in samplers], self.generator, self.backend.argmax) if samplers else []
         self.num_steps += 1
         return [self._postprocess(s.seq, tok) for s, tok in zip(samplers, new_tokens)]
 

@@ -8,22 +8,25 @@ import sys
 
 import torch
 
+from mesh.engine.cuda_graphs import DecodeGraphs
 from mesh.engine.scheduler import ScheduledSeq
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk
-from mesh.model.decoder import MoEDecoder
+from mesh.model.decoder import MicroBatch, MoEDecoder
 from mesh.parallel.dispatcher import Dispatcher
 
 
 class ModelRunner:
-    def __init__(self, model: MoEDecoder, kv: KVCache, dispatcher: Dispatcher, micro_batches: int = 1):
+    def __init__(self, model: MoEDecoder, kv: KVCache, dispatcher: Dispatcher, micro_batches: int = 1,
+                 graphs: DecodeGraphs | None = None):
+        """`graphs`: captured decode steps (CUDA); pure-decode steps they fit replay them."""
         self.model = model
         self.micro_batches = micro_batches
         self.kv = kv
         self.dispatcher = dispatcher
         self.block_size = kv.block_size
         self.device = model.device
-        if self.device.type == "cpu":
-            keep_freed_memory()
+        self.graphs = graphs
+        self.graph_steps = 0  # steps served by a graph replay
 
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Returns the sequences that sample this step and their logits [N, V] float32, in that order.
@@ -31,10 +34,14 @@ class ModelRunner:
         With `micro_batches == 2` (the mesh) and at least two sequences, the batch is cut in two halves
         of about equal tokens that overlap each other's expert round trips.
         """
+        if self.graphs is not None and all(s.num_tokens == 1 for s in batch) \
+                and self.graphs.size_for(len(batch)) is not None:
+            return self._run_graph(batch)
         if self.micro_batches == 2 and len(batch) >= 2:
             halves = _split(batch)
             prepared = [self._prepare(part) for part in halves]
-            hidden = self.model.forward_micro_batches([p[:3] for p in prepared], self.kv, self.dispatcher)
+            hidden = self.model.forward_micro_batches([MicroBatch(*p[:3]) for p in prepared], self.kv,
+                                                      self.dispatcher)
             samplers = [s for p in prepared for s in p[3]]
             rows = [h.index_select(0, torch.tensor(p[4], dtype=torch.long, device=self.device))
                     for h, p in zip(hidden, prepared)]
@@ -49,6 +56,25 @@ class ModelRunner:
         if not samplers:
             return [], selected.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
         return samplers, self.model.logits(selected)
+
+    def _run_graph(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """A pure-decode step through the captured graph of its (padded) batch size."""
+        bs = self.block_size
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for s in batch:
+            seq, c = s.seq, s.seq.num_computed_tokens
+            ids.append(seq.token_ids[c])
+            pos.append(c)
+            slots.append(seq.block_ids[c // bs] * bs + c % bs)
+            lens.append(c + 1)
+            tables.append(seq.block_ids[:c // bs + 1])
+        logits = self.graphs.run(ids, pos, slots, lens, tables)
+        self.graph_steps += 1
+        samplers = [s for s in batch if s.samples]
+        if len(samplers) != len(batch):
+            rows = [i for i, s in enumerate(batch) if s.samples]
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device))
+        return samplers, logits
 
     def _prepare(self, batch: list[ScheduledSeq]):
         """(input_ids [T], positions [T], metadata, samplers, their rows) for one forward pass.
@@ -96,7 +122,8 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 samplers.append(s)
         decode_slots = _longs(slots, torch.device("cpu"))
-        meta.slot_mapping = (torch.cat([decode_slots] + prefill_slots) if prefill_slots else decode_slots).to(self.device)
+        meta.slot_mapping = _to_device(torch.cat([decode_slots] + prefill_slots) if prefill_slots else decode_slots,
+                                       self.device)
         input_ids = _longs(ids, self.device)
         positions = _longs(pos, self.device)
         return input_ids, positions, meta, samplers, sample_rows
@@ -107,8 +134,13 @@ def _longs(values: list[int], device: torch.device) -> torch.Tensor:
     of a few hundred ints; the tensor keeps the array alive)."""
     if not values:
         return torch.empty(0, dtype=torch.long, device=device)
-    t = torch.frombuffer(array.array("q", values), dtype=torch.long)
-    return t if device.type == "cpu" else t.to(device)
+    return _to_device(torch.frombuffer(array.array("q", values), dtype=torch.long), device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, since a copy from pageable memory
+    makes the host wait for the stream."""
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _split(batch: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:

@@ -10,17 +10,15 @@ from __future__ import annotations
 import torch
 
 from mesh.engine.sequence import Sequence
-from mesh.model import native
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
-           ) -> list[int]:
-    """logits [N, V] float32, one row per sequence -> next token ids."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None,
+           argmax=None) -> list[int]:
+    """logits [N, V] float32, one row per sequence -> next token ids. `argmax`: the backend's row
+    argmax (the CPU's is a kernel), default torch's."""
     n = logits.shape[0]
     greedy = [s.sampling.greedy for s in seqs]
-    out = native.argmax_rows(logits) if native.enabled() else None
-    if out is None:
-        out = logits.argmax(dim=-1)
+    out = argmax(logits) if argmax is not None else logits.argmax(dim=-1)
     if all(greedy):
         return out.tolist()
     rows = [i for i in range(n) if not greedy[i]]

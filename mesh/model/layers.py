@@ -1,26 +1,20 @@
-"""Dense building blocks, written to reproduce transformers' numerics operation for operation."""
+"""Dense building blocks in torch ops, written to reproduce transformers' numerics operation for operation."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mesh.model import native
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order as transformers: normalise in float32, cast back, then scale in the input dtype.
     # The fused kernel computes x * rsqrt(mean(x^2) + eps) bit-identically to the five-op spelling.
-    # On the CPU the native kernel does all of it in one pass (same rounding points; these four ops
-    # cost ~50 us at decode sizes).
-    out = native.rms_norm(x, weight, eps) if native.enabled() else None
-    if out is not None:
-        return out
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class RotaryTable:
-    """cos/sin for every position up to `max_positions`, computed once in float32."""
+    """cos/sin for every position up to `max_positions`, computed once in float32, stored in the model
+    dtype as transformers applies them: [P, D], the two halves equal (rotate-half form)."""
 
     def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
@@ -31,11 +25,6 @@ class RotaryTable:
         self.cos = emb.cos().to(dtype).to(device)
         self.sin = emb.sin().to(dtype).to(device)
         self.max_positions = max_positions
-
-    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D], positions: [T] -> rotated q, k."""
-        cos, sin = self.at(positions)
-        return rotate(q, cos, sin), rotate(k, cos, sin)
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin) [T, 1, D], to look up once per step and share across layers."""

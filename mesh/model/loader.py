@@ -2,6 +2,10 @@
 
 Every tensor's shape is checked against config.json, so a truncated or mismatched checkpoint fails at
 load time with the tensor's name, not with a shape error deep inside a forward pass.
+
+`load_format="dummy"` reads no weights at all: every tensor is made from config.json's shapes,
+random, directly on the target device (for benchmarks and capacity tests of real model shapes whose
+weights are not at hand, as vLLM's `--load-format dummy`).
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ from typing import Sequence
 import torch
 
 from mesh.config import ModelConfig
+from mesh.model.backend import TorchBackend
 from mesh.model.decoder import (AttentionWeights, DenseWeights, LayerWeights, MoEBlockWeights,
                                 MoEDecoder)
 from mesh.model.families import FAMILIES
 from mesh.model.moe import ExpertShard, ExpertWeights
-from mesh.model.weights import CheckpointReader
+from mesh.model.weights import CheckpointReader, DummyReader
+
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def load_dense(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
-               device: str | torch.device = "cpu", reader: CheckpointReader | None = None) -> DenseWeights:
+               device: str | torch.device = "cpu", reader: CheckpointReader | DummyReader | None = None
+               ) -> DenseWeights:
     r = reader or CheckpointReader(model_dir)
     spec = FAMILIES[cfg.family]
     H, D, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
@@ -72,7 +80,7 @@ def load_dense(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
 
 def load_experts(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
                  slots: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
-                 reader: CheckpointReader | None = None) -> ExpertShard:
+                 reader: CheckpointReader | DummyReader | None = None) -> ExpertShard:
     """Load the experts of every MoE layer; `slots[moe_index]` lists the logical expert held in each
     local slot (default: all experts, slot == expert). Only those tensors are read from disk."""
     r = reader or CheckpointReader(model_dir)
@@ -89,7 +97,10 @@ def load_experts(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
             if not 0 <= e < E:
                 raise ValueError(f"expert {e} out of range [0, {E}) in layer {layer}")
         fused_gu, fused_d = spec.fused_keys(layer)
-        if fused_gu in r:
+        if isinstance(r, DummyReader):  # made on the device at the shard's size, not the whole layer's
+            gate_up = r.get(fused_gu, (len(experts), 2 * I, H), dtype)
+            down = r.get(fused_d, (len(experts), H, I), dtype)
+        elif fused_gu in r:
             idx = torch.tensor(list(experts), dtype=torch.long)
             gate_up = r.get(fused_gu, (E, 2 * I, H), dtype)[idx]
             down = r.get(fused_d, (E, H, I), dtype)[idx]
@@ -104,12 +115,28 @@ def load_experts(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
     return ExpertShard(out)
 
 
+def open_reader(model_dir: str | Path, load_format: str = "auto", device: str | torch.device = "cpu",
+                seed: int = 0) -> CheckpointReader | DummyReader:
+    """The checkpoint's tensors ("auto"), or random ones made on `device` ("dummy")."""
+    if load_format == "dummy":
+        return DummyReader(device, seed)
+    if load_format != "auto":
+        raise ValueError(f"load format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    return CheckpointReader(model_dir)
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
-               with_experts: bool = True, max_positions: int | None = None
+               with_experts: bool = True, max_positions: int | None = None,
+               backend: TorchBackend | None = None, load_format: str = "auto",
                ) -> tuple[MoEDecoder, ExpertShard | None]:
+    """The dense model and (with_experts) every expert, both bound to `backend` (default: the torch
+    reference)."""
     cfg = ModelConfig.from_dir(model_dir)
-    reader = CheckpointReader(model_dir)
+    backend = backend or TorchBackend(cfg.rms_norm_eps)
+    reader = open_reader(model_dir, load_format, device)
     dense = load_dense(model_dir, cfg, dtype, device, reader)
     experts = load_experts(model_dir, cfg, dtype, device=device, reader=reader) if with_experts else None
     reader.close()
-    return MoEDecoder(cfg, dense, dtype, device, max_positions), experts
+    if experts is not None:
+        backend.prepare_experts(experts)
+    return MoEDecoder(cfg, dense, dtype, device, max_positions, backend=backend), experts

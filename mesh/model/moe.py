@@ -1,83 +1,53 @@
-"""Mixture-of-Experts pieces: the router, the stacked expert weights, and their grouped compute.
+"""Mixture-of-Experts pieces: the router, the stacked expert weights, and their grouped compute in
+torch ops (the reference backend's; the CPU and CUDA backends bring their own kernels).
 
 The router runs where attention runs (the gateway). Expert compute runs wherever the dispatcher put
-the rows: in-process for the local dispatcher, on an expert worker for the collective one. It sees
-only rows already sorted by local expert slot and their counts, never which backend moved them.
+the rows: in-process for the local dispatcher (`ExpertShard.local`: hidden states, top-k ids and
+weights in, the combined output back), on an expert worker for the collective one
+(`ExpertShard.forward`: rows already grouped by local slot, never knowing which transport moved them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mesh.model import native
 from mesh.model.layers import silu_mul
 
 
-def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalize: bool,
-          weights_in_model_dtype: bool, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [T, H] -> (topk_ids [T, K] int64, topk_weights [T, K]).
+def route(logits: torch.Tensor, top_k: int, normalize: bool, weights_dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's logits [T, E] -> (topk_ids [T, K] int64, topk_weights [T, K] in weights_dtype).
 
     Softmax over all experts in float32, top-k, renormalised when `normalize`. Qwen casts the weights
-    back to the model dtype, Mixtral keeps them in float32: both as transformers does. `logits`, when
-    given, are the router's output [T, E] computed by the caller (the CPU's native linear).
+    back to the model dtype, Mixtral keeps them in float32: both as transformers does.
     """
-    if logits is None:
-        logits = F.linear(hidden, router_weight)  # [T, E]
-    if native.enabled():
-        # The CPU: top-k over the logits (softmax is monotonic: the same experts, equal values in
-        # torch.topk's order), then the weights in one native pass instead of four more ops; both in
-        # one call where the C++ top-k is built.
-        out_dtype = hidden.dtype if weights_in_model_dtype else torch.float32
-        routed = native.route(logits, top_k, normalize, out_dtype)
-        if routed is not None:
-            return routed
-        ids = torch.topk(logits, top_k, dim=-1).indices
-        weights = native.route_weights(logits, ids, normalize, hidden.dtype if weights_in_model_dtype
-                                       else torch.float32)
-        if weights is not None:
-            return ids, weights
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    if weights_in_model_dtype:
-        weights = weights.to(hidden.dtype)
-    return ids, weights
+    return ids, weights.to(weights_dtype)
 
 
 @dataclass
 class ExpertWeights:
     """One MoE layer's experts held by this process, stacked by local slot."""
 
-    gate_up: torch.Tensor | None  # [S, 2I, H]; None once released in favour of the packed copies
+    gate_up: torch.Tensor | None  # [S, 2I, H] (gate rows, then up rows); None once a backend released it
     down: torch.Tensor | None  # [S, H, I]
-    # The native kernel's packed copies (native.pack_experts), made on first use where it runs;
-    # False where it does not.
-    packed: tuple[torch.Tensor, torch.Tensor] | None | bool = None
-
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up, down); rebuilt from the packed copies when released (the torch paths only run
-        then if the native kernels were switched off after packing)."""
-        if self.gate_up is None:
-            return native.unpack_experts(*self.packed)
-        return self.gate_up, self.down
-
-    def native_packed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The packed copies, made now if the native kernel runs these weights here; else None."""
-        if self.packed is None:
-            self.packed = native.enabled() and native.experts_supported(self.gate_up, self.down) \
-                and native.pack_experts(self.gate_up, self.down)
-        return self.packed or None
+    prepared: Any = None  # what the backend made of them at load (the CPU backend's packed copies)
 
 
 class ExpertShard:
-    """The experts one process holds, for every MoE layer, indexed by local slot.
+    """The experts one process holds, for every MoE layer, indexed by local slot, and the backend that
+    computes them.
 
     `layers[moe_index]` holds the stacked weights; slot s of a layer is the physical expert that the
-    placement maps to this rank's s-th slot.
+    placement maps to this rank's s-th slot. `backend.prepare_experts(shard)` binds a backend (and may
+    repack the weights); until then the torch reference computes them.
     """
 
     def __init__(self, layers: list[ExpertWeights]):
@@ -86,51 +56,58 @@ class ExpertShard:
         self.num_slots, self.hidden_size = first.shape[0], first.shape[2]
         self.intermediate_size = first.shape[1] // 2
         self.dtype = first.dtype
+        self.device = first.device
+        self.backend = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of expert weights held (stacked and packed copies)."""
-        held = [t for w in self.layers for t in (w.gate_up, w.down, *(w.packed or ())) if t is not None]
-        return sum(t.nbytes for t in held)
-
-    def pack_native(self, release: bool = True) -> bool:
-        """Pack every layer for the native kernel now, where it runs these weights; with `release`,
-        drop the stacked copies so each weight is held once. Returns whether the kernel runs them."""
-        ok = bool(self.layers)
+        """Bytes of expert weights held (stacked and prepared copies)."""
+        held = []
         for w in self.layers:
-            if w.native_packed() is None:
-                ok = False
-            elif release:
-                w.gate_up = w.down = None
-        return ok
+            held += [w.gate_up, w.down]
+            if isinstance(w.prepared, (tuple, list)):
+                held += list(w.prepared)
+        return sum(t.nbytes for t in held if isinstance(t, torch.Tensor))
+
+    def _ops(self):
+        if self.backend is None:
+            from mesh.model.backend import TorchBackend
+            self.backend = TorchBackend()
+        return self.backend
 
     def forward(self, moe_index: int, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """rows [N, H] sorted by local slot, counts[s] rows per slot -> outputs [N, H] (unweighted).
+        """rows [N, H] sorted by local slot, counts[s] rows per slot -> outputs [N, H] (unweighted)."""
+        return self._ops().grouped_experts(self.layers[moe_index], rows, counts)
 
-        A grouped matmul, never a loop over tokens. When every slot gets a few rows (decode), one
-        padded batched matmul over all slots beats a GEMM pair per slot, whose fixed per-call cost
-        dominates at a few rows (measured ~1.5-2x at 2-16 rows per slot). When padding would waste
-        more than that saves (a few rows spread thinly, or large prefill batches), loop over slots.
-        """
-        w = self.layers[moe_index]
-        n, s, width = rows.shape[0], len(counts), max(counts, default=0)
-        packed = w.native_packed() if n else None
-        if packed is not None:
-            out = native.moe_experts(rows, counts, packed, self.intermediate_size)
-            if out is not None:
-                return out
-        gate_up, down = w.stacked()
-        if n and s * width <= min(2 * n, n + PAD_ROWS_PER_SLOT * s):
-            return _padded_experts(rows, counts, width, gate_up, down)
-        out = torch.empty_like(rows)
-        start = 0
-        for slot, c in enumerate(counts):
-            if c == 0:
-                continue
-            x = rows[start:start + c]
-            out[start:start + c] = F.linear(silu_mul(F.linear(x, gate_up[slot])), down[slot])
-            start += c
-        return out
+    def local(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              load: torch.Tensor | None = None) -> torch.Tensor:
+        """All experts held here (slot == expert id): hidden [T, H], topk ids/weights [T, K] ->
+        sum_k weight * expert(hidden) [T, H]; `load` [E] int64 gets the rows per expert added."""
+        return self._ops().experts(self.layers[moe_index], hidden, topk_ids, topk_weights, load)
+
+
+# ---- the torch reference's expert compute
+
+def grouped_experts(gate_up: torch.Tensor, down: torch.Tensor, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """rows [N, H] sorted by slot, counts[s] rows per slot -> outputs [N, H] (unweighted).
+
+    A grouped matmul, never a loop over tokens. When every slot gets a few rows (decode), one
+    padded batched matmul over all slots beats a GEMM pair per slot, whose fixed per-call cost
+    dominates at a few rows (measured ~1.5-2x at 2-16 rows per slot). When padding would waste
+    more than that saves (a few rows spread thinly, or large prefill batches), loop over slots.
+    """
+    n, s, width = rows.shape[0], len(counts), max(counts, default=0)
+    if n and s * width <= min(2 * n, n + PAD_ROWS_PER_SLOT * s):
+        return _padded_experts(rows, counts, width, gate_up, down)
+    out = torch.empty_like(rows)
+    start = 0
+    for slot, c in enumerate(counts):
+        if c == 0:
+            continue
+        x = rows[start:start + c]
+        out[start:start + c] = F.linear(silu_mul(F.linear(x, gate_up[slot])), down[slot])
+        start += c
+    return out
 
 
 # The padded path may at most double the rows and add this many padding rows per slot on average:
@@ -151,6 +128,19 @@ def _padded_experts(rows: torch.Tensor, counts: list[int], width: int, gate_up: 
     gu = torch.bmm(x, gate_up.transpose(1, 2))  # [S, width, 2I]
     y = torch.bmm(silu_mul(gu), down.transpose(1, 2))  # [S, width, H]
     return y.view(s * width, h).index_select(0, dest)
+
+
+def local_experts(gate_up: torch.Tensor, down: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
+    """Every expert held here: sort the (token, k) pairs by expert, run `grouped_experts`, combine."""
+    t, k = topk_ids.shape
+    order, counts = sort_by_expert(topk_ids, gate_up.shape[0])
+    counts = counts.cpu()  # the group sizes live on the host
+    if load is not None:
+        load += counts.to(load.device)
+    rows = hidden.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [T*K, H]
+    out = grouped_experts(gate_up, down, rows, counts.tolist())
+    return weighted_scatter(out, order, topk_weights, t, k).to(hidden.dtype)
 
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Published figures for planning what cannot be measured here: devices and model shapes.
 
-Sources: /work/shared/MODELS.md (the models' config.json files and model cards, vendor data sheets,
-DeepEP's and vLLM's published measurements). Every efficiency below is an assumption stated where
+Sources: the models' config.json files and model cards, vendor data sheets, DeepEP's and vLLM's
+published measurements. Every efficiency below is an assumption stated where
 it is used; the planner's roofline is checked against the published vLLM throughput of
 Qwen3-Coder-30B-A3B on one H100 in tests/test_plan.py.
 

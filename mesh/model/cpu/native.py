@@ -12,11 +12,13 @@ with raw pointers (ctypes releases the GIL for the call). When torch itself runs
 (`libgomp.so.1`, as the Linux wheels do), the kernels are built with `-fopenmp` against that same
 runtime: they run on torch's thread pool, as many threads as `torch.get_num_threads()`, instead of
 starting threads that would compete with torch's spinning workers for the same cores. Otherwise one
-thread per call. `MESH_NATIVE_THREADS` sets the count either way. Built for this machine (`-march=native`)
+thread per call. The CPU backend passes its own thread count (EngineConfig.cpu_threads; the
+`MESH_NATIVE_THREADS` override, read once, is the default). Built for this machine (`-march=native`)
 into `$MESH_CACHE_DIR` (default `~/.cache/moe-mesh/kernels`), keyed by the sources, the flags, the
 compiler and the CPU's feature flags, so a shared home directory never serves one CPU's build to
-another. Without a compiler, or with `MESH_NATIVE_KERNELS=0`, callers fall back to torch ops (also
-the GPU path). The AVX-512 paths need AVX512F/BW (and AVX512-BF16 for bfloat16); CPUs without
+another. Without a compiler there is no CPU backend and the engine runs the torch backend. The
+wrappers below check their arguments and return None where a kernel does not take them; the
+backend (`mesh.model.cpu.backend`) calls the library directly on the hot path. The AVX-512 paths need AVX512F/BW (and AVX512-BF16 for bfloat16); CPUs without
 AVX-512 but with AVX2 and FMA (AMD Zen 2/3, Intel client cores) get AVX2 builds of the expert, linear,
 prefill and decode attention kernels (bfloat16 there as float32 FMAs on operands widened from bf16);
 elsewhere the portable paths or torch ops run. Where the build targets AMX (Intel Sapphire Rapids and
@@ -55,23 +57,23 @@ _tried = False
 _openmp = False  # the loaded build runs on torch's OpenMP pool
 
 
-_settings: tuple[bool, str | None] | None = None  # MESH_NATIVE_KERNELS != "0", MESH_NATIVE_THREADS
+_threads_setting: str | None | bool = False  # MESH_NATIVE_THREADS as read (False: not read yet)
 
 
-def _env() -> tuple[bool, str | None]:
-    """The two settings, read from the environment once per process: the hot paths ask for them
-    ~130 times per decode step, and an environment lookup costs about a microsecond."""
-    global _settings
-    if _settings is None:
-        _settings = (os.environ.get("MESH_NATIVE_KERNELS", "1") != "0", os.environ.get("MESH_NATIVE_THREADS"))
-    return _settings
+def _env_threads() -> str | None:
+    """MESH_NATIVE_THREADS, read from the environment once per process (the wrappers ask per call)."""
+    global _threads_setting
+    if _threads_setting is False:
+        _threads_setting = os.environ.get("MESH_NATIVE_THREADS")
+    return _threads_setting
 
 
 def refresh_settings() -> None:
-    """Read MESH_NATIVE_KERNELS, MESH_NATIVE_THREADS, MESH_NATIVE_AMX and MESH_NATIVE_BF16_WIDE again
-    (after changing them in-process)."""
-    global _settings
-    _settings = None
+    """Read MESH_NATIVE_THREADS, MESH_NATIVE_AMX and MESH_NATIVE_BF16_WIDE again (after changing them
+    in-process). AMX and the bf16 product mode are state of the loaded library, so they hold for the
+    whole process."""
+    global _threads_setting
+    _threads_setting = False
     if _lib is not None:
         _apply_amx(_lib)
         _apply_bf16_wide(_lib)
@@ -113,10 +115,6 @@ def amx() -> bool:
     """Whether the expert and linear kernels run their bfloat16 products on AMX tiles in this process."""
     lib = library()
     return lib is not None and _apply_amx(lib)
-
-
-def enabled() -> bool:
-    return _env()[0]
 
 
 @functools.cache
@@ -249,10 +247,8 @@ def _build() -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The built kernels, or None (disabled, or no compiler)."""
+    """The built kernels, or None (no compiler, or the build failed)."""
     global _lib, _tried
-    if not enabled():
-        return None
     if not _tried:
         with _lock:
             if not _tried:
@@ -261,11 +257,16 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def default_threads() -> int:
+    """Threads per kernel call unless configured: MESH_NATIVE_THREADS when set; else torch's intra-op
+    thread count on the shared OpenMP pool, or 1 without it (pthreads started per call would compete
+    with torch's spinning OpenMP workers for the same cores: measured 4x slower for one long sequence)."""
+    library()  # whether the build shares torch's OpenMP is known once it is loaded
+    return _threads()
+
+
 def _threads() -> int:
-    """Threads per decode-attention call: MESH_NATIVE_THREADS when set; else torch's intra-op thread
-    count on the shared OpenMP pool, or 1 without it (pthreads started per call would compete with
-    torch's spinning OpenMP workers for the same cores: measured 4x slower for one long sequence)."""
-    value = _env()[1]
+    value = _env_threads()
     if value is not None:
         try:
             return max(1, int(value))

@@ -1,6 +1,7 @@
-"""The fast paths against their simple references: padded-bmm experts vs a GEMM pair per expert, the
-gather-and-matmul combine vs a float32 index_add_, and batched decode attention over the paged,
-head-major KV pool vs SDPA over each sequence's own keys."""
+"""The CPU backend's kernels and the torch reference's fast paths against simple references: padded-bmm
+experts vs a GEMM pair per expert, the gather-and-matmul combine vs a float32 index_add_, decode and
+prefill attention over the paged, head-major KV pool vs SDPA over each sequence's own keys; each
+through the CPU backend and through the torch backend it falls back to."""
 
 import re
 import sys
@@ -12,18 +13,30 @@ import torch.nn.functional as F
 
 from conftest import native_env
 
-from mesh.model import moe, native
-from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk, gather_blocks, paged_attention
-from mesh.model.layers import silu_mul
+from mesh.model import moe
+from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk, gather_blocks
+from mesh.model.backend import TorchBackend
+from mesh.model.cpu import native
+from mesh.model.cpu.backend import CpuBackend
+from mesh.model.layers import RotaryTable, silu_mul
 from mesh.model.moe import ExpertShard, ExpertWeights, sort_by_expert, weighted_scatter
 
 H, I, E = 32, 16, 8
 
 
-def _shard(dtype, seed=0):
+def _shard(dtype, seed=0, backend=None):
     g = torch.Generator().manual_seed(seed)
-    return ExpertShard([ExpertWeights(gate_up=(torch.randn(E, 2 * I, H, generator=g) * 0.2).to(dtype),
-                                      down=(torch.randn(E, H, I, generator=g) * 0.2).to(dtype))])
+    shard = ExpertShard([ExpertWeights(gate_up=(torch.randn(E, 2 * I, H, generator=g) * 0.2).to(dtype),
+                                       down=(torch.randn(E, H, I, generator=g) * 0.2).to(dtype))])
+    (backend or TorchBackend()).prepare_experts(shard)
+    return shard
+
+
+def _attend(backend, q, k_cache, v_cache, meta, scale):
+    """The backend's attention over the pool for one step's queries q [T, Hq, D] -> [T, Hq * D]."""
+    rope = RotaryTable(q.shape[-1], 10000.0, 8, q.dtype)  # unused by attention itself
+    step = backend.begin_step(meta, torch.zeros(q.shape[0], dtype=torch.long), rope)
+    return backend.attend(step, 0, q, k_cache, v_cache, scale)
 
 
 def _reference_experts(shard, rows, counts):
@@ -41,13 +54,12 @@ def _need_native() -> None:
 
 
 @pytest.fixture(params=["native", "torch"])
-def kernel_path(request, monkeypatch):
-    """Run a test through the native kernels and through the torch ops they replace."""
+def backend(request):
+    """Run a test through the CPU backend's kernels and through the torch backend's ops."""
     if request.param == "native":
         _need_native()
-    else:
-        native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
-    return request.param
+        return CpuBackend()
+    return TorchBackend()
 
 
 COUNTS = [
@@ -63,22 +75,23 @@ COUNTS = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("counts,padded", COUNTS)
-def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, kernel_path, monkeypatch):
-    shard = _shard(dtype)
+def test_expert_paths_match_the_per_expert_reference(dtype, counts, padded, backend, monkeypatch):
+    ref = _shard(dtype)
+    shard = _shard(dtype, backend=backend)
     rows = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(1)).to(dtype)
     calls, native_calls = [], []
     real, real_native = moe._padded_experts, native.moe_experts
     monkeypatch.setattr(moe, "_padded_experts", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(native, "moe_experts", lambda *a: native_calls.append(1) or real_native(*a))
     got = shard.forward(0, rows, counts)
-    if kernel_path == "native" and native._vector_kernels(bf16=dtype == torch.bfloat16):
-        assert native_calls and not calls
-    elif kernel_path == "native":  # a CPU with neither AVX-512 (BF16) nor AVX2: the kernel is never offered the rows
-        assert shard.layers[0].packed is False and not native_calls
+    if backend.name == "cpu" and native._vector_kernels(bf16=dtype == torch.bfloat16):
+        assert native_calls and not calls and shard.layers[0].gate_up is None  # packed, held once
+    elif backend.name == "cpu":  # a CPU with neither AVX-512 (BF16) nor AVX2: the kernel is never offered the rows
+        assert shard.layers[0].prepared is None and not native_calls
     else:
         assert not native_calls and bool(calls) == padded
     atol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(got.float(), _reference_experts(shard, rows, counts), atol=atol, rtol=atol)
+    torch.testing.assert_close(got.float(), _reference_experts(ref, rows, counts), atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -93,10 +106,11 @@ def test_native_experts_round_like_the_unfused_torch_ops(dtype, monkeypatch):
     gate_up, down = (torch.randn(e, 2 * i, h, generator=g) * 0.2).to(dtype), (torch.randn(e, h, i, generator=g) * 0.2).to(dtype)
     counts = [25, 0, 12, 1, 13]
     rows = torch.randn(sum(counts), h, generator=g).to(dtype)
-    got = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).forward(0, rows, counts)
-    assert ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).layers[0].packed is None  # packed on use
-    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
-    want = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).forward(0, rows, counts)
+    fast = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)])
+    CpuBackend().prepare_experts(fast)
+    assert fast.layers[0].prepared is not None  # packed at load
+    got = fast.forward(0, rows, counts)
+    want = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]).forward(0, rows, counts)  # torch
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     else:  # at most one bf16 rounding step apart, and mostly identical
@@ -135,11 +149,14 @@ def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(pat
     from mesh.parallel.local import LocalDispatcher
 
     def run(native_on: str):
-        native_env(monkeypatch, "MESH_NATIVE_KERNELS", native_on)
+        ops = CpuBackend() if native_on == "1" else TorchBackend()
         shard = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)])
+        ops.prepare_experts(shard)
         got = shard.forward(0, rows, counts)
-        assert bool(shard.layers[0].packed) == (native_on == "1")
-        disp = LocalDispatcher(ExpertShard([ExpertWeights(gate_up=gate_up, down=down)]), e)
+        assert (shard.layers[0].prepared is not None) == (native_on == "1")
+        local = ExpertShard([ExpertWeights(gate_up=gate_up, down=down)])
+        ops.prepare_experts(local)
+        disp = LocalDispatcher(local, e)
         return got, disp.combine(disp.dispatch(0, hidden, ids, weights))
 
     counts = [1, 15, 0, 16, 17, 31, 33, 150]
@@ -154,7 +171,6 @@ def test_bf16_expert_and_linear_kernels_match_torch_on_and_off_the_tile_unit(pat
     diff = (got.float() - want.float()).abs()  # summation order only: at most one bf16 step apart
     assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.9
     torch.testing.assert_close(got_moe.float(), want_moe.float(), atol=2e-2, rtol=2e-2)
-    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "1")
     w = torch.randn(80, 96, generator=g).to(torch.bfloat16)
     b = torch.randn(80, generator=g).to(torch.bfloat16)
     packed = native.pack_linear(w)
@@ -186,8 +202,7 @@ def test_native_experts_reject_counts_that_do_not_add_up():
 
 
 def test_padded_and_loop_paths_agree(monkeypatch):
-    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
-    shard = _shard(torch.float32)
+    shard = _shard(torch.float32)  # the torch backend
     counts = [3, 0, 3, 2, 2, 3, 3, 2]
     rows = torch.randn(sum(counts), H)
     padded = shard.forward(0, rows, counts)
@@ -239,7 +254,7 @@ def test_gather_blocks_returns_each_heads_tokens_in_order():
                                                     ([5, 70, 1, 33], 16, 2, 4, 32), ([1000, 3], 16, 2, 4, 32),
                                                     ([33, 100], 16, 2, 4, 64), ([50, 16], 16, 1, 8, 128),
                                                     ([17, 300, 2], 8, 1, 16, 128), ([40, 7], 32, 4, 1, 64)])
-def test_decode_attention_matches_sdpa_per_sequence(dtype, wide, lengths, bs, hk, groups, d, kernel_path, monkeypatch):
+def test_decode_attention_matches_sdpa_per_sequence(dtype, wide, lengths, bs, hk, groups, d, backend, monkeypatch):
     """bf16 with its products on VDPBF16PS (MESH_NATIVE_BF16_WIDE=0) and on float32 FMAs over widened keys
     and values (1)."""
     native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", wide)
@@ -248,17 +263,19 @@ def test_decode_attention_matches_sdpa_per_sequence(dtype, wide, lengths, bs, hk
     kv, seqs = _pool(lengths, bs, hk, d, dtype, g)
     b = len(lengths)
     q = torch.randn(b, hq, d, generator=g).to(dtype)
-    # the last token of every sequence is the one decoding now; it is written again as the new K/V
-    k_new = torch.stack([k[-1] for k, _, _ in seqs])  # [B, Hk, D]
-    v_new = torch.stack([v[-1] for _, v, _ in seqs])
+    # the last token of every sequence is the one decoding now (its K/V already in the pool)
     width = max(len(blocks) for _, _, blocks in seqs)
     table = [blocks.tolist() + [0] * (width - len(blocks)) for _, _, blocks in seqs]
     slots = [blocks[(n - 1) // bs] * bs + (n - 1) % bs for n, (_, _, blocks) in zip(lengths, seqs)]
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots), num_decode=b,
                              decode_block_table=torch.tensor(table), decode_context_lens=torch.tensor(lengths))
     kc, vc = kv.layer(0)
-    got = paged_attention(q, k_new, v_new, kc, vc, meta, d ** -0.5).view(b, hq, d)
-    assert (meta.decode_bias is None) == (kernel_path == "native")  # the torch path builds its mask
+    calls = []
+    real = backend.lib.mesh_decode_attention if backend.name == "cpu" else None
+    if real is not None:
+        monkeypatch.setattr(backend.lib, "mesh_decode_attention", lambda *a: calls.append(1) or real(*a))
+    got = _attend(backend, q, kc, vc, meta, d ** -0.5).view(b, hq, d)
+    assert bool(calls) == (backend.name == "cpu")  # the kernel ran (not its torch fallback)
     for i, n in enumerate(lengths):
         k, v = seqs[i][0].float(), seqs[i][1].float()  # [n, Hk, D]
         want = F.scaled_dot_product_attention(q[i].float()[:, None], k.transpose(0, 1).repeat_interleave(groups, 0),
@@ -336,7 +353,7 @@ def test_prefill_with_cached_prefix_matches_causal_sdpa():
     meta = AttentionMetadata(slot_mapping=blocks[pos // bs] * bs + pos % bs,
                              prefills=[PrefillChunk(0, n, past + n, blocks)])
     kc, vc = kv.layer(0)
-    got = paged_attention(q, k_all[past:], v_all[past:], kc, vc, meta, d ** -0.5).view(n, -1, d)
+    got = _attend(TorchBackend(), q, kc, vc, meta, d ** -0.5).view(n, -1, d)
     mask = torch.arange(past + n)[None, :] <= pos[:, None]
     want = F.scaled_dot_product_attention(q.transpose(0, 1), k_all.transpose(0, 1).repeat_interleave(groups, 0),
                                           v_all.transpose(0, 1).repeat_interleave(groups, 0), attn_mask=mask,
@@ -346,23 +363,22 @@ def test_prefill_with_cached_prefix_matches_causal_sdpa():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_experts_are_held_once_and_unpack_exactly(dtype, monkeypatch):
-    """pack_native drops the stacked copies where the kernel runs; the torch paths, if the kernels are
-    switched off afterwards, rebuild the stacked weights bit for bit and give the same outputs."""
+    """The CPU backend drops the stacked copies where its kernel runs the experts; where the kernel
+    declines at run time, its torch path rebuilds the stacked weights bit for bit and gives the same
+    outputs as the torch backend."""
     _need_native()
+    if not native._vector_kernels(bf16=dtype == torch.bfloat16):
+        pytest.skip("no expert kernel for this dtype on this CPU (needs AVX-512 (BF16) or AVX2)")
     shard, ref = _shard(dtype), _shard(dtype)
     counts = [3, 0, 5, 2, 2, 13, 3, 2]
     rows = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(2)).to(dtype)
     stacked_bytes = shard.nbytes
-    runs = shard.pack_native()
-    assert runs == native._vector_kernels(bf16=dtype == torch.bfloat16)
-    if not runs:  # no kernel for this dtype on this CPU: nothing packed, nothing dropped
-        assert shard.nbytes == stacked_bytes and shard.layers[0].gate_up is not None
-        return
+    CpuBackend().prepare_experts(shard)
     assert shard.layers[0].gate_up is None and shard.nbytes == stacked_bytes
     fast = shard.forward(0, rows, counts)
-    gate_up, down = shard.layers[0].stacked()
+    gate_up, down = CpuBackend._stacked(shard.layers[0])
     assert torch.equal(gate_up, ref.layers[0].gate_up) and torch.equal(down, ref.layers[0].down)
-    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
+    monkeypatch.setattr(native, "moe_experts", lambda *a: None)  # the kernel declines: torch ops run
     # the same weights (bit for bit, above) through the same torch ops; oneDNN may still pick another
     # summation order for differently aligned buffers, so not bit-exact
     torch.testing.assert_close(shard.forward(0, rows, counts), ref.forward(0, rows, counts))
@@ -434,19 +450,20 @@ def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype,
     ids = torch.randint(0, E, (t, k), generator=g)
     ids[:, 0] = 2  # one busy expert: more rows than a row block of the native kernel (48), the rest fewer
     weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(weights_dtype)
-    fast = LocalDispatcher(_shard(dtype), E)
+    fast = LocalDispatcher(_shard(dtype, backend=CpuBackend()), E)
+    calls = []
+    real = native.moe_local
+    monkeypatch.setattr(native, "moe_local", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = fast.combine(fast.dispatch(0, hidden, ids, weights))
-    assert fast.experts.layers[0].packed  # the native path ran
+    assert calls  # the native path ran
     with pytest.raises(ValueError, match="outside"):
-        native.moe_local(hidden, torch.full((t, k), E), weights, fast.experts.layers[0].packed, I)
-    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
-    slow = LocalDispatcher(_shard(dtype), E)
+        native.moe_local(hidden, torch.full((t, k), E), weights, fast.experts.layers[0].prepared, I)
+    slow = LocalDispatcher(_shard(dtype), E)  # the torch backend
     want = slow.combine(slow.dispatch(0, hidden, ids, weights))
     assert got.dtype == want.dtype == dtype
     assert torch.equal(fast.expert_load, slow.expert_load)
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)
-    native_env(monkeypatch, "MESH_NATIVE_KERNELS", "1")
     fast.combine(fast.dispatch(0, hidden[:7], ids[:7], weights[:7]))  # the kernel adds to the counters
     assert torch.equal(fast.expert_load[0], slow.expert_load[0] + torch.bincount(ids[:7].flatten(), minlength=E))
 
@@ -462,8 +479,8 @@ def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype,
         pytest.fail("this test needs AVX-512 (BF16) or AVX2")
     native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", wide)
     g = torch.Generator().manual_seed(5)
-    shard = _shard(dtype)
-    packed = shard.layers[0].native_packed()
+    shard = _shard(dtype, backend=CpuBackend())
+    packed = shard.layers[0].prepared
     t, k = 37, 3
     hidden = torch.randn(t, H, generator=g).to(dtype)
     weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(dtype)
@@ -496,7 +513,7 @@ def test_expert_and_linear_kernels_give_the_same_bits_on_any_thread_count(dtype,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hk,groups,d", [(2, 4, 64), (1, 8, 128), (4, 1, 32), (2, 3, 64)])
 @pytest.mark.parametrize("tiles", ["1", "0", "wide"])
-def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, tiles, kernel_path, monkeypatch):
+def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, tiles, backend, monkeypatch):
     """A step's prefill chunks (fresh prompts and chunks after a cached prefix, lengths around the
     16-token block and query-tile edges) against SDPA over each sequence, through the native kernel
     (every chunk in one call) and through the torch path. bf16 on a CPU with AMX: the tile path
@@ -504,7 +521,7 @@ def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, tiles, kernel_pa
     MESH_NATIVE_BF16_WIDE=1 too, float32 FMAs over keys and values widened from bf16."""
     native_env(monkeypatch, "MESH_NATIVE_AMX", "1" if tiles == "1" else "0")
     native_env(monkeypatch, "MESH_NATIVE_BF16_WIDE", {"1": "auto", "0": "0", "wide": "1"}[tiles])
-    if kernel_path == "native":
+    if backend.name == "cpu":
         assert native.amx() == (tiles == "1" and "amx_bf16" in native._cpu_flags().split())
     g = torch.Generator().manual_seed(11)
     bs = 16
@@ -512,22 +529,20 @@ def test_prefill_chunks_match_causal_sdpa(dtype, hk, groups, d, tiles, kernel_pa
     kv, seqs = _pool([p + n for p, n in spans], bs, hk, d, dtype, g)
     t = sum(n for _, n in spans)
     q = torch.randn(t, hk * groups, d, generator=g).to(dtype)
-    chunks, slots, k_new, v_new, row = [], [], [], [], 0
+    chunks, slots, row = [], [], 0
     for (past, n), (k, v, blocks) in zip(spans, seqs):
         chunks.append(PrefillChunk(row, n, past + n, blocks))
         pos = torch.arange(past, past + n)
         slots.append(blocks[pos // bs] * bs + pos % bs)
-        k_new.append(k[past:])
-        v_new.append(v[past:])
         row += n
     calls = []
     real = native.prefill_attention
     monkeypatch.setattr(native, "prefill_attention", lambda *a: calls.append(1) or real(*a))
     meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=chunks)
     kc, vc = kv.layer(0)
-    got = paged_attention(q, torch.cat(k_new), torch.cat(v_new), kc, vc, meta, d ** -0.5).view(t, -1, d)
-    ran_native = kernel_path == "native" and native._vector_kernels(bf16=dtype == torch.bfloat16)
-    assert bool(calls) == (kernel_path == "native")
+    got = _attend(backend, q, kc, vc, meta, d ** -0.5).view(t, -1, d)
+    ran_native = backend.name == "cpu" and native._vector_kernels(bf16=dtype == torch.bfloat16)
+    assert bool(calls) == (backend.name == "cpu")
     atol = 1e-5 if dtype == torch.float32 else 3e-2
     for (past, n), (k, v, _), chunk in zip(spans, seqs, chunks):
         pos = torch.arange(past, past + n)
@@ -718,22 +733,20 @@ def test_native_qkv_rope_write_matches_norm_rope_then_slot_writes(dtype, d, with
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,top_k", [(16, 4), (60, 4), (128, 8), (128, 2), (512, 8)])  # the last two:
 def test_native_routing_picks_torchs_experts_ties_included(logits_dtype, experts, top_k, monkeypatch):  # partial_sort
-    """moe.route on the CPU (the C++ top-k with torch's algorithms, or torch.topk over the logits;
-    then the weights in one native pass) picks the same experts in the same order as the all-torch
-    spelling, also where bf16 logits tie (rows rounded to integers: many equal values), and its
+    """Routing on the CPU backend (the C++ top-k with torch's algorithms, or torch.topk over the logits;
+    then the weights in one native pass) picks the same experts in the same order as the torch
+    backend, also where bf16 logits tie (rows rounded to integers: many equal values), and its
     weights agree to float32 rounding."""
     _need_native()
     assert hasattr(native.library(), "mesh_route"), "the C++ top-k (csrc/topk.cpp) did not build"
-    from mesh.model.moe import route
+    cpu, ref = CpuBackend(), TorchBackend()
     g = torch.Generator().manual_seed(17)
     x = (torch.randn(300, experts, generator=g) * 3).to(logits_dtype)
     x[:60] = x[:60].round()
     for normalize in (True, False):
-        for in_model_dtype in (True, False):
-            got = route(x, None, top_k, normalize, in_model_dtype, logits=x)
-            native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
-            want = route(x, None, top_k, normalize, in_model_dtype, logits=x)
-            native_env(monkeypatch, "MESH_NATIVE_KERNELS", "1")
+        for weights_dtype in (logits_dtype, torch.float32):
+            got = cpu.route(None, x, top_k, normalize, weights_dtype)
+            want = ref.route(None, x, top_k, normalize, weights_dtype)
             assert torch.equal(got[0], want[0])
             assert got[1].dtype == want[1].dtype
             tol = 2 ** -7 if got[1].dtype == torch.bfloat16 else 1e-6
