@@ -61,7 +61,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima: a row that has seen no key keeps it, and exp2 of the
 # difference of two such values is 1, not NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 # Decode split heuristic. Each (sequence, kv head, split) is one program; aim for a few programs per
 # SM so that enough loads are in flight to reach HBM bandwidth, but never cut a context into pieces of
@@ -69,6 +69,8 @@ NEG_BIG = -1.0e30
 DECODE_PROGRAMS_PER_SM = 3
 MIN_SPLIT_TOKENS = 64
 MAX_SPLITS = 32
+# Tokens per program of the q/k/v kernel.
+QKV_TOKENS_PER_PROGRAM = 16
 
 
 class DecodeConfig(NamedTuple):
@@ -126,39 +128,43 @@ def _check_head_dim(d: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _norm_rope_head(src, offs, pair, dmask, w_ptr, cos_row, sin_row, eps,
+def _norm_rope_head(src, offs, pair, mask, w_ptr, cos_rows, sin_rows, eps,
                     D: tl.constexpr, R: tl.constexpr, HAS_NORM: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """One q or k head: float32 values of (optionally) normed and rotated x, rounded like the torch
-    reference: the norm rounds to the model dtype before and after the weight, the rotation rounds
-    each product and the sum."""
-    x = tl.load(src + offs, mask=dmask, other=0.0).to(tl.float32)  # [BLOCK_D]
-    xp = tl.load(src + pair, mask=dmask, other=0.0).to(tl.float32)  # [BLOCK_D] the rotate-half partner
+    """One q or k head of BLOCK_T tokens: float32 values of (optionally) normed and rotated x, rounded
+    like the torch reference: the norm rounds to the model dtype before and after the weight, the
+    rotation rounds each product and the sum. src, cos_rows, sin_rows: [BLOCK_T, 1] row pointers."""
+    x = tl.load(src + offs[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_D]
+    xp = tl.load(src + pair[None, :], mask=mask, other=0.0).to(tl.float32)  # the rotate-half partners
     if HAS_NORM:
-        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-        w = tl.load(w_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
-        wp = tl.load(w_ptr + pair, mask=dmask, other=0.0).to(tl.float32)
+        # correctly rounded sqrt and divide (the fast ones are off by an ulp or two)
+        inv = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / D + eps))[:, None]  # [BLOCK_T, 1]
+        w = tl.load(w_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + pair, mask=offs < D, other=0.0).to(tl.float32)[None, :]
         x = ((x * inv).to(OUT_DTYPE).to(tl.float32) * w).to(OUT_DTYPE).to(tl.float32)
         xp = ((xp * inv).to(OUT_DTYPE).to(tl.float32) * wp).to(OUT_DTYPE).to(tl.float32)
-    rot_mask = offs < R
-    cos = tl.load(cos_row + offs, mask=rot_mask, other=1.0).to(tl.float32)
-    sin = tl.load(sin_row + offs, mask=rot_mask, other=0.0).to(tl.float32)
+    rot_mask = mask & (offs < R)[None, :]
+    cos = tl.load(cos_rows + offs[None, :], mask=rot_mask, other=1.0).to(tl.float32)
+    sin = tl.load(sin_rows + offs[None, :], mask=rot_mask, other=0.0).to(tl.float32)
     # rotate_half(x) = [-x[R/2:R], x[:R/2]]: the partner enters negated in the first half
-    rot = tl.where(offs < R // 2, -xp, xp)
+    rot = tl.where((offs < R // 2)[None, :], -xp, xp)
     a = (x * cos).to(OUT_DTYPE).to(tl.float32)
     b = (rot * sin).to(OUT_DTYPE).to(tl.float32)
-    return tl.where(rot_mask, a + b, x)
+    return tl.where((offs < R)[None, :], a + b, x)
 
 
 @triton.jit
-def _slot_mask(dmask, slot):
-    """Lanes to store: inside the head and a real slot (negative: a padding row). Built as a vector
-    of slots, not `dmask & (slot >= 0)`: Triton's interpreter rejects that scalar-vector mask."""
-    return tl.where(dmask, slot, -1) >= 0
+def _cache_rows(cache_ptr, head, stride_h, stride_n, stride_b, slot, mask, BLOCK_SIZE: tl.constexpr):
+    """Row pointers [BLOCK_T, 1] of the tokens' slots in one head of a cache, and the store mask:
+    inside the tile and a real slot (negative: a padding row, not written)."""
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    rows = cache_ptr + head.to(tl.int64) * stride_h + blk * stride_n + off * stride_b  # [BLOCK_T]
+    return rows[:, None], mask & (slot >= 0)[:, None]
 
 
 @triton.jit
 def _qkv_norm_rope_write_kernel(
-        qkv_ptr, stride_qkv_t,
+        qkv_ptr, stride_qkv_t, num_tokens,
         q_norm_ptr, k_norm_ptr, eps,
         cos_ptr, sin_ptr, stride_cos, stride_sin, pos_ptr,
         slot_ptr,
@@ -166,38 +172,36 @@ def _qkv_norm_rope_write_kernel(
         k_ptr, stride_kh, stride_kn, stride_kb,
         v_ptr, stride_vh, stride_vn, stride_vb,
         HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)  # 0..HQ-1: q heads, HQ..HQ+HK-1: k heads, then v heads
+        BLOCK_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr):
+    h = tl.program_id(0)  # 0..HQ-1: q heads, HQ..HQ+HK-1: k heads, then v heads
+    toks = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
     offs = tl.arange(0, BLOCK_D)
-    dmask = offs < D
+    t_ok = toks < num_tokens
+    mask = t_ok[:, None] & (offs < D)[None, :]  # [BLOCK_T, BLOCK_D]
     half: tl.constexpr = R // 2
     pair = tl.where(offs < half, offs + half, tl.where(offs < R, offs - half, offs))
-    src = qkv_ptr + t.to(tl.int64) * stride_qkv_t + h * D
+    src = (qkv_ptr + toks.to(tl.int64) * stride_qkv_t + h * D)[:, None]  # [BLOCK_T, 1]
     out_dtype = q_out_ptr.dtype.element_ty
     if h < HQ + HK:
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        cos_row = cos_ptr + pos * stride_cos
-        sin_row = sin_ptr + pos * stride_sin
+        pos = tl.load(pos_ptr + toks, mask=t_ok, other=0).to(tl.int64)
+        cos_rows = (cos_ptr + pos * stride_cos)[:, None]
+        sin_rows = (sin_ptr + pos * stride_sin)[:, None]
         if h < HQ:
-            y = _norm_rope_head(src, offs, pair, dmask, q_norm_ptr, cos_row, sin_row, eps,
+            y = _norm_rope_head(src, offs, pair, mask, q_norm_ptr, cos_rows, sin_rows, eps,
                                 D, R, HAS_Q_NORM, out_dtype)
-            tl.store(q_out_ptr + t.to(tl.int64) * stride_qo_t + h * stride_qo_h + offs, y, mask=dmask)
+            dst = q_out_ptr + toks.to(tl.int64) * stride_qo_t + h * stride_qo_h
+            tl.store(dst[:, None] + offs[None, :], y, mask=mask)
         else:
-            y = _norm_rope_head(src, offs, pair, dmask, k_norm_ptr, cos_row, sin_row, eps,
+            y = _norm_rope_head(src, offs, pair, mask, k_norm_ptr, cos_rows, sin_rows, eps,
                                 D, R, HAS_K_NORM, out_dtype)
-            slot = tl.load(slot_ptr + t)
-            blk = slot // BLOCK_SIZE
-            off = slot % BLOCK_SIZE
-            dst = k_ptr + (h - HQ).to(tl.int64) * stride_kh + blk * stride_kn + off * stride_kb
-            tl.store(dst + offs, y, mask=_slot_mask(dmask, slot))
+            slot = tl.load(slot_ptr + toks, mask=t_ok, other=-1)
+            rows, keep = _cache_rows(k_ptr, h - HQ, stride_kh, stride_kn, stride_kb, slot, mask, BLOCK_SIZE)
+            tl.store(rows + offs[None, :], y, mask=keep)
     else:
-        x = tl.load(src + offs, mask=dmask, other=0.0)
-        slot = tl.load(slot_ptr + t)
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        dst = v_ptr + (h - HQ - HK).to(tl.int64) * stride_vh + blk * stride_vn + off * stride_vb
-        tl.store(dst + offs, x, mask=_slot_mask(dmask, slot))
+        x = tl.load(src + offs[None, :], mask=mask, other=0.0)
+        slot = tl.load(slot_ptr + toks, mask=t_ok, other=-1)
+        rows, keep = _cache_rows(v_ptr, h - HQ - HK, stride_vh, stride_vn, stride_vb, slot, mask, BLOCK_SIZE)
+        tl.store(rows + offs[None, :], x, mask=keep)
 
 
 def qkv_norm_rope_write(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -231,17 +235,19 @@ def qkv_norm_rope_write(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, he
         return q_out
     qn = q_norm_w if q_norm_w is not None else qkv  # a placeholder pointer, never read
     kn = k_norm_w if k_norm_w is not None else qkv
-    _qkv_norm_rope_write_kernel[(t, hq + 2 * hk)](
-        qkv, qkv.stride(0),
+    # A program per (head, tile of tokens): a tile of 16 rows moves 4 KB per head at D = 128 in bf16,
+    # enough for its loads to overlap; q, k and v heads differ in what they do, tokens do not.
+    block_t = min(QKV_TOKENS_PER_PROGRAM, triton.next_power_of_2(t))
+    _qkv_norm_rope_write_kernel[(hq + 2 * hk, triton.cdiv(t, block_t))](
+        qkv, qkv.stride(0), t,
         qn, kn, float(eps),
         cos, sin, cos.stride(0), sin.stride(0), positions,
         slot_mapping,
         q_out, q_out.stride(0), q_out.stride(1),
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HQ=hq, HK=hk, D=d, BLOCK_D=triton.next_power_of_2(d), R=r, BLOCK_SIZE=k_cache.shape[2],
-        HAS_Q_NORM=q_norm_w is not None, HAS_K_NORM=k_norm_w is not None,
-        num_warps=1 if d <= 128 else 2)
+        HQ=hq, HK=hk, D=d, BLOCK_D=triton.next_power_of_2(d), R=r, BLOCK_T=block_t, BLOCK_SIZE=k_cache.shape[2],
+        HAS_Q_NORM=q_norm_w is not None, HAS_K_NORM=k_norm_w is not None, num_warps=4)
     return q_out
 
 
