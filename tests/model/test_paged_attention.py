@@ -105,6 +105,7 @@ DECODE_CASES = [
     (16, 8, 32, 8, [1, 2, 20]),  # more splits than tiles
     (4, 4, 32, 3, [300]),
     (32, 2, 64, 8, [33, 100]),
+    (4, 1, 32, 40, [300, 3]),  # more pieces than one pass of the combine kernel takes
 ]
 
 
