@@ -12,9 +12,9 @@ Query heads come in groups: with Hq = G * Hk, query head h reads kv head h // G.
 
 qkv_norm_rope_write
 -------------------
-The projection's output row `[q heads | k heads | v heads]` of one token is split per head: q heads
-are RMS-normalised (optional), rotated and written to q; k heads likewise and written to their cache
-slot; v heads are copied to their slot. Rotation is rotate-half over the first R dims: dim d < R/2
+The projection's output row `[q heads | k heads | v heads]` of a token is handled one head at a time
+by a program that takes that head for 16 tokens: q heads are RMS-normalised (optional), rotated and
+written to q; k heads likewise and written to their cache slots; v heads are copied to their slots. Rotation is rotate-half over the first R dims: dim d < R/2
 pairs with d + R/2, so each program loads its head twice, once straight and once with the pair index,
 and needs no shuffle inside the vector. A negative slot (a padding row of a captured batch) writes
 nothing to the cache.
@@ -50,7 +50,6 @@ for float32 tolerances). A row with no keys (context length 0) produces zeros.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -101,9 +100,10 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
 
 def prefill_config(head_dim: int, group: int, dtype: torch.dtype) -> PrefillConfig:
     """Tile shape for prefill on Hopper. 64 rows x 64 keys, 4 warps, 3 stages at D <= 128 in bf16: on an
-    H200 at Qwen3-Coder shapes it beat 128-row tiles on long cached prefixes (2048 new over 8192: 353 vs
-    304 TFLOP/s) and on short chunks (8 x 64 tokens: 215 vs 184), within 5% elsewhere except 4 chunks of
-    512 (162 vs 195 with 128 x 32). Wider heads and float32 halve the key tile to stay in registers."""
+    H200 at Qwen3-Coder shapes it beat 128 x 64 tiles with 8 warps on long cached prefixes (2048 new
+    over 8192: 353 vs 304 TFLOP/s) and on short chunks (8 x 64 tokens: 215 vs 184); of four shapes tried
+    it was within 6% of the best elsewhere, except 4 chunks of 512 (162 vs 195 with 128 x 32). Wider
+    heads and float32 halve the key tile to stay in registers (not measured)."""
     if dtype == torch.float32:
         block_m, block_n, warps, stages = 64, 32, 4, 2
     elif head_dim > 128:
