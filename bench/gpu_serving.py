@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -35,13 +37,26 @@ from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 
 
-def model_dir(preset: str) -> Path:
+def model_dir(preset: str, layers: int = 0) -> Path:
+    """The preset's config-only directory; with `layers`, a copy cut to its first `layers` layers (the
+    hybrid Coder-Next at 24 of its 48 layers fits one H200 in bf16)."""
+    from mesh.presets import REAL_PRESET_ARCH, init_model
     out = ROOT / "bench" / "out" / preset
     if not (out / "config.json").is_file():
-        from mesh.presets import init_model
-        init_model("qwen3_moe", preset, out, dtype="bfloat16", config_only=True,
+        init_model(REAL_PRESET_ARCH[preset], preset, out, dtype="bfloat16", config_only=True,
                    progress=lambda s: print(s, file=sys.stderr))
-    return out
+    if not layers:
+        return out
+    cut = ROOT / "bench" / "out" / f"{preset}-{layers}l"
+    cut.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = cfg["layer_types"][:layers]
+    (cut / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(out / name, cut / name)
+    return cut
 
 
 def copy_rate(nbytes: int = 4 << 30) -> float:
@@ -233,7 +248,10 @@ def hf_generate(path: Path, batches: list[int], prompt: int = 128, new: int = 32
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="coder-30b-a3b", help="a config-only preset (default coder-30b-a3b)")
+    ap.add_argument("--preset", default="coder-30b-a3b",
+                    help="a config-only preset: coder-30b-a3b (default), coder-next, coder-480b-a35b")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="keep only the first N layers (e.g. 24 for coder-next on one H200; default: all)")
     ap.add_argument("--batches", default="1,16,64,256", help="decode batch sizes (default 1,16,64,256)")
     ap.add_argument("--ctx", type=int, default=512, help="prompt tokens before the decode steps (default 512)")
     ap.add_argument("--steps", type=int, default=9, help="decode steps timed per batch (median; default 9)")
@@ -247,7 +265,7 @@ def main() -> int:
         return 2
     from mesh.config import parse_size
     t_all = time.perf_counter()
-    path = model_dir(args.preset)
+    path = model_dir(args.preset, args.layers)
     cfg = ModelConfig.from_dir(path)
     bw = copy_rate()
     emit({"bench": "copy", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -1,10 +1,12 @@
 """Time to first token for a 2,048-token prompt on the `bench` preset: cold, warm from the local block
 pool, and warm from Redis after a gateway restart (a fresh engine with an empty pool), in one run.
-Also: bytes stored in Redis per prompt token, and Redis round trips per request.
+Also: bytes stored in Redis per prompt token, and Redis round trips per request; and a short shared
+prefix (--shared-prefix tokens, default 100) between two otherwise different prompts: the tokens the
+second one is served from cache.
 
 Starts its own redis-server on a free loopback port.
 
-    .venv/bin/python bench/prefix_cache.py [--dtype bfloat16] [--prompt-tokens 2048] [--repeat 3]
+    .venv/bin/python bench/prefix_cache.py [--arch qwen3_next] [--dtype bfloat16] [--prompt-tokens 2048] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -62,9 +64,13 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompt-tokens", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--arch", default="qwen3_moe", help="the bench preset's family: qwen3_moe (default) or "
+                    "qwen3_next (the hybrid: its state is restored from snapshots at block boundaries)")
+    ap.add_argument("--shared-prefix", type=int, default=100, help="tokens two prompts share (default 100)")
     args = ap.parse_args()
-    model_dir = bench_model()
-    emit({"bench": "prefix_cache", "hardware": hardware(), "model": str(model_dir), "dtype": args.dtype})
+    model_dir = bench_model(args.arch)
+    emit({"bench": "prefix_cache", "hardware": hardware(), "model": str(model_dir), "dtype": args.dtype,
+          "arch": args.arch})
     proc, url = start_redis()
     try:
         cfg = EngineConfig(dtype=args.dtype, kv_cache_memory=1 << 30, max_num_batched_tokens=args.prompt_tokens)
@@ -95,6 +101,12 @@ def main() -> int:
             emit({"prompt_tokens": args.prompt_tokens, "ttft_cold_ms": t_cold * 1e3,
                   "ttft_local_ms": t_local * 1e3, "ttft_redis_ms": t_remote * 1e3,
                   "cached_tokens_local": c1, "cached_tokens_redis": c2})
+        # a short shared prefix: two prompts agreeing on their first --shared-prefix tokens only
+        g3 = Engine(model_dir, cfg)
+        shared = [rng.randrange(g3.model_config.vocab_size) for _ in range(args.shared_prefix)]
+        ttft(g3, shared + [rng.randrange(1000) for _ in range(40)])
+        _, hit = ttft(g3, shared + [rng.randrange(1000) for _ in range(30)])
+        emit({"shared_prefix_tokens": args.shared_prefix, "cached_tokens": hit, "block_size": cfg.block_size})
         med = statistics.median
         emit({"summary": True, "ttft_cold_ms": med(cold) * 1e3, "ttft_local_ms": med(local) * 1e3,
               "ttft_redis_ms": med(remote) * 1e3, "speedup_local": med(cold) / med(local),

@@ -75,6 +75,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence served, prompt plus output (default: the model's limit)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
+    g.add_argument("--state-snapshot-interval", type=int, default=1,
+                   help="hybrid models (Qwen3-Next): snapshot the linear layers' recurrent state every N KV blocks, "
+                        "so cached prefixes of those lengths restore it; larger N trades prefix-cache granularity "
+                        "for memory, 0 turns hybrid prefix caching off (default 1)")
     g.add_argument("--micro-batches", type=int, choices=[0, 1, 2], default=0,
                    help="micro-batches in flight per step: 2 overlaps one's attention with the other's expert "
                         "round trip (default 0 = auto: 2 with expert workers on GPUs, else 1)")
@@ -121,7 +125,7 @@ def engine_config(args):
                             max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                             micro_batches=args.micro_batches, backend=args.backend,
                             enforce_eager=args.enforce_eager, moe_kernel=args.moe_kernel,
-                            load_format=args.load_format)
+                            load_format=args.load_format, state_snapshot_interval=args.state_snapshot_interval)
     except ConfigError as e:
         raise SystemExit(f"mesh: error: {e}") from None
 
@@ -200,11 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a random-weight Hugging Face checkpoint (config.json, safetensors, "
                                    "a byte-level BPE tokenizer.json trained on local Python source).")
     p.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH,
-                   help="architecture family (the coder-* presets are qwen3_moe)")
+                   help="architecture family: qwen3_moe (Qwen3-Coder), qwen3_next (the hybrid Qwen3-Coder-Next), "
+                        "qwen2_moe, mixtral (default qwen3_moe)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                    help="model size: tiny (tests), small (the built-in default), bench (~64M params), "
-                        "coder-30b-a3b and coder-480b-a35b (the Qwen3-Coder models' real shapes: with "
-                        "--config-only)")
+                        "coder-30b-a3b, coder-480b-a35b (--arch qwen3_moe) and coder-next (--arch qwen3_next): "
+                        "the Qwen3-Coder models' real shapes, with --config-only")
     p.add_argument("--config-only", action="store_true",
                    help="write config.json and the tokenizer but no weights (serve them with --load-format dummy)")
     p.add_argument("--out", required=True, help="directory to write")

@@ -19,7 +19,9 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "MixtralForCausalLM": "mixtral",
+    "Qwen3NextForCausalLM": "qwen3_next",
 }
+FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "qwen3_moe" | "qwen2_moe" | "mixtral"
+    family: str  # "qwen3_moe" | "qwen2_moe" | "mixtral" | "qwen3_next"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -53,6 +55,17 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str = "float32"  # what the checkpoint was saved in
+    # The hybrid Qwen3-Next family (Qwen3-Coder-Next): per layer full attention or a Gated DeltaNet
+    # linear-attention layer; () means every layer is full attention.
+    layer_types: tuple[str, ...] = ()
+    attn_output_gate: bool = False  # q_proj also yields a per-head gate: out * sigmoid(gate) before o_proj
+    zero_centered_norm: bool = False  # RMSNorm weights are w with the norm scaled by (1 + w), in float32
+    rotary_dim: int = 0  # dims of each head the rotary embedding turns (partial rotary); 0: head_dim
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in ARCHITECTURES.values():
@@ -69,15 +82,66 @@ class ModelConfig:
             raise ConfigError(f"num_experts_per_tok ({self.top_k}) exceeds num_experts ({self.num_experts})")
         if len(self.moe_layers) != self.num_layers:
             raise ConfigError("moe_layers must have one entry per layer")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            bad = sorted(set(self.layer_types) - {FULL_ATTENTION, LINEAR_ATTENTION})
+            if bad:
+                raise ConfigError(f"unsupported layer types {bad}; supported: {FULL_ATTENTION}, {LINEAR_ATTENTION}")
+            if not self.num_kv_layers:
+                raise ConfigError("layer_types has no full_attention layer")
+        if self.num_linear_layers:
+            for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                         "linear_value_head_dim", "linear_conv_kernel_dim"):
+                if getattr(self, name) <= 0:
+                    raise ConfigError(f"{name} must be positive for linear-attention layers, got {getattr(self, name)}")
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise ConfigError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                                  f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if self.rotary_dim < 0 or self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+            raise ConfigError(f"rotary dims ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim})")
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
 
     @property
+    def is_linear(self) -> tuple[bool, ...]:
+        """Per layer: True for a linear-attention (Gated DeltaNet) layer."""
+        return tuple(t == LINEAR_ATTENTION for t in self.layer_types) if self.layer_types \
+            else (False,) * self.num_layers
+
+    @property
+    def num_linear_layers(self) -> int:
+        return sum(self.is_linear)
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers with a paged KV cache (the full-attention ones)."""
+        return self.num_layers - self.num_linear_layers
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per token over all layers, in the checkpoint's dtype's element size."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+        return self.num_kv_layers * 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of a linear layer's causal convolution (its q, k and v)."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim \
+            + self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def state_bytes_per_sequence(self) -> int:
+        """Bytes of recurrent state per sequence over the linear layers (conv and delta-rule states,
+        both float32)."""
+        conv = self.linear_conv_dim * (self.linear_conv_kernel_dim - 1)
+        ssm = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim
+        return self.num_linear_layers * (conv + ssm) * 4
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
@@ -111,6 +175,8 @@ class ModelConfig:
         if family == "mixtral":
             moe_layers = tuple(True for _ in range(layers))
             norm_topk = True
+        elif family == "qwen3_next" and not cfg.get("num_experts"):
+            raise ConfigError("config.json names no experts (num_experts)")
         else:
             step = cfg.get("decoder_sparse_step", 1) or 1
             dense = set(cfg.get("mlp_only_layers") or [])
@@ -133,8 +199,8 @@ class ModelConfig:
             norm_topk_prob=norm_topk,
             moe_layers=moe_layers,
             shared_expert_intermediate_size=(
-                cfg.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0),
-            qk_norm=family == "qwen3_moe",
+                cfg.get("shared_expert_intermediate_size", 0) if family in ("qwen2_moe", "qwen3_next") else 0),
+            qk_norm=family in ("qwen3_moe", "qwen3_next"),
             qkv_bias=bool(cfg.get("qkv_bias", True)) if family == "qwen2_moe"
             else bool(cfg.get("attention_bias", False)),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -144,6 +210,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype") or "float32",
+            **(_qwen3_next_fields(cfg, layers, head_dim, rope) if family == "qwen3_next" else {}),
         )
 
     @classmethod
@@ -156,6 +223,27 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_hf(data)
+
+
+def _qwen3_next_fields(cfg: dict, layers: int, head_dim: int, rope: dict) -> dict:
+    """The hybrid family's fields: its layer mix (an explicit `layer_types`, else every
+    `full_attention_interval`-th layer full attention), gated attention with partial rotary, zero-centred
+    norms, and the Gated DeltaNet layers' shapes."""
+    types = cfg.get("layer_types")
+    if types is None:
+        interval = cfg.get("full_attention_interval", 4)
+        if not isinstance(interval, int) or interval <= 0:
+            raise ConfigError(f"full_attention_interval must be a positive integer, got {interval!r}")
+        types = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(layers)]
+    factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))
+    rotary = int(head_dim * factor)
+    return dict(layer_types=tuple(types), attn_output_gate=True, zero_centered_norm=True,
+                rotary_dim=rotary - rotary % 2,
+                linear_num_key_heads=cfg.get("linear_num_key_heads", 16),
+                linear_num_value_heads=cfg.get("linear_num_value_heads", 32),
+                linear_key_head_dim=cfg.get("linear_key_head_dim", 128),
+                linear_value_head_dim=cfg.get("linear_value_head_dim", 128),
+                linear_conv_kernel_dim=cfg.get("linear_conv_kernel_dim", 4))
 
 
 def default_dtype() -> str:
@@ -192,6 +280,9 @@ class EngineConfig:
     moe_kernel: str = "auto"
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights made on the device
+    # hybrid models: snapshot the recurrent state every this many KV blocks so cached prefixes of those
+    # lengths restore it (0: no snapshots, hybrid prompts then never hit the prefix cache)
+    state_snapshot_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -209,6 +300,8 @@ class EngineConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.state_snapshot_interval < 0:
+            raise ConfigError(f"state_snapshot_interval must be 0 (off) or positive, got {self.state_snapshot_interval}")
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be 0 (auto) or positive, got {self.cpu_threads}")
         if self.max_num_batched_tokens < self.block_size:

@@ -26,9 +26,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from mesh.config import DTYPES
 from mesh.model.families import FAMILIES
 
-ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral")
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "qwen3_next")
 _ARCH_CLASS = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-               "mixtral": "MixtralForCausalLM"}
+               "mixtral": "MixtralForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,13 @@ class Preset:
     # a real model's shape: too large to write random weights to disk (init-model --config-only, then
     # serve with --load-format dummy)
     config_only: bool = False
+    # qwen3_next (hybrid): Gated DeltaNet layers' key and value heads and their dim (keys and values
+    # alike), every `full_attention_interval`-th layer full attention; the shared expert's width
+    linear_key_heads: int = 2
+    linear_value_heads: int = 4
+    linear_head_dim: int = 32
+    full_attention_interval: int = 4
+    shared_expert_intermediate_size: int = 0  # 0: twice moe_intermediate_size (qwen2_moe, qwen3_next)
 
     @property
     def summary(self) -> str:
@@ -65,7 +72,12 @@ PRESETS = {
                             config_only=True),
     "coder-480b-a35b": Preset(6144, 62, 160, 8, 2560, 8192, 96, 8, 128, 151936, 262144, rope_theta=10000000.0,
                               config_only=True),
+    # Qwen3-Coder-Next (qwen3_next): 80B parameters, 3B active
+    "coder-next": Preset(2048, 48, 512, 10, 512, 5120, 16, 2, 256, 151936, 262144, rope_theta=5000000.0,
+                         config_only=True, linear_key_heads=16, linear_value_heads=32, linear_head_dim=128,
+                         shared_expert_intermediate_size=512),
 }
+REAL_PRESET_ARCH = {"coder-30b-a3b": "qwen3_moe", "coder-480b-a35b": "qwen3_moe", "coder-next": "qwen3_next"}
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>",
                   "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
@@ -114,34 +126,59 @@ def hf_config(arch: str, p: Preset, eos_token_id: int, dtype: str = "float32") -
         return cfg
     cfg.update(num_experts=p.num_experts, moe_intermediate_size=p.moe_intermediate_size,
                intermediate_size=p.intermediate_size, decoder_sparse_step=1, use_sliding_window=False)
+    if arch == "qwen3_next":
+        cfg.update(norm_topk_prob=True, mlp_only_layers=[], attention_bias=False,
+                   shared_expert_intermediate_size=_shared_width(p),
+                   layer_types=["full_attention" if (i + 1) % _interval(p) == 0 else "linear_attention"
+                                for i in range(p.num_layers)],
+                   linear_num_key_heads=p.linear_key_heads, linear_num_value_heads=p.linear_value_heads,
+                   linear_key_head_dim=p.linear_head_dim, linear_value_head_dim=p.linear_head_dim,
+                   linear_conv_kernel_dim=4)
+        cfg["rope_parameters"]["partial_rotary_factor"] = 0.25
+        return cfg
     if arch == "qwen3_moe":
         cfg.update(attention_bias=False, norm_topk_prob=True, mlp_only_layers=list(p.mlp_only_layers))
     else:
         cfg.update(qkv_bias=True, norm_topk_prob=False, mlp_only_layers=[],
-                   shared_expert_intermediate_size=2 * p.moe_intermediate_size,
+                   shared_expert_intermediate_size=_shared_width(p),
                    max_window_layers=p.num_layers, layer_types=["full_attention"] * p.num_layers)
     return cfg
 
 
+def _interval(p: Preset) -> int:
+    """Every this-many-th layer is full attention (at least the last layer of a short preset)."""
+    return min(p.full_attention_interval, p.num_layers)
+
+
+def _shared_width(p: Preset) -> int:
+    return p.shared_expert_intermediate_size or 2 * p.moe_intermediate_size
+
+
 def tensor_specs(arch: str, p: Preset) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, init) for every tensor, in generation order; init is 'normal' | 'ones' | 'bias'."""
+    """(name, shape, init) for every tensor, in generation order; init is 'normal' | 'ones' | 'zeros' |
+    'bias'."""
     H, D, E = p.hidden_size, p.head_dim, p.num_experts
     q, kv = p.num_heads * D, p.num_kv_heads * D
     I = p.moe_intermediate_size
     fam = FAMILIES[arch]
     dense = set(p.mlp_only_layers) if arch == "qwen3_moe" else set()
+    hybrid = arch == "qwen3_next"
+    norm_init = "zeros" if hybrid else "ones"  # Qwen3-Next's norms are zero-centred: scale 1 + w
     specs = [("model.embed_tokens.weight", (p.vocab_size, H), "normal")]
     for i in range(p.num_layers):
         a = f"model.layers.{i}.self_attn."
-        specs.append((f"model.layers.{i}.input_layernorm.weight", (H,), "ones"))
-        for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            specs.append((a + proj + ".weight", (rows, H), "normal"))
-            if arch == "qwen2_moe":
-                specs.append((a + proj + ".bias", (rows,), "bias"))
-        if arch == "qwen3_moe":
-            specs += [(a + "q_norm.weight", (D,), "ones"), (a + "k_norm.weight", (D,), "ones")]
-        specs.append((a + "o_proj.weight", (H, q), "normal"))
-        specs.append((f"model.layers.{i}.post_attention_layernorm.weight", (H,), "ones"))
+        specs.append((f"model.layers.{i}.input_layernorm.weight", (H,), norm_init))
+        if hybrid and (i + 1) % _interval(p):
+            specs += _gated_delta_net_specs(f"model.layers.{i}.linear_attn.", p)
+        else:
+            for proj, rows in (("q_proj", 2 * q if hybrid else q), ("k_proj", kv), ("v_proj", kv)):
+                specs.append((a + proj + ".weight", (rows, H), "normal"))
+                if arch == "qwen2_moe":
+                    specs.append((a + proj + ".bias", (rows,), "bias"))
+            if arch in ("qwen3_moe", "qwen3_next"):
+                specs += [(a + "q_norm.weight", (D,), norm_init), (a + "k_norm.weight", (D,), norm_init)]
+            specs.append((a + "o_proj.weight", (H, q), "normal"))
+        specs.append((f"model.layers.{i}.post_attention_layernorm.weight", (H,), norm_init))
         m = f"model.layers.{i}.{fam.moe_prefix}."
         if i in dense:
             Id = p.intermediate_size
@@ -153,15 +190,25 @@ def tensor_specs(arch: str, p: Preset) -> list[tuple[str, tuple[int, ...], str]]
             specs += [(fam.expert_key(i, e, fam.gate), (I, H), "normal"),
                       (fam.expert_key(i, e, fam.up), (I, H), "normal"),
                       (fam.expert_key(i, e, fam.down), (H, I), "normal")]
-        if arch == "qwen2_moe":
-            Is = 2 * I
+        if arch in ("qwen2_moe", "qwen3_next"):
+            Is = _shared_width(p)
             specs += [(m + "shared_expert.gate_proj.weight", (Is, H), "normal"),
                       (m + "shared_expert.up_proj.weight", (Is, H), "normal"),
                       (m + "shared_expert.down_proj.weight", (H, Is), "normal"),
                       (m + "shared_expert_gate.weight", (1, H), "normal")]
-    specs.append(("model.norm.weight", (H,), "ones"))
+    specs.append(("model.norm.weight", (H,), norm_init))
     specs.append(("lm_head.weight", (p.vocab_size, H), "normal"))
     return specs
+
+
+def _gated_delta_net_specs(prefix: str, p: Preset) -> list[tuple[str, tuple[int, ...], str]]:
+    hk, hv, d = p.linear_key_heads, p.linear_value_heads, p.linear_head_dim
+    conv = 2 * hk * d + hv * d
+    return [(prefix + "in_proj_qkvz.weight", (2 * hk * d + 2 * hv * d, p.hidden_size), "normal"),
+            (prefix + "in_proj_ba.weight", (2 * hv, p.hidden_size), "normal"),
+            (prefix + "conv1d.weight", (conv, 1, 4), "normal"),
+            (prefix + "dt_bias", (hv,), "ones"), (prefix + "A_log", (hv,), "normal"),
+            (prefix + "norm.weight", (d,), "ones"), (prefix + "out_proj.weight", (p.hidden_size, hv * d), "normal")]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -204,6 +251,8 @@ def write_weights(specs: list[tuple[str, tuple[int, ...], str]], out_dir: Path, 
             name, shape, init = specs[k]
             if init == "ones":
                 t = torch.ones(shape)
+            elif init == "zeros":
+                t = torch.zeros(shape)
             else:
                 t = torch.empty(shape).normal_(0.0, _INIT_STD, generator=gen)
             tensors[name] = t.to(tdtype).contiguous()
@@ -296,8 +345,8 @@ def init_model(arch: str, preset: str, out_dir: str | os.PathLike, seed: int = 0
         params = sum(_numel(s) for _, s, _ in tensor_specs(arch, p))
         raise ValueError(f"--preset {preset} has {params / 1e9:.1f}B parameters ({params * 2 / 1e9:.0f} GB in "
                          f"bfloat16): pass --config-only and run it with --load-format dummy")
-    if p.config_only and arch != "qwen3_moe":
-        raise ValueError(f"--preset {preset} is a Qwen3-MoE shape: use --arch qwen3_moe")
+    if p.config_only and arch != REAL_PRESET_ARCH[preset]:
+        raise ValueError(f"--preset {preset} is a {REAL_PRESET_ARCH[preset]} shape: use --arch {REAL_PRESET_ARCH[preset]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(p.vocab_size, progress)

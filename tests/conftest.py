@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral"]
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "qwen3_next"]
 
 # Where the runtime under test runs: "cpu" (CI) or "cuda" (a GPU machine). The references stay on the
 # CPU in float32 either way, so a GPU run checks the CUDA path against the same transformers numbers.
@@ -52,6 +52,14 @@ def build_hf_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> P
         cfg = tf.Qwen2MoeConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                 shared_expert_intermediate_size=48, **common)
         model = tf.Qwen2MoeForCausalLM(cfg)
+    elif family == "qwen3_next":
+        # layers 0-2 Gated DeltaNet, layer 3 full attention (every 4th); layer 1 a dense MLP
+        cfg = tf.Qwen3NextConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1],
+                                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                 linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                                 **{**common, "num_hidden_layers": 4})
+        model = tf.Qwen3NextForCausalLM(cfg)
     else:
         cfg = tf.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **common)
         model = tf.MixtralForCausalLM(cfg)
@@ -61,7 +69,10 @@ def build_hf_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> P
     # comparisons test the arithmetic, not near-ties.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" not in name:
+            if "norm" in name:
+                if family == "qwen3_next":  # zero-centred norms start at 0: make them matter
+                    p.normal_(0.0, 0.3)
+            elif not name.endswith(("A_log", "dt_bias")):
                 p.mul_(5.0)
     model.save_pretrained(out)
     return out

@@ -25,6 +25,17 @@ def _engine(path, **kw):
     return Engine(path, EngineConfig(**kw))
 
 
+def _memory_for_blocks(mc: ModelConfig, blocks: int, max_num_seqs: int = 16) -> int:
+    """--kv-cache-memory that leaves `blocks` KV blocks of 16 tokens (float32). A hybrid model's budget
+    also holds a recurrent state per running sequence (at most half of it) and, with prefix caching,
+    snapshots taking half of what is left after those."""
+    per_block = KVCache.bytes_per_block(mc.num_kv_layers, 16, mc.num_kv_heads, mc.head_dim, torch.float32)
+    if not mc.num_linear_layers:
+        return blocks * per_block
+    running = (max_num_seqs + 1) * mc.state_bytes_per_sequence
+    return max(2 * running, running + 2 * blocks * per_block + mc.state_bytes_per_sequence)
+
+
 @pytest.fixture(scope="module")
 def references(hf_models):
     prompts = _prompts(16)
@@ -53,9 +64,8 @@ def test_greedy_batch_of_16_matches_transformers(family, mode, hf_checkpoints, r
         native_env(monkeypatch, "MESH_NATIVE_KERNELS", "0")
     if mode == "preempted":
         # a pool of 10 blocks x 16 tokens: far less than 16 prompts need at once
-        mc = ModelConfig.from_dir(hf_checkpoints[family])
-        per_block = KVCache.bytes_per_block(mc.num_layers, 16, mc.num_kv_heads, mc.head_dim, torch.float32)
-        cfg["kv_cache_memory"] = 10 * per_block
+        cfg["kv_cache_memory"] = _memory_for_blocks(ModelConfig.from_dir(hf_checkpoints[family]), 10)
+        cfg["max_num_seqs"] = 16
     engine = _engine(hf_checkpoints[family], **cfg)
     outs = engine.generate([engine.make_request(prompt_token_ids=p, sampling=GREEDY) for p in prompts])
     assert [o.token_ids for o in outs] == refs[family]
@@ -229,3 +239,35 @@ def test_stop_strings_end_the_text_where_they_first_appear(tiny_dir):
         text, out = run((stop, full[b:b + 9] + "\x00"))  # a second, longer stop string that never matches
         assert out.finish_reason is FinishReason.STOP
         assert text == full[:full.index(stop)], (stop, text)
+
+
+@pytest.mark.parametrize("interval,shared_len,cached", [(1, 100, 96), (2, 90, 64), (3, 100, 96)])
+def test_hybrid_prefixes_restore_kv_and_state_from_snapshots(interval, shared_len, cached, hf_checkpoints):
+    """Qwen3-Next keeps a recurrent state per sequence: a cached prefix is usable up to the last block
+    whose state snapshot was taken (every `interval` blocks of 16 tokens). A second prompt sharing 100
+    tokens with the first hits 96 of them (90 shared at interval 2: 64, the 4th block's end) and
+    produces exactly the tokens of a run without any prefix cache; a prompt sharing only 10 tokens (no
+    full block) computes everything."""
+    d = hf_checkpoints["qwen3_next"]
+    g = torch.Generator().manual_seed(9)
+    shared = torch.randint(0, 128, (shared_len,), generator=g).tolist()
+    first = shared + torch.randint(0, 128, (7,), generator=g).tolist()
+    second = shared + torch.randint(0, 128, (5,), generator=g).tolist()
+    third = shared[:10] + torch.randint(0, 128, (30,), generator=g).tolist()
+    cold = _engine(d, enable_prefix_caching=False)
+    want = [cold.generate([cold.make_request(prompt_token_ids=p, sampling=GREEDY)])[0].token_ids
+            for p in (second, third)]
+    engine = _engine(d, state_snapshot_interval=interval)
+    engine.generate([engine.make_request(prompt_token_ids=first, sampling=GREEDY)])
+    assert engine.state_cache.num_cached_snapshots >= 5 // interval
+    out = engine.generate([engine.make_request(prompt_token_ids=p, sampling=GREEDY) for p in (second, third)])
+    assert out[0].usage.cached_tokens == cached
+    assert out[1].usage.cached_tokens == 0
+    assert [o.token_ids for o in out] == want
+    # every block and every running state slot came back
+    assert engine.blocks.num_used == 0 and len(engine.state_cache._free_running) == engine.config.max_num_seqs
+
+
+def test_hybrid_state_budget_is_checked_and_named(hf_checkpoints):
+    with pytest.raises(ConfigError, match="--max-num-seqs"):
+        _engine(hf_checkpoints["qwen3_next"], kv_cache_memory=200_000, max_num_seqs=256)

@@ -8,6 +8,7 @@ import torch
 from conftest import BACKENDS, DEVICE, FAMILIES
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk
 from mesh.model.backend import make_backend
+from mesh.model.linear_attention import StatePool
 from mesh.model.loader import load_model
 from mesh.parallel.local import LocalDispatcher
 
@@ -24,7 +25,12 @@ def _forward(model, experts, ids, block_size=16, capture=None, chunks=None):
     n = len(ids)
     nblocks = -(-n // block_size)
     dev = model.device
-    kv = KVCache(cfg.num_layers, nblocks + 3, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, dev)
+    states = None
+    if cfg.num_linear_layers:  # hybrid: one recurrent-state slot (slot 1 of 2) for this sequence
+        states = StatePool(cfg.num_linear_layers, 2, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim,
+                           cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim, dev)
+    kv = KVCache(cfg.num_kv_layers, nblocks + 3, block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, dev,
+                 states=states)
     blocks = torch.randperm(nblocks + 3)[:nblocks].to(dev)  # non-contiguous on purpose
     pos = torch.arange(n, device=dev)
     slots = blocks[pos // block_size] * block_size + pos % block_size
@@ -35,7 +41,8 @@ def _forward(model, experts, ids, block_size=16, capture=None, chunks=None):
     for c in chunks:
         sl = slice(start, start + c)
         meta = AttentionMetadata(slot_mapping=slots[sl],
-                                 prefills=[PrefillChunk(0, c, start + c, blocks[:-(-(start + c) // block_size)])])
+                                 prefills=[PrefillChunk(0, c, start + c, blocks[:-(-(start + c) // block_size)])],
+                                 state_slots=[1])
         outs.append(model.forward(torch.tensor(ids[sl], device=dev), pos[sl], meta, kv, dispatcher, capture=capture))
         start += c
     return model.logits(torch.cat(outs)).cpu()

@@ -9,6 +9,7 @@ import torch
 
 from mesh.config import ModelConfig
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk
+from mesh.model.linear_attention import StatePool
 from mesh.model.loader import load_model
 from mesh.model.weights import CheckpointReader, WeightError
 from mesh.parallel.local import LocalDispatcher
@@ -38,8 +39,11 @@ def _mesh_logits(model_dir, ids: list[int]) -> torch.Tensor:
     blocks = torch.arange(nblocks).flip(0)  # non-contiguous block order on purpose
     pos = torch.arange(n)
     slots = blocks[pos // bs] * bs + pos % bs  # [n]
-    kv = KVCache(cfg.num_layers, nblocks, bs, cfg.num_kv_heads, cfg.head_dim, torch.float32)
-    meta = AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, n, n, blocks)])
+    states = StatePool(cfg.num_linear_layers, 1, cfg.linear_conv_dim, cfg.linear_conv_kernel_dim,
+                       cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                       cfg.linear_value_head_dim) if cfg.num_linear_layers else None
+    kv = KVCache(cfg.num_kv_layers, nblocks, bs, cfg.num_kv_heads, cfg.head_dim, torch.float32, states=states)
+    meta = AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, n, n, blocks)], state_slots=[0])
     with torch.no_grad():
         hidden = model.forward(torch.tensor(ids), pos, meta, kv, LocalDispatcher(experts, cfg.num_experts))
         return model.logits(hidden)  # [n, V]
@@ -178,22 +182,35 @@ def test_tokenizer_training_is_deterministic_and_cached(cache_env):
                            vocab_size=151936, max_position_embeddings=262144)),
     ("coder-480b-a35b", dict(hidden_size=6144, num_hidden_layers=62, num_attention_heads=96, num_key_value_heads=8,
                              head_dim=128, num_experts=160, num_experts_per_tok=8, moe_intermediate_size=2560,
-                             vocab_size=151936, max_position_embeddings=262144))])
+                             vocab_size=151936, max_position_embeddings=262144)),
+    ("coder-next", dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2,
+                        head_dim=256, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+                        shared_expert_intermediate_size=512, linear_num_key_heads=16, linear_num_value_heads=32,
+                        linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                        vocab_size=151936, max_position_embeddings=262144))])
 def test_real_presets_write_the_coder_configs_without_weights(preset, shape, cache_env, tmp_path):
     """--config-only writes the Qwen3-Coder models' config.json and a tokenizer, no weights; the
     runtime reads the real shape (96 KiB of bf16 KV per token for the 30B model)."""
-    out = init_model("qwen3_moe", preset, tmp_path / preset, dtype="bfloat16", config_only=True)
+    from mesh.presets import REAL_PRESET_ARCH
+    arch = REAL_PRESET_ARCH[preset]
+    out = init_model(arch, preset, tmp_path / preset, dtype="bfloat16", config_only=True)
     cfg = json.loads((out / "config.json").read_text())
     assert {k: cfg[k] for k in shape} == shape
-    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["rope_parameters"]["rope_theta"] == 1e7
     assert cfg["norm_topk_prob"] is True and cfg["mlp_only_layers"] == []
     assert not list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
     mc = ModelConfig.from_dir(out)
     assert mc.num_moe_layers == shape["num_hidden_layers"] and mc.qk_norm
+    params = sum(int(torch.tensor(s).prod()) for _, s, _ in tensor_specs(arch, PRESETS[preset]))
     if preset == "coder-30b-a3b":
+        assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["rope_parameters"]["rope_theta"] == 1e7
         assert mc.kv_bytes_per_token * 2 == 96 * 1024
-        params = sum(int(torch.tensor(s).prod()) for _, s, _ in tensor_specs("qwen3_moe", PRESETS[preset]))
         assert 30.4e9 < params < 30.6e9  # 30.5B parameters, as published
+    if preset == "coder-next":  # every 4th layer full attention: KV in 12 layers, 24 KiB a token in bf16
+        assert cfg["architectures"] == ["Qwen3NextForCausalLM"] and cfg["rope_parameters"]["rope_theta"] == 5e6
+        assert mc.num_linear_layers == 36 and mc.rope_dim == 64 and mc.attn_output_gate
+        assert mc.kv_bytes_per_token * 2 == 24 * 1024
+        assert 79e9 < params < 81e9  # 80B parameters (the multi-token-prediction head aside)
+        assert 70e6 < mc.state_bytes_per_sequence < 80e6  # conv + delta-rule states over 36 layers, float32
 
 
 def test_real_presets_refuse_to_write_random_weights(cache_env, tmp_path):

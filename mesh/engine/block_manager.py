@@ -14,6 +14,7 @@ import struct
 from collections import OrderedDict
 
 from mesh.engine.sequence import Sequence
+from mesh.engine.state_cache import StateCache
 
 
 def block_hash(parent: int | None, tokens: list[int], namespace: str) -> int:
@@ -29,7 +30,9 @@ def block_hash(parent: int | None, tokens: list[int], namespace: str) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 namespace: str = ""):
+                 namespace: str = "", states: StateCache | None = None):
+        """`states`: the recurrent-state slots of a hybrid model; a cached prefix then ends where its
+        last block has a state snapshot."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -41,6 +44,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.prefix_hits = 0  # tokens served from cached blocks since start
         self.prefix_queries = 0  # prompt tokens looked up since start
+        self.states = states
 
     @property
     def num_free(self) -> int:
@@ -69,15 +73,23 @@ class BlockManager:
         limit = (len(seq.token_ids) - 1) // bs
         parent, ns = None, self.namespace_of(seq)
         self.prefix_queries += len(seq.token_ids)
+        found: list[tuple[int, int]] = []  # (block, hash) of the cached prefix
         for i in range(limit):
             h = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs], ns)
             block = self.block_of_hash.get(h)
             if block is None:
                 break
+            found.append((block, h))
+            parent = h
+        if self.states is not None:  # hybrid: only up to the last block with a state snapshot
+            while found and self.states.lookup(found[-1][1]) is None:
+                found.pop()
+            if found:
+                seq.state_init = self.states.lookup(found[-1][1])
+        for block, h in found:
             self._ref(block)
             seq.block_ids.append(block)
             seq.block_hashes.append(h)
-            parent = h
         seq.num_computed_tokens = len(seq.block_ids) * bs
         self.prefix_hits += seq.num_computed_tokens
         return seq.num_computed_tokens
@@ -93,6 +105,8 @@ class BlockManager:
             if old is not None:  # reusing a cached block: its old content is gone
                 if self.block_of_hash.get(old) == block:
                     del self.block_of_hash[old]
+                    if self.states is not None:
+                        self.states.forget(old)
                 self.hash_of[block] = None
             self.ref_count[block] = 1
             seq.block_ids.append(block)
@@ -116,6 +130,9 @@ class BlockManager:
             if h not in self.block_of_hash:
                 self.block_of_hash[h] = seq.block_ids[i]
                 self.hash_of[seq.block_ids[i]] = h
+            snapshot = seq.pending_snapshots.pop(i, None)
+            if snapshot is not None:  # the state at this block's end, taken during the step
+                self.states.publish(h, snapshot)
         return list(range(first, full))
 
     def register(self, seq: Sequence, block: int, h: int) -> None:
@@ -135,6 +152,8 @@ class BlockManager:
         seq.block_ids = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        if self.states is not None:
+            self.states.release(seq)
 
     def _ref(self, block: int) -> None:
         if self.ref_count[block] == 0:

@@ -49,10 +49,17 @@ class DecodeGraphs:
         self.slots = torch.full((b,), -1, dtype=torch.int64, device=dev)
         self.table = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
         self.lens = torch.zeros(b, dtype=torch.int32, device=dev)
+        # hybrid models: each row's recurrent-state slot; padding rows use the pool's last slot, which
+        # no sequence owns (a scratch slot)
+        self.states = kv.states
+        self.state_slots = None
+        if self.states is not None:
+            self.scratch_slot = self.states.num_slots - 1
+            self.state_slots = torch.full((b,), self.scratch_slot, dtype=torch.int64, device=dev)
         self.logits = torch.empty(b, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         # host staging (pinned: the copies to the device do not wait for the host)
         pin = torch.cuda.is_available()
-        self._host_rows = torch.zeros(4, b, dtype=torch.int64, pin_memory=pin)  # ids, positions, slots, lens
+        self._host_rows = torch.zeros(5, b, dtype=torch.int64, pin_memory=pin)  # ids, positions, slots, lens, states
         self._host_table = torch.zeros(b, self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
@@ -61,7 +68,8 @@ class DecodeGraphs:
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slots[:b], num_decode=b, decode_block_table=self.table[:b],
-                                 decode_context_lens=self.lens[:b], max_decode_context=self.max_model_len)
+                                 decode_context_lens=self.lens[:b], max_decode_context=self.max_model_len,
+                                 decode_state_slots=None if self.state_slots is None else self.state_slots[:b])
 
     def _forward(self, b: int) -> None:
         hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), self.kv, self.dispatcher)
@@ -95,7 +103,7 @@ class DecodeGraphs:
         return None
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
+            tables: list[list[int]], state_slots: list[int] | None = None) -> torch.Tensor:
         """One decode step for n = len(ids) sequences -> logits [n, V] float32 (a view of the static
         output: valid until the next step)."""
         t0 = time.perf_counter()
@@ -103,15 +111,15 @@ class DecodeGraphs:
         b = self.size_for(n)
         width = max(len(t) for t in tables)
         rows = self._host_rows
+        fields = [ids, positions, slots, lens] + ([state_slots] if self.state_slots is not None else [])
+        rows[:len(fields), :n] = torch.tensor(fields)  # one conversion for every per-row field
         rows[:, n:b] = 0
         rows[2, n:b] = -1  # padding: no KV slot
-        rows[0, :n] = torch.tensor(ids)
-        rows[1, :n] = torch.tensor(positions)
-        rows[2, :n] = torch.tensor(slots)
-        rows[3, :n] = torch.tensor(lens)
+        if self.state_slots is not None:
+            rows[4, n:b] = self.scratch_slot
+            self.state_slots[:b].copy_(rows[4, :b], non_blocking=True)
+        self._host_table[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         host_table = self._host_table
-        for i, t in enumerate(tables):
-            host_table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
         self.input_ids[:b].copy_(rows[0, :b], non_blocking=True)
         self.positions[:b].copy_(rows[1, :b], non_blocking=True)
         self.slots[:b].copy_(rows[2, :b], non_blocking=True)

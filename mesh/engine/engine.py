@@ -23,8 +23,10 @@ from mesh.engine.observe import EngineObserver
 from mesh.engine.sampler import sample
 from mesh.engine.scheduler import Scheduler
 from mesh.engine.sequence import Sequence, Status
+from mesh.engine.state_cache import StateCache
 from mesh.model.attention import KVCache
 from mesh.model.backend import make_backend
+from mesh.model.linear_attention import StatePool
 from mesh.model.loader import load_model
 from mesh.parallel.dispatcher import Dispatcher
 from mesh.parallel.local import LocalDispatcher
@@ -44,9 +46,10 @@ class Engine:
         self.model_config: ModelConfig = ModelConfig.from_dir(model_dir)
         mc = self.model_config
         dtype = config.torch_dtype
-        per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads,
+        per_block = KVCache.bytes_per_block(mc.num_kv_layers, config.block_size, mc.num_kv_heads,
                                             mc.head_dim, dtype)
-        num_blocks = config.kv_cache_memory // per_block
+        kv_memory, self.num_state_snapshots = self._state_budget(mc, config)
+        num_blocks = kv_memory // per_block
         if num_blocks < 2:
             raise ConfigError(
                 f"--kv-cache-memory {config.kv_cache_memory} bytes holds {num_blocks} blocks of "
@@ -63,13 +66,22 @@ class Engine:
                                          max_positions=self.max_model_len, backend=self.backend,
                                          load_format=config.load_format)
         self.dispatcher = dispatcher or LocalDispatcher(experts, mc.num_experts)
-        self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                          dtype, config.device)
+        states, self.state_cache = None, None
+        if mc.num_linear_layers:
+            # running slots, snapshot slots, and one scratch slot (the padding rows of a CUDA graph)
+            states = StatePool(mc.num_linear_layers, config.max_num_seqs + self.num_state_snapshots + 1, mc.linear_conv_dim,
+                               mc.linear_conv_kernel_dim, mc.linear_num_value_heads, mc.linear_key_head_dim,
+                               mc.linear_value_head_dim, config.device)
+            interval = config.state_snapshot_interval if config.enable_prefix_caching else 0
+            self.state_cache = StateCache(config.max_num_seqs, self.num_state_snapshots, interval)
+        self.kv = KVCache(mc.num_kv_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+                          dtype, config.device, states=states)
         # Cached blocks are shared only within one model, dtype and block size (and salt).
         self.namespace = model_namespace(model_dir, mc.family, config.dtype, config.block_size)
         if config.prefix_namespace:
             self.namespace += ":" + config.prefix_namespace
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.namespace)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.namespace,
+                                   states=self.state_cache)
         self.prefix_cache = TieredPrefixCache(prefix_tier, self.blocks, self.kv) if prefix_tier else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.prefix_cache.fetch if self.prefix_cache else None)
@@ -84,7 +96,8 @@ class Engine:
             graphs.capture()
         if torch.device(config.device).type == "cpu":
             keep_freed_memory()  # process-wide: a CPU engine owns its process's allocator settings
-        self.runner = ModelRunner(self.model, self.kv, self.dispatcher, micro_batches=micro, graphs=graphs)
+        self.runner = ModelRunner(self.model, self.kv, self.dispatcher, micro_batches=micro, graphs=graphs,
+                                  states=self.state_cache)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None:
@@ -96,6 +109,26 @@ class Engine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.observer = EngineObserver(self)
+
+    @staticmethod
+    def _state_budget(mc: ModelConfig, config: EngineConfig) -> tuple[int, int]:
+        """How --kv-cache-memory is shared in a hybrid model: a recurrent-state slot per running
+        sequence first, then, with prefix caching, half of the rest for state snapshots at block
+        boundaries; the KV blocks get what remains. Returns (KV bytes, snapshot slots)."""
+        if not mc.num_linear_layers:
+            return config.kv_cache_memory, 0
+        per_seq = mc.state_bytes_per_sequence
+        running = (config.max_num_seqs + 1) * per_seq  # and a scratch slot
+        if running * 2 > config.kv_cache_memory:
+            raise ConfigError(
+                f"--kv-cache-memory {config.kv_cache_memory} bytes: {config.max_num_seqs} running sequences "
+                f"(--max-num-seqs) need {running} bytes of recurrent state ({per_seq} each) and that may "
+                f"take at most half; raise --kv-cache-memory or lower --max-num-seqs")
+        rest = config.kv_cache_memory - running
+        snapshots = 0
+        if config.enable_prefix_caching and config.state_snapshot_interval > 0:
+            snapshots = rest // 2 // per_seq
+        return rest - snapshots * per_seq, snapshots
 
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,

@@ -10,6 +10,7 @@ import torch
 
 from mesh.engine.cuda_graphs import DecodeGraphs
 from mesh.engine.scheduler import ScheduledSeq
+from mesh.engine.state_cache import StateCache
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk
 from mesh.model.decoder import MicroBatch, MoEDecoder
 from mesh.parallel.dispatcher import Dispatcher
@@ -17,8 +18,11 @@ from mesh.parallel.dispatcher import Dispatcher
 
 class ModelRunner:
     def __init__(self, model: MoEDecoder, kv: KVCache, dispatcher: Dispatcher, micro_batches: int = 1,
-                 graphs: DecodeGraphs | None = None):
-        """`graphs`: captured decode steps (CUDA); pure-decode steps they fit replay them."""
+                 graphs: DecodeGraphs | None = None, states: StateCache | None = None):
+        """`graphs`: captured decode steps (CUDA); pure-decode steps they fit replay them. `states`: a
+        hybrid model's recurrent-state slots (the pool itself is `kv.states`)."""
+        self.states = states
+        self._after_step: list[tuple[int, int]] = []  # state copies (slot -> snapshot slot) once a step ran
         self.model = model
         self.micro_batches = micro_batches
         self.kv = kv
@@ -34,6 +38,7 @@ class ModelRunner:
         With `micro_batches == 2` (the mesh) and at least two sequences, the batch is cut in two halves
         of about equal tokens that overlap each other's expert round trips.
         """
+        self._after_step = []
         if self.graphs is not None and all(s.num_tokens == 1 for s in batch) \
                 and self.graphs.size_for(len(batch)) is not None:
             return self._run_graph(batch)
@@ -53,6 +58,7 @@ class ModelRunner:
                 selected = hidden
             else:
                 selected = hidden.index_select(0, torch.tensor(sample_rows, dtype=torch.long, device=self.device))
+        self._take_snapshots()
         if not samplers:
             return [], selected.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
         return samplers, self.model.logits(selected)
@@ -68,8 +74,14 @@ class ModelRunner:
             slots.append(seq.block_ids[c // bs] * bs + c % bs)
             lens.append(c + 1)
             tables.append(seq.block_ids[:c // bs + 1])
-        logits = self.graphs.run(ids, pos, slots, lens, tables)
+        state_slots = None
+        if self.states is not None:  # hybrid: initialise new slots, ask for snapshots
+            meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decode=len(batch))
+            self._state_metadata(meta, batch, [], device_slots=False)
+            state_slots = meta.state_slots
+        logits = self.graphs.run(ids, pos, slots, lens, tables, state_slots)
         self.graph_steps += 1
+        self._take_snapshots()
         samplers = [s for s in batch if s.samples]
         if len(samplers) != len(batch):
             rows = [i for i, s in enumerate(batch) if s.samples]
@@ -116,7 +128,7 @@ class ModelRunner:
             nblocks = -(-(c + n) // bs)
             blocks = torch.tensor(seq.block_ids[:nblocks], dtype=torch.long)
             prefill_slots.append(blocks[p // bs] * bs + p % bs)
-            meta.prefills.append(PrefillChunk(row, n, c + n, blocks.to(self.device)))
+            meta.prefills.append(PrefillChunk(row, n, c + n, _to_device(blocks, self.device)))
             row += n
             if s.samples:
                 sample_rows.append(row - 1)
@@ -124,9 +136,52 @@ class ModelRunner:
         decode_slots = _longs(slots, torch.device("cpu"))
         meta.slot_mapping = _to_device(torch.cat([decode_slots] + prefill_slots) if prefill_slots else decode_slots,
                                        self.device)
+        if self.states is not None:
+            self._state_metadata(meta, decodes, prefills)
         input_ids = _longs(ids, self.device)
         positions = _longs(pos, self.device)
         return input_ids, positions, meta, samplers, sample_rows
+
+    def _take_snapshots(self) -> None:
+        """Decode rows that completed a block: their state after the step, into its snapshot slot."""
+        for slot, snapshot in self._after_step:
+            self.kv.states.copy(slot, snapshot)
+        self._after_step = []
+
+    def _state_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledSeq],
+                        prefills: list[ScheduledSeq], device_slots: bool = True) -> None:
+        """Hybrid models: initialise newly admitted sequences' state slots (zeros, or a cached prefix's
+        snapshot), give each row its slot, and ask for a snapshot wherever this step completes a block
+        the prefix cache keeps one for."""
+        cache, pool, bs = self.states, self.kv.states, self.block_size
+        rows = decodes + prefills
+        for s in rows:
+            seq = s.seq
+            if seq.state_init is not None:
+                if seq.state_init < 0:
+                    pool.reset(seq.state_slot)
+                else:
+                    pool.copy(seq.state_init, seq.state_slot)
+                seq.state_init = None
+        meta.state_slots = [s.seq.state_slot for s in rows]
+        if device_slots:
+            meta.decode_state_slots = _longs(meta.state_slots[:len(decodes)], self.device)
+        for r, s in enumerate(rows):
+            seq, c = s.seq, s.seq.num_computed_tokens
+            asked = []
+            if cache.interval and seq.request.use_prefix_cache:
+                for p in range((c // bs + 1) * bs, c + s.num_tokens + 1, bs):  # block ends inside the chunk
+                    j = p // bs - 1
+                    if j >= len(seq.block_hashes) and j not in seq.pending_snapshots and cache.wants_snapshot(j):
+                        slot = cache.take_snapshot_slot()
+                        if slot is None:
+                            break
+                        seq.pending_snapshots[j] = slot
+                        asked.append((p - c, slot))
+            if r < len(decodes):  # a decode row's state after its token is its slot's after the step
+                self._after_step += [(seq.state_slot, slot) for _, slot in asked]
+            else:
+                meta.snapshots.append(asked)
 
 
 def _longs(values: list[int], device: torch.device) -> torch.Tensor:

@@ -100,6 +100,8 @@ class Scheduler:
                 self.blocks.release(seq)
                 break
             self.waiting.popleft()
+            if self.blocks.states is not None:
+                self.blocks.states.acquire(seq)  # hybrid: its recurrent-state slot
             seq.admitted = True
             seq.status = Status.RUNNING
             self._admissions += 1

@@ -33,6 +33,12 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
+        # hybrid models (mesh.engine.state_cache): the sequence's slot in the recurrent-state pool, how
+        # to initialise it before its next chunk (None: nothing to do; -1: zeros; else the snapshot
+        # slot to copy), and snapshots requested for its blocks but not yet published (index -> slot)
+        self.state_slot = -1
+        self.state_init: int | None = None
+        self.pending_snapshots: dict[int, int] = {}
         self.generator: torch.Generator | None = None
         # tracing state (mesh.engine.observe): open spans and the first token's time
         self.trace_parent = None

@@ -40,6 +40,12 @@ class AttentionMetadata:
     # An upper bound of the decode rows' context lengths, known on the host (the CUDA backend sizes its
     # split of long contexts by it); 0: unknown (the pool's per-sequence limit is used)
     max_decode_context: int = 0
+    # Hybrid models (linear-attention layers): each decode row's and then each prefill chunk's slot in
+    # the state pool (host ints, and the decode rows' as a device tensor), and per prefill chunk the
+    # snapshots to take: (tokens of the chunk after which, snapshot slot).
+    state_slots: list[int] = field(default_factory=list)
+    decode_state_slots: torch.Tensor | None = None  # [B] int64
+    snapshots: list[list[tuple[int, int]]] = field(default_factory=list)
 
     @property
     def decode_only(self) -> bool:
@@ -47,10 +53,11 @@ class AttentionMetadata:
 
 
 class KVCache:
-    """The paged pool: one K and one V tensor per layer, each [kv_heads, num_blocks, block_size, head_dim]."""
+    """The paged pool: one K and one V tensor per layer, each [kv_heads, num_blocks, block_size, head_dim],
+    and, for hybrid models, the linear-attention layers' state pool beside it (`states`)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", states=None):
         shape = (num_layers, 2, kv_heads, num_blocks, block_size, head_dim)
         self.pool = torch.empty(shape, dtype=dtype, device=device)
         self.huge_pages = False
@@ -61,6 +68,7 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(num_layers)]  # views, made once
+        self.states = states  # mesh.model.linear_attention.StatePool or None
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mesh.model import attention as ref_attention
+from mesh.model import linear_attention as gdn
 from mesh.model import moe as ref_moe
 from mesh.model.attention import AttentionMetadata
 from mesh.model.layers import RotaryTable, rms_norm, rotate, silu_mul
@@ -125,6 +126,56 @@ class TorchBackend:
                scale: float) -> torch.Tensor:
         """q [T, Hq, D] over the paged cache (the step's K/V already written) -> [T, Hq * D]."""
         return ref_attention.paged_attention(q, k_cache, v_cache, step.meta, scale)
+
+    def linear_attention(self, step: Step, layer: int, proj: torch.Tensor, w, states: gdn.StatePool) -> torch.Tensor:
+        """A Gated DeltaNet layer between its projections: proj [T, 2 Hk dk + 2 Hv dv + 2 Hv] (q, k, v,
+        z, b, a) -> [T, Hv dv] (the gated norm's output), reading and updating each sequence's states in
+        `states` (layer `layer` of the pool) and writing the snapshots the step asks for. Decode rows
+        take the recurrent form, all at once; each prefill chunk the chunked form."""
+        meta = step.meta
+        t = proj.shape[0]
+        hk, dk, hv, dv = w.key_heads, w.key_dim, w.value_heads, w.value_dim
+        kd, vd = hk * dk, hv * dv
+        mixed, z, b, a = torch.split(proj, [2 * kd + vd, vd, hv, hv], dim=1)
+        beta = b.sigmoid()
+        g = -w.a_log.float().exp() * F.softplus(a.float() + w.dt_bias)  # [T, Hv] log decay, float32
+        conv, ssm = states.conv[layer], states.ssm[layer]  # [S, C, K-1], [S, Hv, dk, dv]
+        out = proj.new_empty(t, hv, dv)
+        nd = meta.num_decode
+        if nd:
+            slots = meta.decode_state_slots
+            x, conv_new = gdn.conv_step(mixed[:nd], w.conv, conv.index_select(0, slots))
+            conv.index_copy_(0, slots, conv_new)
+            q, k, v = torch.split(x, [kd, kd, vd], dim=1)
+            o, s = self.delta_rule_step(q.view(nd, hk, dk), k.view(nd, hk, dk), v.view(nd, hv, dv), g[:nd], beta[:nd],
+                                        ssm.index_select(0, slots))
+            ssm.index_copy_(0, slots, s)
+            out[:nd] = o.to(out.dtype)
+        for i, chunk in enumerate(meta.prefills):
+            slot, rows = meta.state_slots[nd + i], slice(chunk.start, chunk.start + chunk.length)
+            snaps = meta.snapshots[i] if i < len(meta.snapshots) else []
+            cuts = [n for n, _ in snaps]
+            raw = mixed[rows]
+            x, conv_new = gdn.causal_conv(raw, w.conv, conv[slot])
+            conv_snaps = gdn.conv_states_at(raw, conv[slot], cuts)
+            q, k, v = torch.split(x, [kd, kd, vd], dim=1)
+            n = chunk.length
+            o, s, ssm_snaps = self.delta_rule_chunk(q.reshape(n, hk, dk), k.reshape(n, hk, dk), v.reshape(n, hv, dv),
+                                                    g[rows], beta[rows], ssm[slot].clone(), cuts)
+            conv[slot], ssm[slot] = conv_new, s
+            for (_, snap), c_state, s_state in zip(snaps, conv_snaps, ssm_snaps):
+                conv[snap], ssm[snap] = c_state, s_state
+            out[rows] = o.to(out.dtype)
+        return gdn.gated_norm(out, z.reshape(t, hv, dv), w.norm, self.eps).reshape(t, vd)
+
+    def delta_rule_step(self, q, k, v, g, beta, state):
+        """The gated delta rule for one token per sequence (`linear_attention.recurrent`)."""
+        return gdn.recurrent(q, k, v, g, beta, state)
+
+    def delta_rule_chunk(self, q, k, v, g, beta, state, cuts):
+        """The gated delta rule over one sequence's chunk, with the states at `cuts`
+        (`linear_attention.chunked`)."""
+        return gdn.chunked(q, k, v, g, beta, state, cuts)
 
     # ---- MoE -------------------------------------------------------------------------------
     def route(self, step: Step | None, logits: torch.Tensor, top_k: int, normalize: bool,

@@ -27,11 +27,29 @@ from mesh.parallel.dispatcher import Dispatcher
 
 @dataclass
 class AttentionWeights:
-    qkv: torch.Tensor  # [(Hq + 2 Hk) * D, H]
+    qkv: torch.Tensor  # [(Hq + 2 Hk) * D, H]; gated: [(2 Hq + 2 Hk) * D, H], the gate's rows last
     qkv_bias: torch.Tensor | None  # [(Hq + 2 Hk) * D]
     o: torch.Tensor  # [H, Hq * D]
     q_norm: torch.Tensor | None  # [D]
     k_norm: torch.Tensor | None
+    gated: bool = False  # output * sigmoid(gate) before o (Qwen3-Next)
+
+
+@dataclass
+class LinearAttentionWeights:
+    """A Gated DeltaNet layer's weights, rows regrouped at load so that one projection yields
+    [q (Hk*dk) | k (Hk*dk) | v (Hv*dv) | z (Hv*dv) | b (Hv) | a (Hv)] as contiguous blocks."""
+
+    in_proj: torch.Tensor  # [2 Hk dk + 2 Hv dv + 2 Hv, H]
+    conv: torch.Tensor  # [Hk dk * 2 + Hv dv, K] depthwise causal convolution over q, k, v
+    dt_bias: torch.Tensor  # [Hv]
+    a_log: torch.Tensor  # [Hv]
+    norm: torch.Tensor  # [dv] the gated output norm's weight
+    out: torch.Tensor  # [H, Hv dv]
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
 
 
 @dataclass
@@ -46,11 +64,13 @@ class MoEBlockWeights:
 class LayerWeights:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    attn: AttentionWeights
+    attn: AttentionWeights | None  # None: a linear-attention layer
     moe: MoEBlockWeights | None  # None: a dense MLP layer
     mlp_gate_up: torch.Tensor | None = None
     mlp_down: torch.Tensor | None = None
     moe_index: int = -1  # position among MoE layers (the dispatcher's layer id)
+    linear: LinearAttentionWeights | None = None
+    cache_index: int = -1  # position among the layers with a KV cache, or among linear layers' states
 
 
 @dataclass
@@ -84,11 +104,11 @@ class MoEDecoder:
         self.device = torch.device(device)
         self.spec = FAMILIES[cfg.family]
         self.ops = backend or TorchBackend(cfg.rms_norm_eps)
-        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings,
+        self.rope = RotaryTable(cfg.rope_dim, cfg.rope_theta, max_positions or cfg.max_position_embeddings,
                                 dtype, device)
         self.scale = cfg.head_dim ** -0.5
-        self.qk_norm = [None if layer.attn.q_norm is None else (layer.attn.q_norm, layer.attn.k_norm)
-                        for layer in weights.layers]
+        self.qk_norm = [None if layer.attn is None or layer.attn.q_norm is None
+                        else (layer.attn.q_norm, layer.attn.k_norm) for layer in weights.layers]
         self.router_dtype = dtype if self.spec.router_weights_in_model_dtype else torch.float32
         self.ops.prepare_dense(weights, cfg)
 
@@ -142,18 +162,32 @@ class MoEDecoder:
         return [ops.add_rms_norm(p.h, p.pending, self.w.norm)[1] for p in parts]
 
     def _attention_block(self, i: int, p: MicroBatch, kv: KVCache) -> torch.Tensor:
-        """Layer i's attention for micro-batch p: the pending residual add and input norm, attention,
-        the residual add and post-attention norm; returns the MLP/MoE block's input [T, H]."""
-        layer, ops, cfg = self.w.layers[i], self.ops, self.cfg
-        a = layer.attn
+        """Layer i's token mixer for micro-batch p: the pending residual add and input norm, attention
+        (full, gated, or Gated DeltaNet), the residual add and post-attention norm; returns the
+        MLP/MoE block's input [T, H]."""
+        layer, ops = self.w.layers[i], self.ops
         p.h, x = ops.add_rms_norm(p.h, p.pending, layer.input_norm)
         p.pending = None
-        qkv = ops.linear(x, a.qkv, a.qkv_bias)  # [T, (Hq + 2 Hk) * D]
-        k_cache, v_cache = kv.layer(i)
-        q = ops.qkv_norm_rope_write(p.step, i, qkv, cfg.num_heads, self.qk_norm[i], k_cache, v_cache)  # [T, Hq, D]
-        o = ops.attend(p.step, i, q, k_cache, v_cache, self.scale)  # [T, Hq * D]
-        p.h, x = ops.add_rms_norm(p.h, ops.linear(o, a.o), layer.post_norm)
+        if layer.linear is not None:
+            w = layer.linear
+            mixed = ops.linear_attention(p.step, layer.cache_index, ops.linear(x, w.in_proj), w, kv.states)
+            out = ops.linear(mixed, w.out)  # [T, H]
+        else:
+            out = self._full_attention(i, layer, x, p, kv)
+        p.h, x = ops.add_rms_norm(p.h, out, layer.post_norm)
         return x
+
+    def _full_attention(self, i: int, layer: LayerWeights, x: torch.Tensor, p: MicroBatch, kv: KVCache) -> torch.Tensor:
+        a, ops, cfg = layer.attn, self.ops, self.cfg
+        qkv = ops.linear(x, a.qkv, a.qkv_bias)  # [T, (Hq + 2 Hk) * D] (+ [T, Hq * D] gate)
+        width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        k_cache, v_cache = kv.layer(layer.cache_index)
+        q = ops.qkv_norm_rope_write(p.step, i, qkv[:, :width], cfg.num_heads, self.qk_norm[i], k_cache,
+                                    v_cache)  # [T, Hq, D]
+        o = ops.attend(p.step, i, q, k_cache, v_cache, self.scale)  # [T, Hq * D]
+        if a.gated:
+            o = o * torch.sigmoid(qkv[:, width:])
+        return ops.linear(o, a.o)
 
     def _moe_begin(self, layer: LayerWeights, x: torch.Tensor, dispatcher: Dispatcher, step: Step):
         """Route and dispatch; the shared expert runs while routed rows are away (overlapping the

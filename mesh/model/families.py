@@ -6,6 +6,10 @@
 - qwen2_moe: same names, qkv bias, plus `mlp.shared_expert.*` and `mlp.shared_expert_gate` (sigmoid).
 - mixtral: `model.layers.N.block_sparse_moe.experts.E.w1/w3/w2` (gate/up/down), router weights kept
   in float32.
+- qwen3_next (Qwen3-Coder-Next): Qwen2-MoE's names for the MoE block (shared expert and its gate);
+  `self_attn.*` in the full-attention layers, `linear_attn.*` (in_proj_qkvz, in_proj_ba, conv1d,
+  dt_bias, A_log, norm, out_proj) in the Gated DeltaNet layers; `mtp.*` (multi-token prediction)
+  tensors are not read.
 """
 
 from __future__ import annotations
@@ -38,4 +42,5 @@ FAMILIES = {
     "qwen3_moe": _QWEN,
     "qwen2_moe": _QWEN,
     "mixtral": FamilySpec("block_sparse_moe", "w1", "w3", "w2", router_weights_in_model_dtype=False),
+    "qwen3_next": _QWEN,
 }

@@ -17,8 +17,8 @@ import torch
 
 from mesh.config import ModelConfig
 from mesh.model.backend import TorchBackend
-from mesh.model.decoder import (AttentionWeights, DenseWeights, LayerWeights, MoEBlockWeights,
-                                MoEDecoder)
+from mesh.model.decoder import (AttentionWeights, DenseWeights, LayerWeights, LinearAttentionWeights,
+                                MoEBlockWeights, MoEDecoder)
 from mesh.model.families import FAMILIES
 from mesh.model.moe import ExpertShard, ExpertWeights
 from mesh.model.weights import CheckpointReader, DummyReader
@@ -38,21 +38,39 @@ def load_dense(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
         return r.get(name, shape, dtype).to(device)
 
     layers = []
-    moe_index = 0
+    moe_index = kv_index = linear_index = 0
+
+    def norm(name, size):
+        if cfg.zero_centered_norm:  # Qwen3-Next: the norm scales by 1 + w, in float32, rounded once
+            return (1.0 + r.get(name, (size,), torch.float32)).to(device)
+        return get(name, (size,))
+
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        a = p + "self_attn."
-        attn = AttentionWeights(
-            qkv=torch.cat([get(a + "q_proj.weight", (q, H)), get(a + "k_proj.weight", (kv, H)),
-                           get(a + "v_proj.weight", (kv, H))]),
-            qkv_bias=torch.cat([get(a + "q_proj.bias", (q,)), get(a + "k_proj.bias", (kv,)),
-                                get(a + "v_proj.bias", (kv,))]) if cfg.qkv_bias else None,
-            o=get(a + "o_proj.weight", (H, q)),
-            q_norm=get(a + "q_norm.weight", (D,)) if cfg.qk_norm else None,
-            k_norm=get(a + "k_norm.weight", (D,)) if cfg.qk_norm else None,
-        )
-        layer = LayerWeights(input_norm=get(p + "input_layernorm.weight", (H,)),
-                             post_norm=get(p + "post_attention_layernorm.weight", (H,)), attn=attn, moe=None)
+        layer = LayerWeights(input_norm=norm(p + "input_layernorm.weight", H),
+                             post_norm=norm(p + "post_attention_layernorm.weight", H), attn=None, moe=None)
+        if cfg.is_linear[i]:
+            layer.linear, layer.cache_index = _linear_attention(cfg, p + "linear_attn.", get), linear_index
+            linear_index += 1
+        else:
+            a = p + "self_attn."
+            if cfg.attn_output_gate:  # q_proj rows per head: query (D) then gate (D); gate rows go last
+                qg = get(a + "q_proj.weight", (2 * q, H)).view(cfg.num_heads, 2, D, H)
+                q_rows, gate_rows = qg[:, 0].reshape(q, H), qg[:, 1].reshape(q, H)
+            else:
+                q_rows, gate_rows = get(a + "q_proj.weight", (q, H)), None
+            layer.attn = AttentionWeights(
+                qkv=torch.cat([q_rows, get(a + "k_proj.weight", (kv, H)), get(a + "v_proj.weight", (kv, H))]
+                              + ([gate_rows] if gate_rows is not None else [])),
+                qkv_bias=torch.cat([get(a + "q_proj.bias", (q,)), get(a + "k_proj.bias", (kv,)),
+                                    get(a + "v_proj.bias", (kv,))]) if cfg.qkv_bias else None,
+                o=get(a + "o_proj.weight", (H, q)),
+                q_norm=norm(a + "q_norm.weight", D) if cfg.qk_norm else None,
+                k_norm=norm(a + "k_norm.weight", D) if cfg.qk_norm else None,
+                gated=cfg.attn_output_gate,
+            )
+            layer.cache_index = kv_index
+            kv_index += 1
         if cfg.moe_layers[i]:
             m = p + spec.moe_prefix + "."
             block = MoEBlockWeights(router=get(spec.router_key(i), (cfg.num_experts, H)))
@@ -75,7 +93,28 @@ def load_dense(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
         lm_head = embed
     else:
         lm_head = get("lm_head.weight", (V, H))
-    return DenseWeights(embed=embed, layers=layers, norm=get("model.norm.weight", (H,)), lm_head=lm_head)
+    return DenseWeights(embed=embed, layers=layers, norm=norm("model.norm.weight", H), lm_head=lm_head)
+
+
+def _linear_attention(cfg: ModelConfig, prefix: str, get) -> LinearAttentionWeights:
+    """A Gated DeltaNet layer: the checkpoint groups in_proj_qkvz's rows per key head (q, k, then the
+    group's v and z) and in_proj_ba's per key head (b, a); regroup them into one projection whose
+    output is [q | k | v | z | b | a]."""
+    H = cfg.hidden_size
+    hk, dk = cfg.linear_num_key_heads, cfg.linear_key_head_dim
+    hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    rep = hv // hk
+    qkvz = get(prefix + "in_proj_qkvz.weight", (2 * hk * dk + 2 * hv * dv, H)).view(hk, 2 * dk + 2 * rep * dv, H)
+    q, k, v, z = torch.split(qkvz, [dk, dk, rep * dv, rep * dv], dim=1)
+    ba = get(prefix + "in_proj_ba.weight", (2 * hv, H)).view(hk, 2 * rep, H)
+    b, a = torch.split(ba, [rep, rep], dim=1)
+    in_proj = torch.cat([x.reshape(-1, H) for x in (q, k, v, z, b, a)])
+    conv_dim, kernel = cfg.linear_conv_dim, cfg.linear_conv_kernel_dim
+    return LinearAttentionWeights(
+        in_proj=in_proj, conv=get(prefix + "conv1d.weight", (conv_dim, 1, kernel)).view(conv_dim, kernel),
+        dt_bias=get(prefix + "dt_bias", (hv,)), a_log=get(prefix + "A_log", (hv,)),
+        norm=get(prefix + "norm.weight", (dv,)), out=get(prefix + "out_proj.weight", (H, hv * dv)),
+        key_heads=hk, key_dim=dk, value_heads=hv, value_dim=dv)
 
 
 def load_experts(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,

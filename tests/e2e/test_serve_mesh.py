@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,24 +19,27 @@ from conftest import FAMILIES, ROOT, free_port, hf_greedy
 from router_service.client import MeshClient, MeshError
 
 
-def _processes() -> set[int]:
-    """PIDs of every process whose command line mentions ray or mesh serve."""
+def _processes(tag: str) -> set[int]:
+    """PIDs of the processes a server started by this test left: every process whose environment holds
+    the test's own tag (the server, and Ray's head, raylet and workers, which inherit it), so other
+    Ray clusters or servers on the machine are never counted."""
+    marker = f"MESH_TEST_TAG={tag}".encode()
     out = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"ray" in cmd or b"mesh serve" in cmd or b"router_service" in cmd:
+        if marker in env:
             out.add(int(pid))
     return out
 
 
-def _start(model_dir, workers=2):
+def _start(model_dir, workers=2, tag=""):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MESH_TEST_TAG=tag)
     proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(model_dir),
                              "--workers", str(workers), "--port", str(port), "--dtype", "float32",
                              "--grace-period", "2"],
@@ -71,10 +75,10 @@ def _stop(proc) -> float:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mesh_over_grpc_matches_local_and_transformers(family, hf_checkpoints, hf_models):
-    before = _processes()
+    tag = uuid.uuid4().hex
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 17, 40, 64, 9)]
-    proc, client = _start(hf_checkpoints[family])
+    proc, client = _start(hf_checkpoints[family], tag=tag)
     try:
         info = client.model_info()
         assert info["num_expert_workers"] == 2
@@ -91,17 +95,17 @@ def test_mesh_over_grpc_matches_local_and_transformers(family, hf_checkpoints, h
     assert [o["token_ids"] for o in outs] == refs
     assert streamed == refs[2]
     time.sleep(1.0)
-    leftover = _processes() - before
+    leftover = _processes(tag)
     assert not leftover, f"processes left behind: {leftover}"
 
 
 def test_lost_expert_worker_stops_the_gateway_with_exit_code_1(hf_checkpoints):
-    before = _processes()
-    proc, client = _start(hf_checkpoints["qwen3_moe"])
+    tag = uuid.uuid4().hex
+    proc, client = _start(hf_checkpoints["qwen3_moe"], tag=tag)
     try:
         assert client.complete(prompt_token_ids=[1, 2, 3], max_tokens=2, temperature=0)["token_ids"]
         workers = []
-        for pid in _processes() - before:
+        for pid in _processes(tag):
             try:
                 if b"RayExpertWorker" in open(f"/proc/{pid}/cmdline", "rb").read():
                     workers.append(pid)
@@ -121,5 +125,5 @@ def test_lost_expert_worker_stops_the_gateway_with_exit_code_1(hf_checkpoints):
     assert proc.returncode == 1, log
     assert "so that a supervisor restarts this gateway" in log
     time.sleep(1.0)
-    leftover = _processes() - before
+    leftover = _processes(tag)
     assert not leftover, f"processes left behind: {leftover}"

@@ -54,16 +54,24 @@ class CpuBackend(TorchBackend):
     def prepare_dense(self, weights, cfg) -> None:
         dense = [weights.lm_head]
         for layer in weights.layers:
-            dense += [layer.attn.qkv, layer.attn.o, layer.mlp_gate_up, layer.mlp_down]
+            dense += [layer.mlp_gate_up, layer.mlp_down]
+            if layer.attn is not None:
+                dense += [layer.attn.qkv, layer.attn.o]
+            if layer.linear is not None:
+                dense += [layer.linear.in_proj, layer.linear.out]
             if layer.moe is not None:
                 dense += [layer.moe.router, layer.moe.shared_gate_up, layer.moe.shared_down]
         for t in dense:
             p = native.pack_linear(t) if t is not None else None
             if p is not None:
                 self._packed[id(t)] = p
-        d = cfg.head_dim
-        self._fused_qkv = weights.embed.dtype in _DTYPES and d % 2 == 0 and d <= 1024
-        self._qk_norm = [None if layer.attn.q_norm is None else torch.cat(
+        d, dtype = cfg.head_dim, weights.embed.dtype
+        attn = [layer.attn for layer in weights.layers if layer.attn is not None]
+        # the kernel rotates whole heads and scales norms in the model dtype: not partial rotary, nor
+        # float32 (zero-centred) norm weights in a bf16 model
+        self._fused_qkv = dtype in _DTYPES and d % 2 == 0 and d <= 1024 and cfg.rope_dim == d and all(
+            a.q_norm is None or a.q_norm.dtype == dtype for a in attn)
+        self._qk_norm = [None if layer.attn is None or layer.attn.q_norm is None else torch.cat(
             [layer.attn.q_norm.expand(cfg.num_heads, -1), layer.attn.k_norm.expand(cfg.num_kv_heads, -1)])
             for layer in weights.layers]  # one weight over the q and k heads side by side
 
@@ -132,13 +140,13 @@ class CpuBackend(TorchBackend):
     # ---- attention -------------------------------------------------------------------------
     def qkv_norm_rope_write(self, step: Step, layer: int, qkv: torch.Tensor, num_heads: int,
                             qk_norm, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        if not self._fused_qkv or qkv.dtype != k_cache.dtype or qkv.dtype != step.cos.dtype:
+        if not self._fused_qkv or qkv.dtype != k_cache.dtype or qkv.dtype != step.cos.dtype or qkv.stride(1) != 1:
             return super().qkv_norm_rope_write(step, layer, qkv, num_heads, qk_norm, k_cache, v_cache)
         hk, n, bs, d = k_cache.shape
         t = qkv.shape[0]
         q = qkv.new_empty(t, num_heads, d)
         w = self._qk_norm[layer] if qk_norm is not None else None
-        if self.lib.mesh_qkv_rope_write(qkv.data_ptr(), t, num_heads, hk, (num_heads + 2 * hk) * d,
+        if self.lib.mesh_qkv_rope_write(qkv.data_ptr(), t, num_heads, hk, qkv.stride(0),
                                         None if w is None else w.data_ptr(), step.cos.data_ptr(), step.sin.data_ptr(),
                                         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), n * bs,
                                         step.args.slots.data_ptr(), d, self.eps, int(qkv.dtype == torch.bfloat16),

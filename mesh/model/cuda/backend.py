@@ -13,6 +13,7 @@ test suite checks this backend on machines without a GPU (float32 there).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,16 @@ from mesh.model.layers import RotaryTable
 from mesh.model.moe import ExpertShard, ExpertWeights
 
 MOE_KERNELS = ("auto", "triton", "grouped_mm")
+
+
+@functools.cache
+def _fla():
+    """fla-core's (chunked, fused recurrent) gated delta rule, or None where it is not installed."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except ImportError:
+        return None
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 
 @dataclass
@@ -109,7 +120,8 @@ class CudaBackend(TorchBackend):
         hk, d = k_cache.shape[0], k_cache.shape[-1]
         q_w, k_w = qk_norm if qk_norm is not None else (None, None)
         return kattn.qkv_norm_rope_write(qkv, num_heads, hk, d, q_w, k_w, self.eps, step.args.cos, step.args.sin,
-                                         step.positions, d, k_cache, v_cache, step.meta.slot_mapping)
+                                         step.positions, step.args.cos.shape[-1], k_cache, v_cache,
+                                         step.meta.slot_mapping)
 
     def attend(self, step: Step, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -153,3 +165,33 @@ class CudaBackend(TorchBackend):
 
     def logits(self, hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, lm_head).float()
+
+    # ---- Gated DeltaNet (hybrid models) ------------------------------------------------------
+    # fla-core's Triton kernels for the gated delta rule where that package is installed (the `gpu`
+    # extra) and the tensors are on a GPU; else the torch forms the base class runs.
+    def delta_rule_step(self, q, k, v, g, beta, state):
+        fla = _fla() if q.is_cuda else None
+        if fla is None:
+            return super().delta_rule_step(q, k, v, g, beta, state)
+        b, rep = q.shape[0], v.shape[1] // q.shape[1]
+        q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
+        cu = torch.arange(b + 1, dtype=torch.int64, device=q.device)  # each sequence one token long
+        o, s = fla[1](q[None], k[None], v[None], g=g.float()[None], beta=beta[None], initial_state=state,
+                      output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+        return o[0].float(), s
+
+    def delta_rule_chunk(self, q, k, v, g, beta, state, cuts):
+        fla = _fla() if q.is_cuda else None
+        if fla is None:
+            return super().delta_rule_chunk(q, k, v, g, beta, state, cuts)
+        t, rep = q.shape[0], v.shape[1] // q.shape[1]
+        q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
+        bounds = sorted({c for c in cuts if 0 < c < t}) + [t]
+        out, s, at, start = torch.empty(t, *v.shape[1:], dtype=torch.float32, device=v.device), state, {}, 0
+        for end in bounds:  # one call per piece between the states asked for
+            o, s = fla[0](q[None, start:end], k[None, start:end], v[None, start:end], g=g.float()[None, start:end],
+                          beta=beta[None, start:end], initial_state=s[None], output_final_state=True,
+                          use_qk_l2norm_in_kernel=True)
+            s = s[0]
+            out[start:end], at[end], start = o[0].float(), s, end
+        return out, s, [at.get(c, state) for c in cuts]

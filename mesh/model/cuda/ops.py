@@ -16,7 +16,7 @@ import triton.language as tl
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, delta_ptr, w_ptr, x_ptr, n_cols, stride_h, stride_d, stride_x, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, ROUND_FIRST: tl.constexpr, BLOCK: tl.constexpr):
     # one program per row: h += delta (rounded once, as torch's add), x = w * norm(h)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -28,15 +28,18 @@ def _add_rms_norm_kernel(h_ptr, delta_ptr, w_ptr, x_ptr, n_cols, stride_h, strid
         tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
     hf = h.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / n_cols + eps)
-    # the reference rounds the normalised value to the model dtype, then multiplies by the weight
-    xn = (hf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    xn = hf * rstd
+    if ROUND_FIRST:  # a weight in the model dtype: the reference rounds the normalised value first
+        xn = xn.to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(x_ptr + row * stride_x + cols, (xn * w).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [T, H] (updated in place: h += delta) -> (h, rms_norm(h) * weight) in one launch."""
+    """h [T, H] (updated in place: h += delta) -> (h, rms_norm(h) * weight) in one launch. A float32
+    weight with a lower-precision h (zero-centred norms, loaded as 1 + w) scales in float32 and rounds
+    once, as `mesh.model.layers.rms_norm` does."""
     t, n = h.shape
     x = torch.empty_like(h)
     if t == 0:
@@ -45,7 +48,9 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         delta = delta.contiguous()
     _add_rms_norm_kernel[(t,)](h, delta if delta is not None else h, weight, x, n, h.stride(0),
                                delta.stride(0) if delta is not None else 0, x.stride(0), eps,
-                               HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n),
+                               HAS_DELTA=delta is not None,
+                               ROUND_FIRST=weight.dtype != torch.float32 or h.dtype == torch.float32,
+                               BLOCK=triton.next_power_of_2(n),
                                num_warps=4 if n <= 4096 else 8)
     return h, x
 
