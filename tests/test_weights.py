@@ -72,3 +72,23 @@ def test_real_model_shapes_parse():
         "max_position_embeddings": 262144, "decoder_sparse_step": 1, "mlp_only_layers": []})
     assert cfg.kv_bytes_per_token * 2 == 96 * 1024  # bf16: 96 KiB per token
     assert cfg.num_moe_layers == 48 and cfg.rope_theta == 1e7 and cfg.qk_norm
+
+
+def test_hybrid_config_and_checkpoint_errors_are_named(hf_checkpoints, tmp_path):
+    """Qwen3-Next: a bad layer mix, inconsistent linear-attention heads, and a Gated DeltaNet tensor of
+    the wrong shape each fail at load with a message naming the field or tensor."""
+    src = hf_checkpoints["qwen3_next"]
+    cfg = json.loads((src / "config.json").read_text())
+    for change, words in ((dict(layer_types=["linear_attention"] * 4), "no full_attention layer"),
+                          (dict(layer_types=["full_attention", "sliding"] * 2), "unsupported layer types"),
+                          (dict(layer_types=["full_attention"] * 3), "layer_types has 3 entries"),
+                          (dict(linear_num_value_heads=3), "multiple of linear_num_key_heads")):
+        with pytest.raises(ConfigError, match=words):
+            ModelConfig.from_hf({**cfg, **change})
+    d = tmp_path / "bad"
+    shutil.copytree(src, d)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.linear_attn.in_proj_ba.weight"] = torch.zeros(4, 64)
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(WeightError, match=r"in_proj_ba\.weight.*shape \(4, 64\).*\(8, 64\)"):
+        load_model(d, torch.float32)
