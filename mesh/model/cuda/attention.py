@@ -127,6 +127,19 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) ->
         raise ValueError(f"block_size {bs} is not a power of two")
 
 
+def _check_query(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """Checks q [*, Hq, D] against the caches; returns (kv heads, block size)."""
+    hq, d = q.shape[1], q.shape[2]
+    _check_head_dim(d)
+    _check_cache(k_cache, v_cache, d)
+    hk, _, bs, _ = k_cache.shape
+    if hq % hk:
+        raise ValueError(f"{hq} query heads over {hk} kv heads")
+    if q.dtype != k_cache.dtype or q.stride(2) != 1:
+        raise ValueError(f"q {q.dtype} (stride {q.stride()}) against cache {k_cache.dtype}")
+    return hk, bs
+
+
 def _check_head_dim(d: int) -> None:
     # tl.dot needs every dimension >= 16, and tl.arange a power of two.
     assert d >= 16 and d & (d - 1) == 0, f"head_dim {d} must be a power of two >= 16"
@@ -425,13 +438,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     unit stride on D. Launches one kernel (num_splits == 1) or two; no host sync, capturable.
     """
     b, hq, d = q.shape
-    _check_head_dim(d)
-    _check_cache(k_cache, v_cache, d)
-    hk, _, bs, _ = k_cache.shape
-    if hq % hk:
-        raise ValueError(f"{hq} query heads over {hk} kv heads")
-    if q.dtype != k_cache.dtype or q.stride(2) != 1:
-        raise ValueError(f"q {q.dtype} (stride {q.stride()}) against cache {k_cache.dtype}")
+    hk, bs = _check_query(q, k_cache, v_cache)
     if block_table.dim() != 2 or block_table.shape[0] != b or context_lens.shape != (b,):
         raise ValueError(f"block_table {tuple(block_table.shape)}, context_lens {tuple(context_lens.shape)} "
                          f"for batch {b}")
@@ -599,13 +606,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out given, other rows (a step's decode rows) are left as they are; a fresh out has them unset.
     """
     t, hq, d = q.shape
-    _check_head_dim(d)
-    _check_cache(k_cache, v_cache, d)
-    hk, _, bs, _ = k_cache.shape
-    if hq % hk:
-        raise ValueError(f"{hq} query heads over {hk} kv heads")
-    if q.dtype != k_cache.dtype or q.stride(2) != 1:
-        raise ValueError(f"q {q.dtype} (stride {q.stride()}) against cache {k_cache.dtype}")
+    hk, bs = _check_query(q, k_cache, v_cache)
     g = hq // hk
     if out is None:
         out = torch.empty_like(q)
