@@ -46,6 +46,7 @@ class CpuBackend(TorchBackend):
         self._packed: dict[int, native.PackedLinear] = {}  # id(weight) -> packed copy
         self._qk_norm: list[torch.Tensor | None] = []  # per layer: q and k norm weights as [Hq + Hk, D]
         self._fused_qkv = False  # the norm + rotary + KV write kernel takes this model
+        self._buffers: dict[str, torch.Tensor] = {}  # scratch of the expert kernel, reused between calls
 
     def __repr__(self) -> str:
         return f"CpuBackend(threads={self.threads}, bf16_products={native.bf16_products()})"
@@ -119,10 +120,17 @@ class CpuBackend(TorchBackend):
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         packed = self._packed.get(id(weight))
-        if packed is not None and x.dim() == 2:
-            out = native.linear(x, packed, bias)
-            if out is not None:
+        if packed is not None and x.dim() == 2 and x.dtype == packed.dtype and x.stride(1) == 1 \
+                and x.stride(0) == x.shape[1] and (bias is None or bias.dtype == x.dtype):
+            m, k = x.shape
+            out = x.new_empty(m, packed.out_features)
+            rc = self.lib.mesh_linear(x.data_ptr(), packed.data.data_ptr(), None if bias is None else bias.data_ptr(),
+                                      out.data_ptr(), m, k, packed.out_features, int(x.dtype == torch.bfloat16),
+                                      self.threads, 0)
+            if rc == 0:
                 return out
+            if rc == -4:
+                raise MemoryError("linear kernel: out of memory")
         return F.linear(x, weight, bias)
 
     def logits(self, hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
@@ -187,9 +195,18 @@ class CpuBackend(TorchBackend):
     def route(self, step: Step | None, logits: torch.Tensor, top_k: int, normalize: bool,
               weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # torch.topk's experts and order (csrc/topk.cpp), then the weights, in one call
-        routed = native.route(logits, top_k, normalize, weights_dtype) if self.has_route else None
-        if routed is not None:
-            return routed
+        if self.has_route and logits.dtype in _DTYPES and weights_dtype in _DTYPES and logits.is_contiguous() \
+                and 1 <= top_k <= min(logits.shape[1], 64):
+            t, e = logits.shape
+            ids = torch.empty(t, top_k, dtype=torch.int64)
+            weights = torch.empty(t, top_k, dtype=weights_dtype)
+            rc = self.lib.mesh_route(logits.data_ptr(), int(logits.dtype == torch.bfloat16), t, e, top_k,
+                                     int(normalize), ids.data_ptr(), weights.data_ptr(),
+                                     int(weights_dtype == torch.bfloat16))
+            if rc == -4:
+                raise MemoryError("routing: out of memory")
+            if rc == 0:
+                return ids, weights
         ids = torch.topk(logits, top_k, dim=-1).indices  # softmax is monotonic: the same experts
         weights = native.route_weights(logits, ids, normalize, weights_dtype)
         if weights is not None:
@@ -198,10 +215,31 @@ class CpuBackend(TorchBackend):
 
     def experts(self, w: ExpertWeights, hidden: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor, load: torch.Tensor | None = None) -> torch.Tensor:
-        if w.prepared is not None and hidden.shape[0]:  # sort, experts and weighted combine in one call
-            done = native.moe_local(hidden, topk_ids, topk_weights, w.prepared, self._inter(w), load=load)
-            if done is not None:
-                return done[0]
+        t = hidden.shape[0]
+        if w.prepared is not None and t and hidden.is_contiguous() \
+                and topk_weights.dtype in (torch.float32, hidden.dtype):  # sort, experts and combine in one call
+            gu, dn = w.prepared
+            if load is None:
+                load = torch.zeros(gu.shape[0], dtype=torch.int64)
+            k, inter = topk_ids.shape[1], self._inter(w)
+            ids = topk_ids if topk_ids.dtype == torch.int64 and topk_ids.is_contiguous() else \
+                topk_ids.to(torch.int64).contiguous()
+            weights = topk_weights.contiguous()
+            out = torch.empty_like(hidden)
+            # scratch the kernel leaves dead after the call: kept and reused while the sizes stay
+            scratch_h = self._scratch("h", (t * k, inter), hidden.dtype)
+            scratch_y = self._scratch("y", (t * k, hidden.shape[1]), hidden.dtype)
+            rc = self.lib.mesh_moe_local(hidden.data_ptr(), t, ids.data_ptr(), weights.data_ptr(),
+                                         int(weights.dtype == torch.float32), k, gu.data_ptr(), dn.data_ptr(),
+                                         gu.shape[0], hidden.shape[1], inter, int(hidden.dtype == torch.bfloat16),
+                                         scratch_h.data_ptr(), scratch_y.data_ptr(), out.data_ptr(), load.data_ptr(),
+                                         self.threads)
+            if rc == -2:
+                raise ValueError(f"expert ids outside [0, {gu.shape[0]})")
+            if rc == -4:
+                raise MemoryError("moe kernel: out of memory")
+            if rc == 0:
+                return out
         gate_up, down = self._stacked(w)
         return super().experts(ExpertWeights(gate_up, down), hidden, topk_ids, topk_weights, load)
 
@@ -212,6 +250,12 @@ class CpuBackend(TorchBackend):
                 return out
         gate_up, down = self._stacked(w)
         return super().grouped_experts(ExpertWeights(gate_up, down), rows, counts)
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype)
+        return buf
 
     @staticmethod
     def _inter(w: ExpertWeights) -> int:
