@@ -4,7 +4,7 @@
 # machine's own python3/torch/triton/transformers; pure-Python packages it lacks (OpenTelemetry) come
 # as wheels in .whl/. Logs go to $OUT (or ./gpu-out).
 #
-#     bash scripts/gpu_check.sh [smoke|bench|tests ...]     # default: smoke bench tests
+#     bash scripts/gpu_check.sh [smoke|bench|bench-next|tests ...]     # default: smoke bench tests
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -37,6 +37,11 @@ print('smoke cpu == cuda:', a['token_ids'] == b['token_ids'], len(a['token_ids']
     bench)
       timeout ${BENCH_TIMEOUT:-330} $PY bench/gpu_serving.py ${BENCH_ARGS:-} 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
       tail -5 "$OUT/bench.err" ;;
+    bench-next)
+      # the hybrid Qwen3-Coder-Next at 24 of its 48 layers (bf16 fits one H200), batch 1 and 64
+      timeout ${BENCH_TIMEOUT:-330} $PY bench/gpu_serving.py --preset coder-next --layers 24 --batches 1,64 \
+        --mixed 64 ${BENCH_ARGS:-} 2>"$OUT/bench_next.err" | tee "$OUT/bench_next.jsonl"
+      tail -5 "$OUT/bench_next.err" ;;
     tests)
       MESH_TEST_DEVICE=cuda timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -x -p no:cacheprovider -o addopts= \
         tests/engine/test_cuda_engine.py tests/test_model_parity.py tests/model/test_paged_attention.py \

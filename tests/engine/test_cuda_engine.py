@@ -4,7 +4,7 @@ eager steps and transformers give, and a decode step reads nothing back to the h
 import pytest
 import torch
 
-from conftest import DEVICE, hf_greedy
+from conftest import DEVICE, FAMILIES, hf_greedy
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
@@ -26,7 +26,7 @@ def _prompts(n, vocab=128):
             for k in torch.randint(1, 60, (n,), generator=g)]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_graph_replays_match_eager_steps_and_transformers(family, hf_checkpoints, hf_models):
     prompts = _prompts(11)  # 11 rows: padded to the 16-row graph
     refs = [hf_greedy(hf_models[family], p, GREEDY.max_tokens) for p in prompts]
