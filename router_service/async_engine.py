@@ -18,6 +18,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -61,6 +62,8 @@ class AsyncEngine:
         self._in_flight = 0
         self._error: BaseException | None = None
         self._routes: dict[str, _Route] = {}  # engine thread only
+        # seconds in loop passes that ran a step (written by the engine thread, read by GetServerStats)
+        self.busy_seconds = 0.0
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="mesh-engine", daemon=True)
         self._thread.start()
@@ -139,6 +142,7 @@ class AsyncEngine:
                 # Sleep on the inbox when there is nothing to step; otherwise take what has arrived.
                 if not self.engine.has_unfinished():
                     cmds.append(self._inbox.get())
+                t0 = time.perf_counter()
                 while True:
                     try:
                         cmds.append(self._inbox.get_nowait())
@@ -156,6 +160,7 @@ class AsyncEngine:
                     cmds.popleft()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
+                    self.busy_seconds += time.perf_counter() - t0
                 stats = self._snapshot()
                 with self._lock:
                     self._stats = stats

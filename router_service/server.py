@@ -306,7 +306,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             expert_load=[] if load is None else load.reshape(-1).clamp_(min=0).tolist(),
             moe_layers=0 if load is None else load.shape[0], num_experts=0 if load is None else load.shape[1],
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            preemptions=getattr(eng.scheduler, "num_preemptions", 0))
+            preemptions=getattr(eng.scheduler, "num_preemptions", 0), **_step_counters(aengine))
+
+
+def _step_counters(aengine: AsyncEngine) -> dict:
+    """ServerStats' step-time counters (see the proto): what `mesh loadtest` records for `mesh plan`."""
+    import torch
+    eng = aengine.engine
+    work = getattr(getattr(eng, "observer", None), "work", None)
+    out = {"busy_seconds": aengine.busy_seconds,
+           "expert_seconds": getattr(eng.dispatcher, "expert_seconds", 0.0),
+           "worker_compute_seconds": list(getattr(eng.dispatcher, "worker_compute_seconds", ())),
+           "compute_threads": torch.get_num_threads(),
+           "worker_threads": getattr(eng, "expert_worker_threads", 0)}
+    if work is not None:
+        out.update(forward_seconds=work.forward_seconds, decode_tokens=work.decode_tokens,
+                   prefill_tokens=work.prefill_tokens, context_tokens=work.context_tokens,
+                   scheduled_sequences=work.sequences)
+    return out
 
 
 async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,

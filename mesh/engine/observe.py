@@ -113,6 +113,35 @@ def instruments() -> _Instruments:
     return _INSTRUMENTS
 
 
+class StepWork:
+    """What the engine's steps computed since start, and how long their forward passes took: the
+    counters a capacity planner fits step times to (GetServerStats). Written by the engine thread
+    only; readers on other threads see plain numbers, at most one step old."""
+
+    __slots__ = ("steps", "sequences", "decode_tokens", "prefill_tokens", "context_tokens", "forward_seconds")
+
+    def __init__(self):
+        self.steps = self.sequences = self.decode_tokens = self.prefill_tokens = self.context_tokens = 0
+        self.forward_seconds = 0.0
+
+    def add(self, batch) -> None:
+        dec = pre = ctx = 0
+        for s in batch:
+            seq, n = s.seq, s.num_tokens
+            c = seq.num_computed_tokens
+            # a decode token: one token past the prompt whose logits give the next token
+            if n == 1 and c >= seq.num_prompt_tokens:
+                dec += 1
+            else:
+                pre += n
+            ctx += n * c + n * (n + 1) // 2  # each token attends to the cached context and the chunk up to it
+        self.steps += 1
+        self.sequences += len(batch)
+        self.decode_tokens += dec
+        self.prefill_tokens += pre
+        self.context_tokens += ctx
+
+
 class EngineObserver:
     def __init__(self, engine):
         # A weak reference: the engine owns its observer, and a cycle would keep the engine (and its
@@ -124,6 +153,8 @@ class EngineObserver:
         self._layer_seconds: list[float] | None = None
         self._bytes = 0
         self.tokens = {"prompt": 0, "cached": 0, "output": 0}  # read by the M_TOKENS callback
+        self.work = StepWork()  # read by GetServerStats (capacity planning)
+        self._step_t0 = 0.0
 
     # ---- request lifecycle ---------------------------------------------------------------------
     def on_add(self, seq: Sequence) -> None:
@@ -150,6 +181,7 @@ class EngineObserver:
             self.m.prefix_hits.add(seq.cached_remote, {"tier": "redis"})
 
     def start_step(self, batch) -> trace.Span:
+        self.work.add(batch)
         kinds = {"decode" if s.num_tokens == 1 else "prefill" for s in batch}
         links = [trace.Link(ctx) for ctx in (_span_context(s.seq.trace_parent) for s in batch) if ctx]
         span = self.tracer.start_span(t.SPAN_STEP, links=links, context=None, attributes={
@@ -160,9 +192,11 @@ class EngineObserver:
                 s.seq.chunk_span = self.tracer.start_span(
                     t.SPAN_PREFILL, context=s.seq.trace_parent, links=[trace.Link(span.get_span_context())],
                     attributes={t.ATTR_TOKENS: s.num_tokens})
+        self._step_t0 = time.perf_counter()
         return span
 
     def end_step(self, span: trace.Span, batch) -> None:
+        self.work.forward_seconds += time.perf_counter() - self._step_t0
         for s in batch:
             chunk = s.seq.chunk_span
             if chunk is not None:

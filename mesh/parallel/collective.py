@@ -9,8 +9,10 @@ Wire protocol, in this order on every rank (all collectives span the whole group
 0. once, at construction: all_gather int64 [9] (version, A, W, slots_per_rank, E, MoE layers, H,
    dtype code, placement fingerprint). Any disagreement raises the same ValueError on every rank.
 1. per step: all_gather int64 header [8] = [kind, num_tokens, step_id, trace_id_hi, trace_id_lo,
-   span_id, flags, 0] (expert ranks send zeros). kind STEP on every attention rank starts a step;
-   SHUTDOWN from any attention rank ends the expert loops (and fails the peers' begin_step).
+   span_id, flags, 0] (expert ranks send zeros but for the last element: their compute
+   microseconds since start, which the attention ranks keep as `worker_compute_seconds`). kind
+   STEP on every attention rank starts a step; SHUTDOWN from any attention rank ends the expert
+   loops (and fails the peers' begin_step).
 2. per MoE layer 0..L-1, in order:
    a. all_to_all_single of int64 [world, S] with equal splits: the per-local-slot row counts that each
       attention rank sends to each expert rank (zeros on every other pair).
@@ -160,6 +162,8 @@ class CollectiveDispatcher(_MeshRank):
         self._next_layer = 0
         self._micro_batches, self._exchanges = 1, 0
         self._pending: _Handle | None = None
+        self.expert_seconds = 0.0  # dispatch + combine host seconds since start (never reset)
+        self.worker_compute_seconds = [0.0] * self.W  # each expert rank's, as of the last header
 
     def reset_counters(self) -> None:
         self.expert_load = torch.zeros(self.L, self.placement.num_experts, dtype=torch.int64)
@@ -185,6 +189,7 @@ class CollectiveDispatcher(_MeshRank):
         hi, lo = _u64_halves(trace_id)
         headers = self._gather(torch.tensor([STEP, num_tokens, self.steps, hi, lo, _u64_halves(span_id)[1],
                                              flags, 0], dtype=torch.int64))  # [world, 8]
+        self.worker_compute_seconds = (headers[self.A:, 7].double() / 1e6).tolist()
         if (headers[:self.A, 0] == SHUTDOWN).any():
             self._closed = True  # a peer's shutdown consumed this header round: the experts are gone
             raise RuntimeError("another attention rank shut the mesh down during this step's header")
@@ -244,7 +249,9 @@ class CollectiveDispatcher(_MeshRank):
         self._pending, self._exchanges = None, self._exchanges + 1
         if self._exchanges == self._micro_batches:
             self._next_layer, self._exchanges = self._next_layer + 1, 0
-        self.layer_seconds[handle.moe_index] += handle.seconds + time.perf_counter() - t0
+        seconds = handle.seconds + time.perf_counter() - t0
+        self.layer_seconds[handle.moe_index] += seconds
+        self.expert_seconds += seconds
         return out
 
     def end_step(self) -> None:
@@ -328,7 +335,9 @@ class ExpertServer(_MeshRank):
     def serve_step(self) -> bool:
         """Wait for the next step header (blocking while idle) and serve its layers; False on SHUTDOWN."""
         self.step_bytes_sent = self.step_bytes_received = 0
-        headers = self._gather(torch.zeros(HEADER_LEN, dtype=torch.int64))[:self.A]  # [A, 8]
+        mine = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        mine[7] = int(sum(self.compute_seconds) * 1e6)  # for the gateways' step-time counters
+        headers = self._gather(mine)[:self.A]  # [A, 8]
         self.last_headers = headers
         kinds = set(headers[:, 0].tolist())
         if SHUTDOWN in kinds:
