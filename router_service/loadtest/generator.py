@@ -284,7 +284,7 @@ class LoadGenerator:
             t1 = now()
             polls.append({"t": (t + t1) / 2, "steps": st.steps, "running": st.running, "waiting": st.waiting,
                           "kv_blocks_used": st.kv_blocks_used, "kv_blocks_free": st.kv_blocks_free,
-                          "in_flight": st.in_flight, "rtt_ms": (t1 - t) * 1000.0})
+                          "in_flight": st.in_flight, "rtt_ms": (t1 - t) * 1000.0, **step_counters(st)})
             return True
 
         async def poller() -> None:
@@ -351,6 +351,14 @@ class LoadGenerator:
             "cpu_util": cpu_total / wall if wall > 0 else None,
             "max_lag_ms": spec.max_lag_ms,
         }
+
+
+def step_counters(st: pb.ServerStats) -> dict:
+    """The server's cumulative step-time counters in a poll (absent from servers that predate them:
+    their busy_seconds stays 0 while steps grow)."""
+    return {"seqs": st.scheduled_sequences, "decode": st.decode_tokens, "prefill": st.prefill_tokens,
+            "ctx": st.context_tokens, "busy_s": st.busy_seconds, "forward_s": st.forward_seconds,
+            "expert_s": st.expert_seconds, "worker_s": list(st.worker_compute_seconds)}
 
 
 def trace_schedule(specs: list[RequestSpec], duration: float | None) -> list[float]:

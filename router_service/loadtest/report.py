@@ -84,6 +84,35 @@ def profile_intervals(records: Sequence[dict], polls: Sequence[dict], window: fl
     return out
 
 
+# columns of runs[].profile.server_intervals (mesh.plan.profile reads them by name)
+SERVER_COLUMNS = ("t0", "t1", "steps", "seqs", "decode", "prefill", "ctx", "busy_s", "forward_s", "expert_s",
+                  "worker_max_s", "worker_sum_s")
+
+
+def server_intervals(polls: Sequence[dict], window: float = 0.5) -> list[list[float]]:
+    """The server's own step counters between polls at least `window` seconds apart: one row of
+    SERVER_COLUMNS per window in which steps ran (empty for servers without the counters)."""
+    polls = [p for p in polls if "busy_s" in p]
+    if len(polls) < 2:
+        return []
+    bounds = [polls[0]]
+    for p in polls[1:]:
+        if p["t"] - bounds[-1]["t"] >= window:
+            bounds.append(p)
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        steps = b["steps"] - a["steps"]
+        if steps <= 0 or b["busy_s"] <= a["busy_s"]:
+            continue  # idle, or a server that does not fill in the counters
+        wa, wb = a.get("worker_s") or [], b.get("worker_s") or []
+        workers = [y - x for x, y in zip(wa, wb)] if len(wa) == len(wb) else []
+        out.append([round(a["t"], 4), round(b["t"], 4), steps] +
+                   [b[k] - a[k] for k in ("seqs", "decode", "prefill", "ctx")] +
+                   [round(b[k] - a[k], 6) for k in ("busy_s", "forward_s", "expert_s")] +
+                   [round(max(workers, default=0.0), 6), round(sum(workers), 6)])
+    return out
+
+
 def run_report(result, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> dict:
     """One load level's figures, generator health, profile and timeline."""
     spec, recs = result.spec, result.records
@@ -94,6 +123,8 @@ def run_report(result, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> 
     rep["generator"] = result.generator
     rep["profile"] = {
         "intervals": profile_intervals(recs, result.polls),
+        "server_columns": list(SERVER_COLUMNS),
+        "server_intervals": server_intervals(result.polls),
         "requests": [[round(r["sent_s"], 5), r["prompt_tokens"], r.get("cached_tokens", 0), r["output_tokens"],
                       round((r["first_token_s"] - r["sent_s"]) * 1000.0, 3), round((r["end_s"] - r["sent_s"]) * 1000.0, 3)]
                      for r in recs if r.get("code") == "OK" and r.get("first_token_s") is not None],
