@@ -177,9 +177,11 @@ def _min_gateways(check: Callable[[int], Evaluation | None], limit: int) -> tupl
 
 def search(model: CostModel, workload: Workload, rate: float, slo: Slo, *, num_experts: int,
            max_devices: int = 64, max_workers: int | None = None, pooled: bool = True,
-           colocated: bool = True) -> PlanResult:
+           colocated: bool = True, pool_sizes: Sequence[int] | None = None) -> PlanResult:
     """The cheapest deployment meeting `slo` at `rate`; PlanResult.best is None when none within
-    `max_devices` does."""
+    `max_devices` does. `pool_sizes`: only these expert-worker counts (0: experts in the gateways).
+    A model whose `redundancy` attribute is False (what `mesh serve` can start) gets only pools that
+    split the experts evenly without redundant copies."""
     result = PlanResult(None)
     cache: dict[Deployment, Evaluation] = {}
 
@@ -201,6 +203,8 @@ def search(model: CostModel, workload: Workload, rate: float, slo: Slo, *, num_e
     top = max_workers or max_devices
     sizes = [w for w in POOL_SIZES if w <= top] + ([top] if top not in POOL_SIZES else [])
     workers = ([0] if colocated else []) + (sorted(set(sizes)) if pooled else [])
+    if pool_sizes is not None:
+        workers = sorted({w for w in pool_sizes if w <= max_devices})
     for W in workers:
         if result.best is not None and W + 1 > result.best.deployment.devices:
             break
@@ -210,6 +214,8 @@ def search(model: CostModel, workload: Workload, rate: float, slo: Slo, *, num_e
         if limit < 1:
             break
         rs = valid_redundancy(num_experts, W)
+        if not getattr(model, "redundancy", True):
+            rs = [0] if W == 0 or num_experts % W == 0 else []
         rs = [r for r in rs if model.feasible(Deployment(1, W, r))]  # memory does not depend on A
         if not rs:
             continue

@@ -1,0 +1,296 @@
+"""The measured performance model: step times of deployment shapes fitted from profiles of this
+machine's `mesh serve`, part by part, and carried over to shapes that were not profiled.
+
+A step of one gateway is four parts, each fitted from the server's own counters (GetServerStats,
+recorded by `mesh loadtest` in `runs[].profile.server_intervals`):
+
+  host       engine-thread time outside the forward pass (scheduling, sampling, handing outputs to
+             the server's event loop)            busy - forward       ~ steps, sequences
+  dense      the gateway's share of the forward pass (attention, dense layers, router, lm_head)
+                                                  forward - experts    ~ steps, tokens, context
+  experts    the routed experts' compute: in the gateway (W = 0) the time inside the in-process
+             dispatch ~ steps, rows (token-expert pairs); with workers each worker's own compute
+             (reported in the step headers) ~ steps, rows on the busiest worker
+  transport  with workers: the round trip less the workers' compute ~ steps, rows sent
+
+How the parts move between shapes (each carry-over is listed as an assumption, with the spread
+used for the prediction interval):
+- host and dense are the gateway's own work: taken from the profiled shape nearest in workers;
+- experts: cost x threads is kept when experts move between the gateway (its compute threads)
+  and workers (each `mesh serve` worker gets max(1, cores // (W + 1)) threads), i.e. linear thread
+  scaling; the busiest worker gets rows / W times the measured load imbalance of the placement;
+- transport: the per-step part scales with the ranks each all-to-all spans (linear in ranks when
+  two or more pool sizes were profiled, else proportional to ranks - 1); the per-row part is kept.
+  Without any pool profile both are assumed (gloo over loopback TCP, `ASSUMED_TRANSPORT`).
+
+Prediction intervals: every part's value +- 2 standard errors of its fit at the step's own
+(sequences, tokens, context) (wider the further the step lies from what was profiled), plus the
+carry-over spread of the part; the low and high variants are simulated like the central one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from mesh.plan.fit import LinearFit, fixed
+from mesh.plan.perfmodel import Deployment, Imbalance
+from mesh.plan.simulate import Batch, Limits, StepCost
+
+# gloo all-to-all over loopback TCP between processes on one host, when no pool was profiled: per MoE
+# layer, three all-to-alls (counts, rows, outputs) of 60 us + 40 us per rank each, and rows moved
+# twice (there and back) at 1 GB/s. An assumption; a `--workers N` profile replaces it.
+ASSUMED_TRANSPORT = {"collective_s": 60e-6, "per_rank_s": 40e-6, "bandwidth": 1e9}
+Z = 2.0  # prediction interval: +- 2 standard errors
+SPREAD = {"nearest_shape": 0.10, "thread_scaling": 0.30, "rank_scaling": 0.40, "assumed_transport": 1.0}
+
+
+def mesh_worker_threads(cores: int, workers: int) -> int:
+    """Threads `mesh serve --workers W` gives each worker on a machine with `cores` cores."""
+    return max(1, cores // (workers + 1))
+
+
+@dataclass
+class ShapeFit:
+    """What one profiled shape (W expert workers, one gateway) measured."""
+    workers: int
+    host: LinearFit  # [steps, seqs]
+    dense: LinearFit  # [steps, tokens, ctx]
+    experts: LinearFit | None  # W = 0: [steps, rows]; W > 0: busiest worker [steps, rows on it]
+    transport: LinearFit | None = None  # W > 0: [steps, rows sent]
+    gateway_threads: int = 1
+    worker_threads: int = 0
+    rates: list[float] = field(default_factory=list)  # offered rates of the profiled levels
+    max_throughput_rps: float = 0.0
+    max_seqs_per_step: float = 0.0  # the largest mean batch of any profiled interval
+    latency_s: float = 0.0  # client <-> engine time per request (calibrated: TTFT)
+    latency_spread_s: float = 0.0
+    replay: list[dict] = field(default_factory=list)  # per profiled level: simulated vs measured
+
+    def as_dict(self) -> dict:
+        return {"expert_workers": self.workers, "host": self.host.as_dict(), "dense": self.dense.as_dict(),
+                "experts": self.experts.as_dict() if self.experts else None,
+                "transport": self.transport.as_dict() if self.transport else None,
+                "gateway_threads": self.gateway_threads, "worker_threads": self.worker_threads,
+                "rates": self.rates, "max_throughput_rps": self.max_throughput_rps,
+                "max_seqs_per_step": self.max_seqs_per_step, "latency_ms": self.latency_s * 1e3,
+                "latency_spread_ms": self.latency_spread_s * 1e3, "replay": self.replay}
+
+
+@dataclass
+class Part:
+    """One part of a deployment's step: the law, how it was carried over, its extra relative spread."""
+    law: LinearFit
+    source: str  # "measured" or what was assumed
+    spread: float = 0.0
+    scale: float = 1.0  # the measured law times this (thread ratio)
+
+    def value(self, x: Sequence[float], variant: int) -> float:
+        mid = self.law(x) * self.scale
+        if not variant:
+            return mid
+        band = Z * self.law.se(x) * self.scale + self.spread * mid
+        return max(mid + variant * band, 0.0)
+
+
+@dataclass
+class ShapeParts:
+    """The parts of one deployment and the assumptions they rest on."""
+    host: Part
+    dense: Part
+    experts: Part
+    transport: Part | None
+    rank_scale: float = 1.0  # transport's per-step part x this
+    assumptions: list[dict] = field(default_factory=list)
+    measured_shape: bool = True
+
+
+@dataclass
+class MeasuredModel:
+    """Step times per deployment from profiled shapes (see the module docstring)."""
+    shapes: dict[int, ShapeFit]
+    limits: Limits
+    moe_layers: int
+    top_k: int
+    hidden: int
+    num_experts: int
+    act_bytes: int = 4
+    cores: int = 1  # the profiled machine's cores (as mesh serve splits them between processes)
+    imbalance: Imbalance = field(default_factory=Imbalance)
+    variant: int = 0  # -1 / +1: the low / high end of the prediction interval
+    latency_s: float = 0.0
+    # `mesh serve` places experts contiguously, E / W per worker, without redundant copies: the search
+    # keeps to pools it can start
+    redundancy: bool = False
+
+    # -- what the search needs ------------------------------------------------------------
+    def feasible(self, dep: Deployment) -> bool:
+        return True  # host memory is not modelled: the profiled machine held the whole model
+
+    def limits_for(self, dep: Deployment) -> Limits:
+        return self.limits
+
+    @property
+    def measured_workers(self) -> int:
+        return min(self.shapes)
+
+    def with_variant(self, variant: int) -> "MeasuredModel":
+        m = replace(self, variant=variant)
+        spread = max((s.latency_spread_s for s in self.shapes.values()), default=0.0)
+        m.latency_s = max(self.latency_s + variant * spread, 0.0)
+        m._plans = {}
+        return m
+
+    # -- the parts of a deployment --------------------------------------------------------
+    def _nearest(self, workers: int) -> ShapeFit:
+        return self.shapes[min(self.shapes, key=lambda w: (abs(w - workers), w))]
+
+    def threads_of(self, workers: int) -> int:
+        """Each worker's threads at pool size `workers` (as profiled, else as mesh serve assigns)."""
+        if workers in self.shapes and self.shapes[workers].worker_threads:
+            return self.shapes[workers].worker_threads
+        return mesh_worker_threads(self.cores, workers)
+
+    def plan(self, dep: Deployment) -> ShapeParts:
+        cache = self.__dict__.setdefault("_plans", {})
+        key = dep.expert_workers
+        if key not in cache:
+            cache[key] = self._plan(key)
+        return cache[key]
+
+    def _plan(self, W: int) -> ShapeParts:
+        notes: list[dict] = []
+        near = self._nearest(W)
+        exact = W in self.shapes
+        spread = 0.0 if exact else SPREAD["nearest_shape"]
+        if not exact:
+            notes.append({"what": "gateway host and dense compute per step",
+                          "assumed": f"as profiled with --workers {near.workers}",
+                          "spread": spread})
+        host, dense = Part(near.host, "measured", spread), Part(near.dense, "measured", spread)
+        gt = near.gateway_threads
+        if W == 0:
+            if 0 in self.shapes:
+                experts = Part(self.shapes[0].experts, "measured")
+            else:
+                pool = self._nearest(0)
+                scale = pool.worker_threads / max(gt, 1)
+                experts = Part(pool.experts, "thread scaling", SPREAD["thread_scaling"], scale)
+                notes.append({"what": "expert compute in the gateway",
+                              "assumed": f"the --workers {pool.workers} workers' compute per row x "
+                                         f"{pool.worker_threads}/{gt} threads (linear thread scaling)",
+                              "spread": SPREAD["thread_scaling"]})
+            return ShapeParts(host, dense, experts, None, assumptions=notes, measured_shape=exact)
+        wt = self.threads_of(W)
+        pools = sorted(w for w in self.shapes if w > 0)
+        if W in self.shapes:
+            experts = Part(self.shapes[W].experts, "measured")
+        elif pools:
+            src = self._nearest_pool(W)
+            scale = self.threads_of(src.workers) / wt
+            experts = Part(src.experts, "rows per worker", SPREAD["nearest_shape"], scale)
+            notes.append({"what": f"expert compute per worker at --workers {W}",
+                          "assumed": f"the --workers {src.workers} workers' law per row on the busiest worker"
+                                     + (f", x {self.threads_of(src.workers)}/{wt} threads" if scale != 1 else ""),
+                          "spread": SPREAD["nearest_shape"]})
+        else:
+            local = self.shapes[0]
+            scale = local.gateway_threads / wt
+            experts = Part(local.experts, "thread scaling", SPREAD["thread_scaling"], scale)
+            notes.append({"what": f"expert compute per worker at --workers {W}",
+                          "assumed": f"the gateway's measured compute per row x {local.gateway_threads}/{wt} threads "
+                                     "(linear thread scaling), rows / W on the busiest worker times the measured "
+                                     "placement imbalance", "spread": SPREAD["thread_scaling"]})
+        transport, rank_scale = self._transport(W, pools, notes)
+        return ShapeParts(host, dense, experts, transport, rank_scale, notes, exact)
+
+    def _nearest_pool(self, W: int) -> ShapeFit:
+        return self.shapes[min((w for w in self.shapes if w > 0), key=lambda w: (abs(w - W), w))]
+
+    def _transport(self, W: int, pools: list[int], notes: list[dict]) -> tuple[Part, float]:
+        ranks = 1 + W
+        if W in self.shapes:
+            return Part(self.shapes[W].transport, "measured"), 1.0
+        if len(pools) >= 2:
+            # per-step part linear in ranks through the profiled pool sizes
+            xs = [1 + w for w in pools]
+            ys = [self.shapes[w].transport.coef[0] for w in pools]
+            n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+            sxx = sum((x - mx) ** 2 for x in xs)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+            at = max(my + slope * (ranks - mx), 0.0)
+            src = self._nearest_pool(W)
+            scale = at / src.transport.coef[0] if src.transport.coef[0] else 1.0
+            notes.append({"what": f"transport per step at {ranks} ranks",
+                          "assumed": f"linear in ranks through the profiled pools ({', '.join(map(str, pools))} "
+                                     "workers)", "spread": SPREAD["rank_scaling"] / 2})
+            return Part(src.transport, "rank scaling", SPREAD["rank_scaling"] / 2), scale
+        if pools:
+            src = self.shapes[pools[0]]
+            scale = (ranks - 1) / max(src.workers, 1)
+            notes.append({"what": f"transport per step at {ranks} ranks",
+                          "assumed": f"the --workers {src.workers} profile's, x {ranks - 1}/{src.workers} "
+                                     "(each all-to-all's latency proportional to the peers it reaches)",
+                          "spread": SPREAD["rank_scaling"]})
+            return Part(src.transport, "rank scaling", SPREAD["rank_scaling"]), scale
+        a = ASSUMED_TRANSPORT
+        per_step = self.moe_layers * 3 * (a["collective_s"] + a["per_rank_s"] * ranks)
+        per_row = 2 * self.hidden * self.act_bytes / a["bandwidth"]
+        notes.append({"what": "transport (no pool was profiled)",
+                      "assumed": f"gloo over loopback: per MoE layer 3 all-to-alls of {a['collective_s'] * 1e6:.0f} us "
+                                 f"+ {a['per_rank_s'] * 1e6:.0f} us per rank, rows there and back at "
+                                 f"{a['bandwidth'] / 1e9:g} GB/s", "spread": SPREAD["assumed_transport"]})
+        return Part(fixed(("steps", "rows"), [per_step, per_row]), "assumed", SPREAD["assumed_transport"]), 1.0
+
+    # -- step time --------------------------------------------------------------------------
+    def cost(self, dep: Deployment) -> StepCost:
+        p, v, k, W = self.plan(dep), self.variant, self.top_k, dep.expert_workers
+
+        def gateway(b: Batch) -> float:
+            return p.host.value((1, b.seqs), v) + p.dense.value((1, b.tokens, b.ctx), v)
+
+        if W == 0:
+            def colocated(batches: Sequence[Batch]) -> float:
+                b = batches[0]
+                return gateway(b) + p.experts.value((1, b.tokens * k), v)
+            return colocated
+        static = self.imbalance.static(W, dep.redundant_experts)
+
+        def pooled(batches: Sequence[Batch]) -> float:
+            rows = sum(b.tokens for b in batches) * k
+            sent = max(b.tokens for b in batches) * k
+            t = max(gateway(b) for b in batches) + p.experts.value((1, rows * static / W), v)
+            tr = p.transport
+            mid = tr.law.coef[0] * p.rank_scale + tr.law.coef[1] * sent
+            if v:
+                band = Z * tr.law.se((p.rank_scale, sent)) + tr.spread * mid
+                mid = max(mid + v * band, 0.0)
+            return t + mid
+        return pooled
+
+    # -- reporting -----------------------------------------------------------------------------
+    def assumptions(self, dep: Deployment) -> list[dict]:
+        return list(self.plan(dep).assumptions)
+
+    def outside(self, dep: Deployment, step: dict) -> list[str]:
+        """What about a predicted run lies outside the profiles: `step` holds the simulated run's
+        mean batch (seqs, tokens, ctx per step) and its largest batch."""
+        out = []
+        near = self._nearest(dep.expert_workers)
+        if dep.expert_workers not in self.shapes:
+            out.append(f"--workers {dep.expert_workers} was not profiled (profiled: "
+                       f"{', '.join(str(w) for w in sorted(self.shapes))})")
+        cols = near.dense.outside((1, step["tokens"], step["ctx"]))
+        seqs_hi = near.host.hi[1] if near.host.hi else 0.0
+        if step["seqs"] > seqs_hi * 1.15:
+            out.append(f"batches of {step['seqs']:.1f} sequences per step on average, beyond the profiled "
+                       f"{seqs_hi:.1f}")
+        elif cols:
+            out.append(f"steps outside the profiled range of {', '.join(cols)} per step")
+        return out
+
+    def as_dict(self) -> dict:
+        return {"kind": "measured", "shapes": {str(w): s.as_dict() for w, s in sorted(self.shapes.items())},
+                "moe_layers": self.moe_layers, "top_k": self.top_k, "hidden": self.hidden,
+                "num_experts": self.num_experts, "cores": self.cores, "latency_ms": self.latency_s * 1e3,
+                "limits": vars(self.limits)}
