@@ -62,8 +62,9 @@ class AsyncEngine:
         self._in_flight = 0
         self._error: BaseException | None = None
         self._routes: dict[str, _Route] = {}  # engine thread only
-        # seconds in loop passes that ran a step (written by the engine thread, read by GetServerStats)
-        self.busy_seconds = 0.0
+        # seconds in loop passes that ran a step, and the engine thread's CPU in them (written by the
+        # engine thread, read by GetServerStats)
+        self.busy_seconds = self.busy_cpu_seconds = 0.0
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="mesh-engine", daemon=True)
         self._thread.start()
@@ -142,7 +143,7 @@ class AsyncEngine:
                 # Sleep on the inbox when there is nothing to step; otherwise take what has arrived.
                 if not self.engine.has_unfinished():
                     cmds.append(self._inbox.get())
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 while True:
                     try:
                         cmds.append(self._inbox.get_nowait())
@@ -161,6 +162,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
                     self.busy_seconds += time.perf_counter() - t0
+                    self.busy_cpu_seconds += time.thread_time() - c0
                 stats = self._snapshot()
                 with self._lock:
                     self._stats = stats

@@ -314,13 +314,15 @@ def _step_counters(aengine: AsyncEngine) -> dict:
     import torch
     eng = aengine.engine
     work = getattr(getattr(eng, "observer", None), "work", None)
-    out = {"busy_seconds": aengine.busy_seconds,
+    out = {"busy_seconds": aengine.busy_seconds, "busy_cpu_seconds": aengine.busy_cpu_seconds,
            "expert_seconds": getattr(eng.dispatcher, "expert_seconds", 0.0),
+           "expert_cpu_seconds": getattr(eng.dispatcher, "expert_cpu_seconds", 0.0),
            "worker_compute_seconds": list(getattr(eng.dispatcher, "worker_compute_seconds", ())),
            "compute_threads": torch.get_num_threads(),
            "worker_threads": getattr(eng, "expert_worker_threads", 0)}
     if work is not None:
-        out.update(forward_seconds=work.forward_seconds, decode_tokens=work.decode_tokens,
+        out.update(forward_seconds=work.forward_seconds, forward_cpu_seconds=work.forward_cpu_seconds,
+                   decode_tokens=work.decode_tokens,
                    prefill_tokens=work.prefill_tokens, context_tokens=work.context_tokens,
                    scheduled_sequences=work.sequences)
     return out

@@ -226,6 +226,8 @@ def test_server_stats_report_queues_steps_and_expert_load(gateway):
     assert (st["steps"], st["scheduled_sequences"], st["prefill_tokens"], st["decode_tokens"]) == (4, 4, 4, 3)
     assert st["context_tokens"] == (1 + 2 + 3 + 4) + 5 + 6 + 7
     assert st["busy_seconds"] > st["forward_seconds"] > st["expert_seconds"] > 0
+    assert st["busy_cpu_seconds"] > st["forward_cpu_seconds"] > st["expert_cpu_seconds"] > 0
+    assert st["busy_cpu_seconds"] <= st["busy_seconds"] * 1.01  # one thread's CPU fits in its wall time
     assert st["compute_threads"] >= 1 and st["worker_threads"] == 0 and st["worker_compute_seconds"] == []
     assert st["kv_blocks_used"] + st["kv_blocks_free"] == gw.engine.blocks.num_blocks
     assert st["max_num_seqs"] == 256 and st["max_num_batched_tokens"] == 2048

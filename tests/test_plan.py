@@ -234,7 +234,7 @@ def test_fit_reports_its_uncertainty_and_range():
 
 def _planner_model(rates=(2.0, 4.0), W=0) -> MeasuredModel:
     m = build_model([_synthetic_report(W, rates=rates)], calibrate=False)
-    m.latency_s = 2e-3
+    m.latency_s = m.shapes[W].latency_s = 2e-3  # what calibration would find outside the engine
     return m
 
 

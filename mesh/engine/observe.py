@@ -118,11 +118,12 @@ class StepWork:
     counters a capacity planner fits step times to (GetServerStats). Written by the engine thread
     only; readers on other threads see plain numbers, at most one step old."""
 
-    __slots__ = ("steps", "sequences", "decode_tokens", "prefill_tokens", "context_tokens", "forward_seconds")
+    __slots__ = ("steps", "sequences", "decode_tokens", "prefill_tokens", "context_tokens", "forward_seconds",
+                 "forward_cpu_seconds")
 
     def __init__(self):
         self.steps = self.sequences = self.decode_tokens = self.prefill_tokens = self.context_tokens = 0
-        self.forward_seconds = 0.0
+        self.forward_seconds = self.forward_cpu_seconds = 0.0
 
     def add(self, batch) -> None:
         dec = pre = ctx = 0
@@ -154,7 +155,7 @@ class EngineObserver:
         self._bytes = 0
         self.tokens = {"prompt": 0, "cached": 0, "output": 0}  # read by the M_TOKENS callback
         self.work = StepWork()  # read by GetServerStats (capacity planning)
-        self._step_t0 = 0.0
+        self._step_t0 = self._step_cpu0 = 0.0
 
     # ---- request lifecycle ---------------------------------------------------------------------
     def on_add(self, seq: Sequence) -> None:
@@ -192,11 +193,12 @@ class EngineObserver:
                 s.seq.chunk_span = self.tracer.start_span(
                     t.SPAN_PREFILL, context=s.seq.trace_parent, links=[trace.Link(span.get_span_context())],
                     attributes={t.ATTR_TOKENS: s.num_tokens})
-        self._step_t0 = time.perf_counter()
+        self._step_t0, self._step_cpu0 = time.perf_counter(), time.thread_time()
         return span
 
     def end_step(self, span: trace.Span, batch) -> None:
         self.work.forward_seconds += time.perf_counter() - self._step_t0
+        self.work.forward_cpu_seconds += time.thread_time() - self._step_cpu0
         for s in batch:
             chunk = s.seq.chunk_span
             if chunk is not None:

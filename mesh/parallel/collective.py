@@ -162,7 +162,8 @@ class CollectiveDispatcher(_MeshRank):
         self._next_layer = 0
         self._micro_batches, self._exchanges = 1, 0
         self._pending: _Handle | None = None
-        self.expert_seconds = 0.0  # dispatch + combine host seconds since start (never reset)
+        # step header + dispatch + combine host seconds since start (never reset), and this thread's CPU in them
+        self.expert_seconds = self.expert_cpu_seconds = 0.0
         self.worker_compute_seconds = [0.0] * self.W  # each expert rank's, as of the last header
 
     def reset_counters(self) -> None:
@@ -187,8 +188,11 @@ class CollectiveDispatcher(_MeshRank):
         if not trace_id:
             trace_id, span_id = self.next_step_trace
         hi, lo = _u64_halves(trace_id)
+        t0, c0 = time.perf_counter(), time.thread_time()
         headers = self._gather(torch.tensor([STEP, num_tokens, self.steps, hi, lo, _u64_halves(span_id)[1],
                                              flags, 0], dtype=torch.int64))  # [world, 8]
+        self.expert_seconds += time.perf_counter() - t0  # the header round is part of the transport
+        self.expert_cpu_seconds += time.thread_time() - c0
         self.worker_compute_seconds = (headers[self.A:, 7].double() / 1e6).tolist()
         if (headers[:self.A, 0] == SHUTDOWN).any():
             self._closed = True  # a peer's shutdown consumed this header round: the experts are gone
@@ -197,7 +201,7 @@ class CollectiveDispatcher(_MeshRank):
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> _Handle:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         # Expert ranks serve layers 0..L-1 in order, each as three collectives; any other order on
         # this side would pair up mismatched collectives.
         if not self._in_step or moe_index != self._next_layer or self._pending is not None:
@@ -231,12 +235,13 @@ class CollectiveDispatcher(_MeshRank):
                  self._a2a(rows[:0], rows, zeros, splits, async_op=True)]
         self._pending = _Handle(moe_index, rows, order, topk_weights, splits, works,
                                 (counts_send, counts_recv), time.perf_counter() - t0)
+        self.expert_cpu_seconds += time.thread_time() - c0
         return self._pending
 
     def combine(self, handle: _Handle) -> torch.Tensor:
         """Receive the expert outputs (the return all_to_all runs here, so whatever the caller did
         since dispatch overlapped the transfer and the expert compute) and sum them -> [T, H]."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if handle is not self._pending:
             raise RuntimeError("combine got a handle that is not the pending dispatch")
         back = torch.empty_like(handle.rows)  # [N, H]
@@ -252,6 +257,7 @@ class CollectiveDispatcher(_MeshRank):
         seconds = handle.seconds + time.perf_counter() - t0
         self.layer_seconds[handle.moe_index] += seconds
         self.expert_seconds += seconds
+        self.expert_cpu_seconds += time.thread_time() - c0
         return out
 
     def end_step(self) -> None:

@@ -66,6 +66,9 @@ class ShapeFit:
     latency_s: float = 0.0  # client <-> engine time per request (calibrated: TTFT)
     latency_spread_s: float = 0.0
     replay: list[dict] = field(default_factory=list)  # per profiled level: simulated vs measured
+    # per gateway part: the engine thread's wall time over its CPU time (1: it ran all the time; more:
+    # it waited for a core, or for the GIL, while other processes or threads ran)
+    stretch: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"expert_workers": self.workers, "host": self.host.as_dict(), "dense": self.dense.as_dict(),
@@ -74,7 +77,7 @@ class ShapeFit:
                 "gateway_threads": self.gateway_threads, "worker_threads": self.worker_threads,
                 "rates": self.rates, "max_throughput_rps": self.max_throughput_rps,
                 "max_seqs_per_step": self.max_seqs_per_step, "latency_ms": self.latency_s * 1e3,
-                "latency_spread_ms": self.latency_spread_s * 1e3, "replay": self.replay}
+                "latency_spread_ms": self.latency_spread_s * 1e3, "stretch": self.stretch, "replay": self.replay}
 
 
 @dataclass
@@ -136,10 +139,23 @@ class MeasuredModel:
 
     def with_variant(self, variant: int) -> "MeasuredModel":
         m = replace(self, variant=variant)
-        spread = max((s.latency_spread_s for s in self.shapes.values()), default=0.0)
-        m.latency_s = max(self.latency_s + variant * spread, 0.0)
         m._plans = {}
         return m
+
+    def latency_for(self, dep: Deployment) -> float:
+        """The time each request spends outside the engine thread (RPC, the server's event loop and
+        threads) on `dep`: as calibrated on that shape, else the nearest shape's moved to the target's
+        contention like the gateway's host part (the event loop shares its cores); +- its spread in
+        the interval's variants."""
+        W = dep.expert_workers
+        near = self._nearest(W)
+        lat, spread = near.latency_s, near.latency_spread_s
+        if W not in self.shapes:
+            st, _, _ = self.target_stretch(W)
+            k = st / near.stretch.get("host", 1.0)
+            lat *= k
+            spread = spread * k + SPREAD["nearest_shape"] * lat + abs(near.latency_s - lat) * 0.5
+        return max(lat + self.variant * spread, 0.0)
 
     # -- the parts of a deployment --------------------------------------------------------
     def _nearest(self, workers: int) -> ShapeFit:
@@ -158,28 +174,48 @@ class MeasuredModel:
             cache[key] = self._plan(key)
         return cache[key]
 
+    def target_stretch(self, W: int) -> tuple[float, float, str]:
+        """(stretch, its spread, why) of the gateway's engine thread at pool size W (see ShapeFit.stretch)."""
+        if W in self.shapes:
+            return self.shapes[W].stretch.get("dense", 1.0), 0.0, "measured"
+        seen = [s.stretch.get("dense", 1.0) for s in self.shapes.values()]
+        if W == 0:
+            # without workers nothing else on the machine waits for rows: the engine thread keeps its core
+            return 1.0, max(max(seen) - 1.0, 0.05), "no other process of the deployment competing for the cores"
+        near = self._nearest_pool(W) if any(w > 0 for w in self.shapes) else self._nearest(W)
+        return near.stretch.get("dense", 1.0), SPREAD["nearest_shape"], f"as measured with --workers {near.workers}"
+
+    def _gateway_parts(self, W: int, notes: list[dict]) -> tuple[Part, Part, float]:
+        """host and dense: the nearest profiled shape's laws, moved to W's contention; returns the factor."""
+        near = self._nearest(W)
+        if W in self.shapes:
+            return Part(near.host, "measured"), Part(near.dense, "measured"), 1.0
+        st, st_spread, why = self.target_stretch(W)
+        k = {p: st / near.stretch.get(p, 1.0) for p in ("host", "dense")}
+        spread = SPREAD["nearest_shape"] + st_spread
+        notes.append({"what": "gateway host and dense compute per step",
+                      "assumed": f"as profiled with --workers {near.workers} (engine thread stretched "
+                                 f"{near.stretch.get('dense', 1.0):.2f}x by waits for a core or the GIL), at a "
+                                 f"stretch of {st:.2f} ({why})", "spread": spread})
+        return (Part(near.host, "contention", spread, k["host"]), Part(near.dense, "contention", spread, k["dense"]),
+                k["dense"])
+
     def _plan(self, W: int) -> ShapeParts:
         notes: list[dict] = []
-        near = self._nearest(W)
         exact = W in self.shapes
-        spread = 0.0 if exact else SPREAD["nearest_shape"]
-        if not exact:
-            notes.append({"what": "gateway host and dense compute per step",
-                          "assumed": f"as profiled with --workers {near.workers}",
-                          "spread": spread})
-        host, dense = Part(near.host, "measured", spread), Part(near.dense, "measured", spread)
-        gt = near.gateway_threads
+        host, dense, moved = self._gateway_parts(W, notes)
+        gt = self._nearest(W).gateway_threads
         if W == 0:
             if 0 in self.shapes:
                 experts = Part(self.shapes[0].experts, "measured")
             else:
                 pool = self._nearest(0)
-                scale = pool.worker_threads / max(gt, 1)
+                scale = pool.worker_threads / max(gt, 1) * moved
                 experts = Part(pool.experts, "thread scaling", SPREAD["thread_scaling"], scale)
                 notes.append({"what": "expert compute in the gateway",
                               "assumed": f"the --workers {pool.workers} workers' compute per row x "
-                                         f"{pool.worker_threads}/{gt} threads (linear thread scaling)",
-                              "spread": SPREAD["thread_scaling"]})
+                                         f"{pool.worker_threads}/{gt} threads (linear thread scaling), at the "
+                                         "gateway's contention", "spread": SPREAD["thread_scaling"]})
             return ShapeParts(host, dense, experts, None, assumptions=notes, measured_shape=exact)
         wt = self.threads_of(W)
         pools = sorted(w for w in self.shapes if w > 0)
@@ -270,7 +306,14 @@ class MeasuredModel:
 
     # -- reporting -----------------------------------------------------------------------------
     def assumptions(self, dep: Deployment) -> list[dict]:
-        return list(self.plan(dep).assumptions)
+        notes = list(self.plan(dep).assumptions)
+        if dep.expert_workers not in self.shapes:
+            near = self._nearest(dep.expert_workers)
+            notes.append({"what": "time outside the engine per request (RPC, the server's event loop)",
+                          "assumed": f"{near.latency_s * 1e3:.1f} ms as calibrated with --workers {near.workers}, "
+                                     f"moved to the target's contention: {self.latency_for(dep) * 1e3:.1f} ms",
+                          "spread": SPREAD["nearest_shape"]})
+        return notes
 
     def outside(self, dep: Deployment, step: dict) -> list[str]:
         """What about a predicted run lies outside the profiles: `step` holds the simulated run's

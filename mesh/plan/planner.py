@@ -11,7 +11,7 @@ from mesh.plan.metrics import percentile, summarize, tpot_ms, ttft_ms
 from mesh.plan.perfmodel import Deployment, Imbalance, RooflineModel
 from mesh.plan.profile import build_model, lengths, model_shape
 from mesh.plan.measured import MeasuredModel
-from mesh.plan.search import Evaluation, Slo, Workload, evaluate, margin, max_rate, search
+from mesh.plan.search import Evaluation, Slo, Workload, evaluate, latency_of, margin, max_rate, search
 from mesh.plan.simulate import SimRequest, simulate
 from mesh.plan.workload import Dist, RequestSpec, cached_tokens, synthetic
 
@@ -104,7 +104,7 @@ def step_stats(model, dep: Deployment, workload: Workload, rate: float) -> dict:
     reqs = workload.at(rate)
     reqs = reqs[0::dep.gateways] if dep.expert_workers == 0 else reqs
     simulate(reqs, recording, model.limits_for(dep), gateways=1 if dep.expert_workers == 0 else dep.gateways,
-             latency_s=model.latency_s, max_time=1.5 * (reqs[-1].arrival if reqs else 0.0) + 60.0)
+             latency_s=latency_of(model, dep), max_time=1.5 * (reqs[-1].arrival if reqs else 0.0) + 60.0)
     n = max(acc["steps"], 1)
     return {"seqs": acc["seqs"] / n, "tokens": acc["tokens"] / n, "ctx": acc["ctx"] / n, "max_seqs": acc["max_seqs"]}
 
@@ -167,10 +167,10 @@ def predict_requests(model, dep: Deployment, reqs: Sequence[SimRequest], slo: Sl
     """Predicted figures (and their interval, where the model has one) for exactly these requests:
     what `mesh plan --validate` and bench/plan_accuracy.py compare with a measured run."""
     def run(m) -> dict:
-        records = simulate(list(reqs), m.cost(dep), m.limits_for(dep), latency_s=m.latency_s) \
+        records = simulate(list(reqs), m.cost(dep), m.limits_for(dep), latency_s=latency_of(m, dep)) \
             if dep.expert_workers or dep.gateways == 1 else \
             [r for k in range(dep.gateways) for r in simulate(list(reqs)[k::dep.gateways], m.cost(dep),
-                                                                 m.limits_for(dep), latency_s=m.latency_s)]
+                                                                 m.limits_for(dep), latency_s=latency_of(m, dep))]
         s = summarize(records, slo.ttft_ms, slo.tpot_ms)
         q = slo.percentile
         s["at_percentile"] = {"percentile": q, "ttft_ms": percentile([t for t in map(ttft_ms, records) if t is not None], q),

@@ -143,10 +143,19 @@ def fit_shape(report: dict, top_k: int, imbalance: Imbalance) -> ShapeFit:
                         what=f"the transport fit ({where})")
     stats = (report.get("server") or {}).get("stats") or {}
     runs = report["runs"]
+    stretch = {}
+    if all("busy_cpu_s" in iv for iv in ivs):
+        spans = {"host": (lambda iv: iv["busy_s"] - iv["forward_s"], lambda iv: iv["busy_cpu_s"] - iv["forward_cpu_s"]),
+                 "dense": (lambda iv: iv["forward_s"] - iv["expert_s"], lambda iv: iv["forward_cpu_s"] - iv["expert_cpu_s"])}
+        if W == 0:
+            spans["experts"] = (lambda iv: iv["expert_s"], lambda iv: iv["expert_cpu_s"])
+        for part, (wall, cpu) in spans.items():
+            w, c = sum(map(wall, ivs)), sum(map(cpu, ivs))
+            stretch[part] = max(w / c, 1.0) if c > 0 else 1.0
     return ShapeFit(W, host, dense, experts, transport, int(stats.get("compute_threads") or 1),
                     int(stats.get("worker_threads") or 0), [r.get("rate") for r in runs if r.get("rate")],
                     max((r.get("throughput_rps") or 0.0) for r in runs),
-                    max(iv["seqs"] / iv["steps"] for iv in ivs))
+                    max(iv["seqs"] / iv["steps"] for iv in ivs), stretch=stretch)
 
 
 def build_model(reports: Sequence[dict], calibrate: bool = True) -> MeasuredModel:

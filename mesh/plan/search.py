@@ -27,6 +27,13 @@ from mesh.plan.simulate import Limits, SimRequest, StepCost, simulate, simulate_
 POOL_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
 
 
+def latency_of(model, dep: Deployment) -> float:
+    """The client <-> engine time a model adds to every response of `dep` (models may make it depend
+    on the deployment: `latency_for`)."""
+    per = getattr(model, "latency_for", None)
+    return per(dep) if per is not None else model.latency_s
+
+
 class CostModel(Protocol):
     latency_s: float
 
@@ -106,9 +113,9 @@ def evaluate(model: CostModel, dep: Deployment, workload: Workload, rate: float,
     bounds = dict(max_time=1.5 * span + 60.0, max_queue=max(64, len(reqs) // 5))
     if dep.expert_workers == 0:
         # replicas are statistically alike under round-robin: simulate one, on its share
-        records = simulate(reqs[0::dep.gateways], model.cost(dep), limits, latency_s=model.latency_s, **bounds)
+        records = simulate(reqs[0::dep.gateways], model.cost(dep), limits, latency_s=latency_of(model, dep), **bounds)
     else:
-        records = simulate(reqs, model.cost(dep), limits, gateways=dep.gateways, latency_s=model.latency_s,
+        records = simulate(reqs, model.cost(dep), limits, gateways=dep.gateways, latency_s=latency_of(model, dep),
                            **bounds)
     summary = summarize(records, slo.ttft_ms, slo.tpot_ms)
     q = slo.percentile

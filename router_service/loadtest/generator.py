@@ -358,7 +358,9 @@ def step_counters(st: pb.ServerStats) -> dict:
     their busy_seconds stays 0 while steps grow)."""
     return {"seqs": st.scheduled_sequences, "decode": st.decode_tokens, "prefill": st.prefill_tokens,
             "ctx": st.context_tokens, "busy_s": st.busy_seconds, "forward_s": st.forward_seconds,
-            "expert_s": st.expert_seconds, "worker_s": list(st.worker_compute_seconds)}
+            "expert_s": st.expert_seconds, "worker_s": list(st.worker_compute_seconds),
+            "busy_cpu_s": st.busy_cpu_seconds, "forward_cpu_s": st.forward_cpu_seconds,
+            "expert_cpu_s": st.expert_cpu_seconds}
 
 
 def trace_schedule(specs: list[RequestSpec], duration: float | None) -> list[float]:

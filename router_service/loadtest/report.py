@@ -86,7 +86,7 @@ def profile_intervals(records: Sequence[dict], polls: Sequence[dict], window: fl
 
 # columns of runs[].profile.server_intervals (mesh.plan.profile reads them by name)
 SERVER_COLUMNS = ("t0", "t1", "steps", "seqs", "decode", "prefill", "ctx", "busy_s", "forward_s", "expert_s",
-                  "worker_max_s", "worker_sum_s")
+                  "worker_max_s", "worker_sum_s", "busy_cpu_s", "forward_cpu_s", "expert_cpu_s")
 
 
 def server_intervals(polls: Sequence[dict], window: float = 0.5) -> list[list[float]]:
@@ -109,7 +109,8 @@ def server_intervals(polls: Sequence[dict], window: float = 0.5) -> list[list[fl
         out.append([round(a["t"], 4), round(b["t"], 4), steps] +
                    [b[k] - a[k] for k in ("seqs", "decode", "prefill", "ctx")] +
                    [round(b[k] - a[k], 6) for k in ("busy_s", "forward_s", "expert_s")] +
-                   [round(max(workers, default=0.0), 6), round(sum(workers), 6)])
+                   [round(max(workers, default=0.0), 6), round(sum(workers), 6)] +
+                   [round(b.get(k, 0.0) - a.get(k, 0.0), 6) for k in ("busy_cpu_s", "forward_cpu_s", "expert_cpu_s")])
     return out
 
 
