@@ -118,10 +118,26 @@ class GpuProfileModel(RooflineModel):
         if not device_matches(prof, dev):
             raise ValueError(f"--gpu-profile {prof['path']} was measured on {prof['gpu']}, not on {dev.name}: "
                              f"plan with the matching --hardware")
-        m = cls(dev, shape, copy_bytes_s=prof["copy_bytes_s"], profile=prof, **kw)
         from mesh.plan.hardware import MODELS
-        m.same_model = prof.get("model") in MODELS and MODELS[prof["model"]].name == shape.name
-        m._calibrate(prof)
+        m = cls(dev, shape, copy_bytes_s=prof["copy_bytes_s"], profile=prof, **kw)
+        measured = MODELS.get(prof.get("model") or "")
+        m.same_model = measured is None or measured.name == shape.name
+        if m.same_model:
+            m._calibrate(prof)
+            if measured is None:
+                m.notes.append({"what": "the profiled model", "assumed": f"{shape.name} (the profile does not name "
+                                "a preset the planner knows)", "spread": 0.0})
+            return m
+        # the constants are the device's as the profiled model exercised it: fit them on that model's
+        # shapes, then carry them over
+        src = cls(dev, measured, copy_bytes_s=prof["copy_bytes_s"], profile=prof, **kw)
+        src._calibrate(prof)
+        for name in ("overhead_s", "a", "c", "f", "fit_se", "decode_fit_rows", "checks", "max_batch"):
+            setattr(m, name, getattr(src, name))
+        m.notes = list(src.notes) + [{
+            "what": "step-time constants", "assumed": f"fitted on {measured.name}, carried over to {shape.name} "
+            "(host overhead, streaming efficiency, compute per decode token and per prefill FLOP alike)",
+            "spread": 0.25}]
         return m
 
     # -- the parts of a step ---------------------------------------------------------------
@@ -193,10 +209,6 @@ class GpuProfileModel(RooflineModel):
             self.f = 1.0 / self.device.flops
             self.notes.append({"what": "prefill compute", "assumed": f"{self.device.flops / 1e12:.0f} TFLOP/s "
                                "(published figure; the profile has neither prefill nor mixed lines)", "spread": 0.5})
-        if not self.same_model:
-            self.notes.append({"what": "step-time constants", "assumed": f"measured on {prof['model']}, carried "
-                               f"over to {self.shape.name} (overhead, streaming and compute per token alike)",
-                               "spread": 0.25})
 
     def _mixed_sim(self, mixed: dict, f: float) -> float:
         reqs = mixed_requests(int(mixed.get("requests") or 256), self.shape.vocab)

@@ -196,7 +196,8 @@ class RooflineModel:
                         f"us per collective inside a node, {d.inter_bw / 1e9:.0f} GB/s and {d.inter_lat * 1e6:.0f} us "
                         "across (DeepEP's published figures)"})
         for a in out:
-            a["spread"] = self.SPREAD
+            if a["what"] != "device memory":  # decides what fits, not how fast
+                a["spread"] = self.SPREAD
         return out
 
     def outside(self, dep: Deployment, step: dict) -> list[str]:

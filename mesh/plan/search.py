@@ -118,6 +118,10 @@ def evaluate(model: CostModel, dep: Deployment, workload: Workload, rate: float,
         records = simulate(reqs, model.cost(dep), limits, gateways=dep.gateways, latency_s=latency_of(model, dep),
                            **bounds)
     summary = summarize(records, slo.ttft_ms, slo.tpot_ms)
+    if dep.expert_workers == 0 and dep.gateways > 1:
+        # one replica of A was simulated: the deployment serves A times its rates
+        for key in ("throughput_rps", "output_tokens_per_s", "input_tokens_per_s", "goodput_rps"):
+            summary[key] *= dep.gateways
     q = slo.percentile
     ttfts = [t for t in map(ttft_ms, records) if t is not None]
     tpots = [t for t in map(tpot_ms, records) if t is not None]

@@ -552,6 +552,17 @@ def _plan_text(r: dict) -> str:
     if r.get("max_rps") is not None:
         lines.append(f"sustains up to {r['max_rps']:.2f} req/s ({r['max_rps_basis']})"
                      + (f"; extrapolated: {r['max_rps_extrapolated']}" if r.get("max_rps_extrapolated") else ""))
+    m = r.get("model") or {}
+    if m.get("kind") == "gpu-profile":
+        law, fits = m["law"], m.get("decode_fit") or []
+        worst = max((abs(f["fitted_ms"] / f["measured_ms"] - 1) for f in fits), default=0.0)
+        mixed = (m.get("checks") or {}).get("mixed")
+        lines.append(f"step times measured on {m['gpu']} ({m['profile']}, {m['profiled_model']}): decode at "
+                     f"{len(fits)} batch sizes, law {law['overhead_ms']:.2f} ms + {law['bytes_per_copy_byte']:.2f} x "
+                     f"bytes / {law['copy_tb_s']:.2f} TB/s + {law['us_per_decode_token']:.1f} us per decode token, "
+                     f"within {100 * worst:.0f}% of each"
+                     + (f"; mixed run {mixed['measured_output_tok_s']:.0f} output tok/s measured, "
+                        f"{mixed['simulated_output_tok_s']:.0f} simulated" if mixed else ""))
     if r.get("extrapolation"):
         lines.append("EXTRAPOLATED beyond the profiles (figures in brackets: the prediction interval):")
         lines += [f"  - {x}" for x in r["extrapolation"]]
