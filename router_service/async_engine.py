@@ -161,8 +161,12 @@ class AsyncEngine:
                     cmds.popleft()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
-                    self.busy_seconds += time.perf_counter() - t0
-                    self.busy_cpu_seconds += time.thread_time() - c0
+                    busy, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                    self.busy_seconds += busy
+                    self.busy_cpu_seconds += cpu
+                    work = getattr(getattr(self.engine, "observer", None), "work", None)
+                    if work is not None:
+                        work.end_pass(busy, cpu)  # the step's own record (GetServerStats' recent_steps)
                 stats = self._snapshot()
                 with self._lock:
                     self._stats = stats

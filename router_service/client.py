@@ -40,7 +40,7 @@ def stats_dict(msg: pb.ServerStats) -> dict:
     """ServerStats -> a dict; the row-major expert load becomes [moe_layers][num_experts]."""
     out = {}
     for f in msg.DESCRIPTOR.fields:
-        if f.name != "expert_load":
+        if f.name not in ("expert_load", "recent_steps"):
             v = getattr(msg, f.name)
             out[f.name] = v if isinstance(v, (int, float, str, bytes)) else list(v)  # repeated -> a list
     flat, e = list(msg.expert_load), msg.num_experts

@@ -306,10 +306,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             expert_load=[] if load is None else load.reshape(-1).clamp_(min=0).tolist(),
             moe_layers=0 if load is None else load.shape[0], num_experts=0 if load is None else load.shape[1],
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            preemptions=getattr(eng.scheduler, "num_preemptions", 0), **_step_counters(aengine))
+            preemptions=getattr(eng.scheduler, "num_preemptions", 0),
+            **_step_counters(aengine, request.steps_after if request.HasField("steps_after") else None))
 
 
-def _step_counters(aengine: AsyncEngine) -> dict:
+def _step_counters(aengine: AsyncEngine, steps_after: int | None = None) -> dict:
     """ServerStats' step-time counters (see the proto): what `mesh loadtest` records for `mesh plan`."""
     import torch
     eng = aengine.engine
@@ -321,6 +322,11 @@ def _step_counters(aengine: AsyncEngine) -> dict:
            "compute_threads": torch.get_num_threads(),
            "worker_threads": getattr(eng, "expert_worker_threads", 0)}
     if work is not None:
+        out["recent_steps"] = [pb.StepRecord(
+            step=r[0], sequences=r[1], decode_tokens=r[2], prefill_tokens=r[3], context_tokens=r[4], busy_seconds=r[5],
+            forward_seconds=r[6], expert_seconds=r[7], worker_compute_seconds=r[8], busy_cpu_seconds=r[9],
+            forward_cpu_seconds=r[10], expert_cpu_seconds=r[11])
+            for r in (work.since(steps_after) if steps_after is not None else ())]
         out.update(forward_seconds=work.forward_seconds, forward_cpu_seconds=work.forward_cpu_seconds,
                    decode_tokens=work.decode_tokens,
                    prefill_tokens=work.prefill_tokens, context_tokens=work.context_tokens,

@@ -229,6 +229,19 @@ def test_server_stats_report_queues_steps_and_expert_load(gateway):
     assert st["busy_cpu_seconds"] > st["forward_cpu_seconds"] > st["expert_cpu_seconds"] > 0
     assert st["busy_cpu_seconds"] <= st["busy_seconds"] * 1.01  # one thread's CPU fits in its wall time
     assert st["compute_threads"] >= 1 and st["worker_threads"] == 0 and st["worker_compute_seconds"] == []
+    # each step on its own, on request: the ones after a step number
+    import grpc
+    from router_service.protos import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        recent = stub.GetServerStats(pb.GetServerStatsRequest(steps_after=0), timeout=10).recent_steps
+        later = stub.GetServerStats(pb.GetServerStatsRequest(steps_after=2), timeout=10).recent_steps
+        plain = stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10).recent_steps
+    assert [(r.step, r.sequences, r.prefill_tokens, r.decode_tokens, r.context_tokens) for r in recent] == \
+        [(1, 1, 4, 0, 10), (2, 1, 0, 1, 5), (3, 1, 0, 1, 6), (4, 1, 0, 1, 7)]
+    assert all(r.busy_seconds >= r.forward_seconds > r.expert_seconds > 0 for r in recent)
+    assert sum(r.forward_seconds for r in recent) == pytest.approx(st["forward_seconds"])
+    assert [r.step for r in later] == [3, 4] and len(plain) == 0
     assert st["kv_blocks_used"] + st["kv_blocks_free"] == gw.engine.blocks.num_blocks
     assert st["max_num_seqs"] == 256 and st["max_num_batched_tokens"] == 2048
     # tiny preset: 2 layers, layer 1 dense -> 1 MoE layer of 8 experts, top-2

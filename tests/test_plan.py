@@ -178,6 +178,7 @@ def test_fit_recovers_each_part_from_a_single_rate():
     s = m.shapes[0]
     assert s.host.coef == pytest.approx(HOST, rel=0.1)
     assert s.dense.coef[1] == pytest.approx(DENSE[1], rel=0.1) and s.dense.coef[0] == pytest.approx(DENSE[0], rel=0.2)
+    assert s.dense.coef[2] == pytest.approx(DENSE[1], rel=0.1)  # prefill tokens cost what decode tokens do here
     assert s.experts.coef == pytest.approx(LOCAL, rel=0.15)
     assert s.host.coef[1] > 0  # the per-sequence cost is not lost (a single rate once fitted it as 0)
     for b in BATCHES:
@@ -228,8 +229,12 @@ def test_fit_reports_its_uncertainty_and_range():
     near, far = [1.0, 3.0, 3.0], [1.0, 30.0, 30.0]
     assert f.se(far) > 5 * f.se(near)  # wider the further from the data
     assert f.outside(near) == [] and f.outside(far) == ["a", "b"]
-    with pytest.raises(ValueError, match="busy intervals"):
+    with pytest.raises(ValueError, match="measured steps or intervals"):
         fit(("one", "a"), rows[:2], y[:2])
+    # steps another process held up: trimmed away, the law stays
+    held = [v * (10 if i % 9 == 0 else 1) for i, v in enumerate(y)]
+    assert fit(("one", "a", "b"), rows, held, trim=4.0).coef == pytest.approx([0.5, 2, 3], abs=0.3)
+    assert fit(("one", "a", "b"), rows, held).coef != pytest.approx([0.5, 2, 3], abs=0.3)
 
 
 def _planner_model(rates=(2.0, 4.0), W=0) -> MeasuredModel:

@@ -75,15 +75,29 @@ class LinearFit:
 
 
 def fit(names: Sequence[str], rows: Sequence[Sequence[float]], y: Sequence[float], min_rows: int | None = None,
-        what: str = "a step-time fit") -> LinearFit:
+        what: str = "a step-time fit", trim: float | None = None) -> LinearFit:
     """Fit y ~ rows . coef (coef >= 0). ValueError when there are fewer than `min_rows` rows (default:
-    columns + 2), naming `what`."""
+    columns + 2), naming `what`. `trim`: refit without the rows whose residual lies more than `trim`
+    robust standard deviations (1.4826 x the median absolute deviation) from the median residual:
+    single steps another process held up, say, should not pull a law fitted to thousands."""
     import numpy as np
     need = min_rows if min_rows is not None else len(names) + 2
     if len(rows) < need:
-        raise ValueError(f"{what} needs at least {need} busy intervals, the profiles hold {len(rows)}: "
-                         "profile longer or at a higher rate")
+        raise ValueError(f"{what} needs at least {need} measured steps or intervals, the profiles hold "
+                         f"{len(rows)}: profile longer or at a higher rate")
     coef, active = nnls(rows, y)
+    if trim is not None:
+        for _ in range(2):
+            A, b = np.asarray(rows, dtype=float), np.asarray(y, dtype=float)
+            res = b - A @ np.asarray(coef)
+            med = float(np.median(res))
+            mad = 1.4826 * float(np.median(np.abs(res - med))) or 1e-12
+            keep = np.abs(res - med) <= trim * mad
+            if keep.all() or keep.sum() < need:
+                break
+            rows = [r for r, k in zip(rows, keep) if k]
+            y = [v for v, k in zip(y, keep) if k]
+            coef, active = nnls(rows, y)
     A, b = np.asarray(rows, dtype=float), np.asarray(y, dtype=float)
     pred = A @ np.asarray(coef)
     res = b - pred

@@ -1,13 +1,15 @@
 """The measured performance model: step times of deployment shapes fitted from profiles of this
 machine's `mesh serve`, part by part, and carried over to shapes that were not profiled.
 
-A step of one gateway is four parts, each fitted from the server's own counters (GetServerStats,
-recorded by `mesh loadtest` in `runs[].profile.server_intervals`):
+A step of one gateway is four parts, each fitted to the server's own record of every step
+(GetServerStats' recent_steps, kept by `mesh loadtest` in `runs[].profile.server_steps`; reports
+without them: to the counters' intervals, `server_intervals`):
 
   host       engine-thread time outside the forward pass (scheduling, sampling, handing outputs to
              the server's event loop)            busy - forward       ~ steps, sequences
   dense      the gateway's share of the forward pass (attention, dense layers, router, lm_head)
-                                                  forward - experts    ~ steps, tokens, context
+                                                  forward - experts    ~ steps, decode tokens,
+                                                                         prefill tokens, context
   experts    the routed experts' compute: in the gateway (W = 0) the time inside the in-process
              dispatch ~ steps, rows (token-expert pairs); with workers each worker's own compute
              (reported in the step headers) ~ steps, rows on the busiest worker
@@ -15,7 +17,8 @@ recorded by `mesh loadtest` in `runs[].profile.server_intervals`):
 
 How the parts move between shapes (each carry-over is listed as an assumption, with the spread
 used for the prediction interval):
-- host and dense are the gateway's own work: taken from the profiled shape nearest in workers;
+- host and dense are the gateway's own work: taken from the profiled shape nearest in workers,
+  moved to the target's contention (the engine thread's wall over CPU time);
 - experts: cost x threads is kept when experts move between the gateway (its compute threads)
   and workers (each `mesh serve` worker gets max(1, cores // (W + 1)) threads), i.e. linear thread
   scaling; the busiest worker gets rows / W times the measured load imbalance of the placement;
@@ -69,6 +72,8 @@ class ShapeFit:
     # per gateway part: the engine thread's wall time over its CPU time (1: it ran all the time; more:
     # it waited for a core, or for the GIL, while other processes or threads ran)
     stretch: dict[str, float] = field(default_factory=dict)
+    source: str = "intervals"  # what the laws were fitted to: "steps" (the server's step records) or "intervals"
+    samples: int = 0
 
     def as_dict(self) -> dict:
         return {"expert_workers": self.workers, "host": self.host.as_dict(), "dense": self.dense.as_dict(),
@@ -77,7 +82,8 @@ class ShapeFit:
                 "gateway_threads": self.gateway_threads, "worker_threads": self.worker_threads,
                 "rates": self.rates, "max_throughput_rps": self.max_throughput_rps,
                 "max_seqs_per_step": self.max_seqs_per_step, "latency_ms": self.latency_s * 1e3,
-                "latency_spread_ms": self.latency_spread_s * 1e3, "stretch": self.stretch, "replay": self.replay}
+                "latency_spread_ms": self.latency_spread_s * 1e3, "stretch": self.stretch, "replay": self.replay,
+                "fitted_to": f"{self.samples} {self.source}"}
 
 
 @dataclass
@@ -283,7 +289,7 @@ class MeasuredModel:
         p, v, k, W = self.plan(dep), self.variant, self.top_k, dep.expert_workers
 
         def gateway(b: Batch) -> float:
-            return p.host.value((1, b.seqs), v) + p.dense.value((1, b.tokens, b.ctx), v)
+            return p.host.value((1, b.seqs), v) + p.dense.value((1, b.decode, b.prefill, b.ctx), v)
 
         if W == 0:
             def colocated(batches: Sequence[Batch]) -> float:
@@ -323,7 +329,7 @@ class MeasuredModel:
         if dep.expert_workers not in self.shapes:
             out.append(f"--workers {dep.expert_workers} was not profiled (profiled: "
                        f"{', '.join(str(w) for w in sorted(self.shapes))})")
-        cols = near.dense.outside((1, step["tokens"], step["ctx"]))
+        cols = near.dense.outside((1, step["decode"], step["prefill"], step["ctx"]))
         seqs_hi = near.host.hi[1] if near.host.hi else 0.0
         if step["seqs"] > seqs_hi * 1.15:
             out.append(f"batches of {step['seqs']:.1f} sequences per step on average, beyond the profiled "

@@ -90,7 +90,7 @@ def intervals(model, dep: Deployment, workload: Workload, rate: float, slo: Slo,
 
 def step_stats(model, dep: Deployment, workload: Workload, rate: float) -> dict:
     """The simulated run's batches: mean sequences, tokens and context per step, and the largest."""
-    acc = {"steps": 0, "seqs": 0.0, "tokens": 0.0, "ctx": 0.0, "max_seqs": 0}
+    acc = {"steps": 0, "seqs": 0.0, "tokens": 0.0, "decode": 0.0, "prefill": 0.0, "ctx": 0.0, "max_seqs": 0}
     cost = model.cost(dep)
 
     def recording(batches):
@@ -98,6 +98,8 @@ def step_stats(model, dep: Deployment, workload: Workload, rate: float) -> dict:
         acc["steps"] += 1
         acc["seqs"] += b.seqs
         acc["tokens"] += b.tokens
+        acc["decode"] += b.decode
+        acc["prefill"] += b.prefill
         acc["ctx"] += b.ctx
         acc["max_seqs"] = max(acc["max_seqs"], b.seqs)
         return cost(batches)
@@ -106,7 +108,7 @@ def step_stats(model, dep: Deployment, workload: Workload, rate: float) -> dict:
     simulate(reqs, recording, model.limits_for(dep), gateways=1 if dep.expert_workers == 0 else dep.gateways,
              latency_s=latency_of(model, dep), max_time=1.5 * (reqs[-1].arrival if reqs else 0.0) + 60.0)
     n = max(acc["steps"], 1)
-    return {"seqs": acc["seqs"] / n, "tokens": acc["tokens"] / n, "ctx": acc["ctx"] / n, "max_seqs": acc["max_seqs"]}
+    return {k: acc[k] / n for k in ("seqs", "tokens", "decode", "prefill", "ctx")} | {"max_seqs": acc["max_seqs"]}
 
 
 def extrapolation(model, dep: Deployment, workload: Workload, rate: float) -> list[str]:

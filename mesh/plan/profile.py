@@ -121,26 +121,48 @@ def _intervals(report: dict) -> list[dict]:
     return out
 
 
+def _steps(report: dict) -> list[dict]:
+    """The server's records of single steps (complete ones: their pass closed), as rows like an
+    interval's with steps = 1."""
+    out = []
+    for run in report["runs"]:
+        prof = run.get("profile", {})
+        cols = prof.get("server_step_columns") or []
+        for row in prof.get("server_steps") or []:
+            st = dict(zip(cols, row))
+            if st.get("busy_s", 0) > 0:
+                st["steps"] = 1
+                out.append(st)
+    return out
+
+
+TRIM = 4.0  # robust standard deviations: steps further off than this are left out of a step fit
+
+
 def fit_shape(report: dict, top_k: int, imbalance: Imbalance) -> ShapeFit:
+    """One shape's parts, fitted to its single steps where the report has them (else to intervals)."""
     W = workers_of(report)
-    ivs = _intervals(report)
+    steps = _steps(report)
+    ivs = steps if len(steps) >= 50 else _intervals(report)
+    trim = TRIM if ivs is steps else None
     where = f"--workers {W}"
     host = fit(("steps", "seqs"), [[iv["steps"], iv["seqs"]] for iv in ivs],
-               [max(iv["busy_s"] - iv["forward_s"], 0.0) for iv in ivs], what=f"the host-time fit ({where})")
-    dense = fit(("steps", "tokens", "ctx"), [[iv["steps"], iv["decode"] + iv["prefill"], iv["ctx"]] for iv in ivs],
-                [max(iv["forward_s"] - iv["expert_s"], 0.0) for iv in ivs], what=f"the dense-compute fit ({where})")
+               [max(iv["busy_s"] - iv["forward_s"], 0.0) for iv in ivs], what=f"the host-time fit ({where})", trim=trim)
+    dense = fit(("steps", "decode", "prefill", "ctx"), [[iv["steps"], iv["decode"], iv["prefill"], iv["ctx"]] for iv in ivs],
+                [max(iv["forward_s"] - iv["expert_s"], 0.0) for iv in ivs], what=f"the dense-compute fit ({where})",
+                trim=trim)
     rows = [(iv["decode"] + iv["prefill"]) * top_k for iv in ivs]
     if W == 0:
         experts = fit(("steps", "rows"), [[iv["steps"], r] for iv, r in zip(ivs, rows)],
-                      [iv["expert_s"] for iv in ivs], what=f"the expert-compute fit ({where})")
+                      [iv["expert_s"] for iv in ivs], what=f"the expert-compute fit ({where})", trim=trim)
         transport = None
     else:
         static = imbalance.static(W, 0)
         experts = fit(("steps", "rows"), [[iv["steps"], r * static / W] for iv, r in zip(ivs, rows)],
-                      [iv["worker_max_s"] for iv in ivs], what=f"the expert-worker compute fit ({where})")
+                      [iv["worker_max_s"] for iv in ivs], what=f"the expert-worker compute fit ({where})", trim=trim)
         transport = fit(("steps", "rows"), [[iv["steps"], r] for iv, r in zip(ivs, rows)],
                         [max(iv["expert_s"] - iv["worker_max_s"], 0.0) for iv in ivs],
-                        what=f"the transport fit ({where})")
+                        what=f"the transport fit ({where})", trim=trim)
     stats = (report.get("server") or {}).get("stats") or {}
     runs = report["runs"]
     stretch = {}
@@ -155,7 +177,8 @@ def fit_shape(report: dict, top_k: int, imbalance: Imbalance) -> ShapeFit:
     return ShapeFit(W, host, dense, experts, transport, int(stats.get("compute_threads") or 1),
                     int(stats.get("worker_threads") or 0), [r.get("rate") for r in runs if r.get("rate")],
                     max((r.get("throughput_rps") or 0.0) for r in runs),
-                    max(iv["seqs"] / iv["steps"] for iv in ivs), stretch=stretch)
+                    max(iv["seqs"] / iv["steps"] for iv in ivs), stretch=stretch,
+                    source="steps" if ivs is steps else "intervals", samples=len(ivs))
 
 
 def build_model(reports: Sequence[dict], calibrate: bool = True) -> MeasuredModel:
@@ -204,7 +227,9 @@ def calibrate_shape(model: MeasuredModel, workers: int, report: dict) -> None:
     constant shifts every response time alike); then each level replayed with it (`replay`)."""
     s = model.shapes[workers]
     runs = [r for r in report["runs"] if r.get("profile", {}).get("requests") and (r.get("ttft_ms") or {}).get("p50")]
-    steady = [r for r in runs if not queue_grows(r)] or runs
+    # the levels that kept up, measured by a generator that kept its schedule
+    steady = [r for r in runs if not queue_grows(r) and not r.get("generator_bottleneck")] or \
+        [r for r in runs if not queue_grows(r)] or runs
     sims = {id(r): summarize(replay(model, workers, r, 0.0)) for r in runs}
     gaps = [r["ttft_ms"]["p50"] / 1e3 - sims[id(r)]["ttft_ms"]["p50"] / 1e3 for r in steady
             if sims[id(r)]["ttft_ms"]["p50"] is not None]

@@ -89,9 +89,11 @@ SERVER_COLUMNS = ("t0", "t1", "steps", "seqs", "decode", "prefill", "ctx", "busy
                   "worker_max_s", "worker_sum_s", "busy_cpu_s", "forward_cpu_s", "expert_cpu_s")
 
 
-def server_intervals(polls: Sequence[dict], window: float = 0.5) -> list[list[float]]:
+def server_intervals(polls: Sequence[dict], window: float = 0.2) -> list[list[float]]:
     """The server's own step counters between polls at least `window` seconds apart: one row of
-    SERVER_COLUMNS per window in which steps ran (empty for servers without the counters)."""
+    SERVER_COLUMNS per window in which steps ran (empty for servers without the counters). Short
+    windows (the default takes every 0.25 s poll) vary most in their mix of prefill and decode,
+    which is what lets the planner's fits tell the costs of tokens, context and steps apart."""
     polls = [p for p in polls if "busy_s" in p]
     if len(polls) < 2:
         return []
@@ -114,6 +116,12 @@ def server_intervals(polls: Sequence[dict], window: float = 0.5) -> list[list[fl
     return out
 
 
+# columns of runs[].profile.server_steps: the server's own record of each step (GetServerStats'
+# recent_steps), which is what mesh.plan.profile fits
+STEP_COLUMNS = ("step", "seqs", "decode", "prefill", "ctx", "busy_s", "forward_s", "expert_s", "worker_max_s",
+                "busy_cpu_s", "forward_cpu_s", "expert_cpu_s")
+
+
 def run_report(result, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> dict:
     """One load level's figures, generator health, profile and timeline."""
     spec, recs = result.spec, result.records
@@ -126,6 +134,8 @@ def run_report(result, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> 
         "intervals": profile_intervals(recs, result.polls),
         "server_columns": list(SERVER_COLUMNS),
         "server_intervals": server_intervals(result.polls),
+        "server_step_columns": list(STEP_COLUMNS),
+        "server_steps": [[round(v, 7) if isinstance(v, float) else v for v in rec] for rec in result.steps],
         "requests": [[round(r["sent_s"], 5), r["prompt_tokens"], r.get("cached_tokens", 0), r["output_tokens"],
                       round((r["first_token_s"] - r["sent_s"]) * 1000.0, 3), round((r["end_s"] - r["sent_s"]) * 1000.0, 3)]
                      for r in recs if r.get("code") == "OK" and r.get("first_token_s") is not None],
