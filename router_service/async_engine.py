@@ -65,16 +65,24 @@ class AsyncEngine:
         # seconds in loop passes that ran a step, and the engine thread's CPU in them (written by the
         # engine thread, read by GetServerStats)
         self.busy_seconds = self.busy_cpu_seconds = 0.0
+        # the hops outside the engine thread (GetServerStats): a request's from the RPC's arrival to the
+        # inbox (noted by the server), a step's outputs from the engine thread to their event loop
+        self.arrival_hop_seconds, self.arrivals = 0.0, 0
+        self.delivery_hop_seconds, self.deliveries = 0.0, 0
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="mesh-engine", daemon=True)
         self._thread.start()
 
     # ---- caller side (any thread with a running event loop) --------------------------------
-    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: Request, received_at: float | None = None) -> AsyncIterator[RequestOutput]:
         """Admit `request`; returns an async iterator of its outputs (deltas; the last has
         `finished`). Raises InvalidRequest (the engine's message), Overloaded or EngineError before
-        any output. Leaving the iteration early (break, cancellation) aborts the request."""
+        any output. Leaving the iteration early (break, cancellation) aborts the request.
+        `received_at`: time.perf_counter() when the request arrived (counted in arrival_hop_seconds)."""
         loop = asyncio.get_running_loop()
+        if received_at is not None:
+            self.arrival_hop_seconds += time.perf_counter() - received_at
+            self.arrivals += 1
         route = _Route(loop, asyncio.Queue(), loop.create_future())
         with self._lock:
             if self._error is not None:
@@ -229,8 +237,15 @@ class AsyncEngine:
                 del self._routes[out.request_id]
                 self._release()
             by_loop.setdefault(route.loop, []).append((route.queue, out))
+        now = time.perf_counter()
         for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+            _call_soon(loop, self._put_timed, items, now)
+
+    def _put_timed(self, items: list, sent: float) -> None:
+        # on the event loop: how long the step's outputs waited for it (only that loop writes these)
+        self.delivery_hop_seconds += time.perf_counter() - sent
+        self.deliveries += 1
+        _put_all(items)
 
     def _release(self) -> None:
         with self._lock:

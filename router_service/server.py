@@ -219,6 +219,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return gw.aengine
 
     async def _start(self, msg: pb.GenerateRequest, context, trace_ctx=None):
+        received = time.perf_counter()
         aengine = await self._engine(context)
         # The engine's id is always fresh, so two callers choosing the same request_id never collide.
         engine_id = uuid.uuid4().hex
@@ -226,7 +227,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             tenant = dict(context.invocation_metadata() or ()).get(TENANT_HEADER, "")
             req = await asyncio.to_thread(convert.request_from_pb, msg, aengine.engine, engine_id, tenant,
                                           trace_ctx)
-            stream = await aengine.generate(req)
+            stream = await aengine.generate(req, received_at=received)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Overloaded as e:
@@ -319,6 +320,8 @@ def _step_counters(aengine: AsyncEngine, steps_after: int | None = None) -> dict
            "expert_seconds": getattr(eng.dispatcher, "expert_seconds", 0.0),
            "expert_cpu_seconds": getattr(eng.dispatcher, "expert_cpu_seconds", 0.0),
            "worker_compute_seconds": list(getattr(eng.dispatcher, "worker_compute_seconds", ())),
+           "arrival_hop_seconds": aengine.arrival_hop_seconds, "arrivals": aengine.arrivals,
+           "delivery_hop_seconds": aengine.delivery_hop_seconds, "deliveries": aengine.deliveries,
            "compute_threads": torch.get_num_threads(),
            "worker_threads": getattr(eng, "expert_worker_threads", 0)}
     if work is not None:

@@ -24,7 +24,8 @@ used for the prediction interval):
   scaling; the busiest worker gets rows / W times the measured load imbalance of the placement;
 - transport: the per-step part scales with the ranks each all-to-all spans (linear in ranks when
   two or more pool sizes were profiled, else proportional to ranks - 1); the per-row part is kept.
-  Without any pool profile both are assumed (gloo over loopback TCP, `ASSUMED_TRANSPORT`).
+  Without any pool profile both are assumed (gloo over loopback TCP, `ASSUMED_TRANSPORT`: fast while
+  every process has a core, scheduler-bound when the deployment's threads outnumber the cores).
 
 Prediction intervals: every part's value +- 2 standard errors of its fit at the step's own
 (sequences, tokens, context) (wider the further the step lies from what was profiled), plus the
@@ -40,10 +41,14 @@ from mesh.plan.fit import LinearFit, fixed
 from mesh.plan.perfmodel import Deployment, Imbalance
 from mesh.plan.simulate import Batch, Limits, StepCost
 
-# gloo all-to-all over loopback TCP between processes on one host, when no pool was profiled: per MoE
-# layer, three all-to-alls (counts, rows, outputs) of 60 us + 40 us per rank each, and rows moved
-# twice (there and back) at 1 GB/s. An assumption; a `--workers N` profile replaces it.
-ASSUMED_TRANSPORT = {"collective_s": 60e-6, "per_rank_s": 40e-6, "bandwidth": 1e9}
+# gloo all-to-all over loopback TCP between processes on one host, when no pool was profiled: per step
+# a header exchange and per MoE layer three all-to-alls (counts, rows, outputs), rows moved twice
+# (there and back) at 1 GB/s. Each collective waits for every rank's process to run: with a core for
+# each (the gateway's threads plus every worker's fit the machine) 100 us + 40 us per rank; when the
+# processes outnumber the cores, scheduling decides, 2 ms each (a --workers 2 profile of a 2-core VM,
+# gateway and workers on one thread each, measured 27 ms of transport per step for its 4 MoE layers:
+# 13 collectives). An assumption either way; a `--workers N` profile replaces it.
+ASSUMED_TRANSPORT = {"collective_s": 100e-6, "per_rank_s": 40e-6, "oversubscribed_s": 2e-3, "bandwidth": 1e9}
 Z = 2.0  # prediction interval: +- 2 standard errors
 SPREAD = {"nearest_shape": 0.10, "thread_scaling": 0.30, "rank_scaling": 0.40, "assumed_transport": 1.0}
 
@@ -276,12 +281,20 @@ class MeasuredModel:
                           "spread": SPREAD["rank_scaling"]})
             return Part(src.transport, "rank scaling", SPREAD["rank_scaling"]), scale
         a = ASSUMED_TRANSPORT
-        per_step = self.moe_layers * 3 * (a["collective_s"] + a["per_rank_s"] * ranks)
+        threads = self._nearest(0).gateway_threads + W * self.threads_of(W)
+        if threads > self.cores:
+            each = a["oversubscribed_s"]
+            how = (f"{each * 1e3:g} ms each (the gateway's and {W} workers' {threads} threads outnumber the "
+                   f"{self.cores} cores: every collective waits for the scheduler)")
+        else:
+            each = a["collective_s"] + a["per_rank_s"] * ranks
+            how = f"{each * 1e6:.0f} us each ({a['collective_s'] * 1e6:.0f} us + {a['per_rank_s'] * 1e6:.0f} us per rank)"
+        per_step = (1 + 3 * self.moe_layers) * each
         per_row = 2 * self.hidden * self.act_bytes / a["bandwidth"]
         notes.append({"what": "transport (no pool was profiled)",
-                      "assumed": f"gloo over loopback: per MoE layer 3 all-to-alls of {a['collective_s'] * 1e6:.0f} us "
-                                 f"+ {a['per_rank_s'] * 1e6:.0f} us per rank, rows there and back at "
-                                 f"{a['bandwidth'] / 1e9:g} GB/s", "spread": SPREAD["assumed_transport"]})
+                      "assumed": f"gloo over loopback: a header exchange per step and 3 all-to-alls per MoE layer, "
+                                 f"{how}; rows there and back at {a['bandwidth'] / 1e9:g} GB/s",
+                      "spread": SPREAD["assumed_transport"]})
         return Part(fixed(("steps", "rows"), [per_step, per_row]), "assumed", SPREAD["assumed_transport"]), 1.0
 
     # -- step time --------------------------------------------------------------------------

@@ -136,7 +136,10 @@ def _steps(report: dict) -> list[dict]:
     return out
 
 
-TRIM = 4.0  # robust standard deviations: steps further off than this are left out of a step fit
+# No trimming of slow steps: a step that another thread or process held up is part of what requests
+# see (TPOT is a mean over steps); a least-squares law is the conditional mean, which is what the
+# simulator needs.
+TRIM = None
 
 
 def fit_shape(report: dict, top_k: int, imbalance: Imbalance) -> ShapeFit:
@@ -223,19 +226,26 @@ def replay(model: MeasuredModel, workers: int, run: dict, latency_s: float) -> l
 
 def calibrate_shape(model: MeasuredModel, workers: int, report: dict) -> None:
     """The time each request spends outside the engine thread (the RPC, the server's event loop and
-    threads): measured minus simulated median TTFT, averaged over the levels that kept up (a
-    constant shifts every response time alike); then each level replayed with it (`replay`)."""
+    threads): per request, measured TTFT minus the simulated one (its level's own arrivals and
+    lengths replayed), the median over every request of the levels that kept up, measured by a
+    generator that kept its schedule; its spread is half the range of the levels' own medians. Then
+    every level is replayed with it (`replay`)."""
     s = model.shapes[workers]
     runs = [r for r in report["runs"] if r.get("profile", {}).get("requests") and (r.get("ttft_ms") or {}).get("p50")]
-    # the levels that kept up, measured by a generator that kept its schedule
     steady = [r for r in runs if not queue_grows(r) and not r.get("generator_bottleneck")] or \
         [r for r in runs if not queue_grows(r)] or runs
-    sims = {id(r): summarize(replay(model, workers, r, 0.0)) for r in runs}
-    gaps = [r["ttft_ms"]["p50"] / 1e3 - sims[id(r)]["ttft_ms"]["p50"] / 1e3 for r in steady
-            if sims[id(r)]["ttft_ms"]["p50"] is not None]
-    if gaps:
-        s.latency_s = max(statistics.fmean(gaps), 0.0)
-        s.latency_spread_s = (max(gaps) - min(gaps)) / 2
+    pooled, medians = [], []
+    for r in steady:
+        measured = sorted(r["profile"]["requests"])  # by send time, as the simulator numbers them
+        sim = replay(model, workers, r, 0.0)
+        gaps = [m[4] / 1e3 - (x["first_token_s"] - x["sent_s"]) for m, x in zip(measured, sim)
+                if x.get("first_token_s") is not None]
+        if gaps:
+            pooled += gaps
+            medians.append(statistics.median(gaps))
+    if pooled:
+        s.latency_s = max(statistics.median(pooled), 0.0)
+        s.latency_spread_s = (max(medians) - min(medians)) / 2
     s.replay = []
     for r in runs:
         sim = summarize(replay(model, workers, r, s.latency_s))

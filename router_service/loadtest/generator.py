@@ -375,7 +375,8 @@ def step_counters(st: pb.ServerStats) -> dict:
             "ctx": st.context_tokens, "busy_s": st.busy_seconds, "forward_s": st.forward_seconds,
             "expert_s": st.expert_seconds, "worker_s": list(st.worker_compute_seconds),
             "busy_cpu_s": st.busy_cpu_seconds, "forward_cpu_s": st.forward_cpu_seconds,
-            "expert_cpu_s": st.expert_cpu_seconds}
+            "expert_cpu_s": st.expert_cpu_seconds, "arrival_hop_s": st.arrival_hop_seconds, "arrivals": st.arrivals,
+            "delivery_hop_s": st.delivery_hop_seconds, "deliveries": st.deliveries}
 
 
 def trace_schedule(specs: list[RequestSpec], duration: float | None) -> list[float]:

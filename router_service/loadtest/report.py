@@ -122,6 +122,21 @@ STEP_COLUMNS = ("step", "seqs", "decode", "prefill", "ctx", "busy_s", "forward_s
                 "busy_cpu_s", "forward_cpu_s", "expert_cpu_s")
 
 
+def hops(polls: Sequence[dict]) -> dict | None:
+    """The level's mean hops outside the engine thread, from the first to the last poll: a request's
+    from its RPC's arrival to the engine's inbox, a step's outputs from the engine to the event loop
+    (None from servers without these counters)."""
+    ps = [p for p in polls if "arrivals" in p]
+    if len(ps) < 2:
+        return None
+    a, b = ps[0], ps[-1]
+    n_arr, n_del = b["arrivals"] - a["arrivals"], b["deliveries"] - a["deliveries"]
+    if n_arr <= 0 or n_del <= 0:
+        return None
+    return {"arrival_ms": (b["arrival_hop_s"] - a["arrival_hop_s"]) / n_arr * 1e3, "arrivals": n_arr,
+            "delivery_ms": (b["delivery_hop_s"] - a["delivery_hop_s"]) / n_del * 1e3, "deliveries": n_del}
+
+
 def run_report(result, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> dict:
     """One load level's figures, generator health, profile and timeline."""
     spec, recs = result.spec, result.records
@@ -142,6 +157,7 @@ def run_report(result, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> 
     }
     rep["timeline"] = [{k: p[k] for k in ("t", "running", "waiting", "in_flight", "kv_blocks_used", "steps")}
                        for p in result.polls]
+    rep["profile"]["hops"] = hops(result.polls)
     if result.stats_after is not None:
         rep["server_stats"] = {k: v for k, v in result.stats_after.items() if k != "expert_load"}
     return rep
