@@ -79,6 +79,11 @@ class ShapeFit:
     stretch: dict[str, float] = field(default_factory=dict)
     source: str = "intervals"  # what the laws were fitted to: "steps" (the server's step records) or "intervals"
     samples: int = 0
+    # what the server measured of the time outside its engine thread (arrival to inbox, engine to event
+    # loop, ms) and the client's round trip of a trivial call: the visible part of latency_s (which also
+    # holds the streaming RPC's own cost, seen only in TTFT)
+    hops: dict[str, float] = field(default_factory=dict)
+    rtt_ms: float = 0.0
 
     def as_dict(self) -> dict:
         return {"expert_workers": self.workers, "host": self.host.as_dict(), "dense": self.dense.as_dict(),
@@ -88,7 +93,7 @@ class ShapeFit:
                 "rates": self.rates, "max_throughput_rps": self.max_throughput_rps,
                 "max_seqs_per_step": self.max_seqs_per_step, "latency_ms": self.latency_s * 1e3,
                 "latency_spread_ms": self.latency_spread_s * 1e3, "stretch": self.stretch, "replay": self.replay,
-                "fitted_to": f"{self.samples} {self.source}"}
+                "fitted_to": f"{self.samples} {self.source}", "hops_ms": self.hops, "rtt_ms": self.rtt_ms}
 
 
 @dataclass

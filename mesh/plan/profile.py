@@ -177,11 +177,14 @@ def fit_shape(report: dict, top_k: int, imbalance: Imbalance) -> ShapeFit:
         for part, (wall, cpu) in spans.items():
             w, c = sum(map(wall, ivs)), sum(map(cpu, ivs))
             stretch[part] = max(w / c, 1.0) if c > 0 else 1.0
+    hop = [r["profile"]["hops"] for r in runs if (r.get("profile") or {}).get("hops")]
+    hops = {k: statistics.fmean(h[k] for h in hop) for k in ("arrival_ms", "delivery_ms")} if hop else {}
     return ShapeFit(W, host, dense, experts, transport, int(stats.get("compute_threads") or 1),
                     int(stats.get("worker_threads") or 0), [r.get("rate") for r in runs if r.get("rate")],
                     max((r.get("throughput_rps") or 0.0) for r in runs),
                     max(iv["seqs"] / iv["steps"] for iv in ivs), stretch=stretch,
-                    source="steps" if ivs is steps else "intervals", samples=len(ivs))
+                    source="steps" if ivs is steps else "intervals", samples=len(ivs), hops=hops,
+                    rtt_ms=float((report.get("server") or {}).get("rtt_ms") or 0.0))
 
 
 def build_model(reports: Sequence[dict], calibrate: bool = True) -> MeasuredModel:
