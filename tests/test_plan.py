@@ -116,7 +116,7 @@ GATEWAY_THREADS, WORKER_THREADS = 2, 1
 HOST = (0.5e-3, 0.2e-3)  # per step, per sequence
 DENSE = (1.0e-3, 0.1e-3, 1e-6)  # per step, per token, per context token
 LOCAL = (0.3e-3, 0.05e-3)  # experts in the gateway (2 threads): per step, per row
-WORKER = (0.6e-3, 0.10e-3)  # one worker (1 thread): per step, per row on it (linear thread scaling of LOCAL)
+WORKER = (0.6e-3, 0.10e-3)  # one worker (1 thread): per step (twice the gateway's: WORKER_FIXED_RATIO), per row on it (linear thread scaling of LOCAL)
 TRANSPORT = {1: (1.0e-3, 0.01e-3), 2: (2.0e-3, 0.01e-3)}  # per step, per row sent
 
 
