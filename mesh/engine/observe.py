@@ -181,16 +181,13 @@ class StepWork:
             self._open = False
 
     def since(self, step: int) -> list[list]:
-        """The kept records of the steps numbered above `step`, oldest first."""
-        if not self.recent or self.recent[-1][0] <= step:
+        """The kept records of the steps numbered above `step`, oldest first. Safe from another thread:
+        the ring is copied in one call (the engine thread may append meanwhile; iterating it would then
+        fail), and its step numbers are consecutive."""
+        recs = list(self.recent)
+        if not recs or recs[-1][0] <= step:
             return []
-        out = []
-        for rec in reversed(self.recent):
-            if rec[0] <= step:
-                break
-            out.append(list(rec))
-        out.reverse()
-        return out
+        return [list(r) for r in recs[max(0, step - recs[0][0] + 1):]]
 
 
 class EngineObserver:
