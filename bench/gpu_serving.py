@@ -9,6 +9,9 @@ JSON lines, each with its baseline from the same run:
   time of the graph replay, host seconds until the replay is launched, kernels and graph launches per
   step (profiler), and the HBM floor: the bytes a step must read (dense weights, the experts its
   batch touches with uniform routing, the KV of every sequence) over the copy rate.
+- `prefill`: one engine step that prefills --prefill-seqs prompts of --prefill-len tokens each from an
+  empty cache (median of 3 after one warm-up of the same shape): what `mesh plan --gpu-profile`
+  fits its prefill cost to.
 - `moe_kernel`: one MoE layer's experts through the Triton kernels and through torch's grouped_mm.
 - `mixed`: --mixed requests end to end (prompts 64-1024 tokens, outputs 32-256), output tokens/s.
 - `engine_fixed` and `hf_generate`: the same fixed workload (128-token prompts, 32 new tokens, batch 1
@@ -151,6 +154,27 @@ def decode_sweep(engine: Engine, cfg: ModelConfig, batches: list[int], ctx: int,
     return results
 
 
+def prefill_sweep(engine: Engine, shapes: list[tuple[int, int]]) -> None:
+    """One step prefilling `seqs` fresh prompts of `length` tokens, for each (seqs, length): step time."""
+    rng = random.Random(3)
+    vocab = engine.model_config.vocab_size
+    for seqs, length in shapes:
+        times = []
+        for rep in range(4):  # the first compiles this shape's kernels: not timed
+            for _ in range(seqs):
+                engine.add_request(engine.make_request(
+                    prompt_token_ids=[rng.randrange(vocab) for _ in range(length)],
+                    sampling=SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            engine.step()  # samples the first tokens: the step has finished on the device
+            if rep:
+                times.append(time.perf_counter() - t)
+            engine.abort_all()
+        emit({"bench": "prefill", "seqs": seqs, "tokens": seqs * length, "ctx": 0,
+              "step_ms": round(statistics.median(times) * 1e3, 3)})
+
+
 def moe_kernels(cfg: ModelConfig, tokens: list[int]) -> None:
     """One layer's experts at the model's shape: the Triton kernels vs torch's grouped_mm (graphs)."""
     from mesh.model.cuda import fused_moe
@@ -259,6 +283,8 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--kv-cache-memory", default="24G", help="KV pool size (default 24G)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (to measure what they save)")
+    ap.add_argument("--prefill", default="1x512,1x2048,2x2048,4x2048",
+                    help="prefill steps timed, SEQSxLENGTH each (default 1x512,1x2048,2x2048,4x2048; '' skips)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu_serving.py needs a CUDA device", file=sys.stderr)
@@ -283,6 +309,8 @@ def main() -> int:
           "capture_s": round(graphs.capture_seconds, 1) if graphs else 0.0,
           "gpu_memory_gb": round(torch.cuda.memory_allocated() / 1e9, 1), "backend": engine.backend.name})
     decode = decode_sweep(engine, cfg, [int(x) for x in args.batches.split(",")], args.ctx, args.steps, bw)
+    if args.prefill:
+        prefill_sweep(engine, [tuple(int(v) for v in x.split("x")) for x in args.prefill.split(",")])
     ours = {b: fixed(engine, b) for b in (1, 64)}
     for b, v in ours.items():
         emit({"bench": "engine_fixed", "batch": b, "prompt": 128, "new_tokens": 32, "output_tok_s": round(v, 1)})

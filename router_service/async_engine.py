@@ -18,6 +18,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -61,16 +62,27 @@ class AsyncEngine:
         self._in_flight = 0
         self._error: BaseException | None = None
         self._routes: dict[str, _Route] = {}  # engine thread only
+        # seconds in loop passes that ran a step, and the engine thread's CPU in them (written by the
+        # engine thread, read by GetServerStats)
+        self.busy_seconds = self.busy_cpu_seconds = 0.0
+        # the hops outside the engine thread (GetServerStats): a request's from the RPC's arrival to the
+        # inbox (noted by the server), a step's outputs from the engine thread to their event loop
+        self.arrival_hop_seconds, self.arrivals = 0.0, 0
+        self.delivery_hop_seconds, self.deliveries = 0.0, 0
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="mesh-engine", daemon=True)
         self._thread.start()
 
     # ---- caller side (any thread with a running event loop) --------------------------------
-    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: Request, received_at: float | None = None) -> AsyncIterator[RequestOutput]:
         """Admit `request`; returns an async iterator of its outputs (deltas; the last has
         `finished`). Raises InvalidRequest (the engine's message), Overloaded or EngineError before
-        any output. Leaving the iteration early (break, cancellation) aborts the request."""
+        any output. Leaving the iteration early (break, cancellation) aborts the request.
+        `received_at`: time.perf_counter() when the request arrived (counted in arrival_hop_seconds)."""
         loop = asyncio.get_running_loop()
+        if received_at is not None:
+            self.arrival_hop_seconds += time.perf_counter() - received_at
+            self.arrivals += 1
         route = _Route(loop, asyncio.Queue(), loop.create_future())
         with self._lock:
             if self._error is not None:
@@ -139,6 +151,7 @@ class AsyncEngine:
                 # Sleep on the inbox when there is nothing to step; otherwise take what has arrived.
                 if not self.engine.has_unfinished():
                     cmds.append(self._inbox.get())
+                t0, c0 = time.perf_counter(), time.thread_time()
                 while True:
                     try:
                         cmds.append(self._inbox.get_nowait())
@@ -156,6 +169,12 @@ class AsyncEngine:
                     cmds.popleft()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
+                    busy, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                    self.busy_seconds += busy
+                    self.busy_cpu_seconds += cpu
+                    work = getattr(getattr(self.engine, "observer", None), "work", None)
+                    if work is not None:
+                        work.end_pass(busy, cpu)  # the step's own record (GetServerStats' recent_steps)
                 stats = self._snapshot()
                 with self._lock:
                     self._stats = stats
@@ -218,8 +237,15 @@ class AsyncEngine:
                 del self._routes[out.request_id]
                 self._release()
             by_loop.setdefault(route.loop, []).append((route.queue, out))
+        now = time.perf_counter()
         for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+            _call_soon(loop, self._put_timed, items, now)
+
+    def _put_timed(self, items: list, sent: float) -> None:
+        # on the event loop: how long the step's outputs waited for it (only that loop writes these)
+        self.delivery_hop_seconds += time.perf_counter() - sent
+        self.deliveries += 1
+        _put_all(items)
 
     def _release(self) -> None:
         with self._lock:

@@ -103,6 +103,7 @@ def build_engine_factory(args):
         dispatcher = pool.start() if pool is not None else None
         engine = Engine(model, config, dispatcher=dispatcher, prefix_tier=tier)
         engine.num_expert_workers = args.workers
+        engine.expert_worker_threads = pool.threads_per_worker if pool is not None else 0
         return engine
 
     if pool is None:

@@ -38,7 +38,11 @@ class MeshError(Exception):
 
 def stats_dict(msg: pb.ServerStats) -> dict:
     """ServerStats -> a dict; the row-major expert load becomes [moe_layers][num_experts]."""
-    out = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields if f.name != "expert_load"}
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        if f.name not in ("expert_load", "recent_steps"):
+            v = getattr(msg, f.name)
+            out[f.name] = v if isinstance(v, (int, float, str, bytes)) else list(v)  # repeated -> a list
     flat, e = list(msg.expert_load), msg.num_experts
     out["expert_load"] = [flat[i:i + e] for i in range(0, len(flat), e)] if e else []
     return out

@@ -219,6 +219,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return gw.aengine
 
     async def _start(self, msg: pb.GenerateRequest, context, trace_ctx=None):
+        received = time.perf_counter()
         aengine = await self._engine(context)
         # The engine's id is always fresh, so two callers choosing the same request_id never collide.
         engine_id = uuid.uuid4().hex
@@ -226,7 +227,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             tenant = dict(context.invocation_metadata() or ()).get(TENANT_HEADER, "")
             req = await asyncio.to_thread(convert.request_from_pb, msg, aengine.engine, engine_id, tenant,
                                           trace_ctx)
-            stream = await aengine.generate(req)
+            stream = await aengine.generate(req, received_at=received)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Overloaded as e:
@@ -306,7 +307,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             expert_load=[] if load is None else load.reshape(-1).clamp_(min=0).tolist(),
             moe_layers=0 if load is None else load.shape[0], num_experts=0 if load is None else load.shape[1],
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            preemptions=getattr(eng.scheduler, "num_preemptions", 0))
+            preemptions=getattr(eng.scheduler, "num_preemptions", 0),
+            **_step_counters(aengine, request.steps_after if request.HasField("steps_after") else None))
+
+
+def _step_counters(aengine: AsyncEngine, steps_after: int | None = None) -> dict:
+    """ServerStats' step-time counters (see the proto): what `mesh loadtest` records for `mesh plan`."""
+    import torch
+    eng = aengine.engine
+    work = getattr(getattr(eng, "observer", None), "work", None)
+    out = {"busy_seconds": aengine.busy_seconds, "busy_cpu_seconds": aengine.busy_cpu_seconds,
+           "expert_seconds": getattr(eng.dispatcher, "expert_seconds", 0.0),
+           "expert_cpu_seconds": getattr(eng.dispatcher, "expert_cpu_seconds", 0.0),
+           "worker_compute_seconds": list(getattr(eng.dispatcher, "worker_compute_seconds", ())),
+           "arrival_hop_seconds": aengine.arrival_hop_seconds, "arrivals": aengine.arrivals,
+           "delivery_hop_seconds": aengine.delivery_hop_seconds, "deliveries": aengine.deliveries,
+           "compute_threads": torch.get_num_threads(),
+           "worker_threads": getattr(eng, "expert_worker_threads", 0)}
+    if work is not None:
+        out["recent_steps"] = [pb.StepRecord(
+            step=r[0], sequences=r[1], decode_tokens=r[2], prefill_tokens=r[3], context_tokens=r[4], busy_seconds=r[5],
+            forward_seconds=r[6], expert_seconds=r[7], worker_compute_seconds=r[8], busy_cpu_seconds=r[9],
+            forward_cpu_seconds=r[10], expert_cpu_seconds=r[11])
+            for r in (work.since(steps_after) if steps_after is not None else ())]
+        out.update(forward_seconds=work.forward_seconds, forward_cpu_seconds=work.forward_cpu_seconds,
+                   decode_tokens=work.decode_tokens,
+                   prefill_tokens=work.prefill_tokens, context_tokens=work.context_tokens,
+                   scheduled_sequences=work.sequences)
+    return out
 
 
 async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,

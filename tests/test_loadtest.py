@@ -222,6 +222,26 @@ def test_server_stats_report_queues_steps_and_expert_load(gateway):
                 break
             time.sleep(0.02)
     assert st["steps"] >= 4 and st["running"] == 0 and st["in_flight"] == 0
+    # the step counters: one prefill of 4 tokens, then 3 decodes (contexts 5, 6, 7), one sequence each
+    assert (st["steps"], st["scheduled_sequences"], st["prefill_tokens"], st["decode_tokens"]) == (4, 4, 4, 3)
+    assert st["context_tokens"] == (1 + 2 + 3 + 4) + 5 + 6 + 7
+    assert st["busy_seconds"] > st["forward_seconds"] > st["expert_seconds"] > 0
+    assert st["busy_cpu_seconds"] > st["forward_cpu_seconds"] > st["expert_cpu_seconds"] > 0
+    assert st["busy_cpu_seconds"] <= st["busy_seconds"] * 1.01  # one thread's CPU fits in its wall time
+    assert st["compute_threads"] >= 1 and st["worker_threads"] == 0 and st["worker_compute_seconds"] == []
+    # each step on its own, on request: the ones after a step number
+    import grpc
+    from router_service.protos import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        recent = stub.GetServerStats(pb.GetServerStatsRequest(steps_after=0), timeout=10).recent_steps
+        later = stub.GetServerStats(pb.GetServerStatsRequest(steps_after=2), timeout=10).recent_steps
+        plain = stub.GetServerStats(pb.GetServerStatsRequest(), timeout=10).recent_steps
+    assert [(r.step, r.sequences, r.prefill_tokens, r.decode_tokens, r.context_tokens) for r in recent] == \
+        [(1, 1, 4, 0, 10), (2, 1, 0, 1, 5), (3, 1, 0, 1, 6), (4, 1, 0, 1, 7)]
+    assert all(r.busy_seconds >= r.forward_seconds > r.expert_seconds > 0 for r in recent)
+    assert sum(r.forward_seconds for r in recent) == pytest.approx(st["forward_seconds"])
+    assert [r.step for r in later] == [3, 4] and len(plain) == 0
     assert st["kv_blocks_used"] + st["kv_blocks_free"] == gw.engine.blocks.num_blocks
     assert st["max_num_seqs"] == 256 and st["max_num_batched_tokens"] == 2048
     # tiny preset: 2 layers, layer 1 dense -> 1 MoE layer of 8 experts, top-2
@@ -250,6 +270,10 @@ def test_loadtest_cli_writes_the_report_and_plan_reads_it(gateway, tmp_path, cap
     assert rep["cached_token_share"] > 0.3  # repeated repository prefixes hit the prefix cache
     assert rep["model"]["num_experts"] == 8 and rep["moe_layers"] == 1 and sum(rep["expert_load"][0]) > 0
     assert rep["runs"][0]["profile"]["intervals"] and rep["runs"][0]["timeline"]
+    prof = rep["runs"][0]["profile"]
+    cols = prof["server_columns"]
+    sums = {c: sum(row[cols.index(c)] for row in prof["server_intervals"]) for c in ("steps", "busy_s", "forward_s")}
+    assert sums["steps"] > 0 and sums["busy_s"] >= sums["forward_s"] > 0
     recs = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
     assert len(recs) == sum(r["requests"]["sent"] for r in rep["runs"])
     assert {r["tenant"] for r in recs} == {"tenant-0", "tenant-1"}
@@ -261,9 +285,11 @@ def test_loadtest_cli_writes_the_report_and_plan_reads_it(gateway, tmp_path, cap
     assert cli_main(["plan", "--profile", str(out / "report.json"), "--target-rps", "4", "--max-devices", "4",
                      "--requests", "200", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    for key in ("gateways", "expert_workers", "redundant_experts", "predicted", "margin"):
+    for key in ("gateways", "expert_workers", "redundant_experts", "predicted", "margin", "assumptions",
+                "extrapolation", "interval", "max_rps"):
         assert key in plan
     assert plan["feasible"] and plan["gateways"] >= 1
+    assert plan["margin"] is None and not plan["slo_given"]  # no SLOs: no margin to report
     assert set(plan["predicted"]["ttft_ms"]) >= {"p50", "p90", "p99"} and plan["predicted"]["output_tokens_per_s"] > 0
 
 
@@ -280,14 +306,47 @@ def test_loadtest_errors_name_the_flag(argv, flag, tmp_path):
     assert flag in str(e.value)
 
 
+def test_server_intervals_difference_the_counters():
+    polls = [{"t": 0.25 * i, "steps": 10 * i, "seqs": 20 * i, "decode": 15 * i, "prefill": 100 * i, "ctx": 1000 * i,
+              "busy_s": 0.2 * i, "forward_s": 0.15 * i, "expert_s": 0.05 * i, "worker_s": [0.01 * i, 0.03 * i]}
+             for i in range(5)]
+    polls[3:] = [dict(p, steps=30, seqs=60, decode=45, prefill=300, ctx=3000, busy_s=0.6, forward_s=0.45,
+                      expert_s=0.15, worker_s=[0.03, 0.09]) for p in polls[3:]]  # idle from t = 0.75
+    assert [r[:3] for r in rpt.server_intervals(polls, window=0.5)] == [[0.0, 0.5, 20], [0.5, 1.0, 10]]
+    rows = rpt.server_intervals(polls, window=0.25)
+    assert [r[:3] for r in rows] == [[0.0, 0.25, 10], [0.25, 0.5, 10], [0.5, 0.75, 10]]
+    row = dict(zip(rpt.SERVER_COLUMNS, rows[0]))
+    assert (row["seqs"], row["decode"], row["prefill"], row["ctx"]) == (20, 15, 100, 1000)
+    assert row["busy_s"] == pytest.approx(0.2) and row["worker_max_s"] == pytest.approx(0.03)
+    assert row["worker_sum_s"] == pytest.approx(0.04)
+    assert rpt.server_intervals([{"t": 0.0, "steps": 0}, {"t": 1.0, "steps": 5}]) == []  # a server without them
+
+
 def test_plan_errors_name_the_flag(tmp_path):
     bad = tmp_path / "r.json"
     bad.write_text("{}")
+    gpu = tmp_path / "g.jsonl"
+    gpu.write_text('{"bench": "copy", "gpu": "NVIDIA H200", "tb_s": 4.2}\n')
     for argv, flag in ((["--target-rps", "1"], "--hardware"),
                        (["--target-rps", "1", "--profile", str(bad)], "--profile"),
                        (["--target-rps", "-1", "--hardware", "h100"], "--target-rps"),
                        (["--target-rps", "1", "--hardware", "h100", "--model", "gpt-5"], "--model"),
-                       (["--target-rps", "1", "--hardware", "h100"], "--model")):
+                       (["--target-rps", "1", "--hardware", "h100"], "--model"),
+                       (["--target-rps", "1", "--hardware", "h200", "--gpu-profile", str(gpu)], "--gpu-profile"),
+                       (["--target-rps", "1", "--hardware", "h100", "--model", "qwen3-coder-next", "--validate"],
+                        "--validate"),
+                       (["--target-rps", "1", "--hardware", "h100", "--expert-workers", "x"], "--expert-workers")):
         with pytest.raises(SystemExit) as e:
             cli_main(["plan", *argv])
         assert flag in str(e.value), (argv, str(e.value))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    ([], "--workers"), (["--workers", "x"], "--workers"), (["--workers", "0", "--factor", "1"], "--factor"),
+    (["--workers", "0", "--serve-args", "--port 5"], "--serve-args"), (["--workers", "0", "--env", "X"], "--env"),
+    (["--target", "127.0.0.1:1", "--model", "m"], "--target"), (["--workers", "0", "--rates", "0"], "--rates"),
+])
+def test_profile_errors_name_the_flag(argv, flag, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["profile", "--out", str(tmp_path / "p.json"), *argv])
+    assert flag in str(e.value)

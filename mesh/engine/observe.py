@@ -8,6 +8,7 @@ expert ranks in the step header. With no SDK installed every call here is a no-o
 
 from __future__ import annotations
 
+import collections
 import time
 import weakref
 
@@ -113,6 +114,82 @@ def instruments() -> _Instruments:
     return _INSTRUMENTS
 
 
+class StepWork:
+    """What the engine's steps computed since start, how long their parts took, and the last RING
+    steps one by one: what capacity planning fits step times to (GetServerStats). Written by the
+    engine thread only; readers on other threads see plain numbers, at most one step old.
+
+    A step record (`recent`): [step, sequences, decode tokens, prefill tokens, context tokens, busy s,
+    forward s, expert s, busiest worker's compute s, busy CPU s, forward CPU s, expert CPU s]. The
+    engine thread's pass (busy) is closed by `end_pass`; a step's worker compute arrives with the next
+    step's header."""
+
+    RING = 4096
+    __slots__ = ("steps", "sequences", "decode_tokens", "prefill_tokens", "context_tokens", "forward_seconds",
+                 "forward_cpu_seconds", "recent", "_open", "_t0", "_c0", "_e0", "_ec0", "_workers")
+
+    def __init__(self):
+        self.steps = self.sequences = self.decode_tokens = self.prefill_tokens = self.context_tokens = 0
+        self.forward_seconds = self.forward_cpu_seconds = 0.0
+        self.recent: collections.deque = collections.deque(maxlen=self.RING)
+        self._open = False
+        self._t0 = self._c0 = self._e0 = self._ec0 = 0.0
+        self._workers: list[float] = []
+
+    def add(self, batch) -> None:
+        dec = pre = ctx = 0
+        for s in batch:
+            seq, n = s.seq, s.num_tokens
+            c = seq.num_computed_tokens
+            # a decode token: one token past the prompt whose logits give the next token
+            if n == 1 and c >= seq.num_prompt_tokens:
+                dec += 1
+            else:
+                pre += n
+            ctx += n * c + n * (n + 1) // 2  # each token attends to the cached context and the chunk up to it
+        self.steps += 1
+        self.sequences += len(batch)
+        self.decode_tokens += dec
+        self.prefill_tokens += pre
+        self.context_tokens += ctx
+        self.recent.append([self.steps, len(batch), dec, pre, ctx, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+        self._open = True
+
+    def begin(self, dispatcher) -> None:
+        self._t0, self._c0 = time.perf_counter(), time.thread_time()
+        self._e0 = getattr(dispatcher, "expert_seconds", 0.0)
+        self._ec0 = getattr(dispatcher, "expert_cpu_seconds", 0.0)
+
+    def end(self, dispatcher) -> None:
+        wall, cpu = time.perf_counter() - self._t0, time.thread_time() - self._c0
+        self.forward_seconds += wall
+        self.forward_cpu_seconds += cpu
+        rec = self.recent[-1]
+        rec[6], rec[10] = wall, cpu
+        rec[7] = getattr(dispatcher, "expert_seconds", 0.0) - self._e0
+        rec[11] = getattr(dispatcher, "expert_cpu_seconds", 0.0) - self._ec0
+        workers = list(getattr(dispatcher, "worker_compute_seconds", ()))
+        if workers and len(workers) == len(self._workers) and len(self.recent) >= 2:
+            # this step's header carried the workers' totals through the previous step
+            self.recent[-2][8] = max(b - a for a, b in zip(self._workers, workers))
+        self._workers = workers
+
+    def end_pass(self, busy: float, busy_cpu: float) -> None:
+        """The engine thread's pass that ran the last step took `busy` seconds (`busy_cpu` of its CPU)."""
+        if self._open:
+            self.recent[-1][5], self.recent[-1][9] = busy, busy_cpu
+            self._open = False
+
+    def since(self, step: int) -> list[list]:
+        """The kept records of the steps numbered above `step`, oldest first. Safe from another thread:
+        the ring is copied in one call (the engine thread may append meanwhile; iterating it would then
+        fail), and its step numbers are consecutive."""
+        recs = list(self.recent)
+        if not recs or recs[-1][0] <= step:
+            return []
+        return [list(r) for r in recs[max(0, step - recs[0][0] + 1):]]
+
+
 class EngineObserver:
     def __init__(self, engine):
         # A weak reference: the engine owns its observer, and a cycle would keep the engine (and its
@@ -124,6 +201,7 @@ class EngineObserver:
         self._layer_seconds: list[float] | None = None
         self._bytes = 0
         self.tokens = {"prompt": 0, "cached": 0, "output": 0}  # read by the M_TOKENS callback
+        self.work = StepWork()  # read by GetServerStats (capacity planning)
 
     # ---- request lifecycle ---------------------------------------------------------------------
     def on_add(self, seq: Sequence) -> None:
@@ -150,6 +228,7 @@ class EngineObserver:
             self.m.prefix_hits.add(seq.cached_remote, {"tier": "redis"})
 
     def start_step(self, batch) -> trace.Span:
+        self.work.add(batch)
         kinds = {"decode" if s.num_tokens == 1 else "prefill" for s in batch}
         links = [trace.Link(ctx) for ctx in (_span_context(s.seq.trace_parent) for s in batch) if ctx]
         span = self.tracer.start_span(t.SPAN_STEP, links=links, context=None, attributes={
@@ -160,9 +239,11 @@ class EngineObserver:
                 s.seq.chunk_span = self.tracer.start_span(
                     t.SPAN_PREFILL, context=s.seq.trace_parent, links=[trace.Link(span.get_span_context())],
                     attributes={t.ATTR_TOKENS: s.num_tokens})
+        self.work.begin(self._engine().dispatcher)
         return span
 
     def end_step(self, span: trace.Span, batch) -> None:
+        self.work.end(self._engine().dispatcher)
         for s in batch:
             chunk = s.seq.chunk_span
             if chunk is not None:

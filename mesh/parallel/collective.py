@@ -9,8 +9,10 @@ Wire protocol, in this order on every rank (all collectives span the whole group
 0. once, at construction: all_gather int64 [9] (version, A, W, slots_per_rank, E, MoE layers, H,
    dtype code, placement fingerprint). Any disagreement raises the same ValueError on every rank.
 1. per step: all_gather int64 header [8] = [kind, num_tokens, step_id, trace_id_hi, trace_id_lo,
-   span_id, flags, 0] (expert ranks send zeros). kind STEP on every attention rank starts a step;
-   SHUTDOWN from any attention rank ends the expert loops (and fails the peers' begin_step).
+   span_id, flags, 0] (expert ranks send zeros but for the last element: their compute
+   microseconds since start, which the attention ranks keep as `worker_compute_seconds`). kind
+   STEP on every attention rank starts a step; SHUTDOWN from any attention rank ends the expert
+   loops (and fails the peers' begin_step).
 2. per MoE layer 0..L-1, in order:
    a. all_to_all_single of int64 [world, S] with equal splits: the per-local-slot row counts that each
       attention rank sends to each expert rank (zeros on every other pair).
@@ -160,6 +162,9 @@ class CollectiveDispatcher(_MeshRank):
         self._next_layer = 0
         self._micro_batches, self._exchanges = 1, 0
         self._pending: _Handle | None = None
+        # step header + dispatch + combine host seconds since start (never reset), and this thread's CPU in them
+        self.expert_seconds = self.expert_cpu_seconds = 0.0
+        self.worker_compute_seconds = [0.0] * self.W  # each expert rank's, as of the last header
 
     def reset_counters(self) -> None:
         self.expert_load = torch.zeros(self.L, self.placement.num_experts, dtype=torch.int64)
@@ -183,8 +188,12 @@ class CollectiveDispatcher(_MeshRank):
         if not trace_id:
             trace_id, span_id = self.next_step_trace
         hi, lo = _u64_halves(trace_id)
+        t0, c0 = time.perf_counter(), time.thread_time()
         headers = self._gather(torch.tensor([STEP, num_tokens, self.steps, hi, lo, _u64_halves(span_id)[1],
                                              flags, 0], dtype=torch.int64))  # [world, 8]
+        self.expert_seconds += time.perf_counter() - t0  # the header round is part of the transport
+        self.expert_cpu_seconds += time.thread_time() - c0
+        self.worker_compute_seconds = (headers[self.A:, 7].double() / 1e6).tolist()
         if (headers[:self.A, 0] == SHUTDOWN).any():
             self._closed = True  # a peer's shutdown consumed this header round: the experts are gone
             raise RuntimeError("another attention rank shut the mesh down during this step's header")
@@ -192,7 +201,7 @@ class CollectiveDispatcher(_MeshRank):
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> _Handle:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         # Expert ranks serve layers 0..L-1 in order, each as three collectives; any other order on
         # this side would pair up mismatched collectives.
         if not self._in_step or moe_index != self._next_layer or self._pending is not None:
@@ -226,12 +235,13 @@ class CollectiveDispatcher(_MeshRank):
                  self._a2a(rows[:0], rows, zeros, splits, async_op=True)]
         self._pending = _Handle(moe_index, rows, order, topk_weights, splits, works,
                                 (counts_send, counts_recv), time.perf_counter() - t0)
+        self.expert_cpu_seconds += time.thread_time() - c0
         return self._pending
 
     def combine(self, handle: _Handle) -> torch.Tensor:
         """Receive the expert outputs (the return all_to_all runs here, so whatever the caller did
         since dispatch overlapped the transfer and the expert compute) and sum them -> [T, H]."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if handle is not self._pending:
             raise RuntimeError("combine got a handle that is not the pending dispatch")
         back = torch.empty_like(handle.rows)  # [N, H]
@@ -244,7 +254,10 @@ class CollectiveDispatcher(_MeshRank):
         self._pending, self._exchanges = None, self._exchanges + 1
         if self._exchanges == self._micro_batches:
             self._next_layer, self._exchanges = self._next_layer + 1, 0
-        self.layer_seconds[handle.moe_index] += handle.seconds + time.perf_counter() - t0
+        seconds = handle.seconds + time.perf_counter() - t0
+        self.layer_seconds[handle.moe_index] += seconds
+        self.expert_seconds += seconds
+        self.expert_cpu_seconds += time.thread_time() - c0
         return out
 
     def end_step(self) -> None:
@@ -328,7 +341,9 @@ class ExpertServer(_MeshRank):
     def serve_step(self) -> bool:
         """Wait for the next step header (blocking while idle) and serve its layers; False on SHUTDOWN."""
         self.step_bytes_sent = self.step_bytes_received = 0
-        headers = self._gather(torch.zeros(HEADER_LEN, dtype=torch.int64))[:self.A]  # [A, 8]
+        mine = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        mine[7] = int(sum(self.compute_seconds) * 1e6)  # for the gateways' step-time counters
+        headers = self._gather(mine)[:self.A]  # [A, 8]
         self.last_headers = headers
         kinds = set(headers[:, 0].tolist())
         if SHUTDOWN in kinds:

@@ -7,6 +7,8 @@ in, the combined output back: on a GPU one fused kernel chain with no host synch
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from mesh.model.moe import ExpertShard
@@ -25,6 +27,9 @@ class LocalDispatcher:
         # tokens routed to each expert of each MoE layer since the last reset (the load that
         # balancing and metrics read), kept where the experts run: reading it on a GPU is a copy
         self._load = torch.zeros(len(experts.layers), num_experts, dtype=torch.int64, device=experts.device)
+        # host seconds inside dispatch since start: the experts' compute on the CPU (on a GPU only the
+        # launches), which capacity planning splits from the rest of a step
+        self.expert_seconds = self.expert_cpu_seconds = 0.0  # wall, and this thread's CPU
 
     @property
     def expert_load(self) -> torch.Tensor:
@@ -42,7 +47,11 @@ class LocalDispatcher:
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
-        return self.experts.local(moe_index, hidden, topk_ids, topk_weights, self._load[moe_index])
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = self.experts.local(moe_index, hidden, topk_ids, topk_weights, self._load[moe_index])
+        self.expert_seconds += time.perf_counter() - t0
+        self.expert_cpu_seconds += time.thread_time() - c0
+        return out
 
     def combine(self, handle: torch.Tensor) -> torch.Tensor:
         return handle

@@ -5,9 +5,13 @@ Pure (no grpc, ray or redis): the edge (router_service.loadtest) measures, this 
   workload.py   token-length distributions, arrival processes, JSONL traces
   metrics.py    request-level metrics (TTFT, TPOT, ITL, throughput, goodput), shared with the load test
   simulate.py   discrete-event simulation of continuous batching and queueing
-  hardware.py   published device and model figures (MODELS.md)
-  perfmodel.py  step-time models: fitted from measurements, or a roofline from published figures
-  profile.py    load-test reports -> a fitted, calibrated step-time model
+  hardware.py   published device figures and model shapes
+  perfmodel.py  deployments, expert-load imbalance, the roofline from published figures
+  fit.py        non-negative linear fits with their standard errors and data ranges
+  measured.py   the measured model: per-shape parts (host, dense, experts, transport) and how they
+                carry over to shapes that were not profiled
+  profile.py    profiles (`mesh loadtest` reports, `mesh profile` files) -> a fitted measured model
+  gpu.py        bench/gpu_serving.py output -> the roofline with measured constants
   search.py     deployment search (gateways x expert workers x redundant experts)
   planner.py    `mesh plan` as a function
 

@@ -1,7 +1,7 @@
 """Published figures for planning what cannot be measured here: devices and model shapes.
 
 Sources: the models' config.json files and model cards, vendor data sheets, DeepEP's and vLLM's
-published measurements. Every efficiency below is an assumption stated where
+published measurements (the models' figures: their config.json files and model cards). Every efficiency below is an assumption stated where
 it is used; the planner's roofline is checked against the published vLLM throughput of
 Qwen3-Coder-30B-A3B on one H100 in tests/test_plan.py.
 
@@ -58,7 +58,14 @@ DEVICES = {
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the roofline needs of a model: sizes in elements; bf16 (2 bytes) weights and KV."""
+    """What the roofline needs of a model: sizes in elements; bf16 (2 bytes) weights and KV.
+
+    The layer mix: `attn_layers` of the `layers` have softmax attention over a KV cache (q_heads /
+    kv_heads of head_dim; `attn_gate`: the query projection also produces an output gate, as in
+    Qwen3-Next's gated attention); the other `linear_layers` are Gated DeltaNet (linear attention):
+    no KV cache, a recurrent state per sequence of [linear_v_heads, linear_head_dim, linear_head_dim]
+    in float32 plus a causal-convolution state of [conv_dim, conv_kernel - 1] in the model dtype.
+    The parameters are counted from these shapes (`total_params` is the published total, a check)."""
     name: str
     hidden: int
     layers: int
@@ -66,13 +73,22 @@ class ModelShape:
     experts: int
     top_k: int
     moe_intermediate: int
-    total_params: float  # published total (dense part = total - routed experts)
+    total_params: float  # published total (the counted one is dense_params + routed_params)
     attn_layers: int  # layers with softmax attention over a KV cache
     q_heads: int
     kv_heads: int
     head_dim: int
-    seq_state_bytes: float = 0.0  # per-sequence recurrent state (linear-attention layers), fp32
     bytes_per_param: int = 2
+    vocab: int = 151936
+    tied_embeddings: bool = False
+    shared_intermediate: int = 0  # a shared expert every token runs (0: none)
+    dense_mlp_params: float = 0.0  # dense-MLP layers (mlp_only_layers), all together
+    attn_gate: bool = False
+    linear_layers: int = 0  # Gated DeltaNet layers
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_head_dim: int = 0
+    conv_kernel: int = 0
 
     @property
     def expert_params(self) -> float:
@@ -84,9 +100,33 @@ class ModelShape:
         return self.expert_params * self.experts * self.moe_layers
 
     @property
+    def attn_params(self) -> float:
+        """One softmax-attention layer's projections (q (+ gate), k, v, o)."""
+        q = self.q_heads * self.head_dim
+        return self.hidden * (q * (2 if self.attn_gate else 1) + 2 * self.kv_heads * self.head_dim) + q * self.hidden
+
+    @property
+    def linear_params(self) -> float:
+        """One Gated DeltaNet layer: q, k, v and the output gate z in, beta and the decay (one each per
+        value head), the causal convolution over q, k, v, and the output projection."""
+        k = self.linear_k_heads * self.linear_head_dim
+        v = self.linear_v_heads * self.linear_head_dim
+        return self.hidden * (2 * k + 2 * v) + self.hidden * 2 * self.linear_v_heads + \
+            self.conv_dim * self.conv_kernel + v * self.hidden
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.linear_k_heads * self.linear_head_dim + self.linear_v_heads * self.linear_head_dim
+
+    @property
     def dense_params(self) -> float:
-        """Everything the gateway runs: embeddings, attention, norms, router, shared expert, lm_head."""
-        return max(self.total_params - self.routed_params, 0.0)
+        """Everything the gateway runs: embeddings, attention (softmax and linear), dense MLPs, routers,
+        shared experts, lm_head."""
+        embed = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        router = self.moe_layers * self.hidden * self.experts
+        shared = self.moe_layers * 3 * self.hidden * self.shared_intermediate
+        return (embed + self.attn_layers * self.attn_params + self.linear_layers * self.linear_params +
+                self.dense_mlp_params + router + shared)
 
     @property
     def active_params(self) -> float:
@@ -97,9 +137,22 @@ class ModelShape:
         return self.attn_layers * 2 * self.kv_heads * self.head_dim * self.bytes_per_param
 
     @property
+    def seq_state_bytes(self) -> float:
+        """Per-sequence state of the linear-attention layers: float32 recurrent state plus the
+        convolution state; read and written every step."""
+        state = self.linear_v_heads * self.linear_head_dim * self.linear_head_dim * 4
+        conv = self.conv_dim * max(self.conv_kernel - 1, 0) * self.bytes_per_param
+        return float(self.linear_layers * (state + conv))
+
+    @property
     def attn_flops_per_ctx(self) -> float:
         """FLOPs per (query token, context position): QK^T and PV over every attention layer."""
         return 4.0 * self.attn_layers * self.q_heads * self.head_dim
+
+    @property
+    def linear_flops_per_token(self) -> float:
+        """The DeltaNet recurrence per token: read, decay, update and read out each [dk, dv] state."""
+        return 8.0 * self.linear_layers * self.linear_v_heads * self.linear_head_dim * self.linear_head_dim
 
     @classmethod
     def from_config(cls, cfg, name: str = "profiled") -> "ModelShape":
@@ -107,25 +160,27 @@ class ModelShape:
         h, i_moe = cfg.hidden_size, cfg.moe_intermediate_size
         moe = cfg.num_moe_layers
         dense_mlp = (cfg.num_layers - moe) * 3 * h * cfg.intermediate_size
-        attn = cfg.num_layers * h * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + \
-            cfg.num_layers * cfg.num_heads * cfg.head_dim * h
-        embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-        shared = moe * 3 * h * cfg.shared_expert_intermediate_size
-        routed = moe * cfg.num_experts * 3 * h * i_moe
-        return cls(name, h, cfg.num_layers, moe, cfg.num_experts, cfg.top_k, i_moe,
-                   float(dense_mlp + attn + embed + shared + routed + moe * h * cfg.num_experts),
-                   cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        shape = cls(name, h, cfg.num_layers, moe, cfg.num_experts, cfg.top_k, i_moe, 0.0, cfg.num_layers,
+                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, vocab=cfg.vocab_size,
+                    tied_embeddings=bool(cfg.tie_word_embeddings),
+                    shared_intermediate=cfg.shared_expert_intermediate_size, dense_mlp_params=float(dense_mlp))
+        return replace(shape, total_params=shape.dense_params + shape.routed_params)
 
 
-# MODELS.md. Qwen3-Coder-Next: 12 of 48 layers have softmax attention (24 KiB KV per token); the 36
-# Gated DeltaNet layers hold ~74 MiB of fp32 state per sequence, read and written every step.
+# The models' config.json files and model cards. Qwen3-Coder-Next (hybrid): 48 layers, every 4th
+# gated softmax attention (12 layers: 16 q / 2 kv heads of 256, 24 KiB of bf16 KV per token), the other
+# 36 Gated DeltaNet (16 key heads, 32 value heads, dims 128, convolution kernel 4: a [32, 128, 128]
+# float32 state of 2 MiB plus a [8192, 3] convolution state per sequence and layer, ~74 MiB per
+# sequence in all, read and written every step); 512 experts top-10 plus a shared expert of 512;
+# 80B total, 3B active (without the embeddings).
 MODELS = {
     "qwen3-coder-30b-a3b": ModelShape("Qwen3-Coder-30B-A3B-Instruct", 2048, 48, 48, 128, 8, 768, 30.5e9,
                                       48, 32, 4, 128),
     "qwen3-coder-480b-a35b": ModelShape("Qwen3-Coder-480B-A35B-Instruct", 6144, 62, 62, 160, 8, 2560, 480e9,
                                         62, 96, 8, 128),
     "qwen3-coder-next": ModelShape("Qwen3-Coder-Next", 2048, 48, 48, 512, 10, 512, 80e9, 12, 16, 2, 256,
-                                   seq_state_bytes=74 * (1 << 20)),
+                                   shared_intermediate=512, attn_gate=True, linear_layers=36, linear_k_heads=16,
+                                   linear_v_heads=32, linear_head_dim=128, conv_kernel=4),
 }
 
 

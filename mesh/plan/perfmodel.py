@@ -1,6 +1,5 @@
-"""Step-time models: what one engine step costs on a deployment, fitted from measured profiles or
-derived from published hardware figures. Each model turns a `Deployment` into the simulator's
-`StepCost` and `Limits`.
+"""Deployments and the step-time model from published figures. Each model turns a `Deployment` into
+the simulator's `StepCost` and `Limits` (the measured model of this machine is mesh.plan.measured).
 
 Glossary:
 - gateway: a process running the dense part (attention, router, shared expert, lm_head) and the
@@ -9,12 +8,6 @@ Glossary:
   W = 0: no pool, every gateway holds all experts (A independent replicas).
 - redundant experts: R extra expert copies per MoE layer over the pool (E + R slots, split evenly
   over the W workers), placed by mesh.parallel.placement.rebalance to even out hot experts.
-
-Measured model (this machine): seconds per step = step_s + decode_s * decode tokens +
-prefill_s * prefill tokens + ctx_s * attention work (token x context), least-squares fitted from a
-load test's busy intervals; see `fit_step_time`. Moving experts into a pool splits the per-token
-cost by `expert_share` (the routed experts' share of the active FLOPs, from the model's shapes) and
-adds the dispatch cost: per MoE layer two all-to-alls of latency(ranks) + bytes / bandwidth.
 """
 
 from __future__ import annotations
@@ -89,153 +82,6 @@ def valid_redundancy(num_experts: int, workers: int, count: int = 3) -> list[int
     return [r0 + i * workers for i in range(count)]
 
 
-# ---- measured -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepFit:
-    """seconds = step_s + decode_s*decode + prefill_s*prefill + ctx_s*ctx (all >= 0)."""
-    step_s: float
-    decode_s: float
-    prefill_s: float
-    ctx_s: float = 0.0
-    residual: float = 0.0  # relative RMS error of the fit over its intervals
-    intervals: int = 0
-
-    def __call__(self, b: Batch) -> float:
-        return self.step_s + self.decode_s * b.decode + self.prefill_s * b.prefill + self.ctx_s * b.ctx
-
-    def scaled(self, k: float) -> "StepFit":
-        return replace(self, step_s=self.step_s * k, decode_s=self.decode_s * k, prefill_s=self.prefill_s * k,
-                       ctx_s=self.ctx_s * k)
-
-    def as_dict(self) -> dict:
-        return {"step_ms": self.step_s * 1e3, "decode_ms_per_token": self.decode_s * 1e3,
-                "prefill_ms_per_token": self.prefill_s * 1e3, "ctx_ns_per_unit": self.ctx_s * 1e9,
-                "residual": self.residual, "intervals": self.intervals}
-
-
-def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
-    """Non-negative least squares for a handful of columns: solve, drop the most negative
-    coefficient's column, repeat."""
-    import numpy as np
-    A, b = np.asarray(rows, dtype=float), np.asarray(y, dtype=float)
-    active = list(range(A.shape[1]))
-    coef = np.zeros(A.shape[1])
-    while active:
-        scale = np.linalg.norm(A[:, active], axis=0)
-        scale[scale == 0] = 1.0
-        x, *_ = np.linalg.lstsq(A[:, active] / scale, b, rcond=None)
-        x = x / scale
-        if (x >= 0).all():
-            coef[:] = 0
-            coef[active] = x
-            return coef.tolist()
-        active.pop(int(np.argmin(x)))
-    return coef.tolist()
-
-
-def fit_step_time(intervals: Sequence[Sequence[float]], fixed: tuple[float, float] | None = None) -> StepFit:
-    """Fit from busy intervals [t0, t1, busy_s, steps, decode, prefill, ctx]: in each, the engine's
-    steps add up to its busy time, so busy_s = step_s*steps + decode_s*decode + prefill_s*prefill
-    + ctx_s*ctx. `fixed`: (prefill_s, ctx_s) known from elsewhere (a profile's prefill tokens come
-    with its decode tokens in a near-constant ratio, so the intervals alone cannot split them).
-    Intervals without steps are skipped."""
-    rows, y = [], []
-    for iv in intervals:
-        _t0, _t1, busy, steps, dec, pre, ctx = iv[:7]
-        if steps <= 0 or busy <= 0:
-            continue
-        if fixed is None:
-            rows.append([steps, dec, pre, ctx])
-            y.append(busy)
-        else:
-            rows.append([steps, dec])
-            y.append(busy - fixed[0] * pre - fixed[1] * ctx)
-    need = 3 if fixed is not None else 5
-    if len(rows) < need:
-        raise ValueError(f"a step-time fit needs at least {need} busy intervals, the profiles hold {len(rows)}: "
-                         "profile longer or at a higher rate")
-    c = _nnls(rows, y)
-    if fixed is not None:
-        c = c + list(fixed)
-    full = [[iv[3], iv[4], iv[5], iv[6]] for iv in intervals if iv[3] > 0 and iv[2] > 0]
-    busy = [iv[2] for iv in intervals if iv[3] > 0 and iv[2] > 0]
-    pred = [sum(a * b for a, b in zip(r, c)) for r in full]
-    rms = math.sqrt(sum((p - t) ** 2 for p, t in zip(pred, busy)) / len(busy)) / (sum(busy) / len(busy))
-    return StepFit(c[0], c[1], c[2], c[3], rms, len(rows))
-
-
-@dataclass
-class MeasuredModel:
-    """The measured deployment's step fit, extended to other deployments.
-
-    fit: per-gateway step time as measured (with the experts wherever they were: `measured_workers`).
-    expert_share: the routed experts' share of the per-token compute (moved to the pool when W > 0).
-    dispatch_lat_s: seconds per all-to-all (dispatch or combine) per MoE layer, as a function of
-    ranks: lat0 + lat_per_rank * ranks. dispatch_bw: bytes/s.
-    """
-    fit: StepFit
-    limits: Limits
-    moe_layers: int
-    top_k: int
-    hidden: int
-    num_experts: int
-    expert_share: float = 0.5
-    measured_workers: int = 0
-    dispatch_lat0: float = 150e-6  # gloo over loopback TCP: an assumption unless fitted
-    dispatch_lat_per_rank: float = 20e-6
-    dispatch_bw: float = 2e9
-    act_bytes: int = 4  # float32 activations on CPU
-    latency_s: float = 0.0  # client <-> server time added to every response
-    imbalance: Imbalance = field(default_factory=Imbalance)
-    dispatch_fitted: bool = False
-
-    def _a2a(self, ranks: int, nbytes: float) -> float:
-        return self.dispatch_lat0 + self.dispatch_lat_per_rank * ranks + nbytes / self.dispatch_bw
-
-    def feasible(self, dep: Deployment) -> bool:
-        return True  # host memory is not modelled: the measured machine held the whole model
-
-    def limits_for(self, dep: Deployment) -> Limits:
-        return self.limits
-
-    def cost(self, dep: Deployment) -> StepCost:
-        f, W = self.fit, dep.expert_workers
-        if W == 0 or (W == self.measured_workers and dep.gateways == 1 and dep.redundant_experts == 0):
-            if W == 0 and self.measured_workers > 0:
-                # experts back into the gateway: no dispatch, expert compute local again
-                strip = self.moe_layers * 2 * self._a2a(1 + self.measured_workers, 0.0)
-                f = replace(f, step_s=max(f.step_s - strip, 0.0))
-            return lambda batches: max(f(b) for b in batches)
-        per_tok_expert = self.expert_share * f.prefill_s  # per token, all MoE layers
-        if self.measured_workers == 0:
-            dense = replace(f, decode_s=max(f.decode_s - per_tok_expert, 0.0),
-                            prefill_s=max(f.prefill_s - per_tok_expert, 0.0))
-        else:
-            dense = replace(f, step_s=max(f.step_s - self.moe_layers * 2 *
-                                          self._a2a(1 + self.measured_workers, 0.0), 0.0))
-            per_tok_expert *= self.measured_workers  # measured per token with the work split W ways
-        ranks, k, L = dep.gateways + W, self.top_k, self.moe_layers
-
-        def cost(batches: Sequence[Batch]) -> float:
-            t_dense = max(dense(b) for b in batches)
-            tokens = sum(b.tokens for b in batches)
-            rows = tokens * k
-            imb = self.imbalance.factor(W, dep.redundant_experts, rows)
-            t_exp = per_tok_expert * tokens * imb / W
-            gw_bytes = max(b.tokens for b in batches) * k * self.hidden * self.act_bytes
-            wk_bytes = rows * imb / W * self.hidden * self.act_bytes
-            return t_dense + t_exp + L * 2 * self._a2a(ranks, max(gw_bytes, wk_bytes))
-        return cost
-
-    def as_dict(self) -> dict:
-        return {"kind": "measured", "step_fit": self.fit.as_dict(), "expert_share": self.expert_share,
-                "measured_expert_workers": self.measured_workers, "latency_ms": self.latency_s * 1e3,
-                "dispatch": {"lat0_us": self.dispatch_lat0 * 1e6, "lat_per_rank_us": self.dispatch_lat_per_rank * 1e6,
-                             "bandwidth_GBps": self.dispatch_bw / 1e9,
-                             "source": "fitted" if self.dispatch_fitted else "assumed (gloo, loopback)"},
-                "limits": vars(self.limits)}
-
-
 # ---- published figures ---------------------------------------------------------------------
 @dataclass
 class RooflineModel:
@@ -250,12 +96,12 @@ class RooflineModel:
     rows. Lockstep: all parts run one after the other (no overlap: conservative)."""
     device: Device
     shape: ModelShape
-    vocab: int = 151936
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # the engine's default chunked-prefill budget
     block_size: int = 16
     latency_s: float = 0.0
     imbalance: Imbalance = field(default_factory=Imbalance)
+    scale: float = 1.0  # every step x this (the low/high ends of the prediction interval)
 
     # memory -----------------------------------------------------------------------------
     def _expert_layer_bytes(self) -> float:
@@ -290,9 +136,11 @@ class RooflineModel:
     # time -------------------------------------------------------------------------------
     def _dense(self, b: Batch) -> tuple[float, float]:
         sh, bpp = self.shape, self.shape.bytes_per_param
-        head = self.vocab * sh.hidden
-        mem = sh.dense_params * bpp + b.decode_ctx * sh.kv_bytes_per_token + 2 * b.seqs * sh.seq_state_bytes
-        flops = 2 * (sh.dense_params - 2 * head) * b.tokens + 2 * head * b.seqs + sh.attn_flops_per_ctx * b.ctx
+        head = sh.vocab * sh.hidden
+        embed = 0 if sh.tied_embeddings else head  # input embeddings: only the batch's rows are read
+        mem = (sh.dense_params - embed) * bpp + b.decode_ctx * sh.kv_bytes_per_token + 2 * b.seqs * sh.seq_state_bytes
+        flops = (2 * (sh.dense_params - embed - head) * b.tokens + 2 * head * b.seqs + sh.attn_flops_per_ctx * b.ctx
+                 + sh.linear_flops_per_token * b.tokens)
         return mem, flops
 
     def _experts(self, tokens: float, rows_on_worker: float, slots: float) -> tuple[float, float]:
@@ -309,7 +157,7 @@ class RooflineModel:
                 b = batches[0]
                 m1, f1 = self._dense(b)
                 m2, f2 = self._experts(b.tokens, b.tokens * sh.top_k, sh.experts)
-                return max((m1 + m2) / dev.mem_bw, (f1 + f2) / dev.flops) + dev.step_overhead
+                return (max((m1 + m2) / dev.mem_bw, (f1 + f2) / dev.flops) + dev.step_overhead) * self.scale
             return colocated
         ranks = dep.gateways + W
         bw, lat = dev.a2a(ranks)
@@ -327,8 +175,33 @@ class RooflineModel:
             t_exp = max(m / dev.mem_bw, f / dev.flops)
             send = max(max(b.tokens for b in batches) * sh.top_k, per_worker) * sh.hidden * 2
             t_a2a = sh.moe_layers * 2 * (lat + send / bw)
-            return t_dense + t_exp + t_a2a + dev.step_overhead
+            return (t_dense + t_exp + t_a2a + dev.step_overhead) * self.scale
         return pooled
+
+    # reporting --------------------------------------------------------------------------
+    SPREAD = 0.25  # the roofline's check against published serving figures holds within 25%
+
+    def with_variant(self, variant: int) -> "RooflineModel":
+        return replace(self, scale=1.0 + variant * self.SPREAD)
+
+    def assumptions(self, dep: Deployment) -> list[dict]:
+        d = self.device
+        out = [{"what": "memory bandwidth", "assumed": f"{d.mem_bw / 1e12:.2f} TB/s (published copy rate x 0.85)"},
+               {"what": "compute", "assumed": f"{d.flops / 1e12:.0f} TFLOP/s (published bf16 matmul x 0.5)"},
+               {"what": "host overhead per step", "assumed": f"{d.step_overhead * 1e3:g} ms"},
+               {"what": "device memory", "assumed": f"{d.usable:.0%} of {d.memory_bytes / 1e9:.0f} GB usable minus "
+                                                    f"{d.workspace_bytes / 2**30:.0f} GiB"}]
+        if dep.expert_workers:
+            out.append({"what": "expert all-to-all", "assumed": f"{d.intra_bw / 1e9:.0f} GB/s and {d.intra_lat * 1e6:.0f} "
+                        f"us per collective inside a node, {d.inter_bw / 1e9:.0f} GB/s and {d.inter_lat * 1e6:.0f} us "
+                        "across (DeepEP's published figures)"})
+        for a in out:
+            if a["what"] != "device memory":  # decides what fits, not how fast
+                a["spread"] = self.SPREAD
+        return out
+
+    def outside(self, dep: Deployment, step: dict) -> list[str]:
+        return ["every step time comes from published figures (no profile of this hardware)"]
 
     def as_dict(self) -> dict:
         sh = self.shape

@@ -1,58 +1,68 @@
-"""Measured profiles (the `report.json` of `mesh loadtest`) -> a fitted `MeasuredModel`.
+"""Measured profiles -> a fitted `MeasuredModel` (mesh.plan.measured).
 
-What a profile holds, per run (`runs[i].profile`):
-- intervals [t0, t1, busy_s, steps, decode_tokens, prefill_tokens, ctx_units]: one per window of
-  the run. steps is the server's step counter (GetServerStats) over the window; busy_s the time in
-  it during which at least one request was in flight (the engine steps back to back then); the
-  token counts are reconstructed from the streamed responses (a prefill is counted when the first
-  token arrives; ctx_units = sum over computed tokens of their context length).
-- requests [[sent_s, prompt_tokens, cached_tokens, output_tokens, ttft_ms, e2e_ms], ...]: the run's
-  completed requests, to replay them in the simulator (calibration), to see how TTFT grows with the
-  prompt (the prefill cost) and to resample lengths for planning.
-At the top: `server` (scheduler limits, KV blocks, expert workers, the RPC round trip), `model`
-(GetModelInfo), `model_config` (config.json when the load test could read it), `expert_load`.
-
-Fit, in three parts:
-1. prefill: at the lowest load profiled, TTFT against the uncached prompt length n (least squares
-   on 1, n, n(n+1)/2): the slope is the per-token prefill cost (plus attention's quadratic part).
-2. per step and per decode token: least squares over every busy interval of every profile, with
-   the prefill costs of part 1 subtracted (fit_step_time).
-3. calibration: the profiled runs are replayed in the simulator. The time each request spends
-   outside the engine (round trip, hops between the server's event loop, thread pool and engine
-   thread) is set so the simulated median TTFT matches the measured one, and taken off the busy
-   intervals before refitting; then the per-step/decode costs are scaled so the mean TPOT matches
-   (what the intervals cannot see, e.g. the CPU the load generator takes beside the server).
+A profile is the `report.json` of `mesh loadtest`, or the file `mesh profile` writes
+({"schema": "mesh.profile/1", "shapes": [report, ...]}: one report per deployment shape). What the
+fit reads of a report, per load level (`runs[i].profile`):
+- server_intervals: the server's own counters between polls (columns in `server_columns`: steps,
+  sequences scheduled, decode/prefill tokens, context tokens, engine-thread busy seconds, forward
+  seconds, seconds in the experts' dispatch/combine, the busiest worker's compute seconds);
+- requests [[sent_s, prompt_tokens, cached_tokens, output_tokens, ttft_ms, e2e_ms], ...]: the level's
+  completed requests, replayed through the simulator to calibrate the time each request spends
+  outside the engine thread (RPC, the server's event loop) from TTFT, and to check the fit (`replay`).
+At the top: `model` (GetModelInfo: experts, top-k, hidden size, workers), `server` (scheduler limits,
+KV blocks, the last GetServerStats with the thread counts), `expert_load`, `client.cores`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from mesh.plan.fit import fit
 from mesh.plan.hardware import ModelShape
+from mesh.plan.measured import MeasuredModel, ShapeFit, mesh_worker_threads
 from mesh.plan.metrics import summarize
-from mesh.plan.perfmodel import Imbalance, MeasuredModel, StepFit, _nnls, fit_step_time
+from mesh.plan.perfmodel import Deployment, Imbalance
 from mesh.plan.simulate import Limits, SimRequest, simulate
 
+PROFILE_SCHEMA = "mesh.profile/1"
 
-def load_profile(path: str | Path) -> dict:
-    """Read a report.json; ValueError naming the file when it is not a load-test profile."""
-    path = Path(path)
+
+def _read_json(path: Path):
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON: {e.msg} (line {e.lineno})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"]:
-        raise ValueError(f"{path} is not a `mesh loadtest` report (it has no runs)")
-    if not any(r.get("profile", {}).get("intervals") for r in data["runs"]):
-        raise ValueError(f"{path} has no profile intervals (written by an older mesh loadtest?)")
-    return data
+
+
+def _check_report(rep, where: str) -> dict:
+    if not isinstance(rep, dict) or not isinstance(rep.get("runs"), list) or not rep["runs"]:
+        raise ValueError(f"{where} is not a `mesh loadtest` report (it has no runs)")
+    if not any(r.get("profile", {}).get("server_intervals") for r in rep["runs"]):
+        raise ValueError(f"{where} has no server step counters (runs[].profile.server_intervals): it was "
+                         "written by an older mesh loadtest, or the server predates GetServerStats' step "
+                         "counters; profile again")
+    return rep
+
+
+def load_profile(path: str | Path) -> list[dict]:
+    """The shapes in a profile file or a report.json (one report per shape); ValueError naming the file
+    when it is neither."""
+    path = Path(path)
+    data = _read_json(path)
+    if isinstance(data, dict) and data.get("schema") == PROFILE_SCHEMA:
+        shapes = data.get("shapes")
+        if not isinstance(shapes, list) or not shapes:
+            raise ValueError(f"{path} is a mesh profile without shapes")
+        return [_check_report(rep, f"{path} (shape {i + 1})") for i, rep in enumerate(shapes)]
+    if isinstance(data, dict) and data.get("bench") or (isinstance(data, list)):
+        raise ValueError(f"{path} is not a `mesh loadtest` report or `mesh profile` file (GPU profiles from "
+                         "bench/gpu_serving.py go to --gpu-profile)")
+    return [_check_report(data, str(path))]
 
 
 def _limits(server: dict) -> Limits:
@@ -72,12 +82,8 @@ def model_shape(report: dict) -> ModelShape | None:
         return None
 
 
-def expert_share(report: dict) -> float:
-    """The routed experts' share of the active per-token FLOPs (0.5 when the shapes are unknown)."""
-    sh = model_shape(report)
-    if sh is None:
-        return 0.5
-    return sh.expert_params * sh.top_k * sh.moe_layers / max(sh.active_params, 1.0)
+def workers_of(report: dict) -> int:
+    return int(report.get("model", {}).get("num_expert_workers", 0) or 0)
 
 
 def run_requests(run: dict) -> list[SimRequest]:
@@ -91,152 +97,165 @@ def lengths(reports: Sequence[dict]) -> list[tuple[int, int, int]]:
             for r in run.get("profile", {}).get("requests") or []]
 
 
-def build_model(reports: Sequence[dict], calibrate: bool = True) -> MeasuredModel:
-    if not reports:
-        raise ValueError("give at least one --profile")
-    first = reports[0]
-    server, info = first.get("server", {}), first.get("model", {})
-    workers = {int(rep.get("model", {}).get("num_expert_workers", 0)) for rep in reports}
-    rtts = [rep.get("server", {}).get("rtt_ms") for rep in reports if rep.get("server", {}).get("rtt_ms")]
-    rtt = statistics.median(rtts) / 1000.0 if rtts else 0.0
-    load = first.get("expert_load") or None
-    model = MeasuredModel(
-        fit=StepFit(0.0, 0.0, 0.0), limits=_limits(server),
-        moe_layers=int(first.get("moe_layers") or info.get("num_layers") or 1),
-        top_k=int(info.get("top_k") or 1), hidden=int(info.get("hidden_size") or 1),
-        num_experts=int(info.get("num_experts") or 1), expert_share=expert_share(first),
-        measured_workers=max(workers), latency_s=rtt, imbalance=Imbalance(load))
-    # The client sees each request for longer than the engine works on it: the round trip, and
-    # the hops between the server's event loop, its thread pool and the engine thread. That time
-    # (`latency_s`, calibrated against the measured TTFT) is not engine work: it is taken off the
-    # busy intervals before fitting, and the fit and the latency are refined together.
-    for _ in range(2 if calibrate else 1):
-        intervals = [iv for rep in reports for run in rep["runs"]
-                     for iv in busy_intervals(run, max(model.latency_s - rtt / 2, 0.0), rtt / 2)]
-        prefill = prefill_fit(reports, model.latency_s)
-        model.fit = fit_step_time(intervals, fixed=prefill) if prefill is not None else fit_step_time(intervals)
-        if calibrate:
-            calibrate_latency(model, reports)
-    if len(workers) > 1:
-        _fit_dispatch(model, reports)
-    if calibrate:
-        calibrate_model(model, reports)
-    return model
+def queue_grows(run: dict) -> bool:
+    """The level overloaded the server: the last quarter of its arrivals waited clearly longer for
+    the first token than the second quarter (the same test the planner's search applies)."""
+    reqs = sorted(run.get("profile", {}).get("requests") or [])
+    n = len(reqs)
+    if n < 16:
+        return False
+    q2 = [r[4] for r in reqs[n // 4: n // 2]]
+    q4 = [r[4] for r in reqs[3 * n // 4:]]
+    return sum(q4) / len(q4) > 1.5 * sum(q2) / len(q2) + 50.0
 
 
-def busy_intervals(run: dict, start_shift: float, end_shift: float) -> list[list[float]]:
-    """The run's intervals with busy time recomputed from the requests' spans [sent + start_shift,
-    end - end_shift] (profiles without end times keep theirs)."""
-    ivs = run.get("profile", {}).get("intervals") or []
-    reqs = run.get("profile", {}).get("requests") or []
-    if not reqs or len(reqs[0]) < 6:
-        return ivs
-    spans = sorted((r[0] + start_shift, r[0] + r[5] / 1000.0 - end_shift) for r in reqs)
-    union: list[list[float]] = []
-    for a, b in spans:
-        if b <= a:
-            continue
-        if union and a <= union[-1][1]:
-            union[-1][1] = max(union[-1][1], b)
-        else:
-            union.append([a, b])
+def _intervals(report: dict) -> list[dict]:
     out = []
-    for iv in ivs:
-        t0, t1 = iv[0], iv[1]
-        busy = sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in union if b > t0 and a < t1)
-        out.append([t0, t1, busy, *iv[3:]])
+    for run in report["runs"]:
+        prof = run.get("profile", {})
+        cols = prof.get("server_columns") or []
+        for row in prof.get("server_intervals") or []:
+            iv = dict(zip(cols, row))
+            if iv.get("steps", 0) >= 2 and iv.get("busy_s", 0) > 0:
+                out.append(iv)
     return out
 
 
-def _runs(reports: Sequence[dict]) -> list[dict]:
-    return [run for rep in reports for run in rep["runs"]
-            if run.get("profile", {}).get("requests") and (run.get("tpot_ms") or {}).get("mean")
-            and (run.get("ttft_ms") or {}).get("p50")]
+def _steps(report: dict) -> list[dict]:
+    """The server's records of single steps (complete ones: their pass closed), as rows like an
+    interval's with steps = 1."""
+    out = []
+    for run in report["runs"]:
+        prof = run.get("profile", {})
+        cols = prof.get("server_step_columns") or []
+        for row in prof.get("server_steps") or []:
+            st = dict(zip(cols, row))
+            if st.get("busy_s", 0) > 0:
+                st["steps"] = 1
+                out.append(st)
+    return out
 
 
-def calibrate_latency(model: MeasuredModel, reports: Sequence[dict]) -> None:
-    """The constant time every request spends outside the engine: the mean over the profiled runs
-    of measured minus simulated median TTFT (a constant shifts every response time alike)."""
-    runs = _runs(reports)
-    if not runs:
-        return
-    saved, model.latency_s = model.latency_s, 0.0
-    gaps = [run["ttft_ms"]["p50"] / 1000.0 - summarize(replay(model, run))["ttft_ms"]["p50"] / 1000.0 for run in runs]
-    model.latency_s = max(sum(gaps) / len(gaps), 0.0) if gaps else saved
+# No trimming of slow steps: a step that another thread or process held up is part of what requests
+# see (TPOT is a mean over steps); a least-squares law is the conditional mean, which is what the
+# simulator needs.
+TRIM = None
 
 
-def prefill_fit(reports: Sequence[dict], latency_s: float) -> tuple[float, float] | None:
-    """(prefill_s, ctx_s) from how TTFT grows with the uncached prompt length n, at the lowest load
-    profiled: TTFT - latency ~ a + prefill_s * n + ctx_s * n(n+1)/2 (the queueing and the decodes
-    sharing the step do not depend on n). None when the prompts are too alike to tell."""
-    runs = sorted((run for rep in reports for run in rep["runs"]),
-                  key=lambda r: r.get("output_tokens_per_s") or 0.0)
-    for run in runs[:1]:
-        rows, y = [], []
-        for _s, p, c, _o, ttft in (r[:5] for r in run.get("profile", {}).get("requests") or [] if len(r) >= 5):
-            n = max(p - c, 1)
-            rows.append([1.0, n, n * (n + 1) / 2])
-            y.append(ttft / 1000.0 - latency_s)
-        if len(rows) < 20:
-            return None
-        ns = [r[1] for r in rows]
-        mean = sum(ns) / len(ns)
-        spread = math.sqrt(sum((n - mean) ** 2 for n in ns) / len(ns))
-        if spread < 0.2 * mean:
-            return None
-        cols = rows if max(ns) > 4 * min(ns) else [r[:2] + [0.0] for r in rows]
-        coef = _nnls(cols, y)
-        if coef[1] <= 0 and coef[2] <= 0:
-            return None
-        return coef[1], coef[2]
-    return None
-
-
-def calibrate_model(model: MeasuredModel, reports: Sequence[dict], rounds: int = 2) -> None:
-    """Replay the profiled runs in the simulator; scale the per-step/decode costs so the mean TPOT
-    matches the measurements (geometric mean over runs), then re-set the latency."""
-    runs = _runs(reports)
-    if not runs:
-        return
-    for _ in range(rounds):
-        logs = []
-        for run in runs:
-            sim = summarize(replay(model, run))["tpot_ms"]["mean"]
-            if sim:
-                logs.append(math.log(sim / run["tpot_ms"]["mean"]))
-        k = math.exp(-sum(logs) / len(logs)) if logs else 1.0
-        k = min(max(k, 0.5), 2.0)  # a larger correction means the fit itself is wrong: do not hide it
-        f = model.fit
-        model.fit = replace(f, step_s=f.step_s * k, decode_s=f.decode_s * k)
-        calibrate_latency(model, reports)
-
-
-def _fit_dispatch(model: MeasuredModel, reports: Sequence[dict]) -> None:
-    """Profiles taken with different expert-worker counts: the per-step constant grows with the
-    all-to-alls; per MoE layer two of them, latency lat0 + lat_per_rank * ranks."""
-    by_w: dict[int, list] = {}
-    for rep in reports:
-        w = int(rep.get("model", {}).get("num_expert_workers", 0))
-        by_w.setdefault(w, []).extend(iv for run in rep["runs"] for iv in run["profile"]["intervals"])
-    if 0 not in by_w:
-        return
-    base = fit_step_time(by_w[0]).step_s
-    pts = [(1 + w, (fit_step_time(iv).step_s - base) / (2 * model.moe_layers)) for w, iv in by_w.items() if w > 0]
-    if len(pts) == 1:
-        model.dispatch_lat0, model.dispatch_lat_per_rank = max(pts[0][1], 0.0), 0.0
+def fit_shape(report: dict, top_k: int, imbalance: Imbalance) -> ShapeFit:
+    """One shape's parts, fitted to its single steps where the report has them (else to intervals)."""
+    W = workers_of(report)
+    steps = _steps(report)
+    ivs = steps if len(steps) >= 50 else _intervals(report)
+    trim = TRIM if ivs is steps else None
+    where = f"--workers {W}"
+    host = fit(("steps", "seqs"), [[iv["steps"], iv["seqs"]] for iv in ivs],
+               [max(iv["busy_s"] - iv["forward_s"], 0.0) for iv in ivs], what=f"the host-time fit ({where})", trim=trim)
+    dense = fit(("steps", "decode", "prefill", "ctx"), [[iv["steps"], iv["decode"], iv["prefill"], iv["ctx"]] for iv in ivs],
+                [max(iv["forward_s"] - iv["expert_s"], 0.0) for iv in ivs], what=f"the dense-compute fit ({where})",
+                trim=trim)
+    rows = [(iv["decode"] + iv["prefill"]) * top_k for iv in ivs]
+    if W == 0:
+        experts = fit(("steps", "rows"), [[iv["steps"], r] for iv, r in zip(ivs, rows)],
+                      [iv["expert_s"] for iv in ivs], what=f"the expert-compute fit ({where})", trim=trim)
+        transport = None
     else:
-        import numpy as np
-        x, y = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
-        slope, icpt = np.polyfit(x, y, 1)
-        model.dispatch_lat_per_rank, model.dispatch_lat0 = max(float(slope), 0.0), max(float(icpt), 0.0)
-    model.dispatch_fitted = True
+        static = imbalance.static(W, 0)
+        experts = fit(("steps", "rows"), [[iv["steps"], r * static / W] for iv, r in zip(ivs, rows)],
+                      [iv["worker_max_s"] for iv in ivs], what=f"the expert-worker compute fit ({where})", trim=trim)
+        transport = fit(("steps", "rows"), [[iv["steps"], r] for iv, r in zip(ivs, rows)],
+                        [max(iv["expert_s"] - iv["worker_max_s"], 0.0) for iv in ivs],
+                        what=f"the transport fit ({where})", trim=trim)
+    stats = (report.get("server") or {}).get("stats") or {}
+    runs = report["runs"]
+    stretch = {}
+    if all("busy_cpu_s" in iv for iv in ivs):
+        spans = {"host": (lambda iv: iv["busy_s"] - iv["forward_s"], lambda iv: iv["busy_cpu_s"] - iv["forward_cpu_s"]),
+                 "dense": (lambda iv: iv["forward_s"] - iv["expert_s"], lambda iv: iv["forward_cpu_s"] - iv["expert_cpu_s"])}
+        if W == 0:
+            spans["experts"] = (lambda iv: iv["expert_s"], lambda iv: iv["expert_cpu_s"])
+        for part, (wall, cpu) in spans.items():
+            w, c = sum(map(wall, ivs)), sum(map(cpu, ivs))
+            stretch[part] = max(w / c, 1.0) if c > 0 else 1.0
+    hop = [r["profile"]["hops"] for r in runs if (r.get("profile") or {}).get("hops")]
+    hops = {k: statistics.fmean(h[k] for h in hop) for k in ("arrival_ms", "delivery_ms")} if hop else {}
+    return ShapeFit(W, host, dense, experts, transport, int(stats.get("compute_threads") or 1),
+                    int(stats.get("worker_threads") or 0), [r.get("rate") for r in runs if r.get("rate")],
+                    max((r.get("throughput_rps") or 0.0) for r in runs),
+                    max(iv["seqs"] / iv["steps"] for iv in ivs), stretch=stretch,
+                    source="steps" if ivs is steps else "intervals", samples=len(ivs), hops=hops,
+                    rtt_ms=float((report.get("server") or {}).get("rtt_ms") or 0.0))
 
 
-def replay(model: MeasuredModel, run: dict) -> list[dict]:
-    """The run's own arrivals and lengths through the simulator on the measured deployment."""
-    from mesh.plan.perfmodel import Deployment
-    dep = Deployment(1, model.measured_workers)
-    reqs = run_requests(run)
-    conc = run.get("concurrency") if run.get("rate") is None else None
-    return simulate(reqs, model.cost(dep), model.limits, latency_s=model.latency_s,
-                    concurrency=conc, horizon=run.get("duration_s") if conc else None)
+def build_model(reports: Sequence[dict], calibrate: bool = True) -> MeasuredModel:
+    """Fit every profiled shape (one report per shape: a second report of a shape already seen adds
+    its levels to the first's), then calibrate each shape's latency and replay its levels."""
+    if not reports:
+        raise ValueError("give at least one --profile")
+    by_w: dict[int, dict] = {}
+    for rep in reports:
+        w = workers_of(rep)
+        if w in by_w:
+            by_w[w] = {**by_w[w], "runs": by_w[w]["runs"] + rep["runs"]}
+        else:
+            by_w[w] = rep
+    first = by_w[min(by_w)]
+    info = first.get("model", {})
+    shape = model_shape(first)
+    moe_layers = int(first.get("moe_layers") or (shape.moe_layers if shape else 0) or info.get("num_layers") or 1)
+    top_k = int(info.get("top_k") or 1)
+    load = next((r.get("expert_load") for r in by_w.values() if r.get("expert_load")), None)
+    imbalance = Imbalance(load)
+    shapes = {w: fit_shape(rep, top_k, imbalance) for w, rep in by_w.items()}
+    cores = max([int((r.get("client") or {}).get("cores") or 0) for r in by_w.values()] +
+                [s.gateway_threads for s in shapes.values()])
+    model = MeasuredModel(shapes, _limits(first.get("server", {})), moe_layers, top_k, int(info.get("hidden_size") or 1), int(info.get("num_experts") or 1),
+                          act_bytes=2 if str(info.get("dtype", "")).startswith("bfloat") else 4,
+                          cores=cores, imbalance=imbalance)
+    for w, s in shapes.items():
+        if w and not s.worker_threads:
+            s.worker_threads = mesh_worker_threads(cores, w)
+    if calibrate:
+        for w, rep in by_w.items():
+            calibrate_shape(model, w, rep)
+        model.latency_s = statistics.fmean(s.latency_s for s in shapes.values())
+    return model
+
+
+def replay(model: MeasuredModel, workers: int, run: dict, latency_s: float) -> list[dict]:
+    """The level's own arrivals and lengths through the simulator on its profiled shape."""
+    return simulate(run_requests(run), model.cost(Deployment(1, workers)), model.limits, latency_s=latency_s)
+
+
+def calibrate_shape(model: MeasuredModel, workers: int, report: dict) -> None:
+    """The time each request spends outside the engine thread (the RPC, the server's event loop and
+    threads): per request, measured TTFT minus the simulated one (its level's own arrivals and
+    lengths replayed), the median over every request of the levels that kept up, measured by a
+    generator that kept its schedule; its spread is half the range of the levels' own medians. Then
+    every level is replayed with it (`replay`)."""
+    s = model.shapes[workers]
+    runs = [r for r in report["runs"] if r.get("profile", {}).get("requests") and (r.get("ttft_ms") or {}).get("p50")]
+    steady = [r for r in runs if not queue_grows(r) and not r.get("generator_bottleneck")] or \
+        [r for r in runs if not queue_grows(r)] or runs
+    pooled, medians = [], []
+    for r in steady:
+        measured = sorted(r["profile"]["requests"])  # by send time, as the simulator numbers them
+        sim = replay(model, workers, r, 0.0)
+        gaps = [m[4] / 1e3 - (x["first_token_s"] - x["sent_s"]) for m, x in zip(measured, sim)
+                if x.get("first_token_s") is not None]
+        if gaps:
+            pooled += gaps
+            medians.append(statistics.median(gaps))
+    if pooled:
+        s.latency_s = max(statistics.median(pooled), 0.0)
+        s.latency_spread_s = (max(medians) - min(medians)) / 2
+    s.replay = []
+    for r in runs:
+        sim = summarize(replay(model, workers, r, s.latency_s))
+
+        def pair(key: str, q: str = "p50"):
+            return {"measured": (r.get(key) or {}).get(q), "simulated": (sim.get(key) or {}).get(q)}
+        s.replay.append({"rate": r.get("rate"), "saturated": queue_grows(r), "ttft_ms_p50": pair("ttft_ms"),
+                         "tpot_ms_p50": pair("tpot_ms"),
+                         "output_tokens_per_s": {"measured": r.get("output_tokens_per_s"),
+                                                 "simulated": sim["output_tokens_per_s"]}})

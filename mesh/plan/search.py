@@ -27,6 +27,13 @@ from mesh.plan.simulate import Limits, SimRequest, StepCost, simulate, simulate_
 POOL_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
 
 
+def latency_of(model, dep: Deployment) -> float:
+    """The client <-> engine time a model adds to every response of `dep` (models may make it depend
+    on the deployment: `latency_for`)."""
+    per = getattr(model, "latency_for", None)
+    return per(dep) if per is not None else model.latency_s
+
+
 class CostModel(Protocol):
     latency_s: float
 
@@ -106,11 +113,15 @@ def evaluate(model: CostModel, dep: Deployment, workload: Workload, rate: float,
     bounds = dict(max_time=1.5 * span + 60.0, max_queue=max(64, len(reqs) // 5))
     if dep.expert_workers == 0:
         # replicas are statistically alike under round-robin: simulate one, on its share
-        records = simulate(reqs[0::dep.gateways], model.cost(dep), limits, latency_s=model.latency_s, **bounds)
+        records = simulate(reqs[0::dep.gateways], model.cost(dep), limits, latency_s=latency_of(model, dep), **bounds)
     else:
-        records = simulate(reqs, model.cost(dep), limits, gateways=dep.gateways, latency_s=model.latency_s,
+        records = simulate(reqs, model.cost(dep), limits, gateways=dep.gateways, latency_s=latency_of(model, dep),
                            **bounds)
     summary = summarize(records, slo.ttft_ms, slo.tpot_ms)
+    if dep.expert_workers == 0 and dep.gateways > 1:
+        # one replica of A was simulated: the deployment serves A times its rates
+        for key in ("throughput_rps", "output_tokens_per_s", "input_tokens_per_s", "goodput_rps"):
+            summary[key] *= dep.gateways
     q = slo.percentile
     ttfts = [t for t in map(ttft_ms, records) if t is not None]
     tpots = [t for t in map(tpot_ms, records) if t is not None]
@@ -177,9 +188,11 @@ def _min_gateways(check: Callable[[int], Evaluation | None], limit: int) -> tupl
 
 def search(model: CostModel, workload: Workload, rate: float, slo: Slo, *, num_experts: int,
            max_devices: int = 64, max_workers: int | None = None, pooled: bool = True,
-           colocated: bool = True) -> PlanResult:
+           colocated: bool = True, pool_sizes: Sequence[int] | None = None) -> PlanResult:
     """The cheapest deployment meeting `slo` at `rate`; PlanResult.best is None when none within
-    `max_devices` does."""
+    `max_devices` does. `pool_sizes`: only these expert-worker counts (0: experts in the gateways).
+    A model whose `redundancy` attribute is False (what `mesh serve` can start) gets only pools that
+    split the experts evenly without redundant copies."""
     result = PlanResult(None)
     cache: dict[Deployment, Evaluation] = {}
 
@@ -201,6 +214,8 @@ def search(model: CostModel, workload: Workload, rate: float, slo: Slo, *, num_e
     top = max_workers or max_devices
     sizes = [w for w in POOL_SIZES if w <= top] + ([top] if top not in POOL_SIZES else [])
     workers = ([0] if colocated else []) + (sorted(set(sizes)) if pooled else [])
+    if pool_sizes is not None:
+        workers = sorted({w for w in pool_sizes if w <= max_devices})
     for W in workers:
         if result.best is not None and W + 1 > result.best.deployment.devices:
             break
@@ -210,6 +225,8 @@ def search(model: CostModel, workload: Workload, rate: float, slo: Slo, *, num_e
         if limit < 1:
             break
         rs = valid_redundancy(num_experts, W)
+        if not getattr(model, "redundancy", True):
+            rs = [0] if W == 0 or num_experts % W == 0 else []
         rs = [r for r in rs if model.feasible(Deployment(1, W, r))]  # memory does not depend on A
         if not rs:
             continue

@@ -108,20 +108,77 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print each level's figures as one JSON object per line")
     p.set_defaults(func=cmd_loadtest)
 
+    r = subparsers.add_parser(
+        "profile", help="sweep deployment shapes over rates up to saturation into one profile for `mesh plan`",
+        formatter_class=fmt,
+        description="Measure what `mesh plan` fits: for each deployment shape, load levels rising until the\n"
+                    "server saturates (requests fail, the queue grows within a level, or the completed rate\n"
+                    "falls well short of the offered one); the saturating level is kept.\n\n"
+                    "Either sweep a running server (--target), or let this command start `mesh serve\n"
+                    "--workers W` on this machine for each W in --workers, one after another, on free\n"
+                    "loopback ports (--model, --serve-args and --env go to each).\n\n"
+                    "Levels: --rates as given, else --start-rate times --factor^i for at most --max-levels.\n"
+                    "Each level sends Poisson arrivals for --duration seconds (then drains).\n\n"
+                    "OUT (a JSON file) gets every shape's load-test report; `mesh plan --profile OUT` reads it.\n"
+                    "Each shape's report.json and requests.jsonl, and the servers' logs, go beside it in\n"
+                    "OUT's name with .d appended.")
+    where = r.add_mutually_exclusive_group()
+    where.add_argument("--target", default=None, metavar="HOST:PORT", help="sweep this running `mesh serve`")
+    where.add_argument("--workers", default=None, metavar="W[,W2,...]",
+                       help="start `mesh serve --workers W` here for each W (e.g. 0,1,2) and sweep each")
+    r.add_argument("--model", default=None, metavar="DIR",
+                   help="with --workers: the model directory to serve (default: mesh serve's built-in model)")
+    r.add_argument("--serve-args", default="", metavar="ARGS",
+                   help="with --workers: more `mesh serve` flags, one shell-quoted string, e.g. "
+                        "\"--dtype float32 --kv-cache-memory 256M\"")
+    r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --workers: an environment variable for the started servers (repeatable), e.g. "
+                        "OMP_NUM_THREADS=1")
+    r.add_argument("--rates", default=None, metavar="R[,R2,...]", help="the levels in requests/s, run in order "
+                   "(still stopping at the first that saturates)")
+    r.add_argument("--start-rate", type=float, default=1.0, metavar="R",
+                   help="without --rates: the first level, requests/s (default 1)")
+    r.add_argument("--factor", type=float, default=2.0, help="without --rates: each level's rate over the "
+                   "previous one's (default 2)")
+    r.add_argument("--max-levels", type=int, default=8, help="without --rates: most levels per shape (default 8)")
+    r.add_argument("--duration", type=float, default=20.0, metavar="S", help="seconds of sending per level (default 20)")
+    r.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a level's in-flight requests get to finish after its sending ends (default 60)")
+    rw = r.add_argument_group("workload (synthetic lengths, or a trace file)")
+    rw.add_argument("--prompt-tokens", default="128", metavar="DIST", help=f"prompt lengths: {DIST_HELP} (default 128)")
+    rw.add_argument("--output-tokens", default="64", metavar="DIST", help="output lengths, same forms (default 64)")
+    rw.add_argument("--workload", metavar="FILE", help="JSONL trace whose requests are sent in order (cycled) at "
+                    "each level's rate (see docs/capacity-planning.md)")
+    r.add_argument("--seed", type=int, default=0, help="seed of arrivals and prompts (default 0)")
+    r.add_argument("--out", required=True, metavar="FILE", help="the profile file to write (JSON)")
+    r.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    r.set_defaults(func=cmd_profile)
+
     q = subparsers.add_parser(
         "plan", help="find the cheapest deployment meeting latency SLOs at a target rate",
         formatter_class=fmt,
         description="Fit a performance model and search deployments (gateways x expert workers x redundant\n"
                     "experts) with a discrete-event simulation of the workload, for the cheapest (fewest\n"
-                    "devices) that meets the SLOs at --target-rps.\n\n"
-                    "--hardware cpu (the default with --profile): step times fitted from `mesh loadtest`\n"
-                    "reports of this machine. --hardware h100|h200: a roofline from published device figures\n"
-                    "and the model's shapes (--model, or the profiled model's config), for what cannot be\n"
-                    "measured here, e.g. `mesh plan --hardware h100 --model qwen3-coder-next --target-rps 20`.\n\n"
-                    "The workload: --workload FILE (a trace; time-scaled to the target rate), else the\n"
-                    "profiled requests' lengths, else --prompt-tokens/--output-tokens.")
-    q.add_argument("--profile", action="append", default=[], metavar="REPORT",
-                   help="report.json of `mesh loadtest` (repeatable: more load levels fit better)")
+                    "devices) that keeps up with --target-rps and meets the SLOs given (checked at\n"
+                    "--slo-percentile; without SLOs: the cheapest whose queue does not grow, and no margin).\n\n"
+                    "--hardware cpu (the default with --profile): a model of this machine's `mesh serve`,\n"
+                    "fitted part by part (host, dense, experts, transport) from the server's own step counters\n"
+                    "in `mesh profile` files or `mesh loadtest` reports; shapes that were not profiled are\n"
+                    "derived from the profiled ones. --hardware h100|h200: a roofline of the model's shapes\n"
+                    "(--model, or the profiled model's config) from published device figures, or with\n"
+                    "--gpu-profile from step times bench/gpu_serving.py measured on such a GPU.\n\n"
+                    "The output says where the prediction extrapolates (a shape or rate beyond the\n"
+                    "profiles) and then gives each figure as an interval; it lists every figure that was\n"
+                    "assumed rather than measured. --validate runs the recommended deployment here at the\n"
+                    "target rate and prints predicted against measured.\n\n"
+                    "The workload: --workload FILE (a trace; time-scaled to the target rate), else\n"
+                    "--prompt-tokens/--output-tokens, else the profiled requests' lengths.")
+    q.add_argument("--profile", action="append", default=[], metavar="FILE",
+                   help="a `mesh profile` file or a `mesh loadtest` report.json (repeatable: every shape and "
+                        "level given adds to the fit)")
+    q.add_argument("--gpu-profile", default=None, metavar="FILE",
+                   help="with --hardware h100|h200: the JSON lines bench/gpu_serving.py printed on that GPU "
+                        "(decode/prefill step times, copy rate, a mixed run) to plan from measured step times")
     q.add_argument("--target-rps", type=float, required=True, metavar="R", help="requests/s to serve")
     q.add_argument("--workload", metavar="FILE", help="JSONL trace (the load test's format)")
     q.add_argument("--prompt-tokens", default=None, metavar="DIST",
@@ -131,21 +188,41 @@ def register(subparsers) -> None:
     q.add_argument("--slo-ttft-ms", type=float, metavar="X", help="time-to-first-token objective, ms")
     q.add_argument("--slo-tpot-ms", type=float, metavar="Y", help="time-per-output-token objective, ms")
     q.add_argument("--slo-percentile", type=float, default=90.0,
-                   help="percentile the SLOs hold at (default 90)")
+                   help="percentile the SLOs are checked at (default 90)")
     q.add_argument("--hardware", choices=HARDWARE, default=None,
                    help="cpu: this machine, from --profile (the default when given); h100, h200: "
-                        "published figures")
+                        "published figures, or --gpu-profile")
     q.add_argument("--model", default=None,
                    help="model shapes for --hardware h100|h200: qwen3-coder-30b-a3b, qwen3-coder-480b-a35b, "
-                        "qwen3-coder-next (default: the profiled model)")
+                        "qwen3-coder-next (default: the --gpu-profile's or the profiled model)")
     q.add_argument("--max-devices", type=int, default=64, help="largest deployment tried, in devices (default 64)")
     q.add_argument("--max-expert-workers", type=int, default=None, help="largest expert pool tried (default: --max-devices)")
+    q.add_argument("--expert-workers", default=None, metavar="W[,W2,...]",
+                   help="consider only these expert-pool sizes (0: experts inside the gateways), e.g. 2 to plan "
+                        "for a deployment that keeps its experts in a pool (default: every size)")
     q.add_argument("--requests", type=int, default=1500,
                    help="simulated requests per candidate (default 1500; more: steadier tails, slower)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the simulated arrivals (default 0)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the simulated arrivals and of --validate's run "
+                   "(default 0)")
+    v = q.add_argument_group("validation (--hardware cpu)")
+    v.add_argument("--validate", action="store_true",
+                   help="start the recommended deployment here (`mesh serve`, one gateway), load it at the target "
+                        "rate with the same workload and print predicted against measured TTFT/TPOT p50/p90, "
+                        "throughput and goodput, with each error")
+    v.add_argument("--validate-duration", type=float, default=30.0, metavar="S",
+                   help="seconds of sending in the validation run (default 30)")
+    v.add_argument("--serve-model", default=None, metavar="DIR",
+                   help="the model directory the validation serves (default: the profile's)")
+    v.add_argument("--serve-args", default=None, metavar="ARGS",
+                   help="`mesh serve` flags for the validation, one shell-quoted string (default: the ones the "
+                        "profile's servers were started with by `mesh profile`)")
+    v.add_argument("--env", action="append", default=None, metavar="KEY=VALUE",
+                   help="environment for the validation's server (repeatable; default: the profile's)")
+    v.add_argument("--validate-out", default=None, metavar="DIR",
+                   help="where the validation's report and server log go (default: a new temporary directory)")
     q.add_argument("--json", action="store_true",
-                   help="print gateways, expert_workers, redundant_experts, predicted figures and margin "
-                        "as one JSON object")
+                   help="print the plan (gateways, expert_workers, redundant_experts, predicted figures with "
+                        "their interval, margin, max_rps, extrapolation, assumptions, validation) as one JSON object")
     q.set_defaults(func=cmd_plan)
 
 
@@ -237,6 +314,89 @@ def cmd_loadtest(args) -> int:
     return 0
 
 
+# ---- profile --------------------------------------------------------------------------------
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise _fail(flag, f"expected comma-separated whole numbers, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise _fail(flag, f"expected whole numbers >= 0, got {text!r}")
+    return vals
+
+
+def _env_pairs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise _fail("--env", f"expected KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _workload(args):
+    from router_service.loadtest.profiler import Workload
+    trace = None
+    if getattr(args, "workload", None):
+        from mesh.plan.workload import load_trace
+        try:
+            trace = load_trace(args.workload)
+        except ValueError as e:
+            raise _fail("--workload", str(e)) from None
+    return Workload(_dist("--prompt-tokens", args.prompt_tokens), _dist("--output-tokens", args.output_tokens), trace)
+
+
+def cmd_profile(args) -> int:
+    import shlex
+    from router_service.loadtest.localserve import ServeError
+    from router_service.loadtest.profiler import Sweep, profile_shapes, profile_target, summary_line, write_profile
+    if args.target is None and args.workers is None:
+        raise _fail("--workers", "sweep a running server (--target HOST:PORT) or start shapes here (--workers 0,1,2)")
+    if args.target is not None and ":" not in args.target:
+        raise _fail("--target", f"expected HOST:PORT, got {args.target!r}")
+    if args.target is not None and (args.model or args.serve_args or args.env):
+        raise _fail("--target", "--model, --serve-args and --env configure servers started with --workers")
+    _positive("--duration", args.duration)
+    _positive("--start-rate", args.start_rate)
+    _positive("--drain-timeout", args.drain_timeout, allow_zero=True)
+    if not args.factor > 1:
+        raise _fail("--factor", f"must be above 1, got {args.factor:g}")
+    if args.max_levels < 1:
+        raise _fail("--max-levels", f"must be at least 1, got {args.max_levels}")
+    rates = _floats("--rates", args.rates) if args.rates is not None else None
+    try:
+        serve_args = shlex.split(args.serve_args)
+    except ValueError as e:
+        raise _fail("--serve-args", str(e)) from None
+    for flag in ("--workers", "--port", "--host", "--model"):
+        if flag in serve_args:
+            raise _fail("--serve-args", f"{flag} is set by mesh profile itself")
+    env = _env_pairs(args.env)
+    sweep = Sweep(args.duration, rates, args.start_rate, args.factor, args.max_levels, args.seed, args.drain_timeout)
+    work = _workload(args)
+    out = Path(args.out)
+    side = out.with_name(out.name + ".d")
+    progress = None if args.no_progress else sys.stderr
+    try:
+        if args.target is not None:
+            import grpc
+            try:
+                reports = [profile_target(args.target, sweep, work, side, args.target, progress)]
+            except grpc.aio.AioRpcError as e:
+                raise SystemExit(f"mesh: error: --target {args.target}: {e.code().name}: {e.details()}") from None
+        else:
+            reports = profile_shapes(_int_list("--workers", args.workers), sweep, work, side, model=args.model,
+                                     serve_args=serve_args, env=env, progress=progress)
+    except ServeError as e:
+        raise SystemExit(f"mesh: error: --workers: {e}") from None
+    write_profile(out, reports)
+    for rep in reports:
+        print(summary_line(rep))
+    print(f"profile: {out}", file=sys.stderr)
+    return 0
+
+
 # ---- plan -----------------------------------------------------------------------------------
 def cmd_plan(args) -> int:
     from mesh.plan import planner
@@ -246,30 +406,47 @@ def cmd_plan(args) -> int:
     _positive("--target-rps", args.target_rps)
     _positive("--slo-ttft-ms", args.slo_ttft_ms)
     _positive("--slo-tpot-ms", args.slo_tpot_ms)
+    _positive("--validate-duration", args.validate_duration)
     if not 0 < args.slo_percentile <= 100:
         raise _fail("--slo-percentile", f"must be in (0, 100], got {args.slo_percentile:g}")
     if args.max_devices < 1:
         raise _fail("--max-devices", f"must be at least 1, got {args.max_devices}")
     if args.requests < 50:
         raise _fail("--requests", f"simulate at least 50 requests, got {args.requests}")
+    pools = _int_list("--expert-workers", args.expert_workers) if args.expert_workers is not None else None
     reports = []
     for path in args.profile:
         try:
-            reports.append(load_profile(path))
+            reports.extend(load_profile(path))
         except ValueError as e:
             raise _fail("--profile", str(e)) from None
+    gpu = None
+    if args.gpu_profile:
+        from mesh.plan.gpu import load_gpu_profile
+        try:
+            gpu = load_gpu_profile(args.gpu_profile)
+        except ValueError as e:
+            raise _fail("--gpu-profile", str(e)) from None
     hw = args.hardware or ("cpu" if reports else None)
     if hw is None:
-        raise _fail("--hardware", "plan from measurements (--profile report.json) or from published figures "
-                                  "(--hardware h100|h200 --model NAME)")
+        raise _fail("--hardware", "plan from measurements (--profile FILE) or for a GPU (--hardware h100|h200 "
+                                  "--model NAME, optionally --gpu-profile FILE)")
     if args.model and hw == "cpu":
         raise _fail("--model", "names published shapes for --hardware h100|h200; --hardware cpu uses the profile")
+    if gpu is not None and hw == "cpu":
+        raise _fail("--gpu-profile", "is for --hardware h100|h200 (the cpu model comes from --profile)")
+    if args.validate and hw != "cpu":
+        raise _fail("--validate", f"runs the plan on this machine: it needs --hardware cpu, not {hw}")
     try:
-        model = planner.cost_model(reports, hw, args.model)
+        model = planner.cost_model(reports, hw, args.model, gpu)
     except ValueError as e:
-        raise _fail("--hardware" if "hardware" in str(e) else "--profile" if reports else "--model", str(e)) from None
-    block = getattr(model, "limits", None)
-    block = block.block_size if block is not None else 16
+        msg = str(e)
+        flag = ("--gpu-profile" if "--gpu-profile" in msg else "--hardware" if "hardware" in msg
+                else "--profile" if reports else "--model")
+        raise _fail(flag, msg) from None
+    limits = getattr(model, "limits", None)
+    block = limits.block_size if limits is not None else 16
+    specs = None
     if args.workload:
         try:
             specs = load_trace(args.workload)
@@ -284,14 +461,69 @@ def cmd_plan(args) -> int:
                                               args.requests, args.seed)
     num_experts = getattr(model, "num_experts", None) or model.shape.experts
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_percentile)
+    print(f"planning for {args.target_rps:g} req/s ({hw}) ...", file=sys.stderr, flush=True)
     result = planner.plan(model, workload, args.target_rps, slo, num_experts=num_experts,
-                          max_devices=args.max_devices, max_workers=args.max_expert_workers)
+                          max_devices=args.max_devices, max_workers=args.max_expert_workers, pool_sizes=pools)
     result["hardware"] = hw
+    if args.validate:
+        result["validation"] = _validate(args, result, model, reports, specs, slo, num_experts)
     if args.json:
         print(json.dumps(result))
     else:
         print(_plan_text(result))
+        if "validation" in result:
+            from router_service.loadtest.validate import table
+            print(table(result["validation"]))
     return 0 if result["feasible"] else 2
+
+
+def _validate(args, result: dict, model, reports: list[dict], specs, slo, num_experts: int) -> dict:
+    import shlex
+    import tempfile
+    from router_service.loadtest.localserve import ServeError
+    from router_service.loadtest.profiler import Workload
+    from router_service.loadtest.validate import validate, why_not
+    reason = why_not(result, num_experts)
+    if reason:
+        return {"ran": False, "reason": reason}
+    launch = next((r["launch"] for r in reports if r.get("launch")), {})
+    model_dir = args.serve_model or launch.get("model") or (reports[0].get("model") or {}).get("model")
+    if model_dir and not (Path(model_dir) / "config.json").is_file():
+        raise _fail("--serve-model", f"{model_dir} has no config.json on this machine: name the profiled model's "
+                                     "directory")
+    try:
+        serve_args = shlex.split(args.serve_args) if args.serve_args is not None else list(launch.get("serve_args") or [])
+    except ValueError as e:
+        raise _fail("--serve-args", str(e)) from None
+    env = _env_pairs(args.env) if args.env is not None else dict(launch.get("env") or {})
+    if specs is not None:
+        work = Workload(trace=specs)
+    elif args.prompt_tokens or args.output_tokens:
+        work = Workload(_dist("--prompt-tokens", args.prompt_tokens or "lognormal:1024:0.6"),
+                        _dist("--output-tokens", args.output_tokens or "lognormal:256:0.5"))
+    else:
+        w = (reports[0].get("workload") or {})
+        if "prompt_tokens" not in w:
+            raise _fail("--validate", "the profile was taken with a trace: give it again with --workload FILE")
+        work = Workload(_dist("--profile", w["prompt_tokens"]), _dist("--profile", w["output_tokens"]))
+    out = Path(args.validate_out) if args.validate_out else Path(tempfile.mkdtemp(prefix="mesh-plan-validate-"))
+    try:
+        return validate(result, model, work, duration=args.validate_duration, seed=args.seed, model_dir=model_dir,
+                        serve_args=serve_args, env=env, slo=slo, out_dir=out)
+    except ServeError as e:
+        raise SystemExit(f"mesh: error: --validate: {e}") from None
+
+
+def _fmt(x, unit: str = "", digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def _with_interval(r: dict, key: str, value, unit: str, digits: int = 1) -> str:
+    iv = (r.get("interval") or {}).get(key)
+    text = _fmt(value, unit, digits)
+    if iv is not None and r.get("extrapolation"):
+        text += f" [{_fmt(iv[0], '', digits)}, {_fmt(iv[1], '', digits)}]"
+    return text
 
 
 def _plan_text(r: dict) -> str:
@@ -303,11 +535,42 @@ def _plan_text(r: dict) -> str:
     lines = [f"{r['devices']} device(s) ({r['hardware']}): {r['gateways']} gateway(s), {r['expert_workers']} expert "
              f"worker(s){' (experts inside each gateway)' if not r['expert_workers'] else ''}, "
              f"{r['redundant_experts']} redundant experts",
-             f"predicted at {r['target_rps']:g} req/s: TTFT p50 {p['ttft_ms']['p50']:.1f} ms, p{q:g} "
-             f"{at['ttft_ms']:.1f} ms; TPOT p50 {p['tpot_ms']['p50'] or 0:.2f} ms, p{q:g} {at['tpot_ms'] or 0:.2f} ms; "
-             f"{p['output_tokens_per_s']:.0f} output tok/s"]
+             f"predicted at {r['target_rps']:g} req/s: TTFT p50 {_with_interval(r, 'ttft_ms.p50', p['ttft_ms']['p50'], ' ms')}, "
+             f"p90 {_with_interval(r, 'ttft_ms.p90', p['ttft_ms']['p90'], ' ms')}; "
+             f"TPOT p50 {_with_interval(r, 'tpot_ms.p50', p['tpot_ms']['p50'], ' ms', 2)}, "
+             f"p90 {_with_interval(r, 'tpot_ms.p90', p['tpot_ms']['p90'], ' ms', 2)}; "
+             f"{_with_interval(r, 'output_tokens_per_s', p['output_tokens_per_s'], ' output tok/s', 0)}; "
+             f"goodput {_with_interval(r, 'goodput_rps', p['goodput_rps'], ' req/s', 2)}"]
+    slo = r["slo"]
+    if r.get("slo_given"):
+        objs = [f"TTFT <= {slo['ttft_ms']:g} ms (p{q:g}: {_fmt(at['ttft_ms'], ' ms')})" if slo["ttft_ms"] is not None else "",
+                f"TPOT <= {slo['tpot_ms']:g} ms (p{q:g}: {_fmt(at['tpot_ms'], ' ms', 2)})" if slo["tpot_ms"] is not None else ""]
+        lines.append(f"SLOs checked at p{q:g}: {'; '.join(o for o in objs if o)}: met, margin {100 * r['margin']:.0f}%")
+    else:
+        lines.append("no SLOs given: the deployment only has to keep up (its queue must not grow); no margin; "
+                     "goodput counts every completed request")
     if r.get("max_rps") is not None:
-        lines.append(f"sustains up to {r['max_rps']:.2f} req/s within the SLOs (margin {100 * r['margin']:.0f}%)")
+        lines.append(f"sustains up to {r['max_rps']:.2f} req/s ({r['max_rps_basis']})"
+                     + (f"; extrapolated: {r['max_rps_extrapolated']}" if r.get("max_rps_extrapolated") else ""))
+    m = r.get("model") or {}
+    if m.get("kind") == "gpu-profile":
+        law, fits = m["law"], m.get("decode_fit") or []
+        worst = max((abs(f["fitted_ms"] / f["measured_ms"] - 1) for f in fits), default=0.0)
+        mixed = (m.get("checks") or {}).get("mixed")
+        lines.append(f"step times measured on {m['gpu']} ({m['profile']}, {m['profiled_model']}): decode at "
+                     f"{len(fits)} batch sizes, law {law['overhead_ms']:.2f} ms + {law['bytes_per_copy_byte']:.2f} x "
+                     f"bytes / {law['copy_tb_s']:.2f} TB/s + {law['us_per_decode_token']:.1f} us per decode token, "
+                     f"within {100 * worst:.0f}% of each"
+                     + (f"; mixed run {mixed['measured_output_tok_s']:.0f} output tok/s measured, "
+                        f"{mixed['simulated_output_tok_s']:.0f} simulated" if mixed else ""))
+    if r.get("extrapolation"):
+        lines.append("EXTRAPOLATED beyond the profiles (figures in brackets: the prediction interval):")
+        lines += [f"  - {x}" for x in r["extrapolation"]]
+    if r.get("assumptions"):
+        lines.append("assumed, not measured:")
+        for a in r["assumptions"]:
+            spread = f" (+-{100 * a['spread']:.0f}% in the interval)" if a.get("spread") else ""
+            lines.append(f"  - {a['what']}: {a.get('assumed') or a.get('measured')}{spread}")
     lines.append(f"({r['candidates_evaluated']} deployments simulated)")
     return "\n".join(lines)
 

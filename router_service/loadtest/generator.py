@@ -104,6 +104,7 @@ class RunResult:
     stats_before: dict | None
     stats_after: dict | None
     generator: dict = field(default_factory=dict)
+    steps: list[list] = field(default_factory=list)  # the server's step records (STEP_COLUMNS), in order
 
 
 class Progress:
@@ -267,6 +268,7 @@ class LoadGenerator:
 
         loop_lags: list[float] = []
         polls: list[dict] = []
+        stats_before = await self.server_stats()
         stop = asyncio.Event()
 
         async def heartbeat() -> None:
@@ -275,16 +277,29 @@ class LoadGenerator:
                 await asyncio.sleep(0.02)
                 loop_lags.append(max(0.0, loop.time() - t - 0.02) * 1000.0)
 
+        step_log: list[list] = []
+        cursor = [int((stats_before or {}).get("steps") or 0)]
+
         async def poll_once() -> bool:
             t = now()
             try:
-                st = await self._stubs[0].GetServerStats(pb.GetServerStatsRequest(), timeout=5.0)
+                st = await self._stubs[0].GetServerStats(pb.GetServerStatsRequest(steps_after=cursor[0]), timeout=5.0)
             except grpc.aio.AioRpcError:
                 return False  # an old server (UNIMPLEMENTED) or one going away: no timeline
             t1 = now()
+            # the newest two records may still be completing (the engine thread's pass, the workers'
+            # compute that arrives with the next step's header): they come with the next poll
+            last = max((r.step for r in st.recent_steps), default=0) - 2
+            for r in st.recent_steps:
+                if r.step > last:
+                    break
+                step_log.append([r.step, r.sequences, r.decode_tokens, r.prefill_tokens, r.context_tokens,
+                                 r.busy_seconds, r.forward_seconds, r.expert_seconds, r.worker_compute_seconds,
+                                 r.busy_cpu_seconds, r.forward_cpu_seconds, r.expert_cpu_seconds])
+                cursor[0] = r.step
             polls.append({"t": (t + t1) / 2, "steps": st.steps, "running": st.running, "waiting": st.waiting,
                           "kv_blocks_used": st.kv_blocks_used, "kv_blocks_free": st.kv_blocks_free,
-                          "in_flight": st.in_flight, "rtt_ms": (t1 - t) * 1000.0})
+                          "in_flight": st.in_flight, "rtt_ms": (t1 - t) * 1000.0, **step_counters(st)})
             return True
 
         async def poller() -> None:
@@ -305,7 +320,6 @@ class LoadGenerator:
                 except asyncio.TimeoutError:
                     pass
 
-        stats_before = await self.server_stats()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         side = [asyncio.create_task(heartbeat()), asyncio.create_task(poller())]
         if bar is not None:
@@ -329,7 +343,8 @@ class LoadGenerator:
         wall = time.perf_counter() - wall0
         records.sort(key=lambda r: r["sent_s"])
         return RunResult(spec, records, polls, stats_before, stats_after,
-                         self._health(spec, lags, loop_lags, records, send_end, cpu_send, time.process_time() - cpu0, wall))
+                         self._health(spec, lags, loop_lags, records, send_end, cpu_send, time.process_time() - cpu0, wall),
+                         step_log)
 
     @staticmethod
     def _health(spec: RunSpec, lags, loop_lags, records, send_end, cpu_send, cpu_total, wall) -> dict:
@@ -351,6 +366,17 @@ class LoadGenerator:
             "cpu_util": cpu_total / wall if wall > 0 else None,
             "max_lag_ms": spec.max_lag_ms,
         }
+
+
+def step_counters(st: pb.ServerStats) -> dict:
+    """The server's cumulative step-time counters in a poll (absent from servers that predate them:
+    their busy_seconds stays 0 while steps grow)."""
+    return {"seqs": st.scheduled_sequences, "decode": st.decode_tokens, "prefill": st.prefill_tokens,
+            "ctx": st.context_tokens, "busy_s": st.busy_seconds, "forward_s": st.forward_seconds,
+            "expert_s": st.expert_seconds, "worker_s": list(st.worker_compute_seconds),
+            "busy_cpu_s": st.busy_cpu_seconds, "forward_cpu_s": st.forward_cpu_seconds,
+            "expert_cpu_s": st.expert_cpu_seconds, "arrival_hop_s": st.arrival_hop_seconds, "arrivals": st.arrivals,
+            "delivery_hop_s": st.delivery_hop_seconds, "deliveries": st.deliveries}
 
 
 def trace_schedule(specs: list[RequestSpec], duration: float | None) -> list[float]:

@@ -84,6 +84,59 @@ def profile_intervals(records: Sequence[dict], polls: Sequence[dict], window: fl
     return out
 
 
+# columns of runs[].profile.server_intervals (mesh.plan.profile reads them by name)
+SERVER_COLUMNS = ("t0", "t1", "steps", "seqs", "decode", "prefill", "ctx", "busy_s", "forward_s", "expert_s",
+                  "worker_max_s", "worker_sum_s", "busy_cpu_s", "forward_cpu_s", "expert_cpu_s")
+
+
+def server_intervals(polls: Sequence[dict], window: float = 0.2) -> list[list[float]]:
+    """The server's own step counters between polls at least `window` seconds apart: one row of
+    SERVER_COLUMNS per window in which steps ran (empty for servers without the counters). Short
+    windows (the default takes every 0.25 s poll) vary most in their mix of prefill and decode,
+    which is what lets the planner's fits tell the costs of tokens, context and steps apart."""
+    polls = [p for p in polls if "busy_s" in p]
+    if len(polls) < 2:
+        return []
+    bounds = [polls[0]]
+    for p in polls[1:]:
+        if p["t"] - bounds[-1]["t"] >= window:
+            bounds.append(p)
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        steps = b["steps"] - a["steps"]
+        if steps <= 0 or b["busy_s"] <= a["busy_s"]:
+            continue  # idle, or a server that does not fill in the counters
+        wa, wb = a.get("worker_s") or [], b.get("worker_s") or []
+        workers = [y - x for x, y in zip(wa, wb)] if len(wa) == len(wb) else []
+        out.append([round(a["t"], 4), round(b["t"], 4), steps] +
+                   [b[k] - a[k] for k in ("seqs", "decode", "prefill", "ctx")] +
+                   [round(b[k] - a[k], 6) for k in ("busy_s", "forward_s", "expert_s")] +
+                   [round(max(workers, default=0.0), 6), round(sum(workers), 6)] +
+                   [round(b.get(k, 0.0) - a.get(k, 0.0), 6) for k in ("busy_cpu_s", "forward_cpu_s", "expert_cpu_s")])
+    return out
+
+
+# columns of runs[].profile.server_steps: the server's own record of each step (GetServerStats'
+# recent_steps), which is what mesh.plan.profile fits
+STEP_COLUMNS = ("step", "seqs", "decode", "prefill", "ctx", "busy_s", "forward_s", "expert_s", "worker_max_s",
+                "busy_cpu_s", "forward_cpu_s", "expert_cpu_s")
+
+
+def hops(polls: Sequence[dict]) -> dict | None:
+    """The level's mean hops outside the engine thread, from the first to the last poll: a request's
+    from its RPC's arrival to the engine's inbox, a step's outputs from the engine to the event loop
+    (None from servers without these counters)."""
+    ps = [p for p in polls if "arrivals" in p]
+    if len(ps) < 2:
+        return None
+    a, b = ps[0], ps[-1]
+    n_arr, n_del = b["arrivals"] - a["arrivals"], b["deliveries"] - a["deliveries"]
+    if n_arr <= 0 or n_del <= 0:
+        return None
+    return {"arrival_ms": (b["arrival_hop_s"] - a["arrival_hop_s"]) / n_arr * 1e3, "arrivals": n_arr,
+            "delivery_ms": (b["delivery_hop_s"] - a["delivery_hop_s"]) / n_del * 1e3, "deliveries": n_del}
+
+
 def run_report(result, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> dict:
     """One load level's figures, generator health, profile and timeline."""
     spec, recs = result.spec, result.records
@@ -94,12 +147,17 @@ def run_report(result, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> 
     rep["generator"] = result.generator
     rep["profile"] = {
         "intervals": profile_intervals(recs, result.polls),
+        "server_columns": list(SERVER_COLUMNS),
+        "server_intervals": server_intervals(result.polls),
+        "server_step_columns": list(STEP_COLUMNS),
+        "server_steps": [[round(v, 7) if isinstance(v, float) else v for v in rec] for rec in result.steps],
         "requests": [[round(r["sent_s"], 5), r["prompt_tokens"], r.get("cached_tokens", 0), r["output_tokens"],
                       round((r["first_token_s"] - r["sent_s"]) * 1000.0, 3), round((r["end_s"] - r["sent_s"]) * 1000.0, 3)]
                      for r in recs if r.get("code") == "OK" and r.get("first_token_s") is not None],
     }
     rep["timeline"] = [{k: p[k] for k in ("t", "running", "waiting", "in_flight", "kv_blocks_used", "steps")}
                        for p in result.polls]
+    rep["profile"]["hops"] = hops(result.polls)
     if result.stats_after is not None:
         rep["server_stats"] = {k: v for k, v in result.stats_after.items() if k != "expert_load"}
     return rep

@@ -10,9 +10,12 @@ import asyncio
 import datetime
 import itertools
 import json
+import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from mesh.plan.workload import Dist, RequestSpec, synthetic
 from router_service.loadtest import report as rpt
@@ -34,6 +37,9 @@ class LoadTest:
     progress: bool = True
     plots: bool = True
     seed: int = 0
+    # decides the levels one at a time instead of `runs`: given the reports of the levels run so far,
+    # the next level, or None to stop (mesh profile's sweep up to saturation)
+    next_run: Callable[[list[dict]], RunSpec | None] | None = None
 
 
 def _requests(lt: LoadTest, run_index: int):
@@ -61,7 +67,8 @@ async def _run(lt: LoadTest) -> tuple[dict, list[dict]]:
         first = await gen.server_stats()
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         runs, records, results = [], [], []
-        for i, spec in enumerate(lt.runs):
+        specs = iter(lt.runs) if lt.next_run is None else iter(lambda: lt.next_run(runs), None)
+        for i, spec in enumerate(specs):
             prompts = Prompts(info.get("vocab_size", 2), lt.seed + i, spec.temperature)
             schedule = trace_schedule(lt.trace, spec.duration) if spec.arrival == "trace" else None
             res = await gen.run(spec, _requests(lt, i), prompts, schedule, i)
@@ -78,8 +85,12 @@ async def _run(lt: LoadTest) -> tuple[dict, list[dict]]:
               "stats": {k: v for k, v in (last or {}).items() if k != "expert_load"}}
     workload = ({"trace": len(lt.trace)} if lt.trace is not None else
                 {"prompt_tokens": str(lt.prompt), "output_tokens": str(lt.output)})
+    workload["seed"] = lt.seed
+    # the load generator's machine: where `mesh profile` and `mesh plan --validate` start servers, the
+    # cores `mesh serve` splits between a gateway and its workers
+    client = {"cores": os.cpu_count(), "host": socket.gethostname()}
     meta = {"target": lt.target, "started_at": started, "model": info, "model_config": _model_config(info),
-            "server": server, "workload": workload}
+            "server": server, "workload": workload, "client": client}
     return rpt.build_report(meta, runs, rpt.load_delta(first, last)), records
 
 
