@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mesh.cache.fingerprint import model_namespace
-from mesh.cache.remote import TieredPrefixCache
+from mesh.engine.prefix_tiers import TieredPrefixCache
 from mesh.cache.tier import PrefixTier
 from mesh.config import ConfigError, EngineConfig, ModelConfig
 from mesh.engine.block_manager import BlockManager
@@ -28,7 +28,7 @@ from mesh.model.attention import KVCache
 from mesh.model.backend import make_backend
 from mesh.model.linear_attention import StatePool
 from mesh.model.loader import load_model
-from mesh.parallel.dispatcher import Dispatcher
+from mesh.model.dispatch import Dispatcher
 from mesh.parallel.local import LocalDispatcher
 from mesh.tokenizer import IncrementalDetokenizer, Tokenizer
 from mesh.types import (CompletionResult, FinishReason, InvalidRequest, Request, RequestOutput,
@@ -91,7 +91,7 @@ class Engine:
         micro = config.micro_batches or (2 if remote_gpu else 1)
         graphs = None
         if (self.backend.name == "cuda" and torch.device(config.device).type == "cuda" and not config.enforce_eager
-                and micro == 1 and getattr(self.dispatcher, "graph_capturable", False)):
+                and micro == 1 and self.dispatcher.graph_capturable):
             graphs = DecodeGraphs(self.model, self.kv, self.dispatcher, config.max_num_seqs, self.max_model_len)
             graphs.capture()
         if torch.device(config.device).type == "cpu":

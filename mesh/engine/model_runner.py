@@ -13,7 +13,7 @@ from mesh.engine.scheduler import ScheduledSeq
 from mesh.engine.state_cache import StateCache
 from mesh.model.attention import AttentionMetadata, KVCache, PrefillChunk
 from mesh.model.decoder import MicroBatch, MoEDecoder
-from mesh.parallel.dispatcher import Dispatcher
+from mesh.model.dispatch import Dispatcher
 
 
 class ModelRunner:

@@ -22,7 +22,7 @@ from mesh.model.attention import AttentionMetadata, KVCache
 from mesh.model.backend import Step, TorchBackend
 from mesh.model.families import FAMILIES
 from mesh.model.layers import RotaryTable
-from mesh.parallel.dispatcher import Dispatcher
+from mesh.model.dispatch import Dispatcher
 
 
 @dataclass

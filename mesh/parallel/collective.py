@@ -144,6 +144,8 @@ class CollectiveDispatcher(_MeshRank):
     `step_bytes_sent/received` for the current step, `total_bytes_sent/received`.
     """
 
+    graph_capturable = False  # every layer reads its row counts on the host
+
     def __init__(self, placement: Placement, num_attention: int, hidden_size: int, dtype: torch.dtype,
                  group=None, device=None):
         self.hidden_size, self.dtype = hidden_size, dtype

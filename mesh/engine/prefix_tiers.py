@@ -1,4 +1,5 @@
-"""The bridge between the local block pool and a remote tier (Redis at the edge).
+"""The prefix cache's tiers beyond the local block pool, bridged to the block manager they extend
+(Redis at the edge implements the tier, `mesh.cache.tier.PrefixTier`).
 
 Lookup order on admission: local blocks (BlockManager.match_prefix), then the tier for the following
 full blocks of the prompt, then compute. Blocks that a step completes are copied out of the pool at
