@@ -82,6 +82,15 @@ REAL_PRESET_ARCH = {"coder-30b-a3b": "qwen3_moe", "coder-480b-a35b": "qwen3_moe"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>",
                   "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
 EOS_TOKEN = "<|endoftext|>"
+# ChatML, the chat format of Qwen's models: `<|im_start|>role\ncontent<|im_end|>\n` per message, then
+# the assistant's header when a reply is wanted. Rendered by transformers' apply_chat_template and by
+# the HTTP API's /v1/chat/completions alike.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 CORPUS_MAX_BYTES = 3 << 20
 # Bump when the training recipe changes, so cached tokenizers from the old recipe are not reused.
@@ -363,7 +372,8 @@ def init_model(arch: str, preset: str, out_dir: str | os.PathLike, seed: int = 0
     dump("tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
         "model_max_length": p.max_position_embeddings, "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False, "additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+        "clean_up_tokenization_spaces": False, "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+        "chat_template": CHAT_TEMPLATE})
     specs = tensor_specs(arch, p)
     params = sum(_numel(s) for _, s, _ in specs)
     if config_only:

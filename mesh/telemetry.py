@@ -1,11 +1,18 @@
 """Tracing and metrics: the tracer and meter getters, and every span, attribute and metric name.
 
 Only the OpenTelemetry API is used on hot paths. With nothing configured the API's no-op tracer and
-meter cost a function call each; `setup()` installs the SDK, with an OTLP span exporter when the
-standard `OTEL_*` variables ask for one (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_EXPORTER`,
-`OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_TRACES_SAMPLER`, `OTEL_SERVICE_NAME`, `OTEL_BSP_*`), metrics
-pushed over OTLP when `OTEL_METRICS_EXPORTER=otlp` (every `OTEL_METRIC_EXPORT_INTERVAL` ms), and a
-Prometheus endpoint for metrics when given a port.
+meter cost a function call each; `setup()` installs the SDK where the standard `OTEL_*` variables
+ask for it, as the OpenTelemetry specification defines them:
+- `OTEL_TRACES_EXPORTER`: a comma-separated list of `otlp`, `console` (spans printed to stdout as they
+  end) and `none`. Unset: `otlp` when an OTLP endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`
+  or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), else no tracing: the specification's default is `otlp`,
+  but a server that nobody configured should not send spans to a collector that is not there.
+- `OTEL_METRICS_EXPORTER`: `otlp` (every `OTEL_METRIC_EXPORT_INTERVAL` ms), `console`, `prometheus`
+  (an endpoint on `OTEL_EXPORTER_PROMETHEUS_HOST`:`OTEL_EXPORTER_PROMETHEUS_PORT`, default
+  localhost:9464) and `none`. Unset: none; `--metrics-port` adds a Prometheus endpoint either way.
+- `OTEL_SDK_DISABLED=true`: nothing is installed. Also read: `OTEL_EXPORTER_OTLP_PROTOCOL`,
+  `OTEL_TRACES_SAMPLER(_ARG)`, `OTEL_SERVICE_NAME`, `OTEL_BSP_*` and the exporters' own variables.
+An unknown exporter name is an error (RuntimeError naming the variable), not a silent no-op.
 """
 
 from __future__ import annotations
@@ -114,42 +121,81 @@ class LinkedSampler(Sampler):
         return f"LinkedSampler{{{self.delegate.get_description()}}}"
 
 
-def metrics_export_requested() -> bool:
-    """OTEL_METRICS_EXPORTER=otlp (comma-separated list allowed): push metrics to the OTLP endpoint."""
-    wanted = {x.strip() for x in os.environ.get("OTEL_METRICS_EXPORTER", "").split(",")}
-    return "otlp" in wanted
+_TRACE_EXPORTERS = ("otlp", "console", "none")
+_METRIC_EXPORTERS = ("otlp", "console", "prometheus", "none")
+
+
+def _exporters(variable: str, known: tuple[str, ...], default: list[str]) -> list[str]:
+    """The exporters a comma-separated OTEL_*_EXPORTER names (`none` alone: none; unset: `default`)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    raw = os.environ.get(variable)
+    if raw is None or not raw.strip():
+        return default
+    names = list(dict.fromkeys(x.strip().lower() for x in raw.split(",") if x.strip()))
+    unknown = [x for x in names if x not in known]
+    if unknown:
+        raise RuntimeError(f"{variable}={raw}: unknown exporter {unknown[0]!r} (known: {', '.join(known)})")
+    return [x for x in names if x != "none"]
+
+
+def trace_exporters() -> list[str]:
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    return _exporters("OTEL_TRACES_EXPORTER", _TRACE_EXPORTERS, ["otlp"] if endpoint else [])
+
+
+def metric_exporters() -> list[str]:
+    return _exporters("OTEL_METRICS_EXPORTER", _METRIC_EXPORTERS, [])
 
 
 def tracing_requested() -> bool:
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                or os.environ.get("OTEL_TRACES_EXPORTER", "none") not in ("", "none"))
+    return bool(trace_exporters())
+
+
+def metrics_export_requested() -> bool:
+    """Metrics pushed over OTLP (OTEL_METRICS_EXPORTER includes otlp)."""
+    return "otlp" in metric_exporters()
 
 
 def setup(service_name: str, metrics_port: int | None = None, span_exporter=None, metric_reader=None) -> None:
-    """Install the SDK once per process. Nothing requested: nothing installed (no-op API)."""
+    """Install the SDK once per process. Nothing requested: nothing installed (no-op API). Raises
+    RuntimeError for an unknown exporter name or a missing exporter package."""
     global _configured
     if _configured:
         return
     from opentelemetry.sdk.resources import Resource
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    if span_exporter is None and tracing_requested():
-        span_exporter = _otlp_exporter()
+    processors = []
     if span_exporter is not None:
-        from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        processors.append(BatchSpanProcessor(span_exporter))  # OTEL_BSP_* apply
+    for name in trace_exporters() if span_exporter is None else []:
+        if name == "otlp":
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            processors.append(BatchSpanProcessor(_otlp_exporter()))
+        else:  # console: each span printed as it ends, nothing left to flush (or wait for) at exit
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+            processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
+    if processors:
+        from opentelemetry.sdk.trace import TracerProvider
         configured = TracerProvider(shutdown_on_exit=False).sampler  # from OTEL_TRACES_SAMPLER(_ARG)
         provider = TracerProvider(resource=resource, sampler=LinkedSampler(configured))
-        provider.add_span_processor(BatchSpanProcessor(span_exporter))  # OTEL_BSP_* apply
+        for processor in processors:
+            provider.add_span_processor(processor)
         trace.set_tracer_provider(provider)
     readers = [metric_reader] if metric_reader is not None else []
-    if metrics_export_requested():
+    for name in metric_exporters():
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))  # OTEL_METRIC_EXPORT_INTERVAL
+        if name == "otlp":
+            readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))  # OTEL_METRIC_EXPORT_INTERVAL
+        elif name == "console":
+            from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+        else:
+            readers.append(_prometheus(int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")),
+                                       os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "localhost")))
     if metrics_port is not None:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import start_http_server
-        start_http_server(metrics_port)
-        readers.append(PrometheusMetricReader())
+        readers.append(_prometheus(metrics_port, "0.0.0.0"))
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider
         metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
@@ -165,6 +211,13 @@ def shutdown() -> None:
                 fn()
             except Exception as e:  # exporting must never break shutdown
                 log.warning("telemetry shutdown: %s", e)
+
+
+def _prometheus(port: int, host: str):
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import start_http_server
+    start_http_server(port, addr=host)
+    return PrometheusMetricReader()
 
 
 def _otlp_metric_exporter():

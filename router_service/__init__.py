@@ -1,4 +1,5 @@
-"""The gRPC gateway: the edge between callers and the mesh engine (see DESIGN.md).
+"""The gateway (gRPC and the OpenAI-compatible HTTP API): the edge between callers and the mesh engine
+(see docs/architecture.md).
 
 The defaults live here, not in server.py, so that building the `mesh` CLI parser does not import
 grpc or generate the proto stubs.

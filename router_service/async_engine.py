@@ -42,6 +42,7 @@ class _Route:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     admitted: asyncio.Future  # resolved when add_request accepted or rejected the request
+    unfinished: set[int] = field(default_factory=lambda: {0})  # indices of completions not yet finished
     usage: Usage = field(default_factory=Usage)
 
 
@@ -75,15 +76,17 @@ class AsyncEngine:
 
     # ---- caller side (any thread with a running event loop) --------------------------------
     async def generate(self, request: Request, received_at: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Admit `request`; returns an async iterator of its outputs (deltas; the last has
-        `finished`). Raises InvalidRequest (the engine's message), Overloaded or EngineError before
-        any output. Leaving the iteration early (break, cancellation) aborts the request.
-        `received_at`: time.perf_counter() when the request arrived (counted in arrival_hop_seconds)."""
+        """Admit `request`; returns an async iterator of its outputs (deltas of each of its n
+        completions, told apart by `index`; each completion's last has `finished`, and the iteration
+        ends after the last completion's). Raises InvalidRequest (the engine's message), Overloaded or
+        EngineError before any output. Leaving the iteration early (break, cancellation) aborts the
+        request. `received_at`: time.perf_counter() when the request arrived (counted in
+        arrival_hop_seconds)."""
         loop = asyncio.get_running_loop()
         if received_at is not None:
             self.arrival_hop_seconds += time.perf_counter() - received_at
             self.arrivals += 1
-        route = _Route(loop, asyncio.Queue(), loop.create_future())
+        route = _Route(loop, asyncio.Queue(), loop.create_future(), set(range(request.sampling.n)))
         with self._lock:
             if self._error is not None:
                 raise EngineError(f"the engine is not running: {self._error}")
@@ -97,16 +100,18 @@ class AsyncEngine:
         except asyncio.CancelledError:
             self.abort(request.request_id)  # it may have been added meanwhile
             raise
-        return self._outputs(request.request_id, route.queue)
+        return self._outputs(request.request_id, route.queue, request.sampling.n)
 
-    async def _outputs(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request_id: str, q: asyncio.Queue, n: int) -> AsyncIterator[RequestOutput]:
         finished = False
+        left = n
         try:
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                left -= item.finished
+                finished = left == 0
                 yield item
         finally:
             if not finished:
@@ -219,8 +224,9 @@ class AsyncEngine:
         self.engine.abort(request_id)
         self._release()
         # A listener that is still there learns why its stream ended.
-        out = RequestOutput(request_id, [], "", True, FinishReason.ABORT, route.usage)
-        _call_soon(route.loop, _put_all, [(route.queue, out)])
+        outs = [(route.queue, RequestOutput(request_id, [], "", True, FinishReason.ABORT, route.usage, index))
+                for index in sorted(route.unfinished)]
+        _call_soon(route.loop, _put_all, outs)
 
     def _abort_all(self) -> None:
         for rid in list(self._routes):
@@ -234,8 +240,10 @@ class AsyncEngine:
                 continue
             route.usage = out.usage
             if out.finished:
-                del self._routes[out.request_id]
-                self._release()
+                route.unfinished.discard(out.index)
+                if not route.unfinished:
+                    del self._routes[out.request_id]
+                    self._release()
             by_loop.setdefault(route.loop, []).append((route.queue, out))
         now = time.perf_counter()
         for loop, items in by_loop.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 log = logging.getLogger("mesh.serve")
 
@@ -20,10 +19,15 @@ def register(subparsers) -> None:
     # String defaults from MESH_* go through `type` like typed flags, so a bad value is a usage error.
     from mesh.cli import add_engine_flags
     p = subparsers.add_parser(
-        "serve", help="serve a model over gRPC (mesh.v1.Inference, health, reflection)",
+        "serve", help="serve a model over gRPC (mesh.v1.Inference, health, reflection) and, with --http-port, "
+                      "the OpenAI-compatible HTTP API",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a model over gRPC: mesh.v1.Inference (Generate, Complete, Tokenize, "
                     "GetModelInfo), the standard grpc.health.v1 health service and server reflection.\n"
+                    "With --http-port, also the OpenAI-compatible HTTP API: POST /v1/completions, POST "
+                    "/v1/chat/completions (both streaming with \"stream\": true), GET /v1/models, GET /health.\n"
+                    "Both protocols take the tenant from the x-tenant-id header (tenants never share cached "
+                    "prefixes) and write one access-log line per request.\n"
                     "Health reports NOT_SERVING until the model (and all expert workers) are loaded, and "
                     "again while draining.\nSIGTERM or SIGINT drains: new requests get UNAVAILABLE, "
                     "in-flight ones get --grace-period seconds to finish, the rest are aborted; a second "
@@ -31,8 +35,15 @@ def register(subparsers) -> None:
                     "requests get UNAVAILABLE and the server exits with code 1 for its supervisor to "
                     "restart it.")
     p.add_argument("--model", default=None,
-                   help="model directory in HF format (env MESH_MODEL; default: the built-in model, "
-                        "built on first use)")
+                   help="model directory in HF format, or a Hugging Face Hub id such as "
+                        "Qwen/Qwen3-Coder-30B-A3B-Instruct (fetched into the Hugging Face cache; HF_HUB_OFFLINE=1 "
+                        "uses the cache only) (env MESH_MODEL; default: the built-in model)")
+    p.add_argument("--http-port", type=int, default=_env("MESH_HTTP_PORT"),
+                   help="also serve the OpenAI-compatible HTTP API on this port, on --host; 0 picks a free one "
+                        "(default: off; env MESH_HTTP_PORT)")
+    p.add_argument("--served-model-name", default=_env("MESH_SERVED_MODEL_NAME"),
+                   help="the model id of the HTTP API (GET /v1/models; requests must name it) (default: the Hub "
+                        "id, or the model directory's name; env MESH_SERVED_MODEL_NAME)")
     p.add_argument("--workers", type=int, default=_env("MESH_WORKERS", "0"),
                    help="expert worker processes (Ray actors) holding the experts; 0 = all experts in "
                         "this process (default 0; env MESH_WORKERS)")
@@ -62,7 +73,11 @@ def register(subparsers) -> None:
                    help="seconds in-flight requests get to finish on shutdown before they are aborted "
                         f"(default {DEFAULT_GRACE:g}; env MESH_GRACE_PERIOD)")
     p.add_argument("--log-level", default=_env("MESH_LOG_LEVEL", "INFO"),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO; env MESH_LOG_LEVEL)")
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log level; INFO includes one access line per request (default INFO; env MESH_LOG_LEVEL)")
+    p.add_argument("--log-format", default=_env("MESH_LOG_FORMAT", "text"), choices=["text", "json"],
+                   help="text lines, or one JSON object per line (access lines with their fields) (default "
+                        "text; env MESH_LOG_FORMAT)")
     add_engine_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -78,7 +93,8 @@ def build_engine_factory(args):
     from mesh.cli import engine_config, resolve_model
     if args.workers < 0:
         raise SystemExit(f"mesh: error: --workers must be 0 or more, got {args.workers}")
-    model = resolve_model(args.model, args.load_format)
+    model = resolve_model(args.model, args.load_format, args.revision)
+    args.resolved_model = model
     config = engine_config(args)
     tier = None
     if args.redis:
@@ -137,14 +153,30 @@ def _watch_workers(pool) -> None:
                                               description="expert worker loaded and joined (1) or not (0)")
 
 
+def served_model_name(args) -> str:
+    """--served-model-name, else the Hub id given as --model, else the model directory's name."""
+    if args.served_model_name:
+        return args.served_model_name
+    from mesh.cli import _looks_like_hub_id
+    given = args.model or os.environ.get("MESH_MODEL")
+    if given and _looks_like_hub_id(given):
+        return given
+    return args.resolved_model.name
+
+
 def cmd_serve(args) -> int:
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    from router_service import logs
+    logs.setup(args.log_level, args.log_format)
     if args.max_queued_requests < 1:
         raise SystemExit(f"mesh: error: --max-queued-requests must be at least 1, got {args.max_queued_requests}")
     if args.grace_period < 0:
         raise SystemExit(f"mesh: error: --grace-period must be >= 0, got {args.grace_period}")
     if not 0 <= args.port < 65536:
         raise SystemExit(f"mesh: error: --port must be in [0, 65535], got {args.port}")
+    if args.http_port is not None and not 0 <= args.http_port < 65536:
+        raise SystemExit(f"mesh: error: --http-port must be in [0, 65535], got {args.http_port}")
+    if args.http_port is not None and args.http_port == args.port != 0:
+        raise SystemExit(f"mesh: error: --http-port {args.http_port} is also --port: give them different ports")
     from mesh import telemetry
     from router_service.server import run_server
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
@@ -159,8 +191,11 @@ def cmd_serve(args) -> int:
     try:
         return run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
                           grace=args.grace_period, num_workers=args.workers, ready=ready,
-                          on_shutdown=on_shutdown)
-    except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+                          on_shutdown=on_shutdown, http_port=args.http_port, model_name=served_model_name(args))
+    except RuntimeError as e:
+        if "HTTP" in str(e):  # router_service.http_api names its address itself
+            raise SystemExit(f"mesh: error: --http-port: {e}") from None
+        # grpc: "Failed to bind to address ..."
         raise SystemExit(f"mesh: error: cannot listen on {args.host}:{args.port}: {e}") from None
     finally:
         telemetry.shutdown()  # flush the last spans and metrics

@@ -23,7 +23,8 @@ from router_service import convert
 from router_service.protos import inference_pb2 as pb
 from router_service.protos import inference_pb2_grpc as pb_grpc
 
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "n", "logprobs",
+                    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")
 
 
 class MeshError(Exception):
@@ -46,6 +47,11 @@ def stats_dict(msg: pb.ServerStats) -> dict:
     flat, e = list(msg.expert_load), msg.num_experts
     out["expert_load"] = [flat[i:i + e] for i in range(0, len(flat), e)] if e else []
     return out
+
+
+def _logprobs(msgs) -> list[dict]:
+    return [{"token_id": m.token_id, "logprob": m.logprob, "top": [[t.token_id, t.logprob] for t in m.top]}
+            for m in msgs]
 
 
 class MeshClient:
@@ -73,7 +79,8 @@ class MeshClient:
                 fim: tuple[str, str] | None = None, request_id: str = "", stop_token_ids=(),
                 disable_prefix_cache: bool = False, **sampling) -> pb.GenerateRequest:
         """Build a GenerateRequest. `sampling`: max_tokens, temperature, top_p, top_k, seed, stop,
-        ignore_eos; None or absent means the server's default."""
+        ignore_eos, n, logprobs, presence_penalty, frequency_penalty, repetition_penalty, min_tokens;
+        None or absent means the server's default."""
         unknown = set(sampling) - set(_SAMPLING_FIELDS)
         if unknown:
             raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
@@ -88,8 +95,8 @@ class MeshClient:
 
     def generate(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, *,
                  timeout: float | None = None, **kw) -> Iterator[RequestOutput]:
-        """Stream deltas: each RequestOutput holds the new token ids and text; the last has
-        `finished` and `finish_reason`."""
+        """Stream deltas: each RequestOutput holds the new token ids and text (and `logprobs` when
+        asked) of completion `index`; each completion's last has `finished` and `finish_reason`."""
         call = self._stub.Generate(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout))
         try:
             for msg in call:
@@ -101,14 +108,24 @@ class MeshClient:
 
     def complete(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, *,
                  timeout: float | None = None, **kw) -> dict:
-        """The whole result: {"request_id", "token_ids", "text", "finish_reason", "usage"}."""
+        """The whole result: {"request_id", "token_ids", "text", "finish_reason", "usage"} of completion
+        0, with "logprobs" ([{"token_id", "logprob", "top": [[id, logprob], ...]}]) when asked and, for
+        n > 1, "completions": every completion as {"index", "token_ids", "text", "finish_reason", ...}."""
         try:
             msg = self._stub.Complete(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout))
         except grpc.RpcError as e:
             raise MeshError.from_rpc(e) from None
-        return {"request_id": msg.request_id, "token_ids": list(msg.token_ids), "text": msg.text,
-                "finish_reason": convert.finish_reason_name(msg.finish_reason),
-                "usage": convert.usage_from_pb(msg.usage).as_dict()}
+        out = {"request_id": msg.request_id, "token_ids": list(msg.token_ids), "text": msg.text,
+               "finish_reason": convert.finish_reason_name(msg.finish_reason),
+               "usage": convert.usage_from_pb(msg.usage).as_dict()}
+        if kw.get("logprobs") is not None:
+            out["logprobs"] = _logprobs(msg.logprobs)
+        if len(msg.completions):
+            out["completions"] = [{"index": c.index, "token_ids": list(c.token_ids), "text": c.text,
+                                   "finish_reason": convert.finish_reason_name(c.finish_reason),
+                                   **({"logprobs": _logprobs(c.logprobs)} if kw.get("logprobs") is not None else {})}
+                                  for c in msg.completions]
+        return out
 
     def tokenize(self, text: str, timeout: float | None = None) -> list[int]:
         try:

@@ -1,8 +1,9 @@
 """`mesh generate --target HOST:PORT`: the in-process `mesh generate`, against a running `mesh serve`.
 
-Same flags, same output: streamed text (token ids when the model has no tokenizer) then a newline,
-or with --json one object {"request_id", "token_ids", "text", "finish_reason", "usage"}; a timing
-line on stderr. gRPC errors print `mesh: error: <CODE>: <details>` and exit 1.
+Same sampling flags, same output: streamed text (token ids when the model has no tokenizer) then a
+newline, or with --json one object per completion {"request_id", "index", "token_ids", "text",
+"finish_reason", "usage"} (and "logprobs"); a timing line on stderr. gRPC errors print
+`mesh: error: <CODE>: <details>` and exit 1. Engine flags are refused before this runs (mesh.cli).
 """
 
 from __future__ import annotations
@@ -11,32 +12,29 @@ import json
 import sys
 import time
 
-from mesh.types import InvalidRequest, SamplingParams
+from mesh.cli import sampling_kwargs
 from router_service.client import MeshClient, MeshError
 
 
-def _sampling(args) -> dict:
-    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=bool(args.ignore_eos))
-    # Check here what the proto cannot even carry (a negative seed or max_tokens), with the same
-    # message the in-process form prints; the server validates everything again.
-    SamplingParams(**kw)
-    return kw
-
-
 def generate_remote(args) -> int:
-    try:
-        sampling = _sampling(args)
-    except InvalidRequest as e:
-        print(f"mesh: error: {e}", file=sys.stderr)
-        return 1
+    # Checked here for what the proto cannot even carry (a negative seed or max_tokens), with the
+    # message the in-process form prints; the server validates everything again.
+    sampling = sampling_kwargs(args)
     timeout = getattr(args, "timeout", None)
     with MeshClient(args.target, timeout=timeout) as client:
         try:
             t0 = time.perf_counter()
             kw = dict(prompt=args.prompt, prompt_token_ids=args.prompt_ids, **sampling)
-            if args.json:
-                print(json.dumps(client.complete(**kw)))
+            if args.json or sampling["n"] > 1:
+                result = client.complete(**kw)
+                choices = result.pop("completions", None) or [{"index": 0, **{k: result[k] for k in result
+                                                                              if k not in ("request_id", "usage")}}]
+                for c in choices:
+                    if args.json:
+                        print(json.dumps({"request_id": result["request_id"], **c, "usage": result["usage"]}))
+                    else:
+                        print(f"--- completion {c['index']} ({c['finish_reason']})")
+                        print(c["text"] or " ".join(map(str, c["token_ids"])))
                 info = None
             else:
                 info = client.model_info()

@@ -1,8 +1,9 @@
 """proto <-> mesh.types, in one place (the only module that knows both shapes).
 
 Proto3 cannot tell an unset scalar from zero, so the sampling fields whose zero means something
-(max_tokens, temperature, top_p, top_k, seed) are `optional` in the proto and read with HasField:
-unset takes the engine's default, an explicit 0 is passed on and validated.
+(max_tokens, temperature, top_p, top_k, seed, n, logprobs, the penalties, min_tokens) are `optional`
+in the proto and read with HasField: unset takes the default that SamplingParams (and every other
+front end) has, an explicit 0 is passed on and validated.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from mesh.config import ARCHITECTURES
-from mesh.types import FinishReason, InvalidRequest, Request, RequestOutput, SamplingParams, Usage
+from mesh.types import (FinishReason, InvalidRequest, Request, RequestOutput, SamplingParams, TokenLogprob,
+                        Usage)
 from router_service.protos import inference_pb2 as pb
 
-DEFAULT_MAX_TOKENS = 16  # the proto's documented default; SamplingParams agrees
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "logprobs", "presence_penalty",
+                      "frequency_penalty", "repetition_penalty", "min_tokens")
 
 _FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
                  FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.ABORT: pb.FINISH_REASON_ABORT}
@@ -23,15 +26,7 @@ _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 def sampling_from_pb(msg: pb.GenerateRequest) -> SamplingParams:
     """Raises InvalidRequest with SamplingParams' own message for out-of-range values."""
     s = msg.sampling
-    kw: dict[str, Any] = {"max_tokens": s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS}
-    if s.HasField("temperature"):
-        kw["temperature"] = s.temperature
-    if s.HasField("top_p"):
-        kw["top_p"] = s.top_p
-    if s.HasField("top_k"):
-        kw["top_k"] = s.top_k
-    if s.HasField("seed"):
-        kw["seed"] = s.seed
+    kw: dict[str, Any] = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING if s.HasField(name)}
     return SamplingParams(stop=tuple(s.stop), stop_token_ids=tuple(msg.stop_token_ids),
                           ignore_eos=s.ignore_eos, **kw)
 
@@ -79,15 +74,32 @@ def usage_from_pb(u: pb.Usage) -> Usage:
     return Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
 
 
+def logprobs_to_pb(lps: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in lps or ()]
+
+
+def logprobs_from_pb(msgs) -> list[TokenLogprob]:
+    return [TokenLogprob(m.token_id, m.logprob, [(t.token_id, t.logprob) for t in m.top]) for m in msgs]
+
+
 def output_to_pb(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
     return pb.GenerateResponse(request_id=request_id, token_ids=out.new_token_ids, text=out.new_text,
-                               finish_reason=_FINISH_TO_PB[out.finish_reason], usage=usage_to_pb(out.usage))
+                               finish_reason=_FINISH_TO_PB[out.finish_reason], usage=usage_to_pb(out.usage),
+                               index=out.index, logprobs=logprobs_to_pb(out.logprobs))
 
 
 def output_from_pb(msg: pb.GenerateResponse) -> RequestOutput:
     reason = _FINISH_FROM_PB.get(msg.finish_reason)
     return RequestOutput(msg.request_id, list(msg.token_ids), msg.text, reason is not None, reason,
-                         usage_from_pb(msg.usage))
+                         usage_from_pb(msg.usage), msg.index,
+                         logprobs_from_pb(msg.logprobs) if len(msg.logprobs) else None)
+
+
+def completion_to_pb(index: int, token_ids: list[int], text: str, reason: FinishReason | None,
+                     logprobs: list[TokenLogprob] | None) -> pb.Completion:
+    return pb.Completion(index=index, token_ids=token_ids, text=text, finish_reason=_FINISH_TO_PB[reason],
+                         logprobs=logprobs_to_pb(logprobs))
 
 
 def finish_reason_name(value: int) -> str | None:

@@ -1,7 +1,10 @@
-"""The gRPC gateway: `mesh.v1.Inference`, `grpc.health.v1.Health` and server reflection on grpc.aio.
+"""The gateway: `mesh.v1.Inference`, `grpc.health.v1.Health` and server reflection on grpc.aio and,
+with an HTTP port, the OpenAI-compatible API (router_service.http_api) on uvicorn in the same event
+loop. Both protocols admit requests through `Gateway.submit` and identify callers through
+router_service.auth, so they share admission, tenants, the prefix cache, tracing and metrics.
 
 Lifecycle of a `Gateway`:
-  start()  bind the port and answer health checks at once (NOT_SERVING), so orchestrators can probe
+  start()  bind the ports and answer health checks at once (NOT_SERVING), so orchestrators can probe
            while the model loads.
   load()   build the engine (in a daemon thread: loading weights or joining expert workers takes
            seconds to minutes and must not block the event loop, nor hold up exit), then wait for
@@ -31,9 +34,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mesh import telemetry
-from mesh.types import InvalidRequest
+from mesh.types import InvalidRequest, Request
 from router_service import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_MAX_QUEUED, DEFAULT_PORT, convert
 from router_service.async_engine import AsyncEngine, EngineError, Overloaded
+from router_service.auth import Caller, Unauthenticated, identify
+from router_service.logs import AccessRecord
 from router_service.protos import inference_pb2 as pb
 from router_service.protos import inference_pb2_grpc as pb_grpc
 
@@ -53,11 +58,22 @@ async def _call(hook: Callable[[], Any]) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
+class Unavailable(Exception):
+    """The gateway cannot take requests now (loading, draining, or its engine failed): retry, maybe
+    on another gateway. gRPC answers UNAVAILABLE, HTTP 503."""
+
+
 class Gateway:
     def __init__(self, engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  *, ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
-                 grace: float = DEFAULT_GRACE, num_workers: int = 0):
+                 grace: float = DEFAULT_GRACE, num_workers: int = 0, http_port: int | None = None,
+                 model_name: str = ""):
+        """`http_port`: also serve the OpenAI-compatible HTTP API there (0: a free port; None: no HTTP).
+        `model_name`: the model id the HTTP API lists and expects (default: the model directory's name)."""
         self.engine_factory, self.host, self.port = engine_factory, host, port
+        self.http_port, self.model_name = http_port, model_name
+        self.http = None  # router_service.http_api.HttpServer once started
+        self.started_at = time.time()
         self.ready, self.on_shutdown = ready, on_shutdown
         self.max_queued, self.grace, self.num_workers = max_queued, grace, num_workers
         self.engine: Any = None
@@ -87,6 +103,15 @@ class Gateway:
         await self._set_health(NOT_SERVING)
         await server.start()
         self.server = server
+        if self.http_port is not None:
+            from router_service.http_api import HttpServer
+            try:
+                self.http = HttpServer(self, self.host, self.http_port)
+                await self.http.start()
+            except BaseException:
+                await server.stop(0)
+                raise
+            self.http_port = self.http.port
 
     async def load(self) -> None:
         self.engine = await _in_daemon_thread(self.engine_factory)
@@ -95,9 +120,12 @@ class Gateway:
         self.aengine = AsyncEngine(self.engine, self.max_queued,
                                    on_failure=lambda e: loop.call_soon_threadsafe(self._engine_failed, e))
         mc = self.engine.model_config
-        log.info("mesh serve: listening on %s:%d | model %s (%s) | %s %s | %d expert workers | "
-                 "max %d queued requests", self.host, self.port, mc.family, self.engine.model_dir,
-                 self.engine.config.device, self.engine.config.dtype, self.num_workers, self.max_queued)
+        self.model_name = self.model_name or self.engine.model_dir.name
+        http = f" | HTTP (OpenAI API) on {self.host}:{self.http_port}" if self.http is not None else ""
+        log.info("mesh serve: listening on %s:%d%s | model %s %s (%s) | %s %s | %d expert workers | "
+                 "max %d queued requests", self.host, self.port, http, self.model_name, mc.family,
+                 self.engine.model_dir, self.engine.config.device, self.engine.config.dtype, self.num_workers,
+                 self.max_queued)
         while self.ready is not None and not await _call(self.ready):
             await asyncio.sleep(0.5)
         self.serving = True
@@ -117,6 +145,33 @@ class Gateway:
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE):
             await self.health.set(name, status)
+
+    # ---- what both protocols call ---------------------------------------------------------
+    def available(self) -> AsyncEngine:
+        """The engine, if requests are taken now; else Unavailable with the reason."""
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another")
+        if self.failed:
+            raise Unavailable("the server's engine failed; retry on another gateway")
+        if not self.serving or self.aengine is None:
+            raise Unavailable("the server is still loading its model and expert workers; retry shortly")
+        return self.aengine
+
+    async def submit(self, build: Callable[[Any, str], Request]):
+        """Admit one request: `build(engine, engine_id)` makes it (tokenizing: run off the event loop).
+        Returns (async engine, engine id, output stream). Raises Unavailable, InvalidRequest,
+        Overloaded or EngineError. The engine's id is always fresh, so two callers choosing the same
+        request id never collide. The time from here to the engine's admission counts as the
+        request's arrival hop (capacity planning reads it)."""
+        received = time.perf_counter()
+        aengine = self.available()
+        engine_id = uuid.uuid4().hex
+        req = await asyncio.to_thread(build, aengine.engine, engine_id)
+        return aengine, engine_id, await aengine.generate(req, received_at=received)
+
+    async def engine_lost(self) -> None:
+        """An engine error reached a caller: report NOT_SERVING (the engine thread stops the server)."""
+        await self._set_health(NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; idempotent (a second caller waits for the first)."""
@@ -140,8 +195,10 @@ class Gateway:
         # After the grace period everything left shares one budget, so that the default 10 s grace
         # still exits well within the 20 s an orchestrator waits before SIGKILL.
         end = time.monotonic() + POST_GRACE_BUDGET
-        if self.server is not None:
-            await self.server.stop(1.0)  # time to send the final (ABORT) responses; cancels stragglers
+        if self.server is not None or self.http is not None:
+            # time to send the final (ABORT) responses; then stragglers are cancelled
+            await asyncio.gather(*([self.server.stop(1.0)] if self.server is not None else []),
+                                 *([self.http.stop(1.0)] if self.http is not None else []))
         if self.aengine is not None:  # waits for a step in progress to end
             await asyncio.to_thread(self.aengine.shutdown, max(0.1, min(3.0, end - time.monotonic())))
         if self.on_shutdown is not None:
@@ -179,9 +236,6 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
     return await fut
 
 
-TENANT_HEADER = "x-tenant-id"  # gRPC metadata naming the caller's tenant (salts prefix-cache hashes)
-
-
 @contextmanager
 def _server_span(context, method: str):
     """The RPC's server span, child of the caller's W3C `traceparent` (gRPC metadata) when sent.
@@ -210,73 +264,125 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.gw = gateway
 
     async def _engine(self, context) -> AsyncEngine:
-        gw = self.gw
-        if gw.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
-        if not gw.serving or gw.aengine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the server is still loading its model and expert workers; retry shortly")
-        return gw.aengine
-
-    async def _start(self, msg: pb.GenerateRequest, context, trace_ctx=None):
-        received = time.perf_counter()
-        aengine = await self._engine(context)
-        # The engine's id is always fresh, so two callers choosing the same request_id never collide.
-        engine_id = uuid.uuid4().hex
         try:
-            tenant = dict(context.invocation_metadata() or ()).get(TENANT_HEADER, "")
-            req = await asyncio.to_thread(convert.request_from_pb, msg, aengine.engine, engine_id, tenant,
-                                          trace_ctx)
-            stream = await aengine.generate(req, received_at=received)
-        except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Overloaded as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except EngineError as e:
-            await self._engine_lost(context, e)
-        return aengine, engine_id, stream, msg.request_id or engine_id
+            return self.gw.available()
+        except Unavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
-    async def _engine_lost(self, context, e: Exception) -> None:
+    async def _caller(self, context, rec: AccessRecord | None = None) -> Caller:
+        try:
+            caller = identify(dict(context.invocation_metadata() or ()))
+        except Unauthenticated as e:
+            if rec is not None:
+                rec.status = grpc.StatusCode.UNAUTHENTICATED.name
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        if rec is not None:
+            rec.tenant = caller.tenant
+        return caller
+
+    async def _start(self, msg: pb.GenerateRequest, context, rec: AccessRecord, trace_ctx=None):
+        caller = await self._caller(context, rec)
+        code = None
+        try:
+            aengine, engine_id, stream = await self.gw.submit(
+                lambda engine, engine_id: convert.request_from_pb(msg, engine, engine_id, caller.tenant, trace_ctx))
+        except Unavailable as e:
+            code, details = grpc.StatusCode.UNAVAILABLE, str(e)
+        except InvalidRequest as e:
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except Overloaded as e:
+            code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except EngineError as e:
+            await self._engine_lost(context, e, rec)
+        if code is not None:
+            rec.status = code.name
+            await context.abort(code, details)
+        rec.request_id = msg.request_id or engine_id
+        return aengine, engine_id, stream, rec.request_id
+
+    async def _engine_lost(self, context, e: Exception, rec: AccessRecord) -> None:
         # UNAVAILABLE, not INTERNAL: nothing is wrong with the request, and another gateway can serve it.
-        await self.gw._set_health(NOT_SERVING)
+        rec.status = grpc.StatusCode.UNAVAILABLE.name
+        await self.gw.engine_lost()
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}; retry on another gateway")
 
     async def Generate(self, request, context):
-        with _server_span(context, "Generate") as trace_ctx:
-            aengine, engine_id, stream, rid = await self._start(request, context, trace_ctx)
-            finished = False
-            try:
-                async for out in stream:
-                    finished = out.finished
-                    yield convert.output_to_pb(out, rid)
-            except EngineError as e:
-                await self._engine_lost(context, e)
-            finally:
-                # Cancellation and deadlines land here (CancelledError): free the KV blocks now.
-                if not finished:
-                    aengine.abort(engine_id)
+        rec = AccessRecord("grpc", f"{SERVICE}/Generate")
+        try:
+            with _server_span(context, "Generate") as trace_ctx:
+                aengine, engine_id, stream, rid = await self._start(request, context, rec, trace_ctx)
+                done = False
+                try:
+                    async for out in stream:
+                        if out.new_token_ids:
+                            rec.token()
+                        if out.finished:
+                            rec.finish_reasons.append(out.finish_reason.value)
+                        rec.usage = out.usage
+                        yield convert.output_to_pb(out, rid)
+                    done = True
+                except EngineError as e:
+                    await self._engine_lost(context, e, rec)
+                finally:
+                    # Cancellation and deadlines land here (CancelledError): free the KV blocks now.
+                    if not done:
+                        aengine.abort(engine_id)
+        except asyncio.CancelledError:
+            rec.status = grpc.StatusCode.CANCELLED.name
+            raise
+        finally:
+            rec.emit()
 
     async def Complete(self, request, context):
-        with _server_span(context, "Complete") as trace_ctx:
-            aengine, engine_id, stream, rid = await self._start(request, context, trace_ctx)
-            ids, text, last = [], [], None
-            try:
-                async for out in stream:
-                    ids += out.new_token_ids
-                    text.append(out.new_text)
-                    last = out
-            except EngineError as e:
-                await self._engine_lost(context, e)
-            finally:
-                if last is None or not last.finished:
-                    aengine.abort(engine_id)
-            if last is None:
-                await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without output")
-            resp = convert.output_to_pb(last, rid)
-            del resp.token_ids[:]
-            resp.token_ids.extend(ids)
-            resp.text = "".join(text)
-            return resp
+        rec = AccessRecord("grpc", f"{SERVICE}/Complete")
+        try:
+            with _server_span(context, "Complete") as trace_ctx:
+                return await self._complete(request, context, rec, trace_ctx)
+        except asyncio.CancelledError:
+            rec.status = grpc.StatusCode.CANCELLED.name
+            raise
+        finally:
+            rec.emit()
+
+    async def _complete(self, request, context, rec: AccessRecord, trace_ctx):
+        aengine, engine_id, stream, rid = await self._start(request, context, rec, trace_ctx)
+        n = request.sampling.n if request.sampling.HasField("n") else 1
+        ids: list[list[int]] = [[] for _ in range(max(1, n))]
+        text: list[list[str]] = [[] for _ in ids]
+        logprobs: list[list] = [[] for _ in ids]
+        reasons: list = [None] * len(ids)
+        last, done = None, False
+        try:
+            async for out in stream:
+                if out.new_token_ids:
+                    rec.token()
+                ids[out.index] += out.new_token_ids
+                text[out.index].append(out.new_text)
+                logprobs[out.index] += out.logprobs or ()
+                if out.finished:
+                    reasons[out.index] = out.finish_reason
+                    rec.finish_reasons.append(out.finish_reason.value)
+                rec.usage = out.usage
+                last = out
+            done = True
+        except EngineError as e:
+            await self._engine_lost(context, e, rec)
+        finally:
+            if not done:
+                aengine.abort(engine_id)
+        if last is None:
+            rec.status = grpc.StatusCode.INTERNAL.name
+            await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without output")
+        with_logprobs = request.sampling.HasField("logprobs")
+        choices = [convert.completion_to_pb(i, ids[i], "".join(text[i]), reasons[i],
+                                            logprobs[i] if with_logprobs else None) for i in range(len(ids))]
+        first = choices[0]
+        resp = pb.GenerateResponse(request_id=rid, token_ids=first.token_ids, text=first.text,
+                                   finish_reason=first.finish_reason, usage=convert.usage_to_pb(last.usage),
+                                   index=0, logprobs=first.logprobs)
+        if len(choices) > 1:
+            resp.completions.extend(choices)
+        return resp
 
     async def Tokenize(self, request, context):
         aengine = await self._engine(context)
@@ -339,7 +445,8 @@ def _step_counters(aengine: AsyncEngine, steps_after: int | None = None) -> dict
 
 async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                 ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
-                grace: float = DEFAULT_GRACE, num_workers: int = 0,
+                grace: float = DEFAULT_GRACE, num_workers: int = 0, http_port: int | None = None,
+                model_name: str = "",
                 started: Callable[[Gateway], Awaitable[None] | None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (a second one cuts the grace period short) or until the engine
     dies. Returns the exit code: 0 after a clean stop, 1 when the engine failed to load or failed
@@ -347,7 +454,7 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
     `ready`: returns true once all expert workers are loaded and joined (None: ready when the engine
     is built). `on_shutdown`: runs last."""
     gw = Gateway(engine_factory, host, port, ready=ready, on_shutdown=on_shutdown, max_queued=max_queued,
-                 grace=grace, num_workers=num_workers)
+                 grace=grace, num_workers=num_workers, http_port=http_port, model_name=model_name)
     stop = gw.stop_requested
     loop = asyncio.get_running_loop()
 

@@ -17,3 +17,17 @@ def test_every_kernel_source_is_package_data():
     for p in files:
         rel = p.relative_to(ROOT / "mesh").as_posix()
         assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not package data: a wheel would lack it"
+
+
+def test_the_core_imports_no_rpc_cache_or_http_library():
+    """mesh/ (the engine, the CLI's parser) loads none of the edge's libraries: grpc, ray, redis, the HTTP
+    server and clients, huggingface_hub. The edge imports them when a command needs them."""
+    import subprocess
+    import sys
+    code = ("import sys, mesh.engine.engine, mesh.cli; mesh.cli.build_parser(); "
+            "edge = {'grpc', 'ray', 'redis', 'starlette', 'uvicorn', 'httpx', 'httpx2', 'huggingface_hub', 'openai'}; "
+            "print(sorted(edge & {m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

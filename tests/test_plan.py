@@ -369,8 +369,8 @@ def test_gpu_profile_recovers_its_step_law(tmp_path):
 # ---- published figures --------------------------------------------------------------------------
 @pytest.mark.parametrize("concurrency, published", [(8, 587), (64, 1837), (96, 2154)])
 def test_roofline_matches_published_vllm_throughput(concurrency, published):
-    # vLLM, Qwen3-Coder-30B-A3B, 1 x H100, code completion (~250 output tokens). Prompt length
-    # unpublished: ~1000 tokens assumed. The roofline should land within 25%.
+    # docs/reference-figures.md: vLLM, Qwen3-Coder-30B-A3B, 1 x H100, code completion (~250 output tokens).
+    # Prompt length unpublished: ~1000 tokens assumed. The roofline should land within 25%.
     m = RooflineModel(hardware.device("h100"), hardware.model("qwen3-coder-30b-a3b"))
     dep = Deployment(1, 0)
     reqs = [SimRequest(0.0, 1000, 250) for _ in range(concurrency * 6)]

@@ -80,6 +80,36 @@ def test_request_span_tree_honours_traceparent(otel, tiny_dir):
     assert all(l.context.span_id in step_ids for p in children[t.SPAN_PREFILL] for l in p.links)
 
 
+def test_http_requests_trace_like_grpc_calls(otel, tiny_dir):
+    """An HTTP request's server span continues the caller's W3C traceparent header, and the engine's
+    request spans hang under it, as under a gRPC call's."""
+    import httpx2
+    spans_out, _ = otel
+    _flush()
+    spans_out.clear()
+    gw = LiveGateway(lambda: Engine(tiny_dir, EngineConfig(dtype="float32", kv_cache_memory=4 << 20)),
+                     http_port=0, model_name="m")
+    try:
+        r = httpx2.post(f"http://127.0.0.1:{gw.gw.http_port}/v1/completions", json={
+            "model": "m", "prompt": "def add(a, b):", "max_tokens": 3, "ignore_eos": True},
+            headers={"traceparent": f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert httpx2.post(f"http://127.0.0.1:{gw.gw.http_port}/v1/completions", json={"model": "m"},
+                           headers={"traceparent": f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"}).status_code == 400
+    finally:
+        gw.close()
+    _flush()
+    spans = spans_out.get_finished_spans()
+    ok, bad = _by_name(spans, "POST /v1/completions")
+    for server in (ok, bad):
+        assert server.kind == trace.SpanKind.SERVER
+        assert server.context.trace_id == TRACE_ID and server.parent.span_id == PARENT_ID
+    assert ok.attributes["http.response.status_code"] == 200 and bad.attributes["http.response.status_code"] == 400
+    for name in (t.SPAN_QUEUE, t.SPAN_PREFILL, t.SPAN_DECODE):
+        (child,) = _by_name(spans, name)
+        assert child.parent.span_id == ok.context.span_id, name
+
+
 def _metric(reader, name):
     points = []
     data = reader.get_metrics_data()

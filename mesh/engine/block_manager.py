@@ -142,6 +142,25 @@ class BlockManager:
             self.block_of_hash[h] = block
             self.hash_of[block] = h
 
+    def fork(self, parent: Sequence, child: Sequence, num_blocks: int) -> None:
+        """Let `child` (a further completion of the same prompt, not yet scheduled) start from the first
+        `num_blocks` blocks `parent` has computed: shared by reference, not copied. The child then
+        computes only the tokens after them. A hybrid model's child needs the recurrent state at that
+        point too: it shares only up to the last of those blocks with a state snapshot (and starts from
+        that snapshot), or nothing."""
+        if self.states is not None:
+            while num_blocks and (num_blocks > len(parent.block_hashes)
+                                  or self.states.lookup(parent.block_hashes[num_blocks - 1]) is None):
+                num_blocks -= 1
+            if num_blocks:
+                child.state_init = self.states.lookup(parent.block_hashes[num_blocks - 1])
+        blocks = parent.block_ids[:num_blocks]
+        for block in blocks:
+            self._ref(block)
+        child.block_ids = list(blocks)
+        child.block_hashes = parent.block_hashes[:num_blocks]
+        child.num_computed_tokens = len(blocks) * self.block_size
+
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references (finish, abort or preemption)."""
         # Free in reverse so a prompt's tail blocks are evicted before its shared head.

@@ -32,7 +32,7 @@ from mesh.model.dispatch import Dispatcher
 from mesh.parallel.local import LocalDispatcher
 from mesh.tokenizer import IncrementalDetokenizer, Tokenizer
 from mesh.types import (CompletionResult, FinishReason, InvalidRequest, Request, RequestOutput,
-                        SamplingParams, Usage)
+                        SamplingParams, TokenLogprob, Usage)
 
 
 class Engine:
@@ -103,9 +103,13 @@ class Engine:
         if self.tokenizer is not None:
             self.eos_token_ids |= set(self.tokenizer.eos_token_ids)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self._seqs: dict[str, Sequence] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._stop_text: dict[str, tuple[str, str]] = {}  # per request with stop strings: (emitted tail, held)
+        self._seqs: dict[str, Sequence] = {}  # request id -> its first completion, until all its completions finish
+        self._groups: dict[str, list[Sequence]] = {}  # request id -> its n completions, as long
+        # A request's first completion -> its other n - 1, which start once its prompt is computed
+        # (then they share its prompt's KV blocks instead of computing the prompt again).
+        self._forks: dict[Sequence, list[Sequence]] = {}
+        self._detok: dict[Sequence, IncrementalDetokenizer] = {}
+        self._stop_text: dict[Sequence, tuple[str, str]] = {}  # completions with stop strings: (emitted tail, held)
         self._ids = itertools.count()
         self.num_steps = 0
         self.observer = EngineObserver(self)
@@ -161,19 +165,39 @@ class Engine:
 
     def add_request(self, req: Request) -> None:
         self.validate(req)
-        seq = Sequence(req, arrival=0)
-        self._seqs[req.request_id] = seq
-        if self.tokenizer is not None:
-            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
-        self.observer.on_add(seq)
-        self.scheduler.add(seq)
+        seqs = [Sequence(req, arrival=0, index=i) for i in range(req.sampling.n)]
+        self._seqs[req.request_id] = seqs[0]
+        self._groups[req.request_id] = seqs
+        for seq in seqs:
+            if self.tokenizer is not None:
+                self._detok[seq] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+            self.observer.on_add(seq)
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:
+            self._forks[seqs[0]] = seqs[1:]
+            for seq in seqs[1:]:
+                seq.fork_parent = seqs[0]
+
+    def _fork(self, first: Sequence, others: list[Sequence]) -> None:
+        """`first` has computed its prompt: the other completions take its full prompt blocks by
+        reference and compute only the rest (at least the last prompt token, whose logits they sample
+        from), ahead of requests that arrived later."""
+        shared = min((first.num_prompt_tokens - 1) // self.blocks.block_size, len(first.block_ids))
+        for seq in reversed(others):
+            seq.fork_parent = None
+            self.blocks.fork(first, seq, shared)
+            seq.num_cached_tokens = seq.cached_local = seq.num_computed_tokens
+            seq.admitted = True  # its cached-token count is final, as after a first admission
+            self.scheduler.add(seq, front=True)
 
     def abort(self, request_id: str) -> bool:
         """Free the request's blocks at once. False if it is unknown or already finished."""
-        seq = self._seqs.get(request_id)
-        if seq is None:
+        seqs = self._groups.get(request_id)
+        if seqs is None:
             return False
-        self._finish(seq, FinishReason.ABORT)
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                self._finish(seq, FinishReason.ABORT)
         return True
 
     def abort_all(self) -> int:
@@ -217,11 +241,17 @@ class Engine:
             hashed = self.blocks.commit(s.seq)
             if hashed and self.prefix_cache is not None:
                 self.prefix_cache.store(s.seq, hashed)
-        new_tokens = sample(logits, [s.seq for s in samplers], self.generator, self.backend.argmax) if samplers else []
+        tokens, logprobs = (sample(logits, [s.seq for s in samplers], self.generator, self.backend.argmax,
+                                   self.eos_token_ids) if samplers else ([], None))
+        for s in samplers:  # before postprocess, which frees the blocks of a completion that ends now
+            others = self._forks.pop(s.seq, None)
+            if others:
+                self._fork(s.seq, others)
         self.num_steps += 1
-        return [self._postprocess(s.seq, tok) for s, tok in zip(samplers, new_tokens)]
+        return [self._postprocess(s.seq, tok, logprobs[i] if logprobs is not None else None)
+                for i, (s, tok) in enumerate(zip(samplers, tokens))]
 
-    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+    def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         sp = seq.sampling
         seq.token_ids.append(token)
         self.observer.on_token(seq)
@@ -232,48 +262,60 @@ class Engine:
         elif seq.num_output_tokens >= sp.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = FinishReason.LENGTH
         text = ""
-        detok = self._detok.get(seq.request_id)
+        detok = self._detok.get(seq)
         if detok is not None:
             delta = detok.add((token,)) if visible else ""
             if reason is FinishReason.LENGTH:
                 delta += detok.flush()  # release a character still split across tokens
             if sp.stop:
-                text, stopped = self._hold_for_stop(seq.request_id, sp.stop, delta, final=reason is not None)
+                text, stopped = self._hold_for_stop(seq, sp.stop, delta, final=reason is not None)
                 if stopped:
                     reason = FinishReason.STOP
             else:
                 text = delta
+        usage = self._usage(seq)
         if reason is not None:
             self._finish(seq, reason)
-        return RequestOutput(seq.request_id, [token], text, reason is not None, reason, self._usage(seq))
+        return RequestOutput(seq.request_id, [token], text, reason is not None, reason, usage, seq.index,
+                             None if logprob is None else [logprob])
 
-    def _hold_for_stop(self, request_id: str, stops: tuple[str, ...], delta: str, final: bool) -> tuple[str, bool]:
+    def _hold_for_stop(self, seq: Sequence, stops: tuple[str, ...], delta: str, final: bool) -> tuple[str, bool]:
         """The text to emit now for a request with stop strings, given its newly decoded `delta`, and
         whether a stop string ended it. Text that may still become the start of a stop string (the
         last longest-1 characters) is held back until the next token or the end; a stop string is
         searched for from the last longest-1 characters already emitted (one may straddle the
         boundary). Only that tail and the held text are kept, not the whole output."""
-        tail, held = self._stop_text.get(request_id, ("", ""))
+        tail, held = self._stop_text.get(seq, ("", ""))
         buf, base = tail + held + delta, len(tail)
         cut = _find_stop(buf, stops, 0)
         if cut is not None:
             return buf[base:cut], True
         keep = max(map(len, stops)) - 1
         end = len(buf) if final else max(base, len(buf) - keep)
-        self._stop_text[request_id] = (buf[max(0, end - keep):end] if keep else "", buf[end:])
+        self._stop_text[seq] = (buf[max(0, end - keep):end] if keep else "", buf[end:])
         return buf[base:end], False
 
     def _usage(self, seq: Sequence) -> Usage:
-        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+        """The prompt once, the tokens of all the request's completions, the first one's cached tokens."""
+        seqs = self._groups.get(seq.request_id) or [seq]
+        return Usage(seq.num_prompt_tokens, sum(s.num_output_tokens for s in seqs), seqs[0].num_cached_tokens)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is not Status.FINISHED:
-            self.scheduler.remove(seq)
+            if seq.fork_parent is not None:  # never scheduled: waiting for its first completion's prompt
+                seq.fork_parent = None
+                seq.status = Status.FINISHED
+            else:
+                self.scheduler.remove(seq)
             self.observer.on_finish(seq, reason.value)
         seq.finish_reason = reason
-        self._seqs.pop(seq.request_id, None)
-        self._detok.pop(seq.request_id, None)
-        self._stop_text.pop(seq.request_id, None)
+        self._forks.pop(seq, None)
+        self._detok.pop(seq, None)
+        self._stop_text.pop(seq, None)
+        seqs = self._groups.get(seq.request_id)
+        if seqs is not None and all(s.status is Status.FINISHED for s in seqs):
+            del self._groups[seq.request_id]
+            del self._seqs[seq.request_id]
 
     def close(self) -> None:
         """Flush and stop background work (the prefix tier's writer)."""
@@ -282,20 +324,28 @@ class Engine:
 
     # ---- convenience ----------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[CompletionResult]:
-        """Run requests to completion (a batch job); results in the order given."""
+        """Run requests to completion (a batch job); results in the order given, a request with n > 1
+        giving its n completions one after another (index 0 to n - 1)."""
         for r in requests:
             self.add_request(r)
-        acc: dict[str, CompletionResult] = {
-            r.request_id: CompletionResult(r.request_id, [], "", FinishReason.ABORT, Usage()) for r in requests}
+        acc: dict[tuple[str, int], CompletionResult] = {
+            (r.request_id, i): CompletionResult(r.request_id, [], "", FinishReason.ABORT, Usage(), i,
+                                                [] if r.sampling.logprobs is not None else None)
+            for r in requests for i in range(r.sampling.n)}
         while self.has_unfinished():
             for out in self.step():
-                res = acc[out.request_id]
+                res = acc[out.request_id, out.index]
                 res.token_ids.extend(out.new_token_ids)
                 res.text += out.new_text
-                res.usage = out.usage
+                acc[out.request_id, 0].usage = out.usage
+                if out.logprobs is not None and res.logprobs is not None:
+                    res.logprobs.extend(out.logprobs)
                 if out.finished:
                     res.finish_reason = out.finish_reason
-        return [acc[r.request_id] for r in requests]
+        results = [acc[r.request_id, i] for r in requests for i in range(r.sampling.n)]
+        for res in results:  # every completion's final usage is its request's
+            res.usage = acc[res.request_id, 0].usage
+        return results
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

@@ -51,8 +51,12 @@ class Scheduler:
         self._admissions = 0
         self.num_preemptions = 0  # since start
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Queue `seq`; `front`: ahead of every waiting sequence (a completion forked from a running one)."""
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -1,8 +1,10 @@
-"""A request's mutable state inside the engine."""
+"""A request's mutable state inside the engine: one Sequence per completion (a request with n > 1
+has n, told apart by `index`)."""
 
 from __future__ import annotations
 
 import enum
+import hashlib
 
 import torch
 
@@ -16,9 +18,10 @@ class Status(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request: Request, arrival: int):
+    def __init__(self, request: Request, arrival: int, index: int = 0):
         self.request = request
         self.request_id = request.request_id
+        self.index = index
         self.sampling = request.sampling
         self.token_ids: list[int] = list(request.prompt_token_ids)  # prompt + generated
         self.num_prompt_tokens = len(request.prompt_token_ids)
@@ -39,6 +42,7 @@ class Sequence:
         self.state_slot = -1
         self.state_init: int | None = None
         self.pending_snapshots: dict[int, int] = {}
+        self.fork_parent: Sequence | None = None  # set while it waits to share that completion's prompt
         self.generator: torch.Generator | None = None
         # tracing state (mesh.engine.observe): open spans and the first token's time
         self.trace_parent = None
@@ -48,7 +52,11 @@ class Sequence:
         self.first_token_time: float | None = None
         if request.sampling.seed is not None:
             # A private generator per request: its draws do not depend on what else is batched.
-            self.generator = torch.Generator().manual_seed(request.sampling.seed % (2**63))
+            # Completion 0 draws from the seed itself; the others from seeds derived from (seed, index).
+            seed = request.sampling.seed
+            if index:
+                seed = int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little")
+            self.generator = torch.Generator().manual_seed(seed % (2**63))
 
     @property
     def num_output_tokens(self) -> int:

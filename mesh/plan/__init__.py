@@ -5,7 +5,7 @@ Pure (no grpc, ray or redis): the edge (router_service.loadtest) measures, this 
   workload.py   token-length distributions, arrival processes, JSONL traces
   metrics.py    request-level metrics (TTFT, TPOT, ITL, throughput, goodput), shared with the load test
   simulate.py   discrete-event simulation of continuous batching and queueing
-  hardware.py   published device figures and model shapes
+  hardware.py   published device figures and model shapes (docs/reference-figures.md)
   perfmodel.py  deployments, expert-load imbalance, the roofline from published figures
   fit.py        non-negative linear fits with their standard errors and data ranges
   measured.py   the measured model: per-shape parts (host, dense, experts, transport) and how they

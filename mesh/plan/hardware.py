@@ -167,7 +167,7 @@ class ModelShape:
         return replace(shape, total_params=shape.dense_params + shape.routed_params)
 
 
-# The models' config.json files and model cards. Qwen3-Coder-Next (hybrid): 48 layers, every 4th
+# The models' config.json files and model cards (docs/reference-figures.md). Qwen3-Coder-Next (hybrid): 48 layers, every 4th
 # gated softmax attention (12 layers: 16 q / 2 kv heads of 256, 24 KiB of bf16 KV per token), the other
 # 36 Gated DeltaNet (16 key heads, 32 value heads, dims 128, convolution kernel 4: a [32, 128, 128]
 # float32 state of 2 MiB plus a [8192, 3] convolution state per sequence and layer, ~74 MiB per
