@@ -25,9 +25,9 @@ for step in $steps; do
   case $step in
     smoke)
       # a tiny model: greedy tokens of the cuda backend (graphs) against the CPU's
-      $PY -m mesh.cli init-model --arch qwen3_moe --preset tiny --out /tmp/mesh-tiny --seed 0 >/dev/null 2>&1
+      $PY -m mesh_cli init-model --arch qwen3_moe --preset tiny --out /tmp/mesh-tiny --seed 0 >/dev/null 2>&1
       for dev in cpu cuda; do
-        timeout 120 $PY -m mesh.cli generate --model /tmp/mesh-tiny --device $dev --dtype float32 \
+        timeout 120 $PY -m mesh_cli generate --model /tmp/mesh-tiny --device $dev --dtype float32 \
           --prompt "def add(a, b):" --max-tokens 24 --ignore-eos --max-num-seqs 16 --json \
           > "$OUT/smoke_$dev.json" 2>"$OUT/smoke_$dev.err"; echo "$dev rc=$?"
       done

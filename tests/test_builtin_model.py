@@ -52,7 +52,7 @@ def test_transformers_and_the_engine_generate_the_same_code():
 
 
 def test_mesh_generate_defaults_to_it_and_the_readme_shows_what_it_writes():
-    out = subprocess.run([sys.executable, "-m", "mesh.cli", "generate", "--prompt", PROMPT, "--dtype", "float32",
+    out = subprocess.run([sys.executable, "-m", "mesh_cli", "generate", "--prompt", PROMPT, "--dtype", "float32",
                           "--kv-cache-memory", "64M", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr

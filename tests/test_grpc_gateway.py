@@ -327,18 +327,14 @@ def test_engine_thread_failure_reaches_every_caller(hf_checkpoints):
 
 
 def _mesh(*args, timeout=60):
-    # mesh.cli imports its remote client from mesh.client_cli; alias ours there so this test runs
-    # both before and after mesh.cli points at router_service.client_cli.
-    code = ("import sys, mesh.cli, router_service.client_cli as cc; sys.modules.setdefault('mesh.client_cli', cc); "
-            "sys.exit(mesh.cli.main())")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mesh_cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_mesh_serve_subprocess_remote_generate_and_sigterm(tiny_dir, tmp_path):
     log = tmp_path / "serve.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MESH_PORT": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_dir), "--dtype",
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(tiny_dir), "--dtype",
                              "float32", "--kv-cache-memory", "4M", "--grace-period", "0"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
                             start_new_session=True)
