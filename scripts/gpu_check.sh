@@ -44,7 +44,7 @@ print('smoke cpu == cuda:', a['token_ids'] == b['token_ids'], len(a['token_ids']
       tail -5 "$OUT/bench_next.err" ;;
     tests)
       MESH_TEST_DEVICE=cuda timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -x -p no:cacheprovider -o addopts= \
-        tests/engine/test_cuda_engine.py tests/test_model_parity.py tests/model/test_paged_attention.py \
+        tests/engine/test_cuda_engine.py tests/model/test_model_parity.py tests/model/test_paged_attention.py \
         tests/model/test_fused_moe.py 2>&1 | tee "$OUT/tests_cuda.log" | tail -15 ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 )) s"

@@ -19,9 +19,8 @@ import pytest
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
-from test_grpc_gateway import tiny_dir  # noqa: F401  (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mesh(*args, env=None, timeout=120):

@@ -19,7 +19,7 @@ from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILTIN = default_model_dir()
 PROMPT = "def fibonacci(n):"
 
