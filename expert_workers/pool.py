@@ -8,14 +8,16 @@ through Ray: they go over the torch.distributed group that the gateway (rank 0) 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
+import threading
 import time
 
 from expert_workers.worker import WorkerSpec, make_actor_class
 from mesh.config import DTYPES, ModelConfig
-from mesh.parallel.placement import Placement
+from mesh.parallel.placement import Placement, rebalance
 
 log = logging.getLogger("mesh.pool")
 
@@ -48,12 +50,17 @@ class ExpertPool:
     def __init__(self, model_dir: str, dtype: str, num_workers: int, ray_address: str | None = None,
                  threads_per_worker: int | None = None, worker_cpus: float | None = None,
                  placement: Placement | None = None, load_timeout: float = 300.0, device: str = "cpu",
-                 backend: str = "auto", load_format: str = "auto"):
+                 backend: str = "auto", load_format: str = "auto", redundant: int = 0,
+                 load_window_s: float = 60.0):
         """`device`: the gateway's. On "cuda[:N]" every worker asks Ray for one GPU of its own and the
         group runs over NCCL; on "cpu" over gloo. `backend`, `load_format`: the workers' expert
-        kernels and weights (EngineConfig's)."""
+        kernels and weights (EngineConfig's). `redundant`: replica slots beyond one per expert
+        (rounded up so every worker holds the same number of slots). `load_window_s`: how far back
+        the per-expert load that `rebalance` balances reaches."""
         if num_workers < 1:
             raise ValueError(f"--workers must be at least 1, got {num_workers}")
+        if redundant < 0:
+            raise ValueError(f"--redundant-experts must be 0 or more, got {redundant}")
         self.model_dir, self.dtype, self.num_workers = str(model_dir), dtype, num_workers
         self.device = device
         self.gpu = device.startswith("cuda")
@@ -61,11 +68,15 @@ class ExpertPool:
         self.model_backend, self.load_format = backend, load_format
         self.cfg = ModelConfig.from_dir(model_dir)
         if placement is None:
-            if self.cfg.num_experts % num_workers:
-                raise ValueError(f"--workers {num_workers} does not divide the model's {self.cfg.num_experts} "
-                                 f"experts; choose a divisor of {self.cfg.num_experts}")
-            placement = Placement.contiguous(self.cfg.num_moe_layers, self.cfg.num_experts, num_workers)
+            placement = Placement.initial(self.cfg.num_moe_layers, self.cfg.num_experts, num_workers, redundant)
         self.placement = placement
+        self.load_window_s = load_window_s
+        self._load_marks: collections.deque = collections.deque()  # (monotonic time, cumulative [L, E] load)
+        self._change_lock = threading.Lock()  # one placement change at a time
+        # how a switch reaches an idle engine: set by the server to run `dispatcher.apply_pending` on the
+        # engine thread between steps (a running engine applies it at its next step anyway)
+        self.wake = None
+        self.history: list[dict] = []  # one record per placement change
         self.ray_address = ray_address
         cpus = os.cpu_count() or 1
         self.threads_per_worker = threads_per_worker or max(1, cpus // (num_workers + 1))
@@ -183,6 +194,80 @@ class ExpertPool:
                 raise PoolError(f"expert workers not loaded after {self.load_timeout:.0f}s: "
                                 f"{[s['state'] for s in states]}")
             time.sleep(0.1)
+
+    # ---- live rebalancing -------------------------------------------------------------------
+    def sample_load(self) -> None:
+        """Note the dispatcher's cumulative per-expert load now (the sliding window's points)."""
+        if self.dispatcher is None:
+            return
+        now = time.monotonic()
+        self._load_marks.append((now, self.dispatcher.expert_load.clone()))
+        while len(self._load_marks) > 2 and self._load_marks[1][0] < now - self.load_window_s:
+            self._load_marks.popleft()
+
+    def window_load(self) -> "torch.Tensor":
+        """Rows routed to each expert [L, E] over the last `load_window_s` seconds (as far as the
+        samples reach; since start before there are two samples)."""
+        self.sample_load()
+        newest = self._load_marks[-1][1]
+        oldest = self._load_marks[0][1] if len(self._load_marks) > 1 else 0 * newest
+        return newest - oldest
+
+    def imbalance(self, load=None) -> float:
+        """max / mean rows per worker of the current placement over `load` (default the window),
+        the worst MoE layer; 1.0 is perfect balance."""
+        rank_load = self.placement.rank_load(self.window_load() if load is None else load)  # [L, W]
+        mean = rank_load.mean(dim=1).clamp_min(1e-9)
+        return float((rank_load.max(dim=1).values / mean).max())
+
+    def rebalance(self, load=None, slots_per_rank: int | None = None, timeout: float | None = None) -> dict:
+        """Move to the placement `placement.rebalance` computes from `load` [L, E] (default: the
+        sliding window) with `slots_per_rank` slots per worker (default: as now; more or fewer adds
+        or removes replicas). The workers load their new slots from the checkpoint while serving, the
+        engine switches at one step boundary, and the old slots are freed. Returns what happened."""
+        import ray
+        import torch
+
+        if self.dispatcher is None:
+            raise PoolError("the expert pool is not running")
+        timeout = self.load_timeout if timeout is None else timeout
+        with self._change_lock:
+            t0 = time.perf_counter()
+            load = self.window_load() if load is None else torch.as_tensor(load, dtype=torch.float64)
+            S = slots_per_rank or self.placement.slots_per_rank
+            old = self.placement
+            new = rebalance(load, self.num_workers, S)
+            record = {"kind": "rebalance", "slots_per_rank": S, "imbalance_before": self.imbalance(load),
+                      "imbalance_after": self._imbalance_of(new, load), "changed": False, "loaded_bytes": 0,
+                      "moved_experts": 0, "decision_to_serving_s": 0.0}
+            if new.fingerprint() == old.fingerprint():
+                self.history.append(record)
+                return record
+            refs = [a.prepare.remote(new.phy2log.tolist(), new.num_ranks, S) for a in self.actors]
+            staged = ray.get(refs, timeout=timeout)
+            if any(r["fingerprint"] != new.fingerprint() for r in staged):
+                raise PoolError(f"expert workers staged different placements: {[r['fingerprint'] for r in staged]}")
+            t_loaded = time.perf_counter()
+            done = self.dispatcher.request_switch(new)
+            if self.wake is not None:
+                self.wake()
+            if not done.wait(timeout):
+                raise PoolError(f"the engine did not reach a step boundary within {timeout:.0f}s to switch")
+            self.placement = new
+            record.update(changed=True, loaded_bytes=sum(r["loaded_bytes"] for r in staged),
+                          moved_experts=sum(r["new_experts"] for r in staged),
+                          load_seconds=t_loaded - t0, decision_to_serving_s=time.perf_counter() - t0)
+            self.history.append(record)
+            log.info("expert pool: rebalanced to %d slots per worker in %.2fs (%d experts moved, %.1f MB "
+                     "loaded; imbalance %.2f -> %.2f)", S, record["decision_to_serving_s"],
+                     record["moved_experts"], record["loaded_bytes"] / 1e6, record["imbalance_before"],
+                     record["imbalance_after"])
+            return record
+
+    @staticmethod
+    def _imbalance_of(placement: Placement, load) -> float:
+        rank_load = placement.rank_load(load)
+        return float((rank_load.max(dim=1).values / rank_load.mean(dim=1).clamp_min(1e-9)).max())
 
     # ---- watch -----------------------------------------------------------------------------
     def statuses(self, timeout: float = 10.0) -> list[dict]:

@@ -94,12 +94,36 @@ class ExpertWorker:
             self.error = traceback.format_exc()
             raise
 
+    def prepare(self, phy2log: list[list[int]], num_ranks: int, slots_per_rank: int) -> dict:
+        """Load this rank's slots of a new placement from the checkpoint while `serve` keeps serving
+        (another actor thread), and stage them for the gateway's SWITCH. Returns the placement's
+        fingerprint, the bytes loaded, the seconds it took and how many (layer, expert) pairs are new
+        to this rank."""
+        s = self.spec
+        if self.server is None or self.state != "joined":
+            raise RuntimeError(f"expert worker {s.expert_rank} is {self.state}: it can take a new placement "
+                               f"only once it serves")
+        t0 = time.perf_counter()
+        cfg = ModelConfig.from_dir(s.model_dir)
+        new = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+        shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=new.local_slots(s.expert_rank),
+                             device=s.device, reader=open_reader(s.model_dir, s.load_format, s.device,
+                                                                 seed=1 + s.expert_rank))
+        nbytes = shard.nbytes
+        make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
+        new_experts = self.server.placement.moved_slots(new)[s.expert_rank]
+        fp = self.server.stage(new, shard)
+        return {"rank": s.expert_rank, "fingerprint": fp, "loaded_bytes": nbytes,
+                "new_experts": new_experts, "seconds": time.perf_counter() - t0}
+
     def status(self) -> dict:
         srv = self.server
         return {"rank": self.spec.expert_rank, "state": self.state, "error": self.error,
                 "host": socket.gethostname(), "pid": os.getpid(), "loaded_bytes": self.loaded_bytes,
                 "load_seconds": self.load_seconds,
                 "steps": getattr(srv, "steps", 0) if srv is not None else 0,
+                "switches": getattr(srv, "switches", 0) if srv is not None else 0,
+                "slots": srv.placement.local_slots(self.spec.expert_rank) if srv is not None else None,
                 "compute_seconds": getattr(srv, "compute_seconds", 0.0) if srv is not None else 0.0}
 
 
@@ -131,7 +155,8 @@ def make_actor_class():
     """The Ray actor shell, built on demand so importing this module does not import Ray."""
     import ray
 
-    @ray.remote(max_concurrency=2)  # one thread serves the collective loop, one answers status()
+    # one thread serves the collective loop, one answers status(), one loads a new placement (prepare)
+    @ray.remote(max_concurrency=3)
     class RayExpertWorker:
         def __init__(self, spec: WorkerSpec):
             self.worker = ExpertWorker(spec)
@@ -141,5 +166,8 @@ def make_actor_class():
 
         def status(self) -> dict:
             return self.worker.status()
+
+        def prepare(self, phy2log, num_ranks, slots_per_rank) -> dict:
+            return self.worker.prepare(phy2log, num_ranks, slots_per_rank)
 
     return RayExpertWorker

@@ -47,6 +47,12 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=_env("MESH_WORKERS", "0"),
                    help="expert worker processes (Ray actors) holding the experts; 0 = all experts in "
                         "this process (default 0; env MESH_WORKERS)")
+    p.add_argument("--redundant-experts", type=int, default=_env("MESH_REDUNDANT_EXPERTS", "0"),
+                   help="extra expert slots per MoE layer holding replicas of experts (hot ones after a "
+                        "rebalance), spread over the workers; rounded up so every worker holds the same number "
+                        "of slots. Any number of experts runs on any --workers: when the workers do not divide "
+                        "the experts the spare slots hold replicas (default 0; env MESH_REDUNDANT_EXPERTS; used "
+                        "with --workers >= 1)")
     p.add_argument("--ray-address", default=_env("MESH_RAY_ADDRESS"),
                    help="Ray cluster to start expert workers in, e.g. ray://head:10001 or auto "
                         "(default: a local Ray instance; env MESH_RAY_ADDRESS; used with --workers >= 1)")
@@ -93,6 +99,11 @@ def build_engine_factory(args):
     from mesh.cli import engine_config, resolve_model
     if args.workers < 0:
         raise SystemExit(f"mesh: error: --workers must be 0 or more, got {args.workers}")
+    if args.redundant_experts < 0:
+        raise SystemExit(f"mesh: error: --redundant-experts must be 0 or more, got {args.redundant_experts}")
+    if args.redundant_experts and args.workers == 0:
+        raise SystemExit("mesh: error: --redundant-experts needs --workers >= 1 (with --workers 0 every expert "
+                         "lives once in the gateway)")
     model = resolve_model(args.model, args.load_format, args.revision)
     args.resolved_model = model
     config = engine_config(args)
@@ -110,7 +121,8 @@ def build_engine_factory(args):
         from expert_workers.pool import ExpertPool
         try:
             pool = ExpertPool(str(model), config.dtype, args.workers, ray_address=args.ray_address,
-                              device=config.device, backend=config.backend, load_format=config.load_format)
+                              device=config.device, backend=config.backend, load_format=config.load_format,
+                              redundant=args.redundant_experts)
         except ValueError as e:
             raise SystemExit(f"mesh: error: {e}") from None
 
@@ -119,6 +131,7 @@ def build_engine_factory(args):
         dispatcher = pool.start() if pool is not None else None
         engine = Engine(model, config, dispatcher=dispatcher, prefix_tier=tier)
         engine.num_expert_workers = args.workers
+        engine.expert_pool = pool
         engine.expert_worker_threads = pool.threads_per_worker if pool is not None else 0
         return engine
 

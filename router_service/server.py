@@ -119,6 +119,10 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self.aengine = AsyncEngine(self.engine, self.max_queued,
                                    on_failure=lambda e: loop.call_soon_threadsafe(self._engine_failed, e))
+        pool = getattr(self.engine, "expert_pool", None)
+        if pool is not None:  # placement switches reach an idle engine through its thread
+            aengine = self.aengine
+            pool.wake = lambda: aengine.call_between_steps(pool.dispatcher.apply_pending)
         mc = self.engine.model_config
         self.model_name = self.model_name or self.engine.model_dir.name
         http = f" | HTTP (OpenAI API) on {self.host}:{self.http_port}" if self.http is not None else ""

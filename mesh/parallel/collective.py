@@ -12,7 +12,11 @@ Wire protocol, in this order on every rank (all collectives span the whole group
    span_id, flags, 0] (expert ranks send zeros but for the last element: their compute
    microseconds since start, which the attention ranks keep as `worker_compute_seconds`). kind
    STEP on every attention rank starts a step; SHUTDOWN from any attention rank ends the expert
-   loops (and fails the peers' begin_step).
+   loops (and fails the peers' begin_step). kind SWITCH (one attention rank only) carries a placement
+   fingerprint in element 3: every expert rank swaps to the shard it staged for that placement
+   (`ExpertServer.stage`, loaded in the background while serving) and no layers follow; the next
+   header round starts a step on the new placement. The gateway sends it only after every expert rank
+   reported that placement staged, so the switch costs one header round between two steps.
 2. per MoE layer 0..L-1, in order:
    a. all_to_all_single of int64 [world, S] with equal splits: the per-local-slot row counts that each
       attention rank sends to each expert rank (zeros on every other pair).
@@ -30,6 +34,7 @@ idle gateway still joins each step with 0 tokens (see `idle_step`).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,7 +47,7 @@ from mesh import telemetry
 from mesh.model.moe import ExpertShard, weighted_scatter
 from mesh.parallel.placement import Placement
 
-STEP, SHUTDOWN = 1, 2
+STEP, SHUTDOWN, SWITCH = 1, 2, 3
 ECHO = 1  # header flag: expert ranks return rows unchanged (measures transport alone)
 MB_SHIFT = 8  # header flags bits 8..15: micro-batches per step (each MoE layer serves that many exchanges)
 HEADER_LEN = 8
@@ -155,11 +160,12 @@ class CollectiveDispatcher(_MeshRank):
         super().__init__(placement, num_attention, group, device, layout)
         if not 0 <= self.rank < self.A:
             raise ValueError(f"rank {self.rank} is an expert rank; attention ranks are 0..{self.A - 1}")
-        # Without replicas every expert has exactly one slot: logical -> physical is one lookup, and
-        # the per-expert counters follow from the slot counts (no second bincount over the ids).
-        self._single = bool((placement.logcnt == 1).all())
-        self._slot_of = placement.log2phy[:, :, 0].to(self.device) if self._single else None  # [L, E]
+        self._use_placement(placement)
         self.reset_counters()
+        # a placement switch asked for by another thread, applied by the engine thread between steps
+        self._switch_lock = threading.Lock()
+        self._pending_switch: tuple[Placement, threading.Event] | None = None
+        self.switches = 0
         self._in_step = self._closed = False
         self._next_layer = 0
         self._micro_batches, self._exchanges = 1, 0
@@ -168,10 +174,60 @@ class CollectiveDispatcher(_MeshRank):
         self.expert_seconds = self.expert_cpu_seconds = 0.0
         self.worker_compute_seconds = [0.0] * self.W  # each expert rank's, as of the last header
 
+    def _use_placement(self, placement: Placement) -> None:
+        if (placement.num_ranks, placement.num_layers, placement.num_experts) != \
+                (self.W, self.L, self.placement.num_experts):
+            raise ValueError(f"a placement switch keeps the ranks and layers: got {placement.num_ranks} ranks "
+                             f"x {placement.num_layers} layers x {placement.num_experts} experts, the group has "
+                             f"{self.W} x {self.L} x {self.placement.num_experts}")
+        self.placement, self.S = placement, placement.slots_per_rank
+        # Without replicas every expert has exactly one slot: logical -> physical is one lookup, and
+        # the per-expert counters follow from the slot counts (no second bincount over the ids).
+        self._single = bool((placement.logcnt == 1).all())
+        self._slot_of = placement.log2phy[:, :, 0].to(self.device) if self._single else None  # [L, E]
+        self.slot_load = torch.zeros(self.L, placement.num_slots, dtype=torch.int64)
+
     def reset_counters(self) -> None:
         self.expert_load = torch.zeros(self.L, self.placement.num_experts, dtype=torch.int64)
         self.slot_load = torch.zeros(self.L, self.placement.num_slots, dtype=torch.int64)
         self.layer_seconds = [0.0] * self.L
+
+    # ---- placement switches (live rebalancing) ---------------------------------------------
+    def request_switch(self, placement: Placement) -> threading.Event:
+        """Ask for `placement` from the next step boundary on (any thread). Every expert rank must
+        already hold it staged (`ExpertServer.stage`). Returns an event set once the switch is done;
+        the engine thread applies it at its next `begin_step` or `apply_pending` call."""
+        if self.A != 1:
+            raise RuntimeError("placement switches need a single attention rank")
+        done = threading.Event()
+        with self._switch_lock:
+            if self._pending_switch is not None:
+                raise RuntimeError("a placement switch is already pending")
+            self._pending_switch = (placement, done)
+        return done
+
+    @property
+    def switch_pending(self) -> bool:
+        return self._pending_switch is not None
+
+    def apply_pending(self) -> bool:
+        """Engine thread, between steps: send the SWITCH header of a pending switch and use the new
+        placement from the next step on. True if a switch happened."""
+        with self._switch_lock:
+            pending, self._pending_switch = self._pending_switch, None
+        if pending is None:
+            return False
+        if self._in_step or self._closed:
+            raise RuntimeError("a placement switch must be applied between steps of a running mesh")
+        placement, done = pending
+        t0 = time.perf_counter()
+        self._gather(torch.tensor([SWITCH, 0, self.steps, placement.fingerprint(), 0, 0, 0, 0],
+                                  dtype=torch.int64))
+        self.expert_seconds += time.perf_counter() - t0
+        self._use_placement(placement)
+        self.switches += 1
+        done.set()
+        return True
 
     step_flags = 0  # header flags for steps the model starts (benchmarks set ECHO)
     next_step_trace = (0, 0)  # (trace id, span id) of the engine's step span, for the next header
@@ -182,6 +238,8 @@ class CollectiveDispatcher(_MeshRank):
             raise RuntimeError("the mesh dispatcher is shut down")
         if self._in_step:
             raise RuntimeError("begin_step called twice without end_step")
+        if self._pending_switch is not None:
+            self.apply_pending()  # a step boundary: the switch goes before this step's header
         self.step_bytes_sent = self.step_bytes_received = 0
         if not 1 <= micro_batches <= 255:
             raise ValueError(f"micro_batches must be in [1, 255], got {micro_batches}")
@@ -217,7 +275,8 @@ class CollectiveDispatcher(_MeshRank):
         if self._single:
             phys = self._slot_of[moe_index].index_select(0, topk_ids.reshape(-1))  # [T*K]
         else:
-            phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank).reshape(-1)  # [T*K]
+            # replica choice rotates per gateway and per step (deterministic: the same tokens, same slots)
+            phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank + self.steps).reshape(-1)  # [T*K]
         # Global slot p = w * S + local slot: sorting by p groups rows by expert rank, then slot.
         order = torch.argsort(phys, stable=True)  # [T*K]
         slot_counts = torch.bincount(phys, minlength=P)  # [P]
@@ -333,6 +392,32 @@ class ExpertServer(_MeshRank):
         self.last_headers = torch.zeros(self.A, HEADER_LEN, dtype=torch.int64)
         self.node = socket.gethostname()
         self.layer_trace_every = telemetry.layer_trace_every()
+        self.rows_served = 0  # rows computed since start, every layer (slot_load restarts at a switch)
+        self._staged: dict[int, tuple[Placement, ExpertShard]] = {}  # fingerprint -> (placement, shard)
+        self._stage_lock = threading.Lock()
+        self.switches = 0
+
+    def stage(self, placement: Placement, experts: ExpertShard) -> int:
+        """Hold `experts` (this rank's slots of `placement`, loaded by the caller's thread while this
+        rank serves) until the gateway's SWITCH names the placement. Returns its fingerprint."""
+        if experts.num_slots != placement.slots_per_rank or len(experts.layers) != self.L:
+            raise ValueError(f"staged shard has {experts.num_slots} slots x {len(experts.layers)} layers, the "
+                             f"placement {placement.slots_per_rank} x {self.L}")
+        fp = placement.fingerprint()
+        with self._stage_lock:
+            self._staged = {fp: (placement, experts)}  # only the latest stage can be switched to
+        return fp
+
+    def _switch(self, fingerprint: int) -> None:
+        with self._stage_lock:
+            staged = self._staged.pop(fingerprint, None)
+            self._staged.clear()
+        if staged is None:
+            raise RuntimeError(f"SWITCH to placement {fingerprint:#x}, which this rank has not staged")
+        placement, experts = staged
+        self.placement, self.experts, self.S = placement, experts, placement.slots_per_rank
+        self.slot_load = torch.zeros(self.L, self.S, dtype=torch.int64)  # the old slots' shard is freed here
+        self.switches += 1
 
     def run(self) -> int:
         """Serve until SHUTDOWN; returns the number of steps served."""
@@ -350,6 +435,9 @@ class ExpertServer(_MeshRank):
         kinds = set(headers[:, 0].tolist())
         if SHUTDOWN in kinds:
             return False
+        if kinds == {SWITCH}:
+            self._switch(int(headers[0, 3]))
+            return True
         if kinds != {STEP}:
             raise RuntimeError(f"unknown step header kinds {sorted(kinds)}: protocol mismatch")
         flags = int(headers[0, 6])
@@ -381,6 +469,7 @@ class ExpertServer(_MeshRank):
         self._a2a(recv, recv[:0], per_source, zeros)
         slot_counts = counts.sum(0)  # [S]
         self.slot_load[layer] += slot_counts
+        self.rows_served += int(slot_counts.sum())
         t1 = time.perf_counter()
         if echo:
             out = recv
