@@ -77,6 +77,7 @@ class ExpertPool:
         # engine thread between steps (a running engine applies it at its next step anyway)
         self.wake = None
         self.history: list[dict] = []  # one record per placement change
+        self.policy = None  # expert_workers.policy.RebalancePolicy once started
         self.ray_address = ray_address
         cpus = os.cpu_count() or 1
         self.threads_per_worker = threads_per_worker or max(1, cpus // (num_workers + 1))
@@ -170,6 +171,9 @@ class ExpertPool:
         init_mesh_group(init_method, 1 + self.num_workers, 0, backend=self.backend)
         self.dispatcher = CollectiveDispatcher(self.placement, 1, self.cfg.hidden_size, DTYPES[self.dtype],
                                                device=self.device)
+        from expert_workers.policy import RebalancePolicy
+        self.policy = RebalancePolicy(self)  # off until configured (Admin SetAutoscaling)
+        self.sample_load()
         log.info("expert pool: %d workers joined in %.1fs (%s)", self.num_workers, time.perf_counter() - t0,
                  init_method)
         return self.dispatcher
@@ -251,8 +255,14 @@ class ExpertPool:
             done = self.dispatcher.request_switch(new)
             if self.wake is not None:
                 self.wake()
-            if not done.wait(timeout):
-                raise PoolError(f"the engine did not reach a step boundary within {timeout:.0f}s to switch")
+            deadline = time.monotonic() + timeout
+            while not done.wait(1.0):
+                failed = [s for s in self.statuses(timeout=10.0) if s["state"] == "failed"]
+                if failed:  # a worker that died on the switch: the group is broken, say why
+                    raise PoolError(f"expert worker {failed[0]['rank']} failed at the placement switch:\n"
+                                    f"{failed[0]['error']}")
+                if time.monotonic() > deadline:
+                    raise PoolError(f"the engine did not reach a step boundary within {timeout:.0f}s to switch")
             self.placement = new
             record.update(changed=True, loaded_bytes=sum(r["loaded_bytes"] for r in staged),
                           moved_experts=sum(r["new_experts"] for r in staged),
@@ -290,6 +300,8 @@ class ExpertPool:
         import ray
         import torch.distributed as dist
 
+        if self.policy is not None:
+            self.policy.stop()
         if self.dispatcher is not None:
             try:
                 self.dispatcher.shutdown()

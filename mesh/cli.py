@@ -323,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands that live with their edge packages (imported lazily: grpc, ray and redis load only
     when such a command runs)."""
+    from router_service.admin_cli import register as admin_register
     from router_service.cli import register as serve_register
     from router_service.loadtest.cli import register as loadtest_register
-    return [serve_register, loadtest_register]
+    return [serve_register, loadtest_register, admin_register]
 
 
 def main(argv: list[str] | None = None) -> int:

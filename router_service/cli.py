@@ -53,6 +53,10 @@ def register(subparsers) -> None:
                         "of slots. Any number of experts runs on any --workers: when the workers do not divide "
                         "the experts the spare slots hold replicas (default 0; env MESH_REDUNDANT_EXPERTS; used "
                         "with --workers >= 1)")
+    p.add_argument("--admin-token-file", default=_env("MESH_ADMIN_TOKEN_FILE"),
+                   help="file holding the token that mesh.v1.Admin calls (mesh admin ...) must carry in the "
+                        "x-admin-token metadata; without it every Admin call is refused UNAUTHENTICATED "
+                        "(env MESH_ADMIN_TOKEN_FILE)")
     p.add_argument("--ray-address", default=_env("MESH_RAY_ADDRESS"),
                    help="Ray cluster to start expert workers in, e.g. ray://head:10001 or auto "
                         "(default: a local Ray instance; env MESH_RAY_ADDRESS; used with --workers >= 1)")
@@ -200,11 +204,19 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"mesh: error: --metrics-port {args.metrics_port}: {e}") from None
     except RuntimeError as e:
         raise SystemExit(f"mesh: error: {e}") from None
+    admin_token = None
+    if args.admin_token_file:
+        from router_service.admin import read_token_file
+        try:
+            admin_token = read_token_file(args.admin_token_file)
+        except ValueError as e:
+            raise SystemExit(f"mesh: error: {e}") from None
     factory, ready, on_shutdown = build_engine_factory(args)
     try:
         return run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
                           grace=args.grace_period, num_workers=args.workers, ready=ready,
-                          on_shutdown=on_shutdown, http_port=args.http_port, model_name=served_model_name(args))
+                          on_shutdown=on_shutdown, http_port=args.http_port, model_name=served_model_name(args),
+                          admin_token=admin_token)
     except RuntimeError as e:
         if "HTTP" in str(e):  # router_service.http_api names its address itself
             raise SystemExit(f"mesh: error: --http-port: {e}") from None

@@ -405,15 +405,19 @@ class ExpertServer(_MeshRank):
                              f"placement {placement.slots_per_rank} x {self.L}")
         fp = placement.fingerprint()
         with self._stage_lock:
-            self._staged = {fp: (placement, experts)}  # only the latest stage can be switched to
+            self._staged.pop(fp, None)
+            self._staged[fp] = (placement, experts)
+            while len(self._staged) > 2:  # an abandoned stage: keep only the two newest
+                self._staged.pop(next(iter(self._staged)))
         return fp
 
     def _switch(self, fingerprint: int) -> None:
         with self._stage_lock:
             staged = self._staged.pop(fingerprint, None)
-            self._staged.clear()
+            held = [f"{f:#x}" for f in self._staged]
         if staged is None:
-            raise RuntimeError(f"SWITCH to placement {fingerprint:#x}, which this rank has not staged")
+            raise RuntimeError(f"SWITCH to placement {fingerprint:#x}, which this rank has not staged (staged: "
+                               f"{held}; current {self.placement.fingerprint():#x}, {self.switches} switches)")
         placement, experts = staged
         self.placement, self.experts, self.S = placement, experts, placement.slots_per_rank
         self.slot_load = torch.zeros(self.L, self.S, dtype=torch.int64)  # the old slots' shard is freed here
