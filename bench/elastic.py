@@ -9,8 +9,9 @@ it. Printed, each against its baseline from the same run:
   (decision to switch, plus the step after) against the steady phase before them, and the longest
   step against the steady median (stall);
 - decision to serving on the new placement (seconds), bytes the workers loaded, experts moved;
-- max/mean rows per worker of the Zipf load on the placement before and after each rebalance (the
-  imbalance the rebalance removes), and of the load the router really produced in the window.
+- max/mean rows per worker, worst layer, of the load each change balances (a Zipf load for the first
+  three, the router's own load over the window for the slot changes) on the placement before and
+  after it.
 
 Scale-up and scale-down phases are not measured: changing the worker count at runtime is not built.
 
@@ -53,7 +54,8 @@ def main() -> int:
                     help="random-weight model preset (default small: 16 experts, 4 layers)")
     ap.add_argument("--streams", type=int, default=8, help="greedy streams kept running (default 8)")
     ap.add_argument("--zipf", type=float, default=1.2, help="Zipf exponent of the skewed loads (default 1.2)")
-    ap.add_argument("--steady-steps", type=int, default=40, help="decode steps measured before the changes")
+    ap.add_argument("--steady-steps", type=int, default=60, help="steps run before the first change (default 60)")
+    ap.add_argument("--warmup-steps", type=int, default=20, help="first steps left out of the figures (default 20)")
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     if args.workers < 1 or args.streams < 1:
@@ -83,19 +85,19 @@ def main() -> int:
 
     def operator():
         try:
-            while sum(1 for p, *_ in steps if p == "steady") < args.steady_steps:
+            while len(steps) < args.steady_steps:
                 time.sleep(0.05)
             plans = [dict(load=zipf_load(L, E, args.zipf, seed)) for seed in (1, 2, 3)]
             plans += [dict(slots_per_rank=pool.placement.slots_per_rank + 1),
                       dict(slots_per_rank=pool.placement.slots_per_rank)]
             for i, kw in enumerate(plans):
-                load = kw.get("load", zipf_load(L, E, args.zipf, 3))
+                # the Zipf loads for the first three; the router's own load (the window) for the slot changes
+                load = kw.get("load", pool.window_load())
                 before = pool.imbalance(load)
-                real_before = pool.imbalance()
                 phase[0] = "rebalance"
-                rec = pool.rebalance(**kw)
+                rec = pool.rebalance(**{**kw, "load": load})
                 phase[0] = "after"
-                rec.update(zipf_before=before, zipf_after=pool.imbalance(load), real_before=real_before)
+                rec.update(load_before=before, load_after=pool.imbalance(load))
                 records.append(rec)
                 time.sleep(1.0)  # steady steps on the new placement
         except BaseException as e:  # noqa: BLE001
@@ -105,6 +107,7 @@ def main() -> int:
 
     t = threading.Thread(target=operator, daemon=True)
     t.start()
+    prev = "steady"
     while not stop.is_set():
         top_up()
         p = phase[0]
@@ -112,15 +115,19 @@ def main() -> int:
         outs = engine.step()
         dt = time.perf_counter() - t0
         decode = sum(1 for o in outs if o.new_token_ids) if outs else 0
-        # a step counts for the phase it started in, and a change's phase includes the step after it
-        steps.append((p if p != "after" or not steps or steps[-1][0] != "rebalance" else "rebalance", dt, decode))
+        # a step counts for the phase it started in; a change's phase also takes the one step after it
+        steps.append(("rebalance" if p == "rebalance" or prev == "rebalance" else "steady", dt, decode))
+        prev = p
     t.join()
     pool.shutdown()
     if errors:
         raise errors[0]
 
-    steady = [s for p, s, n in steps if p == "steady" and n >= args.streams // 2][5:]  # skip warm-up steps
-    during = [s for p, s, n in steps if p == "rebalance"]
+    # steady: every step outside a change (before, between and after them), past the first warm-up
+    # steps; both phases hold the same mix of decode steps and refill prefills
+    measured = steps[args.warmup_steps:]
+    steady = [s for p, s, n in measured if p != "rebalance"]
+    during = [s for p, s, n in measured if p == "rebalance"]
     med = statistics.median(steady)
     hw = hardware()
     print(f"\n{hw.get('cpu', '')}: {args.preset} preset, {E} experts on {args.workers} workers, {args.streams} streams")
@@ -129,18 +136,17 @@ def main() -> int:
           f"({len(during)} steps)  p99 ratio {pct(during, 99) / pct(steady, 99):.2f}x steady")
     print(f"longest step during changes {max(during) * 1e3:.1f} ms = {max(during) / med:.2f}x the steady median")
     for i, r in enumerate(records):
-        what = "zipf" if i < 3 else f"slots {r['slots_per_rank']}"
+        what = f"Zipf load {i + 1}" if i < 3 else f"router's load, {r['slots_per_rank']} slots per worker"
         print(f"change {i + 1} ({what}): decision->serving {r['decision_to_serving_s']:.2f}s, "
               f"{r['loaded_bytes'] / 1e6:.1f} MB loaded, {r['moved_experts']} (layer, expert) moved; "
-              f"zipf max/mean per worker {r['zipf_before']:.2f} -> {r['zipf_after']:.2f}; "
-              f"router's real load {r['real_before']:.2f} before")
+              f"max/mean rows per worker {r['load_before']:.2f} -> {r['load_after']:.2f}")
     print("scale-up / scale-down phases: not measured (runtime worker-count changes are not built)")
     emit({"bench": "elastic", "preset": args.preset, "workers": args.workers, "streams": args.streams,
           "tpot_steady_p50_s": med, "tpot_steady_p99_s": pct(steady, 99),
           "tpot_rebalance_p50_s": statistics.median(during), "tpot_rebalance_p99_s": pct(during, 99),
           "p99_ratio": pct(during, 99) / pct(steady, 99), "max_stall_ratio": max(during) / med,
           "changes": [{k: r[k] for k in ("decision_to_serving_s", "loaded_bytes", "moved_experts",
-                                         "zipf_before", "zipf_after", "slots_per_rank")} for r in records],
+                                         "load_before", "load_after", "slots_per_rank")} for r in records],
           **hw})
     return 0
 

@@ -326,7 +326,8 @@ def _extra_commands():
     from router_service.admin_cli import register as admin_register
     from router_service.cli import register as serve_register
     from router_service.loadtest.cli import register as loadtest_register
-    return [serve_register, loadtest_register, admin_register]
+    from mesh.kuberay import register as deploy_register
+    return [serve_register, loadtest_register, admin_register, deploy_register]
 
 
 def main(argv: list[str] | None = None) -> int:
