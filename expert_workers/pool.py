@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from datetime import timedelta
 import os
 import socket
 import threading
@@ -78,6 +79,7 @@ class ExpertPool:
         self.wake = None
         self.history: list[dict] = []  # one record per placement change
         self.policy = None  # expert_workers.policy.RebalancePolicy once started
+        self._extra_pgs: list = []  # placement groups of workers added at runtime
         self.ray_address = ray_address
         cpus = os.cpu_count() or 1
         self.threads_per_worker = threads_per_worker or max(1, cpus // (num_workers + 1))
@@ -145,6 +147,7 @@ class ExpertPool:
         self.connect()
         cpus = self.worker_cpus if self.worker_cpus is not None else 1
         bundle = {"CPU": cpus, "GPU": 1} if self.gpu else {"CPU": cpus}
+        self._bundle, self._cpus = bundle, cpus
         self._pg = placement_group([bundle] * self.num_workers, strategy="SPREAD")
         ray.get(self._pg.ready(), timeout=self.load_timeout)
         host = _node_ip() if self.ray_address else "127.0.0.1"
@@ -274,6 +277,104 @@ class ExpertPool:
                      record["imbalance_after"])
             return record
 
+    def scale(self, num_workers: int, load=None, timeout: float | None = None) -> dict:
+        """Grow or shrink the pool to `num_workers` while it serves.
+
+        The new placement (`rebalance` of the window's load over the new worker count, every slot of
+        the removed workers moved to the others) is staged on every worker that stays; added workers
+        are new Ray actors in a placement group of their own (which is what makes the Ray and KubeRay
+        autoscalers add nodes); the gateway, the staying and the added workers form a new gloo group
+        beside the serving one; at one step boundary the SWITCH moves every step after it onto the
+        new group, and removed workers leave their loop and are stopped."""
+        import ray
+        import torch
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from mesh.parallel.collective import group_handshake, new_group
+
+        if self.dispatcher is None:
+            raise PoolError("the expert pool is not running")
+        if self.gpu:
+            raise PoolError("changing the worker count at runtime is implemented for gloo (CPU) pools only")
+        if num_workers < 1:
+            raise ValueError(f"workers must be at least 1, got {num_workers}")
+        timeout = self.load_timeout if timeout is None else timeout
+        with self._change_lock:
+            t0 = time.perf_counter()
+            W, old = self.num_workers, self.placement
+            load = self.window_load() if load is None else torch.as_tensor(load, dtype=torch.float64)
+            record = {"kind": "scale", "workers_before": W, "workers_after": num_workers, "changed": False,
+                      "loaded_bytes": 0, "moved_experts": 0, "decision_to_serving_s": 0.0,
+                      "slots_per_rank": old.slots_per_rank, "imbalance_before": self.imbalance(load)}
+            if num_workers == W:
+                record["imbalance_after"] = record["imbalance_before"]
+                self.history.append(record)
+                return record
+            S = -(-old.num_slots // num_workers)  # the same slots, spread over the new workers
+            new = rebalance(load, num_workers, S)
+            host = _node_ip() if self.ray_address else "127.0.0.1"
+            port = _free_port(host)
+            keep = min(W, num_workers)
+            refs = [self.actors[r].prepare.remote(new.phy2log.tolist(), num_workers, S, host, port)
+                    for r in range(keep)]
+            refs += [self.actors[r].leave.remote(new.phy2log.tolist(), num_workers, S) for r in range(keep, W)]
+            added, added_refs = [], []
+            if num_workers > W:
+                pg = placement_group([self._bundle] * (num_workers - W), strategy="SPREAD")
+                ray.get(pg.ready(), timeout=timeout)
+                self._extra_pgs.append(pg)
+                actor_cls = make_actor_class()
+                for i, r in enumerate(range(W, num_workers)):
+                    spec = WorkerSpec(self.model_dir, self.dtype, r, 1, new.phy2log.tolist(), num_workers, S, "",
+                                      self.threads_per_worker, device="cpu", backend=self.model_backend,
+                                      load_format=self.load_format, group_host=host, group_port=port)
+                    actor = actor_cls.options(
+                        num_cpus=self._cpus, runtime_env={"env_vars": _telemetry_env()},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                    ).remote(spec)
+                    added.append(actor)
+                    added_refs.append(actor.serve.remote())
+            # the gateway's end of the new group: returns once every member joined it
+            group = new_group(host, port, 1 + num_workers, 0, timeout=timedelta(seconds=timeout))
+            group_handshake(group, self.dispatcher.layout(new))
+            staged = ray.get(refs, timeout=timeout)
+            if any(r["fingerprint"] != new.fingerprint() for r in staged):
+                raise PoolError(f"expert workers staged different placements: {[r['fingerprint'] for r in staged]}")
+            t_loaded = time.perf_counter()
+            done = self.dispatcher.request_switch(new, group=group)
+            if self.wake is not None:
+                self.wake()
+            self._wait_switch(done, timeout)
+            leaving, leaving_refs = self.actors[keep:], self.serve_refs[keep:]
+            self.actors = self.actors[:keep] + added
+            self.serve_refs = self.serve_refs[:keep] + added_refs
+            self.num_workers, self.placement = num_workers, new
+            try:
+                ray.get(leaving_refs, timeout=timeout)  # their loops ended at the SWITCH
+            except Exception as e:  # noqa: BLE001 - they are stopped below either way
+                log.warning("expert pool: a removed worker did not stop cleanly: %s", e)
+            for a in leaving:
+                ray.kill(a)
+            record.update(changed=True, slots_per_rank=S, imbalance_after=self._imbalance_of(new, load),
+                          loaded_bytes=sum(r["loaded_bytes"] for r in staged),
+                          moved_experts=sum(r["new_experts"] for r in staged), load_seconds=t_loaded - t0,
+                          decision_to_serving_s=time.perf_counter() - t0)
+            self.history.append(record)
+            log.info("expert pool: %d -> %d workers in %.2fs (%d slots per worker)", W, num_workers,
+                     record["decision_to_serving_s"], S)
+            return record
+
+    def _wait_switch(self, done, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done.wait(1.0):
+            failed = [s for s in self.statuses(timeout=10.0) if s["state"] == "failed"]
+            if failed:  # a worker that died on the switch: the group is broken, say why
+                raise PoolError(f"expert worker {failed[0]['rank']} failed at the placement switch:\n"
+                                f"{failed[0]['error']}")
+            if time.monotonic() > deadline:
+                raise PoolError(f"the engine did not reach a step boundary within {timeout:.0f}s to switch")
+
     @staticmethod
     def _imbalance_of(placement: Placement, load) -> float:
         rank_load = placement.rank_load(load)
@@ -317,12 +418,13 @@ class ExpertPool:
             except Exception:
                 pass
         self.actors = []
-        if self._pg is not None:
-            try:
-                ray.util.remove_placement_group(self._pg)
-            except Exception:
-                pass
-            self._pg = None
+        for pg in [self._pg, *self._extra_pgs]:
+            if pg is not None:
+                try:
+                    ray.util.remove_placement_group(pg)
+                except Exception:
+                    pass
+        self._pg, self._extra_pgs = None, []
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False

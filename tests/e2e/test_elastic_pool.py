@@ -124,3 +124,48 @@ def test_live_rebalancing_under_load(ray_cluster, seven_experts, reference):
     assert all(r["loaded_bytes"] > 0 and r["decision_to_serving_s"] > 0 for r in records)
     assert dispatcher.switches == 5 and [s["switches"] for s in statuses] == [5, 5]
     assert [len(s["slots"][0]) for s in statuses] == [4, 4]
+
+
+def test_scale_two_three_one_two_under_load(ray_cluster, seven_experts, reference):
+    """Workers added and removed at runtime (a new gloo group formed beside the serving one each time)
+    while 8 greedy streams run in a closed loop; every stream matches the reference."""
+    pool = ExpertPool(str(seven_experts), "float32", num_workers=2)
+    prompts = [list(p) for p in reference]
+    results, errors, records, shapes = [], [], [], []
+    changes_done = threading.Event()
+    try:
+        dispatcher = pool.start()
+        mesh = Engine(seven_experts, EngineConfig(dtype="float32", max_num_batched_tokens=48),
+                      dispatcher=dispatcher)
+
+        def operator():
+            try:
+                for w in (3, 1, 2):
+                    records.append(pool.scale(w))
+                    shapes.append((dispatcher.W, dispatcher.world, len(pool.actors)))
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+            finally:
+                changes_done.set()
+
+        t = threading.Thread(target=operator, daemon=True)
+        t.start()
+        rounds = 0
+        while not changes_done.is_set() or rounds < 2:
+            outs = mesh.generate([mesh.make_request(prompt_token_ids=p, sampling=SP) for p in prompts])
+            results.append([o.token_ids for o in outs])
+            rounds += 1
+            assert rounds < 300, "pool changes did not finish"
+        t.join(60)
+        assert not errors, errors
+        statuses = pool.statuses()
+        per_rank = dispatcher.slot_load.view(dispatcher.L, 2, -1).sum(-1)
+    finally:
+        pool.shutdown()
+    want = [reference[tuple(p)] for p in prompts]
+    assert all(r == want for r in results), "a stream's tokens changed across a pool change"
+    assert [r["workers_after"] for r in records] == [3, 1, 2] and all(r["changed"] for r in records)
+    assert shapes == [(3, 4, 3), (1, 2, 1), (2, 3, 2)]
+    assert [r["slots_per_rank"] for r in records] == [3, 9, 5]  # the 8 (then 9, then 9) slots spread out
+    assert [s["state"] for s in statuses] == ["joined", "joined"]
+    assert (per_rank.sum(0) > 0).all(), per_rank  # both workers of the final pool served rows
