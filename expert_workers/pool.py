@@ -29,6 +29,13 @@ def _telemetry_env() -> dict[str, str]:
             and k != "OTEL_SERVICE_NAME"}
 
 
+# How long a scale-up waits for Ray to place the added workers (an autoscaler may be adding nodes).
+PLACEMENT_WAIT_S = 120.0
+# A private local Ray cluster's logical CPUs beyond the machine's: room for workers added at runtime
+# (logical CPUs only gate Ray's scheduling; each worker's threads are set by threads_per_worker).
+LOCAL_HEADROOM_CPUS = 32
+
+
 class PoolError(RuntimeError):
     pass
 
@@ -103,9 +110,9 @@ class ExpertPool:
         if self.ray_address:
             ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=True)
         else:
-            # sized so every worker gets a CPU slot on this machine
-            kw = dict(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, self.num_workers),
-                      log_to_driver=True)
+            # every worker gets a CPU slot, with headroom for workers added at runtime (ExpertPool.scale)
+            kw = dict(include_dashboard=False,
+                      num_cpus=max(os.cpu_count() or 1, self.num_workers) + LOCAL_HEADROOM_CPUS, log_to_driver=True)
             if not self.gpu:
                 ray.init(**kw)
             else:
@@ -220,6 +227,14 @@ class ExpertPool:
         oldest = self._load_marks[0][1] if len(self._load_marks) > 1 else 0 * newest
         return newest - oldest
 
+    def window_tokens_per_s(self, load=None) -> float:
+        """Routed tokens per second over the window: rows per layer / top-k / the window's seconds."""
+        load = self.window_load() if load is None else load
+        span = self._load_marks[-1][0] - self._load_marks[0][0] if len(self._load_marks) > 1 else 0.0
+        if span <= 0:
+            return 0.0
+        return float(load.sum()) / max(1, self.cfg.num_moe_layers) / max(1, self.cfg.top_k) / span
+
     def imbalance(self, load=None) -> float:
         """max / mean rows per worker of the current placement over `load` (default the window),
         the worst MoE layer; 1.0 is perfect balance."""
@@ -316,13 +331,19 @@ class ExpertPool:
             host = _node_ip() if self.ray_address else "127.0.0.1"
             port = _free_port(host)
             keep = min(W, num_workers)
-            refs = [self.actors[r].prepare.remote(new.phy2log.tolist(), num_workers, S, host, port)
-                    for r in range(keep)]
-            refs += [self.actors[r].leave.remote(new.phy2log.tolist(), num_workers, S) for r in range(keep, W)]
             added, added_refs = [], []
             if num_workers > W:
+                # Ask Ray for the added workers' resources first (on a Ray or KubeRay autoscaling cluster
+                # this placement group is what adds nodes); nothing else has started if it cannot be met.
                 pg = placement_group([self._bundle] * (num_workers - W), strategy="SPREAD")
-                ray.get(pg.ready(), timeout=timeout)
+                wait = min(timeout, PLACEMENT_WAIT_S)
+                try:
+                    ray.get(pg.ready(), timeout=wait)
+                except ray.exceptions.GetTimeoutError:
+                    ray.util.remove_placement_group(pg)
+                    raise PoolError(f"Ray could not place {num_workers - W} more expert worker(s) "
+                                    f"({self._bundle} each) within {wait:.0f}s: the cluster lacks the resources "
+                                    f"and no autoscaler added them") from None
                 self._extra_pgs.append(pg)
                 actor_cls = make_actor_class()
                 for i, r in enumerate(range(W, num_workers)):
@@ -335,6 +356,9 @@ class ExpertPool:
                     ).remote(spec)
                     added.append(actor)
                     added_refs.append(actor.serve.remote())
+            refs = [self.actors[r].prepare.remote(new.phy2log.tolist(), num_workers, S, host, port)
+                    for r in range(keep)]
+            refs += [self.actors[r].leave.remote(new.phy2log.tolist(), num_workers, S) for r in range(keep, W)]
             # the gateway's end of the new group: returns once every member joined it
             group = new_group(host, port, 1 + num_workers, 0, timeout=timedelta(seconds=timeout))
             group_handshake(group, self.dispatcher.layout(new))

@@ -54,6 +54,13 @@ def pool_message(pool, policy=None) -> apb.Pool:
     return msg
 
 
+def _change(rec: dict) -> apb.PoolChange:
+    return apb.PoolChange(changed=rec["changed"], imbalance_before=rec["imbalance_before"],
+                          imbalance_after=rec["imbalance_after"], loaded_bytes=rec["loaded_bytes"],
+                          moved_experts=rec["moved_experts"], decision_to_serving_s=rec["decision_to_serving_s"],
+                          slots_per_rank=rec["slots_per_rank"], workers=rec.get("workers_after", 0))
+
+
 class AdminServicer(apb_grpc.AdminServicer):
     def __init__(self, gateway, token: str | None):
         self.gateway, self.token = gateway, token
@@ -96,39 +103,42 @@ class AdminServicer(apb_grpc.AdminServicer):
         async with self._busy:
             policy = self._policy(pool)
             try:
-                if policy is not None:
-                    rec = await asyncio.to_thread(policy.act, "rebalance", "operator request",
-                                                  slots_per_rank=S or None)
-                else:
-                    rec = await asyncio.to_thread(pool.rebalance, None, S or None)
+                rec = await asyncio.to_thread(policy.act, "rebalance", "operator request", slots_per_rank=S or None)
             except Exception as e:  # noqa: BLE001 - the operator gets the reason
                 log.exception("admin: rebalance failed")
                 await context.abort(grpc.StatusCode.INTERNAL, f"rebalance failed: {type(e).__name__}: {e}")
-        return apb.PoolChange(changed=rec["changed"], imbalance_before=rec["imbalance_before"],
-                              imbalance_after=rec["imbalance_after"], loaded_bytes=rec["loaded_bytes"],
-                              moved_experts=rec["moved_experts"],
-                              decision_to_serving_s=rec["decision_to_serving_s"],
-                              slots_per_rank=rec["slots_per_rank"])
+        return _change(rec)
 
     async def ScalePool(self, request, context):
         pool = await self._pool(context)
         if request.workers < 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"workers must be at least 1, got {request.workers}")
-        if request.workers == pool.num_workers:
-            return apb.PoolChange(changed=False, slots_per_rank=pool.placement.slots_per_rank)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"changing the worker count at runtime ({pool.num_workers} -> {request.workers}) is not "
-                            f"implemented yet: restart mesh serve with --workers {request.workers}")
+        if self._busy.locked():
+            await context.abort(grpc.StatusCode.ABORTED, "another pool change is in progress; retry after it")
+        async with self._busy:
+            policy = self._policy(pool)
+            try:
+                rec = await asyncio.to_thread(policy.act, "scale", f"operator request: {request.workers} workers",
+                                              workers=request.workers)
+            except Exception as e:  # noqa: BLE001 - the operator gets the reason
+                log.exception("admin: scale failed")
+                await context.abort(grpc.StatusCode.INTERNAL, f"scaling failed: {type(e).__name__}: {e}")
+        return _change(rec)
 
     async def SetAutoscaling(self, request, context):
         pool = await self._pool(context)
         policy = self._policy(pool)
         from expert_workers.policy import PolicyConfig
+        c = policy.config
         cfg = PolicyConfig(enabled=request.enabled,
-                           imbalance_threshold=request.imbalance_threshold or policy.config.imbalance_threshold,
-                           look_back_period_s=request.look_back_period_s or policy.config.look_back_period_s,
-                           interval_s=request.interval_s or policy.config.interval_s,
-                           min_rows=policy.config.min_rows)
+                           imbalance_threshold=request.imbalance_threshold or c.imbalance_threshold,
+                           look_back_period_s=request.look_back_period_s or c.look_back_period_s,
+                           interval_s=request.interval_s or c.interval_s, min_rows=c.min_rows,
+                           min_workers=request.min_workers or c.min_workers,
+                           max_workers=request.max_workers or c.max_workers,
+                           target_tokens_per_worker=request.target_tokens_per_worker or c.target_tokens_per_worker,
+                           upscale_delay_s=request.upscale_delay_s or c.upscale_delay_s,
+                           downscale_delay_s=request.downscale_delay_s or c.downscale_delay_s)
         try:
             await asyncio.to_thread(policy.configure, cfg)
         except ValueError as e:

@@ -21,8 +21,9 @@ def register(subparsers) -> None:
                     "  status     the pool: workers, each layer's placement, load per expert, replicas, imbalance\n"
                     "  rebalance  move experts to balance the load of the last load window (--slots-per-rank\n"
                     "             adds or removes replica slots); returns once the pool serves on it\n"
-                    "  scale      change the worker count (not implemented yet: UNIMPLEMENTED)\n"
-                    "  autoscale  turn the rebalancing policy on (--on) or off (--off), set its threshold/window\n"
+                    "  scale      grow or shrink the pool to --workers N while it serves\n"
+                    "  autoscale  turn the policy loop on (--on) or off (--off): rebalancing on imbalance, and\n"
+                    "             with --max-workers sizing the pool from tokens per worker\n"
                     "Every call carries the admin token; without it the gateway answers UNAUTHENTICATED.")
     sub = p.add_subparsers(dest="admin_command", required=True, metavar="{status,rebalance,scale,autoscale}")
 
@@ -52,6 +53,15 @@ def register(subparsers) -> None:
     au.add_argument("--look-back-period-s", type=float, default=0.0,
                     help="load window and how long the imbalance must last, seconds (default: as now)")
     au.add_argument("--interval-s", type=float, default=0.0, help="seconds between checks (default: as now)")
+    au.add_argument("--min-workers", type=int, default=0, help="fewest workers sizing keeps (default: as now)")
+    au.add_argument("--max-workers", type=int, default=0, help="most workers sizing adds (default: as now; "
+                                                                  "sizing is off until set)")
+    au.add_argument("--target-tokens-per-worker", type=float, default=0.0,
+                    help="routed tokens per second each worker should serve (default: as now)")
+    au.add_argument("--upscale-delay-s", type=float, default=0.0,
+                    help="seconds more workers must be wanted before adding them (default: as now)")
+    au.add_argument("--downscale-delay-s", type=float, default=0.0,
+                    help="seconds fewer workers must be wanted before removing some (default: as now)")
     common(au)
 
 
@@ -76,10 +86,17 @@ def cmd_admin(args) -> int:
                 print(f"rebalancing the pool on {args.target} ...", file=sys.stderr)
                 out = client.rebalance(args.slots_per_rank)
             elif args.admin_command == "scale":
+                print(f"scaling the pool on {args.target} to {args.workers} workers ...", file=sys.stderr)
                 out = client.scale_pool(args.workers)
             else:
+                for flag in ("min_workers", "max_workers", "target_tokens_per_worker", "upscale_delay_s",
+                             "downscale_delay_s", "imbalance_threshold", "look_back_period_s", "interval_s"):
+                    if getattr(args, flag) < 0:
+                        raise SystemExit(f"mesh: error: --{flag.replace('_', '-')} must be 0 or more")
                 out = client.set_autoscaling(args.enabled, args.imbalance_threshold, args.look_back_period_s,
-                                             args.interval_s)
+                                             args.interval_s, args.min_workers, args.max_workers,
+                                             args.target_tokens_per_worker, args.upscale_delay_s,
+                                             args.downscale_delay_s)
         except MeshError as e:
             print(f"mesh: error: {e.code.name}: {e.details}", file=sys.stderr)
             return 1

@@ -179,11 +179,16 @@ class MeshClient:
         return self._admin_call("ScalePool", apb.ScalePoolRequest(workers=workers), timeout)
 
     def set_autoscaling(self, enabled: bool, imbalance_threshold: float = 0.0, look_back_period_s: float = 0.0,
-                        interval_s: float = 0.0, timeout: float | None = None) -> dict:
-        """Turn the rebalancing policy on or off (0 keeps a setting as it is)."""
+                        interval_s: float = 0.0, min_workers: int = 0, max_workers: int = 0,
+                        target_tokens_per_worker: float = 0.0, upscale_delay_s: float = 0.0,
+                        downscale_delay_s: float = 0.0, timeout: float | None = None) -> dict:
+        """Turn the policy loop (rebalancing, and sizing the pool when max_workers is set) on or off;
+        0 keeps a setting as it is."""
         return self._admin_call("SetAutoscaling", apb.AutoscalingConfig(
             enabled=enabled, imbalance_threshold=imbalance_threshold, look_back_period_s=look_back_period_s,
-            interval_s=interval_s), timeout)
+            interval_s=interval_s, min_workers=min_workers, max_workers=max_workers,
+            target_tokens_per_worker=target_tokens_per_worker, upscale_delay_s=upscale_delay_s,
+            downscale_delay_s=downscale_delay_s), timeout)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service name."""

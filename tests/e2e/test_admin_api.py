@@ -131,20 +131,42 @@ def test_admin_api_under_load(served):
             client.set_autoscaling(True, imbalance_threshold=0.5)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "imbalance_threshold" in e.value.details
         with pytest.raises(MeshError) as e:
-            client.scale_pool(3)
-        assert e.value.code == grpc.StatusCode.UNIMPLEMENTED
+            client.scale_pool(0)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(MeshError) as e:
+            client.set_autoscaling(True, min_workers=3, max_workers=2)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "min_workers" in e.value.details
+        # the operator scales 2 -> 3 -> 2 under load
+        up = client.scale_pool(3)
+        assert up["changed"] and up["workers"] == 3 and client.get_pool()["num_workers"] == 3
+        down = client.scale_pool(2)
+        assert down["changed"] and down["workers"] == 2
+        # the rebalancing policy on: it may rebalance meanwhile; streams keep matching either way
         on = client.set_autoscaling(True, imbalance_threshold=1.05, look_back_period_s=1.0, interval_s=0.2)
         assert on["enabled"] and on["imbalance_threshold"] == pytest.approx(1.05)
         assert client.get_pool()["autoscaling"]["enabled"]
-        time.sleep(3)  # the policy may rebalance meanwhile; streams keep matching either way
+        time.sleep(2)
+        # sizing: a tiny per-worker target under load wants max_workers; a huge one wants min_workers
+        client.set_autoscaling(True, imbalance_threshold=50, min_workers=1, max_workers=3,
+                               target_tokens_per_worker=0.5, upscale_delay_s=0.5, downscale_delay_s=0.5,
+                               look_back_period_s=2.0, interval_s=0.2)
+        for size, target in ((3, 0.5), (1, 1e9)):
+            if target != 0.5:
+                client.set_autoscaling(True, target_tokens_per_worker=target)
+            deadline = time.monotonic() + 90
+            while client.get_pool()["num_workers"] != size:
+                assert time.monotonic() < deadline, f"the policy did not size the pool to {size}: {client.get_pool()}"
+                time.sleep(0.5)
         assert not client.set_autoscaling(False)["enabled"]
+        pool = client.get_pool()
+        assert pool["num_workers"] == 1 and len(pool["workers"]) == 1 and pool["workers"][0]["state"] == "joined"
         # the CLI, against the same server
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         out = subprocess.run([sys.executable, "-m", "mesh.cli", "admin", "status", "--target", f"127.0.0.1:{port}",
                               "--admin-token-file", str(token_file)], env=env, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["num_workers"] == 2
+        assert json.loads(out.stdout)["num_workers"] == 1
         out = subprocess.run([sys.executable, "-m", "mesh.cli", "admin", "status", "--target", f"127.0.0.1:{port}"],
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
