@@ -5,7 +5,7 @@ two of them replicas), 8 greedy streams decoding in a closed loop, and three reb
 loads (each a different hot set), then one that adds a replica slot per worker and one that removes
 it. Printed, each against its baseline from the same run:
 
-- TPOT (decode step time; every stream gets one token per step) p50/p99 during the rebalances
+- TPOT (decode step time; every stream gets one token per step) p50/p99 during the rebalances, the scale-up and the scale-down
   (decision to switch, plus the step after) against the steady phase before them, and the longest
   step against the steady median (stall);
 - decision to serving on the new placement (seconds), bytes the workers loaded, experts moved;
@@ -13,7 +13,7 @@ it. Printed, each against its baseline from the same run:
   three, the router's own load over the window for the slot changes) on the placement before and
   after it.
 
-Scale-up and scale-down phases are not measured: changing the worker count at runtime is not built.
+Then the pool grows by one worker and shrinks back (phases scale-up, scale-down), each timed the same.
 
     .venv/bin/python bench/elastic.py [--workers 3] [--preset small] [--streams 8] [--zipf 1.2]
 """
@@ -34,6 +34,9 @@ from expert_workers.pool import ExpertPool
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
+
+
+CHANGES = ("rebalance", "scale-up", "scale-down")
 
 
 def zipf_load(L: int, E: int, s: float, seed: int) -> torch.Tensor:
@@ -100,6 +103,15 @@ def main() -> int:
                 rec.update(load_before=before, load_after=pool.imbalance(load))
                 records.append(rec)
                 time.sleep(1.0)  # steady steps on the new placement
+            for name, w in (("scale-up", args.workers + 1), ("scale-down", args.workers)):
+                load = pool.window_load()
+                before = pool.imbalance(load)
+                phase[0] = name
+                rec = pool.scale(w, load=load)
+                phase[0] = "after"
+                rec.update(load_before=before, load_after=pool.imbalance(load), phase=name)
+                records.append(rec)
+                time.sleep(1.0)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
         finally:
@@ -116,7 +128,7 @@ def main() -> int:
         dt = time.perf_counter() - t0
         decode = sum(1 for o in outs if o.new_token_ids) if outs else 0
         # a step counts for the phase it started in; a change's phase also takes the one step after it
-        steps.append(("rebalance" if p == "rebalance" or prev == "rebalance" else "steady", dt, decode))
+        steps.append((p if p in CHANGES else prev if prev in CHANGES else "steady", dt, decode))
         prev = p
     t.join()
     pool.shutdown()
@@ -126,25 +138,29 @@ def main() -> int:
     # steady: every step outside a change (before, between and after them), past the first warm-up
     # steps; both phases hold the same mix of decode steps and refill prefills
     measured = steps[args.warmup_steps:]
-    steady = [s for p, s, n in measured if p != "rebalance"]
-    during = [s for p, s, n in measured if p == "rebalance"]
-    med = statistics.median(steady)
+    steady = [s for p, s, n in measured if p == "steady"]
+    med, p99 = statistics.median(steady), pct(steady, 99)
     hw = hardware()
     print(f"\n{hw.get('cpu', '')}: {args.preset} preset, {E} experts on {args.workers} workers, {args.streams} streams")
-    print(f"TPOT steady   p50 {med * 1e3:7.1f} ms  p99 {pct(steady, 99) * 1e3:7.1f} ms  ({len(steady)} steps)")
-    print(f"TPOT rebalance p50 {statistics.median(during) * 1e3:7.1f} ms  p99 {pct(during, 99) * 1e3:7.1f} ms  "
-          f"({len(during)} steps)  p99 ratio {pct(during, 99) / pct(steady, 99):.2f}x steady")
-    print(f"longest step during changes {max(during) * 1e3:.1f} ms = {max(during) / med:.2f}x the steady median")
+    print(f"TPOT steady      p50 {med * 1e3:7.1f} ms  p99 {p99 * 1e3:7.1f} ms  ({len(steady)} steps)")
+    phases = {}
+    for name in CHANGES:
+        xs = [s for p, s, n in measured if p == name]
+        if not xs:
+            continue
+        phases[name] = {"p50_s": statistics.median(xs), "p99_s": pct(xs, 99), "max_s": max(xs), "steps": len(xs),
+                        "p99_ratio": pct(xs, 99) / p99, "max_stall_ratio": max(xs) / med}
+        print(f"TPOT {name:<11} p50 {statistics.median(xs) * 1e3:7.1f} ms  p99 {pct(xs, 99) * 1e3:7.1f} ms  "
+              f"({len(xs)} steps)  p99 {pct(xs, 99) / p99:.2f}x steady; longest step {max(xs) * 1e3:.1f} ms = "
+              f"{max(xs) / med:.2f}x the steady median")
     for i, r in enumerate(records):
-        what = f"Zipf load {i + 1}" if i < 3 else f"router's load, {r['slots_per_rank']} slots per worker"
+        what = (f"Zipf load {i + 1}" if i < 3 else f"{r['phase']} to {r['workers_after']} workers" if "phase" in r
+                else f"router's load, {r['slots_per_rank']} slots per worker")
         print(f"change {i + 1} ({what}): decision->serving {r['decision_to_serving_s']:.2f}s, "
               f"{r['loaded_bytes'] / 1e6:.1f} MB loaded, {r['moved_experts']} (layer, expert) moved; "
               f"max/mean rows per worker {r['load_before']:.2f} -> {r['load_after']:.2f}")
-    print("scale-up / scale-down phases: not measured (runtime worker-count changes are not built)")
     emit({"bench": "elastic", "preset": args.preset, "workers": args.workers, "streams": args.streams,
-          "tpot_steady_p50_s": med, "tpot_steady_p99_s": pct(steady, 99),
-          "tpot_rebalance_p50_s": statistics.median(during), "tpot_rebalance_p99_s": pct(during, 99),
-          "p99_ratio": pct(during, 99) / pct(steady, 99), "max_stall_ratio": max(during) / med,
+          "tpot_steady_p50_s": med, "tpot_steady_p99_s": p99, "phases": phases,
           "changes": [{k: r[k] for k in ("decision_to_serving_s", "loaded_bytes", "moved_experts",
                                          "load_before", "load_after", "slots_per_rank")} for r in records],
           **hw})
