@@ -8,14 +8,17 @@ through Ray: they go over the torch.distributed group that the gateway (rank 0) 
 
 from __future__ import annotations
 
+import collections
 import logging
+from datetime import timedelta
 import os
 import socket
+import threading
 import time
 
 from expert_workers.worker import WorkerSpec, make_actor_class
 from mesh.config import DTYPES, ModelConfig
-from mesh.parallel.placement import Placement
+from mesh.parallel.placement import Placement, rebalance
 
 log = logging.getLogger("mesh.pool")
 
@@ -24,6 +27,13 @@ def _telemetry_env() -> dict[str, str]:
     """The gateway's OpenTelemetry and tracing settings, for the workers to export alike."""
     return {k: v for k, v in os.environ.items() if k.startswith(("OTEL_", "MESH_TRACE_"))
             and k != "OTEL_SERVICE_NAME"}
+
+
+# How long a scale-up waits for Ray to place the added workers (an autoscaler may be adding nodes).
+PLACEMENT_WAIT_S = 120.0
+# A private local Ray cluster's logical CPUs beyond the machine's: room for workers added at runtime
+# (logical CPUs only gate Ray's scheduling; each worker's threads are set by threads_per_worker).
+LOCAL_HEADROOM_CPUS = 32
 
 
 class PoolError(RuntimeError):
@@ -48,12 +58,17 @@ class ExpertPool:
     def __init__(self, model_dir: str, dtype: str, num_workers: int, ray_address: str | None = None,
                  threads_per_worker: int | None = None, worker_cpus: float | None = None,
                  placement: Placement | None = None, load_timeout: float = 300.0, device: str = "cpu",
-                 backend: str = "auto", load_format: str = "auto"):
+                 backend: str = "auto", load_format: str = "auto", redundant: int = 0,
+                 load_window_s: float = 60.0):
         """`device`: the gateway's. On "cuda[:N]" every worker asks Ray for one GPU of its own and the
         group runs over NCCL; on "cpu" over gloo. `backend`, `load_format`: the workers' expert
-        kernels and weights (EngineConfig's)."""
+        kernels and weights (EngineConfig's). `redundant`: replica slots beyond one per expert
+        (rounded up so every worker holds the same number of slots). `load_window_s`: how far back
+        the per-expert load that `rebalance` balances reaches."""
         if num_workers < 1:
             raise ValueError(f"--workers must be at least 1, got {num_workers}")
+        if redundant < 0:
+            raise ValueError(f"--redundant-experts must be 0 or more, got {redundant}")
         self.model_dir, self.dtype, self.num_workers = str(model_dir), dtype, num_workers
         self.device = device
         self.gpu = device.startswith("cuda")
@@ -61,11 +76,17 @@ class ExpertPool:
         self.model_backend, self.load_format = backend, load_format
         self.cfg = ModelConfig.from_dir(model_dir)
         if placement is None:
-            if self.cfg.num_experts % num_workers:
-                raise ValueError(f"--workers {num_workers} does not divide the model's {self.cfg.num_experts} "
-                                 f"experts; choose a divisor of {self.cfg.num_experts}")
-            placement = Placement.contiguous(self.cfg.num_moe_layers, self.cfg.num_experts, num_workers)
+            placement = Placement.initial(self.cfg.num_moe_layers, self.cfg.num_experts, num_workers, redundant)
         self.placement = placement
+        self.load_window_s = load_window_s
+        self._load_marks: collections.deque = collections.deque()  # (monotonic time, cumulative [L, E] load)
+        self._change_lock = threading.Lock()  # one placement change at a time
+        # how a switch reaches an idle engine: set by the server to run `dispatcher.apply_pending` on the
+        # engine thread between steps (a running engine applies it at its next step anyway)
+        self.wake = None
+        self.history: list[dict] = []  # one record per placement change
+        self.policy = None  # expert_workers.policy.RebalancePolicy once started
+        self._extra_pgs: list = []  # placement groups of workers added at runtime
         self.ray_address = ray_address
         cpus = os.cpu_count() or 1
         self.threads_per_worker = threads_per_worker or max(1, cpus // (num_workers + 1))
@@ -89,9 +110,9 @@ class ExpertPool:
         if self.ray_address:
             ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=True)
         else:
-            # sized so every worker gets a CPU slot on this machine
-            kw = dict(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, self.num_workers),
-                      log_to_driver=True)
+            # every worker gets a CPU slot, with headroom for workers added at runtime (ExpertPool.scale)
+            kw = dict(include_dashboard=False,
+                      num_cpus=max(os.cpu_count() or 1, self.num_workers) + LOCAL_HEADROOM_CPUS, log_to_driver=True)
             if not self.gpu:
                 ray.init(**kw)
             else:
@@ -133,6 +154,7 @@ class ExpertPool:
         self.connect()
         cpus = self.worker_cpus if self.worker_cpus is not None else 1
         bundle = {"CPU": cpus, "GPU": 1} if self.gpu else {"CPU": cpus}
+        self._bundle, self._cpus = bundle, cpus
         self._pg = placement_group([bundle] * self.num_workers, strategy="SPREAD")
         ray.get(self._pg.ready(), timeout=self.load_timeout)
         host = _node_ip() if self.ray_address else "127.0.0.1"
@@ -159,6 +181,9 @@ class ExpertPool:
         init_mesh_group(init_method, 1 + self.num_workers, 0, backend=self.backend)
         self.dispatcher = CollectiveDispatcher(self.placement, 1, self.cfg.hidden_size, DTYPES[self.dtype],
                                                device=self.device, worker_threads=self.threads_per_worker)
+        from expert_workers.policy import RebalancePolicy
+        self.policy = RebalancePolicy(self)  # off until configured (Admin SetAutoscaling)
+        self.sample_load()
         log.info("expert pool: %d workers joined in %.1fs (%s)", self.num_workers, time.perf_counter() - t0,
                  init_method)
         return self.dispatcher
@@ -184,6 +209,201 @@ class ExpertPool:
                                 f"{[s['state'] for s in states]}")
             time.sleep(0.1)
 
+    # ---- live rebalancing -------------------------------------------------------------------
+    def sample_load(self) -> None:
+        """Note the dispatcher's cumulative per-expert load now (the sliding window's points)."""
+        if self.dispatcher is None:
+            return
+        now = time.monotonic()
+        self._load_marks.append((now, self.dispatcher.expert_load.clone()))
+        while len(self._load_marks) > 2 and self._load_marks[1][0] < now - self.load_window_s:
+            self._load_marks.popleft()
+
+    def window_load(self) -> "torch.Tensor":
+        """Rows routed to each expert [L, E] over the last `load_window_s` seconds (as far as the
+        samples reach; since start before there are two samples)."""
+        self.sample_load()
+        newest = self._load_marks[-1][1]
+        oldest = self._load_marks[0][1] if len(self._load_marks) > 1 else 0 * newest
+        return newest - oldest
+
+    def window_tokens_per_s(self, load=None) -> float:
+        """Routed tokens per second over the window: rows per layer / top-k / the window's seconds."""
+        load = self.window_load() if load is None else load
+        span = self._load_marks[-1][0] - self._load_marks[0][0] if len(self._load_marks) > 1 else 0.0
+        if span <= 0:
+            return 0.0
+        return float(load.sum()) / max(1, self.cfg.num_moe_layers) / max(1, self.cfg.top_k) / span
+
+    def imbalance(self, load=None) -> float:
+        """max / mean rows per worker of the current placement over `load` (default the window),
+        the worst MoE layer; 1.0 is perfect balance."""
+        rank_load = self.placement.rank_load(self.window_load() if load is None else load)  # [L, W]
+        mean = rank_load.mean(dim=1).clamp_min(1e-9)
+        return float((rank_load.max(dim=1).values / mean).max())
+
+    def rebalance(self, load=None, slots_per_rank: int | None = None, timeout: float | None = None) -> dict:
+        """Move to the placement `placement.rebalance` computes from `load` [L, E] (default: the
+        sliding window) with `slots_per_rank` slots per worker (default: as now; more or fewer adds
+        or removes replicas). The workers load their new slots from the checkpoint while serving, the
+        engine switches at one step boundary, and the old slots are freed. Returns what happened."""
+        import ray
+        import torch
+
+        if self.dispatcher is None:
+            raise PoolError("the expert pool is not running")
+        timeout = self.load_timeout if timeout is None else timeout
+        with self._change_lock:
+            t0 = time.perf_counter()
+            load = self.window_load() if load is None else torch.as_tensor(load, dtype=torch.float64)
+            S = slots_per_rank or self.placement.slots_per_rank
+            old = self.placement
+            new = rebalance(load, self.num_workers, S)
+            record = {"kind": "rebalance", "slots_per_rank": S, "imbalance_before": self.imbalance(load),
+                      "imbalance_after": self._imbalance_of(new, load), "changed": False, "loaded_bytes": 0,
+                      "moved_experts": 0, "decision_to_serving_s": 0.0}
+            if new.fingerprint() == old.fingerprint():
+                self.history.append(record)
+                return record
+            refs = [a.prepare.remote(new.phy2log.tolist(), new.num_ranks, S) for a in self.actors]
+            staged = ray.get(refs, timeout=timeout)
+            if any(r["fingerprint"] != new.fingerprint() for r in staged):
+                raise PoolError(f"expert workers staged different placements: {[r['fingerprint'] for r in staged]}")
+            t_loaded = time.perf_counter()
+            done = self.dispatcher.request_switch(new)
+            if self.wake is not None:
+                self.wake()
+            deadline = time.monotonic() + timeout
+            while not done.wait(1.0):
+                failed = [s for s in self.statuses(timeout=10.0) if s["state"] == "failed"]
+                if failed:  # a worker that died on the switch: the group is broken, say why
+                    raise PoolError(f"expert worker {failed[0]['rank']} failed at the placement switch:\n"
+                                    f"{failed[0]['error']}")
+                if time.monotonic() > deadline:
+                    raise PoolError(f"the engine did not reach a step boundary within {timeout:.0f}s to switch")
+            self.placement = new
+            record.update(changed=True, loaded_bytes=sum(r["loaded_bytes"] for r in staged),
+                          moved_experts=sum(r["new_experts"] for r in staged),
+                          load_seconds=t_loaded - t0, decision_to_serving_s=time.perf_counter() - t0)
+            self.history.append(record)
+            log.info("expert pool: rebalanced to %d slots per worker in %.2fs (%d experts moved, %.1f MB "
+                     "loaded; imbalance %.2f -> %.2f)", S, record["decision_to_serving_s"],
+                     record["moved_experts"], record["loaded_bytes"] / 1e6, record["imbalance_before"],
+                     record["imbalance_after"])
+            return record
+
+    def scale(self, num_workers: int, load=None, timeout: float | None = None) -> dict:
+        """Grow or shrink the pool to `num_workers` while it serves.
+
+        The new placement (`rebalance` of the window's load over the new worker count, every slot of
+        the removed workers moved to the others) is staged on every worker that stays; added workers
+        are new Ray actors in a placement group of their own (which is what makes the Ray and KubeRay
+        autoscalers add nodes); the gateway, the staying and the added workers form a new gloo group
+        beside the serving one; at one step boundary the SWITCH moves every step after it onto the
+        new group, and removed workers leave their loop and are stopped."""
+        import ray
+        import torch
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from mesh.parallel.collective import group_handshake, new_group
+
+        if self.dispatcher is None:
+            raise PoolError("the expert pool is not running")
+        if self.gpu:
+            raise PoolError("changing the worker count at runtime is implemented for gloo (CPU) pools only")
+        if num_workers < 1:
+            raise ValueError(f"workers must be at least 1, got {num_workers}")
+        timeout = self.load_timeout if timeout is None else timeout
+        with self._change_lock:
+            t0 = time.perf_counter()
+            W, old = self.num_workers, self.placement
+            load = self.window_load() if load is None else torch.as_tensor(load, dtype=torch.float64)
+            record = {"kind": "scale", "workers_before": W, "workers_after": num_workers, "changed": False,
+                      "loaded_bytes": 0, "moved_experts": 0, "decision_to_serving_s": 0.0,
+                      "slots_per_rank": old.slots_per_rank, "imbalance_before": self.imbalance(load)}
+            if num_workers == W:
+                record["imbalance_after"] = record["imbalance_before"]
+                self.history.append(record)
+                return record
+            S = -(-old.num_slots // num_workers)  # the same slots, spread over the new workers
+            new = rebalance(load, num_workers, S)
+            host = _node_ip() if self.ray_address else "127.0.0.1"
+            port = _free_port(host)
+            keep = min(W, num_workers)
+            added, added_refs = [], []
+            if num_workers > W:
+                # Ask Ray for the added workers' resources first (on a Ray or KubeRay autoscaling cluster
+                # this placement group is what adds nodes); nothing else has started if it cannot be met.
+                pg = placement_group([self._bundle] * (num_workers - W), strategy="SPREAD")
+                wait = min(timeout, PLACEMENT_WAIT_S)
+                try:
+                    ray.get(pg.ready(), timeout=wait)
+                except ray.exceptions.GetTimeoutError:
+                    ray.util.remove_placement_group(pg)
+                    raise PoolError(f"Ray could not place {num_workers - W} more expert worker(s) "
+                                    f"({self._bundle} each) within {wait:.0f}s: the cluster lacks the resources "
+                                    f"and no autoscaler added them") from None
+                self._extra_pgs.append(pg)
+                actor_cls = make_actor_class()
+                for i, r in enumerate(range(W, num_workers)):
+                    spec = WorkerSpec(self.model_dir, self.dtype, r, 1, new.phy2log.tolist(), num_workers, S, "",
+                                      self.threads_per_worker, device="cpu", backend=self.model_backend,
+                                      load_format=self.load_format, group_host=host, group_port=port)
+                    actor = actor_cls.options(
+                        num_cpus=self._cpus, runtime_env={"env_vars": _telemetry_env()},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                    ).remote(spec)
+                    added.append(actor)
+                    added_refs.append(actor.serve.remote())
+            refs = [self.actors[r].prepare.remote(new.phy2log.tolist(), num_workers, S, host, port)
+                    for r in range(keep)]
+            refs += [self.actors[r].leave.remote(new.phy2log.tolist(), num_workers, S) for r in range(keep, W)]
+            # the gateway's end of the new group: returns once every member joined it
+            group = new_group(host, port, 1 + num_workers, 0, timeout=timedelta(seconds=timeout))
+            group_handshake(group, self.dispatcher.layout(new))
+            staged = ray.get(refs, timeout=timeout)
+            if any(r["fingerprint"] != new.fingerprint() for r in staged):
+                raise PoolError(f"expert workers staged different placements: {[r['fingerprint'] for r in staged]}")
+            t_loaded = time.perf_counter()
+            done = self.dispatcher.request_switch(new, group=group)
+            if self.wake is not None:
+                self.wake()
+            self._wait_switch(done, timeout)
+            leaving, leaving_refs = self.actors[keep:], self.serve_refs[keep:]
+            self.actors = self.actors[:keep] + added
+            self.serve_refs = self.serve_refs[:keep] + added_refs
+            self.num_workers, self.placement = num_workers, new
+            try:
+                ray.get(leaving_refs, timeout=timeout)  # their loops ended at the SWITCH
+            except Exception as e:  # noqa: BLE001 - they are stopped below either way
+                log.warning("expert pool: a removed worker did not stop cleanly: %s", e)
+            for a in leaving:
+                ray.kill(a)
+            record.update(changed=True, slots_per_rank=S, imbalance_after=self._imbalance_of(new, load),
+                          loaded_bytes=sum(r["loaded_bytes"] for r in staged),
+                          moved_experts=sum(r["new_experts"] for r in staged), load_seconds=t_loaded - t0,
+                          decision_to_serving_s=time.perf_counter() - t0)
+            self.history.append(record)
+            log.info("expert pool: %d -> %d workers in %.2fs (%d slots per worker)", W, num_workers,
+                     record["decision_to_serving_s"], S)
+            return record
+
+    def _wait_switch(self, done, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done.wait(1.0):
+            failed = [s for s in self.statuses(timeout=10.0) if s["state"] == "failed"]
+            if failed:  # a worker that died on the switch: the group is broken, say why
+                raise PoolError(f"expert worker {failed[0]['rank']} failed at the placement switch:\n"
+                                f"{failed[0]['error']}")
+            if time.monotonic() > deadline:
+                raise PoolError(f"the engine did not reach a step boundary within {timeout:.0f}s to switch")
+
+    @staticmethod
+    def _imbalance_of(placement: Placement, load) -> float:
+        rank_load = placement.rank_load(load)
+        return float((rank_load.max(dim=1).values / rank_load.mean(dim=1).clamp_min(1e-9)).max())
+
     # ---- watch -----------------------------------------------------------------------------
     def statuses(self, timeout: float = 10.0) -> list[dict]:
         import ray
@@ -205,6 +425,8 @@ class ExpertPool:
         import ray
         import torch.distributed as dist
 
+        if self.policy is not None:
+            self.policy.stop()
         if self.dispatcher is not None:
             try:
                 self.dispatcher.shutdown()
@@ -220,12 +442,13 @@ class ExpertPool:
             except Exception:
                 pass
         self.actors = []
-        if self._pg is not None:
-            try:
-                ray.util.remove_placement_group(self._pg)
-            except Exception:
-                pass
-            self._pg = None
+        for pg in [self._pg, *self._extra_pgs]:
+            if pg is not None:
+                try:
+                    ray.util.remove_placement_group(pg)
+                except Exception:
+                    pass
+        self._pg, self._extra_pgs = None, []
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False

@@ -35,6 +35,10 @@ class WorkerSpec:
     device: str = "cpu"
     backend: str = "auto"  # the expert compute's backend (EngineConfig.backend)
     load_format: str = "auto"  # "dummy": random weights made on the device (seeded by the rank)
+    # a worker added to a running pool joins the pool's next group (collective.new_group) on this
+    # host:port instead of the default group of init_method
+    group_host: str = ""
+    group_port: int = 0
 
 
 class ExpertWorker:
@@ -79,14 +83,21 @@ class ExpertWorker:
             gpu = s.device.startswith("cuda")
             if gpu:
                 torch.cuda.set_device(torch.device(s.device).index or 0)
-            init_mesh_group(s.init_method, s.num_attention + s.num_ranks, s.num_attention + s.expert_rank,
-                            backend="nccl" if gpu else "gloo")
-            self.server = ExpertServer(shard, placement, s.num_attention, device=s.device)
+            group = None
+            if s.group_port:  # added at runtime: the new pool's own group
+                from mesh.parallel.collective import new_group
+                group = new_group(s.group_host, s.group_port, s.num_attention + s.num_ranks,
+                                  s.num_attention + s.expert_rank)
+            else:
+                init_mesh_group(s.init_method, s.num_attention + s.num_ranks, s.num_attention + s.expert_rank,
+                                backend="nccl" if gpu else "gloo")
+            self.server = ExpertServer(shard, placement, s.num_attention, group=group, device=s.device)
             _export_worker_metrics(self.server, s.expert_rank)
             self.state = "joined"
             steps = self.server.run()
-            self.state = "stopped"
-            dist.destroy_process_group()
+            self.state = "left" if self.server.left else "stopped"
+            if dist.is_initialized() and not self.server.left:  # a leaving rank's peers may still use it
+                dist.destroy_process_group()
             telemetry.shutdown()
             return steps
         except BaseException:
@@ -94,12 +105,52 @@ class ExpertWorker:
             self.error = traceback.format_exc()
             raise
 
+    def leave(self, phy2log: list[list[int]], num_ranks: int, slots_per_rank: int) -> dict:
+        """This rank is not in the new placement's pool: stop serving at its SWITCH."""
+        cfg = ModelConfig.from_dir(self.spec.model_dir)
+        new = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+        return {"rank": self.spec.expert_rank, "fingerprint": self.server.stage_leave(new), "loaded_bytes": 0,
+                "new_experts": 0, "seconds": 0.0}
+
+    def prepare(self, phy2log: list[list[int]], num_ranks: int, slots_per_rank: int, group_host: str = "",
+                group_port: int = 0) -> dict:
+        """Load this rank's slots of a new placement from the checkpoint while `serve` keeps serving
+        (another actor thread), and stage them for the gateway's SWITCH. Returns the placement's
+        fingerprint, the bytes loaded, the seconds it took and how many (layer, expert) pairs are new
+        to this rank."""
+        s = self.spec
+        if self.server is None or self.state != "joined":
+            raise RuntimeError(f"expert worker {s.expert_rank} is {self.state}: it can take a new placement "
+                               f"only once it serves")
+        t0 = time.perf_counter()
+        cfg = ModelConfig.from_dir(s.model_dir)
+        new = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+        shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=new.local_slots(s.expert_rank),
+                             device=s.device, reader=open_reader(s.model_dir, s.load_format, s.device,
+                                                                 seed=1 + s.expert_rank))
+        nbytes = shard.nbytes
+        make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
+        new_experts = self.server.placement.moved_slots(new)[s.expert_rank]
+        group = None
+        if group_port:  # the pool changes membership: join its next group now, beside the serving one
+            from mesh.parallel.collective import PROTOCOL_VERSION, _DTYPES, group_handshake, new_group
+            A = s.num_attention
+            group = new_group(group_host, group_port, A + num_ranks, A + s.expert_rank)
+            group_handshake(group, [PROTOCOL_VERSION, A, num_ranks, slots_per_rank, cfg.num_experts,
+                                    new.num_layers, cfg.hidden_size, _DTYPES.index(DTYPES[s.dtype]),
+                                    new.fingerprint()])
+        fp = self.server.stage(new, shard, group=group)
+        return {"rank": s.expert_rank, "fingerprint": fp, "loaded_bytes": nbytes,
+                "new_experts": new_experts, "seconds": time.perf_counter() - t0}
+
     def status(self) -> dict:
         srv = self.server
         return {"rank": self.spec.expert_rank, "state": self.state, "error": self.error,
                 "host": socket.gethostname(), "pid": os.getpid(), "loaded_bytes": self.loaded_bytes,
                 "load_seconds": self.load_seconds,
                 "steps": srv.steps if srv is not None else 0,
+                "switches": srv.switches if srv is not None else 0,
+                "slots": srv.placement.local_slots(srv.rank - srv.A) if srv is not None and not srv.left else None,
                 "compute_seconds": srv.compute_seconds if srv is not None else 0.0}
 
 
@@ -131,7 +182,8 @@ def make_actor_class():
     """The Ray actor shell, built on demand so importing this module does not import Ray."""
     import ray
 
-    @ray.remote(max_concurrency=2)  # one thread serves the collective loop, one answers status()
+    # one thread serves the collective loop, one answers status(), one loads a new placement (prepare)
+    @ray.remote(max_concurrency=3)
     class RayExpertWorker:
         def __init__(self, spec: WorkerSpec):
             self.worker = ExpertWorker(spec)
@@ -141,5 +193,11 @@ def make_actor_class():
 
         def status(self) -> dict:
             return self.worker.status()
+
+        def prepare(self, phy2log, num_ranks, slots_per_rank, group_host="", group_port=0) -> dict:
+            return self.worker.prepare(phy2log, num_ranks, slots_per_rank, group_host, group_port)
+
+        def leave(self, phy2log, num_ranks, slots_per_rank) -> dict:
+            return self.worker.leave(phy2log, num_ranks, slots_per_rank)
 
     return RayExpertWorker

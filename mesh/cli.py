@@ -209,5 +209,3 @@ def cmd_init_model(args) -> int:
     if args.json:
         print(json.dumps({"model_dir": str(out), "arch": args.arch, "preset": args.preset, "seed": args.seed}))
     return 0
-
-

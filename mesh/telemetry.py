@@ -35,6 +35,7 @@ SPAN_DECODE = "mesh.decode"  # the request's decode phase; attribute: tokens
 SPAN_STEP = "mesh.engine.step"  # one per engine step; links to the requests it served
 SPAN_LAYER = "mesh.moe.layer"  # per-MoE-layer detail, sampled (MESH_TRACE_LAYER_EVERY)
 SPAN_EXPERT_STEP = "mesh.expert.step"  # an expert worker serving one step (child of SPAN_STEP)
+SPAN_POOL_CHANGE = "mesh.pool.change"  # a placement change of the expert pool, with its reason
 
 # ---- attribute names --------------------------------------------------------------------------
 ATTR_REQUEST_ID = "mesh.request_id"
@@ -64,6 +65,8 @@ M_TIER_LATENCY = "mesh.prefix_cache.tier.read_latency"  # gauge, s (median of re
 M_DISPATCH_SECONDS = "mesh.dispatch.duration"  # histogram, s per MoE layer (dispatch + combine)
 M_DISPATCH_BYTES = "mesh.dispatch.bytes"  # counter
 M_WORKER_UP = "mesh.expert_worker.up"  # gauge per rank: 1 joined, 0 otherwise
+M_POOL_DECISIONS = "mesh.pool.decisions"  # counter, attributes action (rebalance|none), reason
+M_POOL_IMBALANCE = "mesh.pool.imbalance"  # gauge: max/mean rows per worker over the load window
 M_TOKENS = "mesh.tokens"  # counter, attribute kind=prompt|cached|output (cached: prompt tokens not recomputed)
 # exported by each expert worker (attribute mesh.expert.rank)
 M_WORKER_STEPS = "mesh.expert_worker.steps"  # counter: steps served

@@ -18,6 +18,8 @@ import time
 from mesh.cli import (DEFAULT_ARCH, DEFAULT_PRESET, add_engine_flags, add_sampling_flags, cmd_init_model,
                       engine_config, int_list, progress, reject_engine_flags, sampling_params)
 from mesh.presets import ARCHS, PRESETS
+from mesh.kuberay import register as deploy_register
+from router_service.admin_cli import register as admin_register
 from router_service.cli import register as serve_register
 from router_service.hub import resolve_model
 from router_service.loadtest.cli import register as loadtest_register
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_register(sub)
     loadtest_register(sub)
+    admin_register(sub)
+    deploy_register(sub)
     return parser
 
 

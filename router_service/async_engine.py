@@ -128,6 +128,12 @@ class AsyncEngine:
     def abort_all(self) -> None:
         self._inbox.put(("abort_all", None, None))
 
+    def call_between_steps(self, fn) -> None:
+        """Run `fn()` on the engine thread before its next step (at once when idle): for work that
+        must sit between two steps, such as an expert pool's placement switch. Safe from any thread;
+        an exception from `fn` fails the engine like a failed step."""
+        self._inbox.put(("call", fn, None))
+
     def stats(self) -> dict:
         """running/waiting sequences and KV blocks as of the engine thread's last pass, plus the
         admitted requests not yet finished (in_flight)."""
@@ -215,6 +221,8 @@ class AsyncEngine:
             self._abort(arg)
         elif kind == "abort_all":
             self._abort_all()
+        elif kind == "call":
+            arg()
 
     def _abort(self, request_id: str) -> None:
         route = self._routes.pop(request_id, None)

@@ -9,10 +9,12 @@ UNAUTHENTICATED and the HTTP API with 401.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Mapping
 
 TENANT_HEADER = "x-tenant-id"
+ADMIN_TOKEN_HEADER = "x-admin-token"
 
 
 class Unauthenticated(Exception):
@@ -31,3 +33,15 @@ class Caller:
 def identify(headers: Mapping[str, str]) -> Caller:
     """The caller of a request, from its headers (names in lower case, as gRPC and ASGI give them)."""
     return Caller(tenant=headers.get(TENANT_HEADER, ""))
+
+
+def check_admin(headers: Mapping[str, str], token: str | None) -> None:
+    """Admin calls (mesh.v1.Admin) carry the operator's token in `x-admin-token`; raise
+    Unauthenticated unless it equals `token` (None: the gateway has no admin token, admin is off)."""
+    if not token:
+        raise Unauthenticated("the admin API is off on this gateway: start mesh serve with --admin-token-file")
+    given = headers.get(ADMIN_TOKEN_HEADER, "")
+    if not given:
+        raise Unauthenticated(f"admin calls need the admin token in the {ADMIN_TOKEN_HEADER} metadata")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthenticated("wrong admin token")

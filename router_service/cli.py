@@ -47,6 +47,16 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=_env("MESH_WORKERS", "0"),
                    help="expert worker processes (Ray actors) holding the experts; 0 = all experts in "
                         "this process (default 0; env MESH_WORKERS)")
+    p.add_argument("--redundant-experts", type=int, default=_env("MESH_REDUNDANT_EXPERTS", "0"),
+                   help="extra expert slots per MoE layer holding replicas of experts (hot ones after a "
+                        "rebalance), spread over the workers; rounded up so every worker holds the same number "
+                        "of slots. Any number of experts runs on any --workers: when the workers do not divide "
+                        "the experts the spare slots hold replicas (default 0; env MESH_REDUNDANT_EXPERTS; used "
+                        "with --workers >= 1)")
+    p.add_argument("--admin-token-file", default=_env("MESH_ADMIN_TOKEN_FILE"),
+                   help="file holding the token that mesh.v1.Admin calls (mesh admin ...) must carry in the "
+                        "x-admin-token metadata; without it every Admin call is refused UNAUTHENTICATED "
+                        "(env MESH_ADMIN_TOKEN_FILE)")
     p.add_argument("--ray-address", default=_env("MESH_RAY_ADDRESS"),
                    help="Ray cluster to start expert workers in, e.g. ray://head:10001 or auto "
                         "(default: a local Ray instance; env MESH_RAY_ADDRESS; used with --workers >= 1)")
@@ -83,7 +93,8 @@ def register(subparsers) -> None:
 
 
 def build_engine_factory(args):
-    """What `mesh serve` runs: (factory, ready, on_shutdown). The factory builds the engine once, in a
+    """What `mesh serve` runs: (factory, ready, on_shutdown, pool), `pool` the expert pool (None with
+    --workers 0) that the Admin API reshapes. The factory builds the engine once, in a
     background thread, after the port is open.
 
     --workers 0: the single-process engine (all experts here). --workers N: the experts live in N Ray
@@ -94,6 +105,11 @@ def build_engine_factory(args):
     from router_service.hub import resolve_model
     if args.workers < 0:
         raise SystemExit(f"mesh: error: --workers must be 0 or more, got {args.workers}")
+    if args.redundant_experts < 0:
+        raise SystemExit(f"mesh: error: --redundant-experts must be 0 or more, got {args.redundant_experts}")
+    if args.redundant_experts and args.workers == 0:
+        raise SystemExit("mesh: error: --redundant-experts needs --workers >= 1 (with --workers 0 every expert "
+                         "lives once in the gateway)")
     model = resolve_model(args.model, args.load_format, args.revision)
     args.resolved_model = model
     config = engine_config(args)
@@ -111,7 +127,8 @@ def build_engine_factory(args):
         from expert_workers.pool import ExpertPool
         try:
             pool = ExpertPool(str(model), config.dtype, args.workers, ray_address=args.ray_address,
-                              device=config.device, backend=config.backend, load_format=config.load_format)
+                              device=config.device, backend=config.backend, load_format=config.load_format,
+                              redundant=args.redundant_experts)
         except ValueError as e:
             raise SystemExit(f"mesh: error: {e}") from None
 
@@ -121,7 +138,7 @@ def build_engine_factory(args):
         return Engine(model, config, dispatcher=dispatcher, prefix_tier=tier)
 
     if pool is None:
-        return factory, None, None
+        return factory, None, None, None
     from expert_workers.pool import PoolError
     try:
         pool.connect()  # here, in the main thread, before the server installs its signal handlers
@@ -131,7 +148,7 @@ def build_engine_factory(args):
     # Both block on Ray calls: run them off the event loop.
     import asyncio
     return (factory, lambda: asyncio.to_thread(pool.ready),
-            lambda: asyncio.to_thread(pool.shutdown, 3.0))
+            lambda: asyncio.to_thread(pool.shutdown, 3.0), pool)
 
 
 def _watch_workers(pool) -> None:
@@ -185,11 +202,19 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"mesh: error: --metrics-port {args.metrics_port}: {e}") from None
     except RuntimeError as e:
         raise SystemExit(f"mesh: error: {e}") from None
-    factory, ready, on_shutdown = build_engine_factory(args)
+    admin_token = None
+    if args.admin_token_file:
+        from router_service.admin import read_token_file
+        try:
+            admin_token = read_token_file(args.admin_token_file)
+        except ValueError as e:
+            raise SystemExit(f"mesh: error: {e}") from None
+    factory, ready, on_shutdown, pool = build_engine_factory(args)
     try:
         return run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
                           grace=args.grace_period, num_workers=args.workers, ready=ready,
-                          on_shutdown=on_shutdown, http_port=args.http_port, model_name=served_model_name(args))
+                          on_shutdown=on_shutdown, http_port=args.http_port, model_name=served_model_name(args),
+                          admin_token=admin_token, expert_pool=pool)
     except RuntimeError as e:
         if "HTTP" in str(e):  # router_service.http_api names its address itself
             raise SystemExit(f"mesh: error: --http-port: {e}") from None

@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.types import RequestOutput
 from router_service import convert
+from router_service.protos import admin_pb2 as apb
+from router_service.protos import admin_pb2_grpc as apb_grpc
 from router_service.protos import inference_pb2 as pb
 from router_service.protos import inference_pb2_grpc as pb_grpc
 
@@ -55,11 +57,15 @@ def _logprobs(msgs) -> list[dict]:
 
 
 class MeshClient:
-    def __init__(self, target: str, timeout: float | None = None, channel: grpc.Channel | None = None):
-        """`timeout`: default deadline in seconds for every call (None: no deadline)."""
+    def __init__(self, target: str, timeout: float | None = None, channel: grpc.Channel | None = None,
+                 admin_token: str | None = None):
+        """`timeout`: default deadline in seconds for every call (None: no deadline). `admin_token`:
+        sent with the mesh.v1.Admin calls (get_pool, rebalance, scale_pool, set_autoscaling)."""
         self.target, self.timeout = target, timeout
+        self.admin_token = admin_token
         self._channel = channel or grpc.insecure_channel(target)
         self._stub = pb_grpc.InferenceStub(self._channel)
+        self._admin = apb_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
@@ -148,6 +154,41 @@ class MeshClient:
         except grpc.RpcError as e:
             raise MeshError.from_rpc(e) from None
         return stats_dict(msg)
+
+    # ---- mesh.v1.Admin ------------------------------------------------------------------------
+    def _admin_call(self, method: str, msg, timeout: float | None) -> dict:
+        from google.protobuf.json_format import MessageToDict
+        from router_service.auth import ADMIN_TOKEN_HEADER
+        meta = [(ADMIN_TOKEN_HEADER, self.admin_token)] if self.admin_token else []
+        try:
+            out = getattr(self._admin, method)(msg, timeout=self._timeout(timeout), metadata=meta)
+        except grpc.RpcError as e:
+            raise MeshError.from_rpc(e) from None
+        return MessageToDict(out, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+    def get_pool(self, timeout: float | None = None) -> dict:
+        """The expert pool: workers, each layer's slots (row-major [workers][slots_per_rank]),
+        replicas and load per expert over the load window, the imbalance, the autoscaling settings."""
+        return self._admin_call("GetPool", apb.GetPoolRequest(), timeout)
+
+    def rebalance(self, slots_per_rank: int = 0, timeout: float | None = None) -> dict:
+        """Rebalance the pool (0 keeps the slot count); returns once it serves on the new placement."""
+        return self._admin_call("Rebalance", apb.RebalanceRequest(slots_per_rank=slots_per_rank), timeout)
+
+    def scale_pool(self, workers: int, timeout: float | None = None) -> dict:
+        return self._admin_call("ScalePool", apb.ScalePoolRequest(workers=workers), timeout)
+
+    def set_autoscaling(self, enabled: bool, imbalance_threshold: float = 0.0, look_back_period_s: float = 0.0,
+                        interval_s: float = 0.0, min_workers: int = 0, max_workers: int = 0,
+                        target_tokens_per_worker: float = 0.0, upscale_delay_s: float = 0.0,
+                        downscale_delay_s: float = 0.0, timeout: float | None = None) -> dict:
+        """Turn the policy loop (rebalancing, and sizing the pool when max_workers is set) on or off;
+        0 keeps a setting as it is."""
+        return self._admin_call("SetAutoscaling", apb.AutoscalingConfig(
+            enabled=enabled, imbalance_threshold=imbalance_threshold, look_back_period_s=look_back_period_s,
+            interval_s=interval_s, min_workers=min_workers, max_workers=max_workers,
+            target_tokens_per_worker=target_tokens_per_worker, upscale_delay_s=upscale_delay_s,
+            downscale_delay_s=downscale_delay_s), timeout)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service name."""

@@ -104,9 +104,10 @@ def ensure() -> None:
 
 
 ensure()
-from router_service.gen.mesh.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
+from router_service.gen.mesh.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
 
-__all__ = ["inference_pb2", "inference_pb2_grpc", "generate", "ensure", "is_current"]
+__all__ = ["admin_pb2", "admin_pb2_grpc", "inference_pb2", "inference_pb2_grpc", "generate", "ensure",
+           "is_current"]
 
 
 if __name__ == "__main__":

@@ -68,9 +68,13 @@ class Gateway:
     def __init__(self, engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  *, ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
                  grace: float = DEFAULT_GRACE, num_workers: int = 0, http_port: int | None = None,
-                 model_name: str = ""):
-        """`http_port`: also serve the OpenAI-compatible HTTP API there (0: a free port; None: no HTTP).
-        `model_name`: the model id the HTTP API lists and expects (default: the model directory's name)."""
+                 model_name: str = "", admin_token: str | None = None, expert_pool: Any = None):
+        """`expert_pool`: the expert_workers.pool.ExpertPool behind the engine's dispatcher (None: the
+        experts run in the gateway), for the Admin API and placement switches.
+        `http_port`: also serve the OpenAI-compatible HTTP API there (0: a free port; None: no HTTP).
+        `model_name`: the model id the HTTP API lists and expects (default: the model directory's name).
+        `admin_token`: the token mesh.v1.Admin calls must carry (None: every Admin call is refused)."""
+        self.admin_token, self.expert_pool = admin_token, expert_pool
         self.engine_factory, self.host, self.port = engine_factory, host, port
         self.http_port, self.model_name = http_port, model_name
         self.http = None  # router_service.http_api.HttpServer once started
@@ -96,10 +100,14 @@ class Gateway:
                                           ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self), server)
+        from router_service.admin import SERVICE as ADMIN_SERVICE
+        from router_service.admin import AdminServicer
+        from router_service.protos import admin_pb2_grpc
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self, self.admin_token), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server)
+            [SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")  # port 0: the OS picks one
         await self._set_health(NOT_SERVING)
         await server.start()
@@ -120,6 +128,10 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self.aengine = AsyncEngine(self.engine, self.max_queued,
                                    on_failure=lambda e: loop.call_soon_threadsafe(self._engine_failed, e))
+        pool = self.expert_pool
+        if pool is not None:  # placement switches reach an idle engine through its thread
+            aengine = self.aengine
+            pool.wake = lambda: aengine.call_between_steps(pool.dispatcher.apply_pending)
         mc = self.engine.model_config
         self.model_name = self.model_name or self.engine.model_dir.name
         http = f" | HTTP (OpenAI API) on {self.host}:{self.http_port}" if self.http is not None else ""
@@ -441,7 +453,7 @@ def _step_counters(aengine: AsyncEngine, st: EngineStats, steps_after: int | Non
 async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                 ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
                 grace: float = DEFAULT_GRACE, num_workers: int = 0, http_port: int | None = None,
-                model_name: str = "",
+                model_name: str = "", admin_token: str | None = None, expert_pool: Any = None,
                 started: Callable[[Gateway], Awaitable[None] | None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (a second one cuts the grace period short) or until the engine
     dies. Returns the exit code: 0 after a clean stop, 1 when the engine failed to load or failed
@@ -449,7 +461,8 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
     `ready`: returns true once all expert workers are loaded and joined (None: ready when the engine
     is built). `on_shutdown`: runs last."""
     gw = Gateway(engine_factory, host, port, ready=ready, on_shutdown=on_shutdown, max_queued=max_queued,
-                 grace=grace, num_workers=num_workers, http_port=http_port, model_name=model_name)
+                 grace=grace, num_workers=num_workers, http_port=http_port, model_name=model_name,
+                 admin_token=admin_token, expert_pool=expert_pool)
     stop = gw.stop_requested
     loop = asyncio.get_running_loop()
 

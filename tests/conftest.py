@@ -32,7 +32,7 @@ def pytest_configure(config):
         raise pytest.UsageError(f"MESH_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
 
 
-def build_hf_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+def build_hf_checkpoint(family: str, out: Path, seed: int = 0, num_experts: int = 8, **overrides) -> Path:
     """Save a tiny random model with transformers' own save_pretrained (per-expert keys on disk).
 
     head_dim 32 and the engine's 16-token blocks are shapes the native CPU kernels take, so the
@@ -45,23 +45,23 @@ def build_hf_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> P
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                   eos_token_id=None, bos_token_id=None, pad_token_id=None)
     if family == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        cfg = tf.Qwen3MoeConfig(num_experts=num_experts, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=True, mlp_only_layers=[1], **common)
         model = tf.Qwen3MoeForCausalLM(cfg)
     elif family == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        cfg = tf.Qwen2MoeConfig(num_experts=num_experts, num_experts_per_tok=2, moe_intermediate_size=32,
                                 shared_expert_intermediate_size=48, **common)
         model = tf.Qwen2MoeForCausalLM(cfg)
     elif family == "qwen3_next":
         # layers 0-2 Gated DeltaNet, layer 3 full attention (every 4th); layer 1 a dense MLP
-        cfg = tf.Qwen3NextConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        cfg = tf.Qwen3NextConfig(num_experts=num_experts, num_experts_per_tok=2, moe_intermediate_size=32,
                                  shared_expert_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1],
                                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                                  linear_value_head_dim=16, linear_conv_kernel_dim=4,
                                  **{**common, "num_hidden_layers": 4})
         model = tf.Qwen3NextForCausalLM(cfg)
     else:
-        cfg = tf.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **common)
+        cfg = tf.MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=2, **common)
         model = tf.MixtralForCausalLM(cfg)
     for k, v in overrides.items():
         setattr(cfg, k, v)

@@ -24,7 +24,7 @@ LAYERS = [
     {"tokenizer", "telemetry", "model", "cache"},  # model below parallel and engine; cache below engine
     {"parallel", "presets"},
     {"engine", "plan"},
-    {"cli"},
+    {"cli", "kuberay"},  # kuberay: `mesh deploy kuberay` renders manifests from a plan
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 # What each top-level package may import of the others'.

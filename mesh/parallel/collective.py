@@ -12,7 +12,11 @@ Wire protocol, in this order on every rank (all collectives span the whole group
    span_id, flags, 0] (expert ranks send zeros but for the last element: their compute
    microseconds since start, which the attention ranks keep as `worker_compute_seconds`). kind
    STEP on every attention rank starts a step; SHUTDOWN from any attention rank ends the expert
-   loops (and fails the peers' begin_step).
+   loops (and fails the peers' begin_step). kind SWITCH (one attention rank only) carries a placement
+   fingerprint in element 3: every expert rank swaps to the shard it staged for that placement
+   (`ExpertServer.stage`, loaded in the background while serving) and no layers follow; the next
+   header round starts a step on the new placement. The gateway sends it only after every expert rank
+   reported that placement staged, so the switch costs one header round between two steps.
 2. per MoE layer 0..L-1, in order:
    a. all_to_all_single of int64 [world, S] with equal splits: the per-local-slot row counts that each
       attention rank sends to each expert rank (zeros on every other pair).
@@ -30,6 +34,7 @@ idle gateway still joins each step with 0 tokens (see `idle_step`).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,7 +47,7 @@ from mesh import telemetry
 from mesh.model.moe import ExpertShard, weighted_scatter
 from mesh.parallel.placement import Placement
 
-STEP, SHUTDOWN = 1, 2
+STEP, SHUTDOWN, SWITCH = 1, 2, 3
 ECHO = 1  # header flag: expert ranks return rows unchanged (measures transport alone)
 MB_SHIFT = 8  # header flags bits 8..15: micro-batches per step (each MoE layer serves that many exchanges)
 HEADER_LEN = 8
@@ -65,6 +70,32 @@ def init_mesh_group(init_method: str, world_size: int, rank: int, backend: str |
                             timeout=GROUP_TIMEOUT)
 
 
+def new_group(host: str, port: int, world_size: int, rank: int, timeout: timedelta = timedelta(seconds=300)):
+    """A gloo process group of its own (its own TCP store on host:port, rank 0 serving it), formed
+    beside the default group: how a pool changes its membership (torch.distributed cannot grow a
+    group). Blocks until all `world_size` members joined."""
+    store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+    return dist.ProcessGroupGloo(dist.PrefixStore(f"mesh-{port}/", store), rank, world_size, GROUP_TIMEOUT)
+
+
+def _is_raw(group) -> bool:
+    return isinstance(group, dist.ProcessGroupGloo)
+
+
+def group_handshake(group, layout: list[int]) -> None:
+    """The construction-time handshake of a mesh on `group`, for members that join a new group while
+    their _MeshRank keeps serving on the old one."""
+    x = torch.tensor(layout, dtype=torch.int64)
+    out = [torch.empty_like(x) for _ in range(group.size())]
+    dist.all_gather(out, x, group=group)
+    table = torch.stack(out)
+    for r in range(table.shape[0]):
+        for i, name in enumerate(_HANDSHAKE):
+            if table[r, i] != table[0, i]:
+                raise ValueError(f"mesh handshake: rank {r} has {name}={int(table[r, i])}, rank 0 has "
+                                 f"{int(table[0, i])}; every rank must run the same model and placement")
+
+
 def _u64_halves(x: int) -> tuple[int, int]:
     """Split an unsigned 128-bit trace id into two signed int64 halves (tensor elements are signed)."""
     def s64(v):
@@ -78,14 +109,14 @@ class _MeshRank:
     def __init__(self, placement: Placement, num_attention: int, group, device, layout: list[int]):
         self.placement = placement
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
+        self.rank = group.rank() if _is_raw(group) else dist.get_rank(group)
+        self.world = group.size() if _is_raw(group) else dist.get_world_size(group)
         self.A, self.W = num_attention, placement.num_ranks
         self.S, self.L = placement.slots_per_rank, placement.num_layers
         if self.world != self.A + self.W:
             raise ValueError(f"group has {self.world} ranks, expected {self.A} attention + {self.W} expert")
         if device is None:
-            nccl = dist.get_backend(group) == "nccl"
+            nccl = not _is_raw(group) and dist.get_backend(group) == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.device = torch.device(device)
         self.step_bytes_sent = self.step_bytes_received = 0
@@ -112,7 +143,13 @@ class _MeshRank:
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, async_op=False):
         # Collective over the whole group: every rank must call this, in the same order.
-        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+        if _is_raw(self.group):  # a group formed by new_group: its own all-to-all entry point
+            work = self.group.alltoall_base(out, inp, out_splits or [], in_splits or [], dist.AllToAllOptions())
+            if not async_op:
+                work.wait()
+                work = None
+        else:
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
         self._count(inp.numel() * inp.element_size(), out.numel() * out.element_size())
         return work
 
@@ -158,11 +195,13 @@ class CollectiveDispatcher(_MeshRank):
         super().__init__(placement, num_attention, group, device, layout)
         if not 0 <= self.rank < self.A:
             raise ValueError(f"rank {self.rank} is an expert rank; attention ranks are 0..{self.A - 1}")
-        # Without replicas every expert has exactly one slot: logical -> physical is one lookup, and
-        # the per-expert counters follow from the slot counts (no second bincount over the ids).
-        self._single = bool((placement.logcnt == 1).all())
-        self._slot_of = placement.log2phy[:, :, 0].to(self.device) if self._single else None  # [L, E]
+        self._use_placement(placement)
         self.reset_counters()
+        # a placement switch asked for by another thread, applied by the engine thread between steps
+        self._switch_lock = threading.Lock()
+        self._pending_switch: tuple | None = None
+        self.switches = 0
+        self.retired_groups: list = []  # groups of earlier pool memberships
         self._in_step = self._closed = False
         self._next_layer = 0
         self._micro_batches, self._exchanges = 1, 0
@@ -175,10 +214,72 @@ class CollectiveDispatcher(_MeshRank):
     def num_workers(self) -> int:
         return self.W
 
+    def layout(self, placement: Placement) -> list[int]:
+        """The handshake row of this gateway for `placement` (what a new group's members compare)."""
+        return [PROTOCOL_VERSION, self.A, placement.num_ranks, placement.slots_per_rank, placement.num_experts,
+                placement.num_layers, self.hidden_size, _DTYPES.index(self.dtype), placement.fingerprint()]
+
+    def _use_placement(self, placement: Placement) -> None:
+        if (placement.num_ranks, placement.num_layers, placement.num_experts) != \
+                (self.W, self.L, self.placement.num_experts):
+            raise ValueError(f"a placement switch keeps the ranks and layers: got {placement.num_ranks} ranks "
+                             f"x {placement.num_layers} layers x {placement.num_experts} experts, the group has "
+                             f"{self.W} x {self.L} x {self.placement.num_experts}")
+        self.placement, self.S = placement, placement.slots_per_rank
+        # Without replicas every expert has exactly one slot: logical -> physical is one lookup, and
+        # the per-expert counters follow from the slot counts (no second bincount over the ids).
+        self._single = bool((placement.logcnt == 1).all())
+        self._slot_of = placement.log2phy[:, :, 0].to(self.device) if self._single else None  # [L, E]
+        self.slot_load = torch.zeros(self.L, placement.num_slots, dtype=torch.int64)
+
     def reset_counters(self) -> None:
         self.expert_load = torch.zeros(self.L, self.placement.num_experts, dtype=torch.int64)
         self.slot_load = torch.zeros(self.L, self.placement.num_slots, dtype=torch.int64)
         self.layer_seconds = [0.0] * self.L
+
+    # ---- placement switches (live rebalancing) ---------------------------------------------
+    def request_switch(self, placement: Placement, group=None) -> threading.Event:
+        """Ask for `placement` from the next step boundary on (any thread). Every expert rank must
+        already hold it staged (`ExpertServer.stage`). With `group` (a `new_group` every member of the
+        new pool joined and handshook), the steps after the switch run on that group: the pool's
+        membership changes. Returns an event set once the switch is done; the engine thread applies
+        it at its next `begin_step` or `apply_pending` call."""
+        if self.A != 1:
+            raise RuntimeError("placement switches need a single attention rank")
+        done = threading.Event()
+        with self._switch_lock:
+            if self._pending_switch is not None:
+                raise RuntimeError("a placement switch is already pending")
+            self._pending_switch = (placement, done, group)
+        return done
+
+    @property
+    def switch_pending(self) -> bool:
+        return self._pending_switch is not None
+
+    def apply_pending(self) -> bool:
+        """Engine thread, between steps: send the SWITCH header of a pending switch and use the new
+        placement from the next step on. True if a switch happened."""
+        with self._switch_lock:
+            pending, self._pending_switch = self._pending_switch, None
+        if pending is None:
+            return False
+        if self._in_step or self._closed:
+            raise RuntimeError("a placement switch must be applied between steps of a running mesh")
+        placement, done, group = pending
+        t0 = time.perf_counter()
+        self._gather(torch.tensor([SWITCH, 0, self.steps, placement.fingerprint(), int(group is not None), 0, 0, 0],
+                                  dtype=torch.int64))
+        self.expert_seconds += time.perf_counter() - t0
+        if group is not None:  # the next header round is the new group's first
+            self.retired_groups.append(self.group)  # idle from now on; dropped at shutdown
+            self.group, self.rank, self.world = group, group.rank(), group.size()
+            self.W = placement.num_ranks
+            self.worker_compute_seconds = [0.0] * self.W
+        self._use_placement(placement)
+        self.switches += 1
+        done.set()
+        return True
 
     step_flags = 0  # header flags for steps the model starts (benchmarks set ECHO)
     next_step_trace = (0, 0)  # (trace id, span id) of the engine's step span, for the next header
@@ -192,6 +293,8 @@ class CollectiveDispatcher(_MeshRank):
             raise RuntimeError("the mesh dispatcher is shut down")
         if self._in_step:
             raise RuntimeError("begin_step called twice without end_step")
+        if self._pending_switch is not None:
+            self.apply_pending()  # a step boundary: the switch goes before this step's header
         self.step_bytes_sent = self.step_bytes_received = 0
         if not 1 <= micro_batches <= 255:
             raise ValueError(f"micro_batches must be in [1, 255], got {micro_batches}")
@@ -227,7 +330,8 @@ class CollectiveDispatcher(_MeshRank):
         if self._single:
             phys = self._slot_of[moe_index].index_select(0, topk_ids.reshape(-1))  # [T*K]
         else:
-            phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank).reshape(-1)  # [T*K]
+            # replica choice rotates per gateway and per step (deterministic: the same tokens, same slots)
+            phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank + self.steps).reshape(-1)  # [T*K]
         # Global slot p = w * S + local slot: sorting by p groups rows by expert rank, then slot.
         order = torch.argsort(phys, stable=True)  # [T*K]
         slot_counts = torch.bincount(phys, minlength=P)  # [P]
@@ -343,6 +447,54 @@ class ExpertServer(_MeshRank):
         self.last_headers = torch.zeros(self.A, HEADER_LEN, dtype=torch.int64)
         self.node = socket.gethostname()
         self.layer_trace_every = telemetry.layer_trace_every()
+        self.rows_served = 0  # rows computed since start, every layer (slot_load restarts at a switch)
+        self._staged: dict[int, tuple[Placement, ExpertShard]] = {}  # fingerprint -> (placement, shard)
+        self._stage_lock = threading.Lock()
+        self.switches = 0
+        self.left = False  # a SWITCH removed this rank from the pool
+        self.retired_groups: list = []
+
+    def stage_leave(self, placement: Placement) -> int:
+        """This rank is not part of `placement`'s pool: at its SWITCH the serve loop ends."""
+        fp = placement.fingerprint()
+        with self._stage_lock:
+            self._staged[fp] = (placement, None, None)
+        return fp
+
+    def stage(self, placement: Placement, experts: ExpertShard, group=None) -> int:
+        """Hold `experts` (this rank's slots of `placement`, loaded by the caller's thread while this
+        rank serves) until the gateway's SWITCH names the placement. Returns its fingerprint. With
+        `group` (a `new_group` of the new pool, already handshook), steps after the switch run on it."""
+        if experts.num_slots != placement.slots_per_rank or len(experts.layers) != self.L:
+            raise ValueError(f"staged shard has {experts.num_slots} slots x {len(experts.layers)} layers, the "
+                             f"placement {placement.slots_per_rank} x {self.L}")
+        fp = placement.fingerprint()
+        with self._stage_lock:
+            self._staged.pop(fp, None)
+            self._staged[fp] = (placement, experts, group)
+            while len(self._staged) > 2:  # an abandoned stage: keep only the two newest
+                self._staged.pop(next(iter(self._staged)))
+        return fp
+
+    def _switch(self, fingerprint: int) -> bool:
+        """Use the staged placement from the next step on; False when this rank leaves the pool."""
+        with self._stage_lock:
+            staged = self._staged.pop(fingerprint, None)
+            held = [f"{f:#x}" for f in self._staged]
+        if staged is None:
+            raise RuntimeError(f"SWITCH to placement {fingerprint:#x}, which this rank has not staged (staged: "
+                               f"{held}; current {self.placement.fingerprint():#x}, {self.switches} switches)")
+        placement, experts, group = staged
+        if experts is None:
+            self.left = True
+            return False  # removed from the pool: its slots live on the survivors now
+        if group is not None:
+            self.retired_groups.append(self.group)
+            self.group, self.rank, self.world, self.W = group, group.rank(), group.size(), placement.num_ranks
+        self.placement, self.experts, self.S = placement, experts, placement.slots_per_rank
+        self.slot_load = torch.zeros(self.L, self.S, dtype=torch.int64)  # the old slots' shard is freed here
+        self.switches += 1
+        return True
 
     def run(self) -> int:
         """Serve until SHUTDOWN; returns the number of steps served."""
@@ -360,6 +512,8 @@ class ExpertServer(_MeshRank):
         kinds = set(headers[:, 0].tolist())
         if SHUTDOWN in kinds:
             return False
+        if kinds == {SWITCH}:
+            return self._switch(int(headers[0, 3]))
         if kinds != {STEP}:
             raise RuntimeError(f"unknown step header kinds {sorted(kinds)}: protocol mismatch")
         flags = int(headers[0, 6])
@@ -391,6 +545,7 @@ class ExpertServer(_MeshRank):
         self._a2a(recv, recv[:0], per_source, zeros)
         slot_counts = counts.sum(0)  # [S]
         self.slot_load[layer] += slot_counts
+        self.rows_served += int(slot_counts.sum())
         t1 = time.perf_counter()
         if echo:
             out = recv

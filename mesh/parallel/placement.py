@@ -16,6 +16,12 @@ Tables, per MoE layer `l` (all int64, CPU):
 
 `rebalance(load, num_ranks, slots_per_rank)` is the EPLB-style pure function of observed load: the
 same load gives the same placement on every process, so ranks can compute it independently.
+
+`Placement.initial(L, E, W, redundant)` is what a pool starts with: the contiguous split when W divides
+E (and the redundant slots split evenly), else any E on any W: every rank gets ceil((E + R) / W) slots
+and the slots beyond E hold replicas (so 7 experts on 2 ranks is 4 + 4 slots, one expert replicated).
+The wire protocol exchanges per-slot row counts as one [world, slots_per_rank] tensor, so ranks hold
+equal slot counts; spare slots hold useful replicas instead of sitting empty.
 """
 
 from __future__ import annotations
@@ -90,8 +96,9 @@ class Placement:
         """topk_ids [T, K] logical -> physical slots [T, K] on topk_ids' device.
 
         Token t takes replica (t + offset) % logcnt[e] of expert e: deterministic, and consecutive
-        tokens alternate between replicas. Callers pass a different `offset` per gateway so that
-        single-token decode steps do not all land on replica 0.
+        tokens alternate between replicas. Callers pass an `offset` that differs per gateway and per
+        step so that single-token decode steps do not all land on replica 0. Every replica holds the
+        same weights, so the choice changes where a row is computed, never its result.
         """
         dev = topk_ids.device
         cnt = self.logcnt[layer].to(dev)[topk_ids]  # [T, K]
@@ -109,6 +116,50 @@ class Placement:
         """A 31-bit checksum of the tables, for checking that every rank holds the same placement."""
         head = torch.tensor([self.num_ranks, self.slots_per_rank, self.num_experts], dtype=torch.int64)
         return zlib.crc32(head.numpy().tobytes() + self.phy2log.numpy().tobytes()) & 0x7FFFFFFF
+
+    @classmethod
+    def initial(cls, num_layers: int, num_experts: int, num_ranks: int, redundant: int = 0) -> Placement:
+        """A start-up placement for any number of experts on any number of ranks.
+
+        W divides E and R: `contiguous`. Otherwise ceil((E + R) / W) = S slots per rank, filled rank
+        by rank with the experts 0, 1, ..., E-1, 0, 1, ... in turn: replica counts differ by at most
+        one, and no rank holds an expert twice while S <= E. Load-driven placement is `rebalance`'s."""
+        E, W = num_experts, num_ranks
+        if W < 1 or E < 1:
+            raise ValueError(f"need num_experts >= 1 and num_ranks >= 1, got {E}, {W}")
+        if redundant < 0:
+            raise ValueError(f"redundant experts must be >= 0, got {redundant}")
+        if E % W == 0 and redundant % W == 0:
+            return cls.contiguous(num_layers, E, W, redundant)
+        S = -(-(E + redundant) // W)
+        row = [i % E for i in range(W * S)]
+        return cls(torch.tensor([row] * num_layers, dtype=torch.int64).view(num_layers, W * S), W, S, E)
+
+    def with_slots(self, slots_per_rank: int, load: torch.Tensor | None = None) -> Placement:
+        """This placement's ranks with `slots_per_rank` slots each (adding or removing redundant
+        replicas), packed by `rebalance` over `load` [L, E] (default uniform)."""
+        load = torch.ones(self.num_layers, self.num_experts) if load is None else load
+        return rebalance(load, self.num_ranks, slots_per_rank)
+
+    def describe(self) -> dict:
+        """Plain data for APIs and logs: per layer, each rank's list of logical experts."""
+        s = self.slots_per_rank
+        return {"num_ranks": self.num_ranks, "slots_per_rank": s, "num_experts": self.num_experts,
+                "layers": [[row[r * s:(r + 1) * s] for r in range(self.num_ranks)]
+                           for row in self.phy2log.tolist()],
+                "replicas": self.logcnt.tolist()}
+
+    def moved_slots(self, new: Placement) -> list[list[int]]:
+        """Per rank of `new`, how many (layer, slot) entries hold an expert that rank did not hold
+        (in any slot of that layer) under this placement: the experts it must load to switch."""
+        out = []
+        for r in range(new.num_ranks):
+            n = 0
+            for l in range(new.num_layers):
+                have = set(self.local_slots(r)[l]) if r < self.num_ranks else set()
+                n += sum(1 for e in set(new.local_slots(r)[l]) if e not in have)
+            out.append(n)
+        return out
 
     @classmethod
     def contiguous(cls, num_layers: int, num_experts: int, num_ranks: int, redundant: int = 0) -> Placement:

@@ -153,3 +153,22 @@ def test_mesh_serve_http_with_json_logs(tiny_dir, tmp_path):
     (access,) = [r for r in lines if r["logger"] == "mesh.access"]
     assert access["protocol"] == "http" and access["completion_tokens"] == 4 and access["status"] == "200"
     assert access["level"] == "INFO" and access["ttft_ms"] > 0 and access["finish_reason"] == "length"
+
+
+def test_pool_and_admin_flags_are_checked(tmp_path):
+    out = _mesh("serve", "--workers", "0", "--redundant-experts", "2", "--port", "0")
+    assert out.returncode != 0 and "--redundant-experts needs --workers >= 1" in out.stderr, out.stderr
+    out = _mesh("serve", "--workers", "2", "--redundant-experts", "-1", "--port", "0")
+    assert out.returncode != 0 and "--redundant-experts must be 0 or more" in out.stderr, out.stderr
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    out = _mesh("serve", "--admin-token-file", str(empty), "--port", "0")
+    assert out.returncode != 0 and "--admin-token-file" in out.stderr and "is empty" in out.stderr, out.stderr
+    out = _mesh("admin", "status", "--admin-token-file", str(tmp_path / "missing"))
+    assert out.returncode != 0 and "--admin-token-file" in out.stderr and "Traceback" not in out.stderr
+    out = _mesh("admin", "rebalance", "--slots-per-rank", "-2", "--target", "127.0.0.1:9")
+    assert out.returncode != 0 and "--slots-per-rank must be 0 or more" in out.stderr
+    out = _mesh("admin", "scale", "--workers", "0", "--target", "127.0.0.1:9")
+    assert out.returncode != 0 and "--workers must be at least 1" in out.stderr
+    out = _mesh("admin", "--help")
+    assert out.returncode == 0 and "rebalance" in out.stdout and "autoscale" in out.stdout

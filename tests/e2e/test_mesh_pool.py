@@ -78,6 +78,10 @@ def test_a_worker_that_cannot_load_is_reported(ray_cluster, hf_checkpoints, tmp_
         pool.shutdown()
 
 
-def test_workers_must_divide_experts(hf_checkpoints):
-    with pytest.raises(ValueError, match="does not divide the model's 8 experts"):
-        ExpertPool(str(hf_checkpoints["mixtral"]), "float32", num_workers=3)
+def test_any_worker_count_places_every_expert(hf_checkpoints):
+    # 8 experts on 3 workers: 3 slots each, the spare slot a replica (tests/e2e/test_elastic_pool.py
+    # runs such pools); a negative replica count is refused naming the flag
+    pool = ExpertPool(str(hf_checkpoints["mixtral"]), "float32", num_workers=3)
+    assert pool.placement.slots_per_rank == 3 and (pool.placement.logcnt >= 1).all()
+    with pytest.raises(ValueError, match="--redundant-experts must be 0 or more"):
+        ExpertPool(str(hf_checkpoints["mixtral"]), "float32", num_workers=2, redundant=-1)

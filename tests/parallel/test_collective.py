@@ -46,9 +46,19 @@ def take(full: ExpertShard, slots: list[list[int]]) -> ExpertShard:
     return ExpertShard([ExpertWeights(gate_up=w.gate_up[s], down=w.down[s]) for w, s in zip(full.layers, slots)])
 
 
+# "switch" runs: the placement the attention rank switches to at this step (the experts stage it first)
+SWITCH_AT = 2
+
+
+def switched_placement(num_ranks: int) -> Placement:
+    return rebalance(SKEWED_LOAD, num_ranks, E // num_ranks + 2)  # two replicas per rank, another layout
+
+
 def make_placement(kind: str, num_ranks: int) -> Placement:
     if kind.startswith("contiguous"):
         return Placement.contiguous(L, E, num_ranks)
+    if kind == "uneven":  # 8 experts on 3 ranks: 3 slots each, one expert replicated
+        return Placement.initial(L, E, num_ranks)
     return rebalance(SKEWED_LOAD, num_ranks, E // num_ranks + 1)  # one redundant slot per rank
 
 
@@ -62,13 +72,15 @@ def layer_inputs(rank: int, step: int, layer: int, t: int, mode: str, dtype: tor
     return hidden, ids, weights
 
 
-def _attention(rank, A, placement, dtype, steps):
+def _attention(rank, A, placement, dtype, steps, kind=""):
     disp = CollectiveDispatcher(placement, A, H, dtype, device=DEVICE)
     full = make_experts(dtype)
     local = LocalDispatcher(full, E)
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     errors = []
     for s, plan in enumerate(steps):
+        if kind == "switch" and s == SWITCH_AT:
+            done = disp.request_switch(switched_placement(disp.W))  # applied by the next begin_step
         t, mode = plan[rank]
         if mode == "idle":
             disp.idle_step()
@@ -86,6 +98,10 @@ def _attention(rank, A, placement, dtype, steps):
         if disp.step_bytes_sent <= 0:
             errors.append(f"step {s}: no bytes counted")
     disp.shutdown()
+    if kind == "switch":
+        if not (done.is_set() and disp.switches == 1 and disp.placement is not placement
+                and disp.S == switched_placement(disp.W).slots_per_rank):
+            errors.append(f"switch not applied: {disp.switches} switches, S={disp.S}")
     if local.expert_load is not None and not torch.equal(disp.expert_load, local.expert_load):
         errors.append(f"expert_load {disp.expert_load.tolist()} != {local.expert_load.tolist()}")
     return errors or "ok"
@@ -101,13 +117,16 @@ def _worker(rank, A, W, port, kind, dtype_name, steps, results):
         if kind == "contiguous-bf16-experts" and rank >= A:
             dtype = torch.bfloat16  # a misconfigured worker: the handshake must fail on every rank
         if rank < A:
-            report = _attention(rank, A, placement, dtype, steps)
+            report = _attention(rank, A, placement, dtype, steps, kind)
         else:
-            shard = take(make_experts(dtype), placement.local_slots(rank - A))
-            shard = ExpertShard([ExpertWeights(gate_up=w.gate_up.to(DEVICE), down=w.down.to(DEVICE))
-                                 for w in shard.layers])
-            server = ExpertServer(shard, placement, A, device=DEVICE)
-            report = ("served", server.run(), int(server.slot_load.sum()))
+            def shard_for(p):
+                shard = take(make_experts(dtype), p.local_slots(rank - A))
+                return ExpertShard([ExpertWeights(gate_up=w.gate_up.to(DEVICE), down=w.down.to(DEVICE))
+                                    for w in shard.layers])
+            server = ExpertServer(shard_for(placement), placement, A, device=DEVICE)
+            if kind == "switch":  # staged before serving here; a worker stages from another thread
+                server.stage(switched_placement(W), shard_for(switched_placement(W)))
+            report = ("served", server.run(), server.rows_served)
         dist.destroy_process_group()
         results.put((rank, report))
     except BaseException:
@@ -169,6 +188,18 @@ def test_two_gateways_replicated_experts():
     check(run_mesh(2, 2, "rebalanced", "float32", steps), 2, 2, steps)
 
 
+def test_uneven_placement_eight_experts_on_three_ranks():
+    steps = [[(5, "rand")], [(7, "skew")], [(1, "rand")], [(3, "rand")]]
+    check(run_mesh(1, 3, "uneven", "float32", steps), 1, 3, steps)
+
+
+def test_placement_switch_between_steps():
+    # the attention rank switches to a staged placement with more slots before step SWITCH_AT; every
+    # layer's output still matches the local dispatcher and every row is served exactly once
+    steps = [[(5, "rand")], [(4, "skew")], [(6, "rand")], [(1, "rand")], [(3, "skew")]]
+    check(run_mesh(1, 2, "switch", "float32", steps), 1, 2, steps)
+
+
 def test_bf16_rows_over_gloo():
     steps = [[(6, "rand")], [(3, "skew")]]
     check(run_mesh(1, 2, "contiguous", "bfloat16", steps), 1, 2, steps)
@@ -177,6 +208,28 @@ def test_bf16_rows_over_gloo():
 def test_handshake_mismatch_fails_every_rank():
     reports = run_mesh(1, 1, "contiguous-bf16-experts", "float32", [], exit_code=1)
     assert all("mesh handshake: rank 1 has dtype=1, rank 0 has 0" in r for r in reports.values()), reports
+
+
+def test_initial_placement_any_experts_on_any_ranks():
+    for e, w, r in [(7, 2, 0), (7, 3, 0), (8, 3, 0), (8, 2, 1), (5, 4, 3), (7, 7, 0)]:
+        p = Placement.initial(2, e, w, redundant=r)
+        assert p.num_ranks == w and p.num_slots == w * -(-(e + r) // w)
+        assert (p.logcnt >= 1).all() and (p.logcnt.sum(1) == p.num_slots).all()
+        # every rank's slots hold distinct experts: the spare slots went to replicas on other ranks
+        assert all(len(set(row)) == len(row) for r_ in range(w) for row in p.local_slots(r_)), p.describe()
+    assert torch.equal(Placement.initial(3, 8, 2).phy2log, Placement.contiguous(3, 8, 2).phy2log)
+    p = Placement.initial(1, 7, 2)  # 4 + 4 slots: one expert has two replicas, on both ranks
+    assert p.logcnt[0].tolist().count(2) == 1
+    e2 = p.logcnt[0].tolist().index(2)
+    assert {p.rank_of_slot(int(s)) for s in p.log2phy[0, e2]} == {0, 1}
+    with pytest.raises(ValueError, match="redundant experts must be >= 0"):
+        Placement.initial(1, 7, 2, redundant=-1)
+
+
+def test_moved_slots_counts_new_experts_per_rank():
+    a = Placement.contiguous(1, 4, 2)  # [0 1 | 2 3]
+    b = Placement(torch.tensor([[0, 2, 1, 3]]), 2, 2, 4)  # rank 0 gets 2, rank 1 gets 1
+    assert a.moved_slots(b) == [1, 1] and a.moved_slots(a) == [0, 0]
 
 
 def test_contiguous_placement():

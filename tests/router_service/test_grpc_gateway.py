@@ -210,8 +210,27 @@ def test_health_and_reflection(tiny):
                 reflection_pb2.ServerReflectionRequest(file_containing_symbol="mesh.v1.Inference")]
         listed, files = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
     names = {s.name for s in listed.list_services_response.service}
-    assert {"mesh.v1.Inference", "grpc.health.v1.Health"} <= names
+    assert {"mesh.v1.Inference", "mesh.v1.Admin", "grpc.health.v1.Health"} <= names
     assert files.file_descriptor_response.file_descriptor_proto
+
+
+def test_admin_calls_need_the_token_and_a_pool(tiny, tiny_dir):
+    # a gateway started without an admin token refuses every Admin call
+    with pytest.raises(MeshError) as e:
+        MeshClient(tiny.target, timeout=10, admin_token="anything").get_pool()
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "--admin-token-file" in e.value.details
+    live = LiveGateway(lambda: _engine(tiny_dir), admin_token="tok")
+    try:
+        for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("nope", grpc.StatusCode.UNAUTHENTICATED),
+                            ("tok", grpc.StatusCode.FAILED_PRECONDITION)):
+            with pytest.raises(MeshError) as e:
+                MeshClient(live.target, timeout=10, admin_token=token).rebalance()
+            assert e.value.code == code, e.value
+        assert "--workers 0" in e.value.details  # the right token, but nothing to rebalance
+        with MeshClient(live.target, timeout=10) as c:  # inference needs no admin token
+            assert c.complete(prompt_token_ids=[1, 2, 3], max_tokens=2, temperature=0)["token_ids"]
+    finally:
+        live.close()
 
 
 def test_not_serving_until_ready_then_drains_in_flight_streams(hf_checkpoints):
