@@ -44,6 +44,25 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
+def _resolve_auto() -> str:
+    """`--ray-address auto`: RAY_ADDRESS, else the cluster that `ray start` recorded on this machine.
+    Never Ray's own fallback of joining any Ray instance it can see running here: that may be another
+    `mesh serve`'s private cluster, whose CPUs this server would then wait for."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env and env != "auto":
+        log.info("--ray-address auto: joining the Ray cluster at %s (RAY_ADDRESS)", env)
+        return env
+    from ray._private.utils import read_ray_address
+    found = read_ray_address()
+    if not found:
+        raise PoolError("--ray-address auto: no Ray cluster started with `ray start` was found on this machine "
+                        "(nor RAY_ADDRESS); start one (`ray start --head`), give its address, or leave "
+                        "--ray-address out for a private cluster. Private clusters of other servers are never "
+                        "joined")
+    log.info("--ray-address auto: joining the Ray cluster that `ray start` recorded at %s", found)
+    return found
+
+
 class ExpertPool:
     def __init__(self, model_dir: str, dtype: str, num_workers: int, ray_address: str | None = None,
                  threads_per_worker: int | None = None, worker_cpus: float | None = None,
@@ -87,11 +106,18 @@ class ExpertPool:
         if ray.is_initialized():
             return
         if self.ray_address:
-            ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=True)
+            address = _resolve_auto() if self.ray_address == "auto" else self.ray_address
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            except ConnectionError as e:
+                raise PoolError(f"--ray-address {self.ray_address}: cannot join the Ray cluster at {address}: "
+                                f"{e}") from None
         else:
             # sized so every worker gets a CPU slot on this machine
-            kw = dict(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, self.num_workers),
-                      log_to_driver=True)
+            # address="local": always a new cluster of its own (a bare ray.init() would join one that
+            # `ray start` recorded on this machine, or that RAY_ADDRESS names)
+            kw = dict(address="local", include_dashboard=False,
+                      num_cpus=max(os.cpu_count() or 1, self.num_workers), log_to_driver=True)
             if not self.gpu:
                 ray.init(**kw)
             else:
@@ -134,7 +160,7 @@ class ExpertPool:
         cpus = self.worker_cpus if self.worker_cpus is not None else 1
         bundle = {"CPU": cpus, "GPU": 1} if self.gpu else {"CPU": cpus}
         self._pg = placement_group([bundle] * self.num_workers, strategy="SPREAD")
-        ray.get(self._pg.ready(), timeout=self.load_timeout)
+        self._wait_resources(bundle)
         host = _node_ip() if self.ray_address else "127.0.0.1"
         init_method = f"tcp://{host}:{_free_port(host)}"
         actor_cls = make_actor_class()
@@ -163,9 +189,30 @@ class ExpertPool:
                  init_method)
         return self.dispatcher
 
+    def _wait_resources(self, bundle: dict, every: float = 10.0) -> None:
+        """Wait for the placement group, saying every `every` seconds what the cluster lacks."""
+        import ray
+        ready = self._pg.ready()
+        t0 = time.monotonic()
+        while not ray.wait([ready], timeout=min(every, max(0.1, t0 + self.load_timeout - time.monotonic())))[0]:
+            waited = time.monotonic() - t0
+            need = {k: v * self.num_workers for k, v in bundle.items()}
+            try:
+                free, total = ray.available_resources(), ray.cluster_resources()
+                have = ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k in need)
+            except Exception as e:  # noqa: BLE001 - the message is what matters
+                have = f"cluster resources unknown ({e})"
+            what = (f"expert pool: waiting {waited:.0f}s for Ray resources: {self.num_workers} workers need "
+                    f"{', '.join(f'{k} {v:g}' for k, v in need.items())} (one bundle of {bundle} each, spread); "
+                    f"the cluster has {have}")
+            if waited >= self.load_timeout:
+                raise PoolError(what.replace("waiting", "gave up after", 1))
+            log.warning("%s", what)
+
     def _wait_loaded(self) -> None:
         import ray
         deadline = time.monotonic() + self.load_timeout
+        t0 = last_note = time.monotonic()
         while True:
             done, _ = ray.wait(self.serve_refs, timeout=0)
             for ref in done:  # serve() returned before the group formed: it failed
@@ -182,6 +229,10 @@ class ExpertPool:
             if time.monotonic() > deadline:
                 raise PoolError(f"expert workers not loaded after {self.load_timeout:.0f}s: "
                                 f"{[s['state'] for s in states]}")
+            if time.monotonic() - last_note >= 10.0:
+                last_note = time.monotonic()
+                log.info("expert pool: waiting %.0fs for workers to load: %s", last_note - t0,
+                         ", ".join(f"rank {s['rank']} {s['state']}" for s in states))
             time.sleep(0.1)
 
     # ---- watch -----------------------------------------------------------------------------
