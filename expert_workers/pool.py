@@ -95,6 +95,8 @@ class ExpertPool:
         self.dispatcher = None
         self._started_ray = False
         self._pg = None
+        self.clean = True  # False after a shutdown that could not stop the cluster itself
+        self.shutdown_done = False
 
     # ---- start -----------------------------------------------------------------------------
     def connect(self) -> None:
@@ -248,6 +250,15 @@ class ExpertPool:
             return False
 
     # ---- stop ------------------------------------------------------------------------------
+    def ray_alive(self) -> bool:
+        """False when the private cluster this pool started has lost a process (GCS, raylet)."""
+        try:
+            from ray._private import worker
+            node = worker._global_node
+            return node is None or bool(node.remaining_processes_alive())
+        except Exception:  # noqa: BLE001 - an internal API: assume alive, as before
+            return True
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Release the workers from their loop, then stop them and (if we started it) Ray.
 
@@ -256,8 +267,20 @@ class ExpertPool:
         import ray
         import torch.distributed as dist
 
+        if self._started_ray and not self.ray_alive():
+            # The private cluster is gone (a signal to the whole process group reached Ray's processes
+            # too): every Ray call would wait for its GCS to come back (a minute). Nothing is left to stop.
+            log.warning("expert pool: the private Ray cluster has already stopped (signalled with this "
+                        "process group?); not waiting for it")
+            self.clean = False
+            self.dispatcher, self.actors, self._pg = None, [], None
+            return
         if self.dispatcher is not None:
             try:
+                # SHUTDOWN is a collective: only with every worker still there to take part
+                states = self.statuses(timeout=min(2.0, timeout))
+                if not all(st["state"] == "joined" for st in states):
+                    raise PoolError(f"worker states {[st['state'] for st in states]}")
                 self.dispatcher.shutdown()
                 ray.get(self.serve_refs, timeout=timeout)
             except Exception as e:  # a worker already gone: fall through to killing the actors
@@ -280,4 +303,5 @@ class ExpertPool:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
+        self.shutdown_done = True
 

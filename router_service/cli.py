@@ -143,10 +143,12 @@ def build_engine_factory(args):
     except PoolError as e:
         raise SystemExit(f"mesh: error: {e}") from None
     _watch_workers(pool)
-    # Both block on Ray calls: run them off the event loop.
-    import asyncio
-    return (factory, lambda: asyncio.to_thread(pool.ready),
-            lambda: asyncio.to_thread(pool.shutdown, 3.0))
+    args.pool = pool
+    # Both block on Ray calls: run them off the event loop, in daemon threads, so that a Ray call that
+    # hangs (its cluster gone) cannot hold up the process's exit.
+    from router_service.server import _in_daemon_thread
+    return (factory, lambda: _in_daemon_thread(pool.ready),
+            lambda: _in_daemon_thread(lambda: pool.shutdown(3.0)))
 
 
 def _watch_workers(pool) -> None:
@@ -220,7 +222,7 @@ def cmd_serve(args) -> int:
     tokens, tls = security(args)
     factory, ready, on_shutdown = build_engine_factory(args)
     try:
-        return run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
+        code = run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
                           grace=args.grace_period, num_workers=args.workers, ready=ready,
                           on_shutdown=on_shutdown, http_port=args.http_port, model_name=served_model_name(args),
                           tokens=tokens, tls=tls)
@@ -231,3 +233,11 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"mesh: error: cannot listen on {args.host}:{args.port}: {e}") from None
     finally:
         telemetry.shutdown()  # flush the last spans and metrics
+    pool = getattr(args, "pool", None)
+    if pool is not None and (not pool.clean or not pool.shutdown_done or not pool.ray_alive()):
+        # Ray's exit hooks would wait about a minute for a cluster that is gone: leave now (Ray's own
+        # processes die with us: they share our fate).
+        log.info("mesh serve: exiting without waiting for the stopped Ray cluster")
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -317,7 +317,7 @@ def _add_service(server: grpc.aio.Server, service, servicer: Any, module: Any, g
 
 
 async def _reject_malformed(request: _Malformed, context, method: str) -> None:
-    log.warning("mesh serve: %s: rejected a malformed request: %s", method, request.error)
+    log.info("mesh serve: %s: rejected a malformed request: %s", method, request.error)
     AccessRecord("grpc", method, status=grpc.StatusCode.INVALID_ARGUMENT.name).emit()
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details())
 

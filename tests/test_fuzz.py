@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from router_service.client import MeshClient, MeshError
@@ -60,42 +60,66 @@ def _optional(strategy):
     return st.one_of(st.none(), strategy)
 
 
+VOCAB = 512  # the tiny preset's
 texts = st.text(max_size=40)
-sampling = st.builds(
-    dict,
-    max_tokens=_optional(st.one_of(st.integers(0, 6), st.integers(0, U32))),
-    temperature=_optional(st.floats(allow_nan=True, allow_infinity=True, width=32)),
-    top_p=_optional(st.floats(allow_nan=True, allow_infinity=True, width=32)),
-    top_k=_optional(st.integers(-(2**31), 2**31 - 1)),
-    seed=_optional(st.integers(0, U64)),
-    n=_optional(st.one_of(st.integers(0, 3), st.integers(0, U32))),
-    logprobs=_optional(st.one_of(st.integers(0, 3), st.integers(0, U32))),
-    presence_penalty=_optional(st.floats(-3, 3, width=32)),
-    frequency_penalty=_optional(st.floats(allow_nan=True, width=32)),
-    repetition_penalty=_optional(st.floats(-1, 3, width=32)),
-    min_tokens=_optional(st.integers(0, 8)),
-    ignore_eos=st.booleans(),
-    stop=st.lists(texts, max_size=3),
-)
-requests = st.builds(
-    dict,
+
+# Requests the server must serve: one prompt source, every field in range (max_tokens <= 6: quick).
+valid_sampling = st.fixed_dictionaries({"max_tokens": st.integers(1, 6)}, optional=dict(
+    temperature=st.floats(0, 2, width=32), top_p=st.floats(0.0625, 1, width=32),
+    top_k=st.integers(-1, 50), seed=st.integers(0, U64), n=st.integers(1, 3), logprobs=st.integers(0, 3),
+    presence_penalty=st.floats(-2, 2, width=32), frequency_penalty=st.floats(-2, 2, width=32),
+    repetition_penalty=st.floats(0.5, 2, width=32), min_tokens=st.integers(0, 1), ignore_eos=st.booleans(),
+    stop=st.lists(st.text(min_size=1, max_size=8), max_size=2)))
+valid_prompt = st.one_of(st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=60).filter(str.strip)}),
+                         st.fixed_dictionaries({"prompt_token_ids": st.lists(st.integers(0, VOCAB - 1), min_size=1,
+                                                                             max_size=40)}),
+                         st.fixed_dictionaries({"fim": st.tuples(texts, texts)}))
+valid = st.builds(lambda p, s, rid, stops, nocache: {**p, "sampling": s, "request_id": rid, "stop_token_ids": stops,
+                                                      "disable_prefix_cache": nocache},
+                  valid_prompt, valid_sampling, st.text(max_size=20),
+                  st.lists(st.integers(0, VOCAB - 1), max_size=3), st.booleans())
+
+# Anything the wire format can carry, in or far out of range.
+wild_sampling = st.fixed_dictionaries({}, optional=dict(
+    max_tokens=st.one_of(st.integers(0, 6), st.integers(0, U32)),
+    temperature=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    top_p=st.floats(allow_nan=True, allow_infinity=True, width=32), top_k=st.integers(-(2**31), 2**31 - 1),
+    seed=st.integers(0, U64), n=st.one_of(st.integers(0, 3), st.integers(0, U32)),
+    logprobs=st.one_of(st.integers(0, 3), st.integers(0, U32)), presence_penalty=st.floats(-3, 3, width=32),
+    frequency_penalty=st.floats(allow_nan=True, width=32), repetition_penalty=st.floats(-1, 3, width=32),
+    min_tokens=st.integers(0, U32), ignore_eos=st.booleans(), stop=st.lists(texts, max_size=3)))
+wild = st.fixed_dictionaries({}, optional=dict(
     request_id=st.one_of(st.text(max_size=8), st.text(min_size=250, max_size=300)),
-    prompt=st.one_of(st.none(), st.text(max_size=60)),
-    prompt_token_ids=st.one_of(st.none(), st.lists(st.one_of(st.integers(0, 600), st.integers(0, U32)),
-                                                    max_size=40)),
-    fim=st.one_of(st.none(), st.tuples(texts, texts)),
+    prompt=st.text(max_size=60),
+    prompt_token_ids=st.lists(st.one_of(st.integers(0, 600), st.integers(-(2**31), 2**31 - 1)), max_size=40),
+    fim=st.tuples(texts, texts),
     stop_token_ids=st.lists(st.one_of(st.integers(0, 600), st.integers(0, U32)), max_size=3),
-    disable_prefix_cache=st.booleans(),
-    sampling=sampling,
-)
+    disable_prefix_cache=st.booleans(), sampling=wild_sampling))
+
+
+@st.composite
+def one_bad_field(draw):
+    """A valid request with one field replaced by a wild value."""
+    r = draw(valid)
+    w = draw(wild)
+    key = draw(st.sampled_from(sorted(w))) if w else None
+    if key == "sampling" and w["sampling"]:
+        name = draw(st.sampled_from(sorted(w["sampling"])))
+        r["sampling"] = {**r["sampling"], name: w["sampling"][name]}
+    elif key is not None and key != "sampling":
+        r[key] = w[key]
+    return r
+
+
+requests = st.one_of(valid, one_bad_field(), wild)
 
 
 def _message(r: dict) -> pb.GenerateRequest:
-    s = {k: v for k, v in r["sampling"].items() if v is not None}
-    msg = pb.GenerateRequest(request_id=r["request_id"], prompt=r["prompt"] or "",
-                             prompt_token_ids=r["prompt_token_ids"] or [], stop_token_ids=r["stop_token_ids"],
-                             disable_prefix_cache=r["disable_prefix_cache"], sampling=pb.SamplingParams(**s))
-    if r["fim"] is not None:
+    msg = pb.GenerateRequest(request_id=r.get("request_id", ""), prompt=r.get("prompt", ""),
+                             prompt_token_ids=r.get("prompt_token_ids", []), stop_token_ids=r.get("stop_token_ids", []),
+                             disable_prefix_cache=r.get("disable_prefix_cache", False),
+                             sampling=pb.SamplingParams(**r.get("sampling", {})))
+    if r.get("fim") is not None:
         msg.fim.prefix, msg.fim.suffix = r["fim"]
     return msg
 
@@ -118,15 +142,21 @@ def _raw_call(channel, method: str, payload: bytes, streaming: bool):
 
 
 @FUZZ
+@given(r=valid, streaming=st.booleans())
+def test_valid_requests_are_served(served, r, streaming):
+    live, channel, _ = served
+    code = _raw_call(channel, "/mesh.v1.Inference/" + ("Generate" if streaming else "Complete"),
+                     _message(r).SerializeToString(), streaming)
+    assert code == grpc.StatusCode.OK, r
+
+
+@FUZZ
 @given(r=requests, streaming=st.booleans())
 def test_generated_requests(served, r, streaming):
     live, channel, _ = served
-    msg = _message(r)
     code = _raw_call(channel, "/mesh.v1.Inference/" + ("Generate" if streaming else "Complete"),
-                     msg.SerializeToString(), streaming)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return
-    assert code == grpc.StatusCode.OK
+                     _message(r).SerializeToString(), streaming)
+    event(code.name)  # --hypothesis-show-statistics shows how many were served and how many refused
 
 
 @FUZZ

@@ -1,0 +1,128 @@
+"""Stopping `mesh serve` the way supervisors do: SIGTERM or SIGINT to the server's whole process group
+(systemd's default, `kill -- -PGID`), with and without expert workers in Ray, while streams are in
+flight. The server must drain and exit within the 20 s an orchestrator waits before SIGKILL, leave no
+process of its session behind, and `--ray-address auto` must not join the running server's private
+Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from router_service.client import MeshClient, MeshError
+
+ROOT = Path(__file__).resolve().parents[1]
+STOP_WITHIN = 20.0  # what Kubernetes/systemd give a process between SIGTERM and SIGKILL
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from mesh.presets import init_model
+    return init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("stop") / "tiny")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid=,cmd=", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _serve(tiny_dir, port, *extra, log):
+    return subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
+                             "--dtype", "float32", *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own session and process group, as under systemd
+
+
+def _listening(proc, log_path, timeout=300.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(r"listening on (\S+:\d+)", log_path.read_text())
+        if m:
+            return m.group(1)
+        if proc.poll() is not None:
+            pytest.fail(f"mesh serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"mesh serve did not start listening:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("workers,sig", [(0, signal.SIGINT), (2, signal.SIGTERM)])
+def test_signal_to_the_process_group_drains_and_exits(tiny_dir, tmp_path, workers, sig):
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        # port 0 and the port read from the log: a port picked here could be taken by Ray meanwhile
+        proc = _serve(tiny_dir, 0, "--workers", str(workers), log=log)
+    try:
+        target = _listening(proc, log_path)
+        with MeshClient(target) as c:
+            c.wait_ready(300)
+        if workers:
+            # another server's attempt to use "auto" must not join this one's private cluster
+            env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "no-ray-start")}
+            (tmp_path / "no-ray-start").mkdir()
+            other = subprocess.run([sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_dir), "--port",
+                                    str(_port()), "--workers", "1", "--ray-address", "auto"], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=120)
+            assert other.returncode != 0
+            assert "no Ray cluster started with `ray start` was found" in other.stderr, other.stderr[-2000:]
+        outcomes: list = []
+
+        def stream(i):
+            with MeshClient(target, timeout=120) as c:
+                try:
+                    n = 0
+                    for out in c.generate(prompt_token_ids=[1, 2, 3 + i], max_tokens=2000, ignore_eos=True):
+                        if not n and out.new_token_ids:
+                            started.release()
+                        n += len(out.new_token_ids)
+                    outcomes.append(("done", n))
+                except MeshError as e:
+                    outcomes.append((e.code.name, e.details))
+        started = threading.Semaphore(0)
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for _ in threads:
+            assert started.acquire(timeout=120)
+        os.killpg(proc.pid, sig)
+        t0 = time.monotonic()
+        try:
+            code = proc.wait(STOP_WITHIN)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"mesh serve did not exit within {STOP_WITHIN:.0f}s of {sig.name} to its group:\n"
+                        + log_path.read_text()[-3000:])
+        for t in threads:
+            t.join(30)
+        left = []
+        for _ in range(50):  # Ray's processes share the server's fate: they go within moments
+            left = _session(proc.pid)
+            if not left:
+                break
+            time.sleep(0.2)
+        text = log_path.read_text()
+        assert left == [], left
+        assert len(outcomes) == 4, outcomes  # every stream got an answer: tokens, or an error to act on
+        for what, detail in outcomes:
+            assert what in ("done", "UNAVAILABLE"), (what, detail)
+        assert f"{sig.name}: shutting down" in text and "stopped after" in text
+        assert "Traceback" not in text, text[-3000:]
+        if not workers:  # nothing killed the engine: the drain ended each stream (finish reason abort)
+            assert code == 0 and all(what == "done" for what, _ in outcomes), (code, outcomes)
+        print(f"exit code {code} after {time.monotonic() - t0:.1f}s; {outcomes}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
