@@ -287,6 +287,22 @@ async def _authorize(gw: "Gateway | None", method: str, context) -> bool:
     return False
 
 
+async def authorize(context, gw: "Gateway", role: str | None = None) -> Caller:
+    """The caller of a gRPC call, for services beyond Inference (an Admin service, ...): aborts with
+    UNAUTHENTICATED without valid credentials and, with `role`, PERMISSION_DENIED when the caller's
+    role is another (router_service.auth.require_role: a server without tokens has no roles)."""
+    try:
+        caller = identify(dict(context.invocation_metadata() or ()), gw.tokens)
+    except Unauthenticated as e:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+    if role is not None:
+        try:
+            require_role(caller, role)
+        except PermissionDenied as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+    return caller
+
+
 def _add_service(server: grpc.aio.Server, service, servicer: Any, module: Any, gw: "Gateway | None") -> None:
     """Register `servicer`'s methods for `service` (a ServiceDescriptor) with request parsers that
     turn unparseable bytes into INVALID_ARGUMENT, and (with a gateway) the credential check."""

@@ -486,3 +486,34 @@ def test_prefix_cache_over_redis_tls(tiny_dir, redis_tls, certs):
         assert not t.ping()
         out = run(t)
         assert out.usage.cached_tokens == 0 and out.token_ids == first.token_ids
+
+
+def test_authorize_for_other_services(auth_gw):
+    """`authorize` as an administrative gRPC method would call it, on a real server."""
+    from router_service.server import authorize
+
+    async def admin_only(request, context):
+        caller = await authorize(context, auth_gw.gw, role="admin")
+        return f"{caller.tenant}:{caller.role}".encode()
+
+    async def start():
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(admin_only, request_deserializer=lambda b: b,
+                                                      response_serializer=lambda b: b)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Admin", {"Do": handler}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = auth_gw.call(start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/test.Admin/Do", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            assert call(b"", metadata=(("authorization", f"Bearer {TOKEN_ADMIN}"),), timeout=10) == b"ops:admin"
+            for metadata, code in [((("authorization", f"Bearer {TOKEN_A}"),), grpc.StatusCode.PERMISSION_DENIED),
+                                   ((), grpc.StatusCode.UNAUTHENTICATED)]:
+                with pytest.raises(grpc.RpcError) as e:
+                    call(b"", metadata=metadata, timeout=10)
+                assert e.value.code() == code, e.value
+    finally:
+        auth_gw.call(server.stop(0))
