@@ -129,6 +129,14 @@ def test_malformed_bytes_are_invalid_argument_without_traceback(open_gw, logs, p
     assert MeshClient(open_gw.target).health() == "SERVING"
 
 
+def test_health_watch_still_streams(open_gw):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(open_gw.target) as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
 @pytest.mark.parametrize("kw,field", [
     (dict(prompt_token_ids=[1, 2, 3], max_tokens=4294967295), "sampling.max_tokens"),
     (dict(prompt_token_ids=[1] * 2000, max_tokens=49), "sampling.max_tokens"),
@@ -359,8 +367,14 @@ def test_tls_and_mutual_tls(tiny_dir, certs):
         live.close()
 
     mtls = TlsFiles.from_flags(str(certs["server"]), str(certs["server-key"]), str(certs["ca"]))
-    live = LiveGateway(tiny_dir, tls=mtls)
+    live = LiveGateway(tiny_dir, tls=mtls, http_port=0, model_name="tiny")
     try:
+        url = f"https://127.0.0.1:{live.gw.http_port}/v1/models"
+        ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+        ctx.load_cert_chain(str(certs["client"]), str(certs["client-key"]))
+        assert httpx.get(url, verify=ctx, timeout=30).status_code == 200
+        with pytest.raises(httpx.TransportError):  # no client certificate: no handshake
+            httpx.get(url, verify=ssl.create_default_context(cafile=str(certs["ca"])), timeout=30)
         with MeshClient(live.target, timeout=30, tls_ca=str(certs["ca"]), tls_cert=str(certs["client"]),
                         tls_key=str(certs["client-key"])) as c:
             assert len(c.complete(prompt_token_ids=[1, 2, 3], max_tokens=3)["token_ids"]) == 3
