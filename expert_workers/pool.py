@@ -96,6 +96,8 @@ class ExpertPool:
         self._started_ray = False
         self._pg = None
         self.clean = True  # False after a shutdown that could not stop the cluster itself
+        self._token_dir: str | None = None
+        self._saved_auth_mode: str | None = None
         self.shutdown_done = False
 
     # ---- start -----------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class ExpertPool:
                                 f"{e}") from None
         else:
             # sized so every worker gets a CPU slot on this machine
+            self._private_token()
             # address="local": always a new cluster of its own (a bare ray.init() would join one that
             # `ray start` recorded on this machine, or that RAY_ADDRESS names)
             kw = dict(address="local", include_dashboard=False,
@@ -139,6 +142,30 @@ class ExpertPool:
                     else:
                         os.environ["CUDA_VISIBLE_DEVICES"] = saved
             self._started_ray = True
+
+    def _private_token(self) -> None:
+        """Ray's token authentication for the private cluster, with a fresh token of its own in a
+        directory only this user can read (removed at shutdown), rather than the ~/.ray/auth_token
+        that Ray would create (world-readable, and shared by every cluster this user starts). An
+        explicit RAY_AUTH_MODE, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is left as it is."""
+        import secrets
+        import tempfile
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or \
+                os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            return
+        self._token_dir = tempfile.mkdtemp(prefix="mesh-ray-")  # mode 0700
+        path = os.path.join(self._token_dir, "auth_token")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        self._saved_auth_mode = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = path  # the raylet and the workers inherit it
+        # this process read Ray's settings when ray was imported: make it read them again
+        from ray._raylet import AuthenticationTokenLoader, Config
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+        log.info("expert pool: private Ray cluster with token authentication (token in %s)", path)
 
     def _worker_gpus(self) -> list[str]:
         """This machine's GPUs (as CUDA_VISIBLE_DEVICES names them) other than the gateway's."""
@@ -274,6 +301,7 @@ class ExpertPool:
                         "process group?); not waiting for it")
             self.clean = False
             self.dispatcher, self.actors, self._pg = None, [], None
+            self._remove_token()
             return
         if self.dispatcher is not None:
             try:
@@ -303,5 +331,19 @@ class ExpertPool:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
+        self._remove_token()
         self.shutdown_done = True
+
+    def _remove_token(self) -> None:
+        """Remove the private cluster's token and the settings that pointed at it (a later pool in
+        this process makes its own)."""
+        if self._token_dir is not None:
+            import shutil
+            shutil.rmtree(self._token_dir, ignore_errors=True)
+            self._token_dir = None
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+            if self._saved_auth_mode is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = self._saved_auth_mode
 

@@ -149,7 +149,7 @@ class OpenAIApp:
                 raise oa.ApiError(401, str(e)) from None
             rec.tenant = caller.tenant
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await _read_body(request))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise oa.ApiError(400, f"the request body is not valid JSON: {e}") from None
             if chat:
@@ -258,6 +258,24 @@ class OpenAIApp:
             span.set_attribute("http.response.status_code", 200)
             span.end()
             rec.emit()
+
+
+async def _read_body(request: Request, limit: int | None = None) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (the gRPC port's message limit) before
+    it is all in memory."""
+    from router_service.server import MAX_MESSAGE_BYTES
+    limit = MAX_MESSAGE_BYTES if limit is None else limit
+    declared = request.headers.get("content-length")
+    too_big = oa.ApiError(413, f"the request body is over {limit} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _collect(answer: "_Answer", streams: list) -> None:

@@ -25,7 +25,7 @@ class ApiError(Exception):
     """An error the API answers with `status` and OpenAI's error object."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_server_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_server_error",
              503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):

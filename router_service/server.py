@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 from opentelemetry import propagate, trace
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from google.protobuf.message import DecodeError
 
@@ -91,6 +91,7 @@ class Gateway:
         self._stopping = False
         self.stop_requested = asyncio.Event()  # a signal, or the engine's death: `serve` stops
         self.failed = False  # the engine died (an expert worker lost, ...): exit with code 1
+        self.stop_signalled = False  # SIGTERM/SIGINT received (set by `serve`)
         self.server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -154,6 +155,11 @@ class Gateway:
         NOT_SERVING and let `serve` stop with exit code 1, for the supervisor to restart it."""
         if self.failed:
             return
+        if self.draining or self.stop_signalled:  # stopping anyway: requests in flight got UNAVAILABLE
+            log.warning("mesh serve: expert workers gone while draining; stopping now")
+            self.serving = False
+            self._hurry.set()
+            return
         log.error("mesh serve: %s; stopping (exit code 1) so that a supervisor restarts this gateway", error)
         self.serving, self.failed = False, True
         self.stop_requested.set()
@@ -196,6 +202,8 @@ class Gateway:
             await self._stopped.wait()
             return
         self._stopping, self.draining = True, True
+        if self.aengine is not None:
+            self.aengine.stopping = True
         grace = self.grace if grace is None else grace
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
         t0 = time.monotonic()
@@ -574,6 +582,9 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
+        gw.stop_signalled = True
+        if gw.aengine is not None:
+            gw.aengine.stopping = True  # the same signal may be reaching the expert workers now
         if stop.is_set():
             log.info("mesh serve: %s again: aborting in-flight requests now", sig.name)
             gw.hurry()

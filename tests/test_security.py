@@ -41,11 +41,11 @@ TOKEN_A, TOKEN_B, TOKEN_ADMIN = "tok-a-" + "a" * 20, "tok-b-" + "b" * 20, "tok-a
 class LiveGateway:
     """A Gateway on a free loopback port, its event loop in a background thread."""
 
-    def __init__(self, model_dir, **kw):
+    def __init__(self, model_dir, factory=None, **kw):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.gw = Gateway(lambda: Engine(model_dir, EngineConfig(**CONFIG)), "127.0.0.1", 0, **kw)
+        self.gw = Gateway(factory or (lambda: Engine(model_dir, EngineConfig(**CONFIG))), "127.0.0.1", 0, **kw)
         self.call(self.gw.start())
         self.target = f"127.0.0.1:{self.gw.port}"
         self.call(self.gw.load())
@@ -188,6 +188,15 @@ def test_http_rejects_out_of_range_fields_with_400(open_gw, logs):
     assert chat.status_code == 400 and "max_completion_tokens" in chat.json()["error"]["message"]
     r = httpx.post(url, content=b"\xff{not json", timeout=30)
     assert r.status_code == 400
+    from router_service.server import MAX_MESSAGE_BYTES
+    r = httpx.post(url, content=b" " * (MAX_MESSAGE_BYTES + 1), timeout=60)
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"]
+
+    def chunks():  # no content-length: the limit holds while reading
+        for _ in range(MAX_MESSAGE_BYTES // (1 << 20) + 2):
+            yield b" " * (1 << 20)
+    r = httpx.post(url, content=chunks(), timeout=60)
+    assert r.status_code == 413
     assert logs.tracebacks() == []
     open_gw.wait_idle()
 

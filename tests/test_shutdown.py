@@ -6,6 +6,8 @@ Ray cluster."""
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import re
 import signal
@@ -69,7 +71,10 @@ def test_signal_to_the_process_group_drains_and_exits(tiny_dir, tmp_path, worker
         target = _listening(proc, log_path)
         with MeshClient(target) as c:
             c.wait_ready(300)
+        token_mode = None
         if workers:
+            m = re.search(r"token authentication \(token in (\S+)\)", log_path.read_text())
+            token_mode = os.stat(m.group(1)).st_mode & 0o777 if m else None
             # another server's attempt to use "auto" must not join this one's private cluster
             env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "no-ray-start")}
             (tmp_path / "no-ray-start").mkdir()
@@ -118,6 +123,10 @@ def test_signal_to_the_process_group_drains_and_exits(tiny_dir, tmp_path, worker
         for what, detail in outcomes:
             assert what in ("done", "UNAVAILABLE"), (what, detail)
         assert f"{sig.name}: shutting down" in text and "stopped after" in text
+        if workers:  # the private cluster's token was in a directory of its own, removed at exit
+            token = re.search(r"token authentication \(token in (\S+)\)", text)
+            assert token, text[-3000:]
+            assert token_mode == 0o600 and not Path(token.group(1)).exists()
         assert "Traceback" not in text, text[-3000:]
         if not workers:  # nothing killed the engine: the drain ended each stream (finish reason abort)
             assert code == 0 and all(what == "done" for what, _ in outcomes), (code, outcomes)
@@ -126,3 +135,53 @@ def test_signal_to_the_process_group_drains_and_exits(tiny_dir, tmp_path, worker
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+class WorkersGoneOnStop:
+    """The engine as the group signal leaves it: its expert workers stop with the gateway's SIGTERM, so
+    the first step after the stop began fails as the collective's would."""
+
+    def __init__(self, engine):
+        self._e, self.aengine = engine, None
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+    def step(self):
+        time.sleep(0.005)
+        if self.aengine is not None and self.aengine.stopping:
+            raise RuntimeError("Read error [127.0.0.1]:10654: Connection reset by peer")
+        return self._e.step()
+
+
+def test_workers_gone_while_draining_is_an_orderly_stop(tiny_dir):
+    import logging
+
+    import grpc
+
+    from mesh.config import EngineConfig
+    from mesh.engine.engine import Engine
+    from test_security import LiveGateway, LogCapture
+
+    cap = LogCapture()
+    logging.getLogger().addHandler(cap)
+    engine = WorkersGoneOnStop(Engine(tiny_dir, EngineConfig(dtype="float32", kv_cache_memory=4 << 20)))
+    live = LiveGateway(tiny_dir, factory=lambda: engine, grace=10)
+    engine.aengine = live.gw.aengine
+    try:
+        with MeshClient(live.target, timeout=60) as c:
+            stream = c.generate(prompt_token_ids=[1, 2, 3], max_tokens=1500, ignore_eos=True)
+            next(stream)
+            live.gw.stop_signalled = True  # as serve's signal handler does
+            live.gw.aengine.stopping = True
+            stopping = asyncio.run_coroutine_threadsafe(live.gw.stop(), live.loop)
+            with pytest.raises(MeshError) as e:
+                list(stream)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            stopping.result(30)
+        assert not live.gw.failed  # a requested stop: exit code 0, not a crash for the supervisor
+        assert cap.tracebacks() == []
+        assert any("stopped while the server was draining" in r.getMessage() for r in cap.records)
+    finally:
+        logging.getLogger().removeHandler(cap)
+        live.loop.call_soon_threadsafe(live.loop.stop)
