@@ -540,3 +540,15 @@ def test_authorize_for_other_services(auth_gw):
                 assert e.value.code() == code, e.value
     finally:
         auth_gw.call(server.stop(0))
+
+
+def test_openai_client_with_a_token(auth_gw):
+    import openai
+    base = f"http://127.0.0.1:{auth_gw.gw.http_port}/v1"
+    ok = openai.OpenAI(base_url=base, api_key=TOKEN_A, max_retries=0, timeout=30)
+    out = ok.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=2)
+    assert out.usage.completion_tokens == 2
+    assert [m.id for m in ok.models.list()] == ["tiny"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="not-a-token-at-all", max_retries=0, timeout=30).completions.create(
+            model="tiny", prompt=[1, 2, 3], max_tokens=2)
