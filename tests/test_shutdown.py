@@ -185,3 +185,21 @@ def test_workers_gone_while_draining_is_an_orderly_stop(tiny_dir):
     finally:
         logging.getLogger().removeHandler(cap)
         live.loop.call_soon_threadsafe(live.loop.stop)
+
+
+def test_waiting_for_ray_resources_says_what_is_missing(tiny_dir, caplog):
+    """Workers asking for more CPUs than the cluster has: the wait is logged with the numbers, and ends
+    with an error after the load timeout instead of hanging."""
+    import logging
+
+    from expert_workers.pool import ExpertPool, PoolError
+    pool = ExpertPool(str(tiny_dir), "float32", 2, worker_cpus=1000, load_timeout=12)
+    caplog.set_level(logging.INFO, logger="mesh.pool")
+    try:
+        with pytest.raises(PoolError) as e:
+            pool.start()
+        assert "gave up after" in str(e.value) and "CPU 2000" in str(e.value)
+        waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+        assert waits and "for Ray resources: 2 workers need CPU 2000" in waits[0] and "free of" in waits[0], waits
+    finally:
+        pool.shutdown(3.0)
