@@ -161,10 +161,7 @@ class ExpertPool:
         self._saved_auth_mode = os.environ.get("RAY_AUTH_MODE")
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN_PATH"] = path  # the raylet and the workers inherit it
-        # this process read Ray's settings when ray was imported: make it read them again
-        from ray._raylet import AuthenticationTokenLoader, Config
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+        self._reload_ray_auth()  # this process read Ray's settings when ray was imported
         log.info("expert pool: private Ray cluster with token authentication (token in %s)", path)
 
     def _worker_gpus(self) -> list[str]:
@@ -346,4 +343,12 @@ class ExpertPool:
                 os.environ.pop("RAY_AUTH_MODE", None)
             else:
                 os.environ["RAY_AUTH_MODE"] = self._saved_auth_mode
+            self._reload_ray_auth()
+
+    @staticmethod
+    def _reload_ray_auth() -> None:
+        """Make this process's Ray read its auth settings (and token) again: it caches both."""
+        from ray._raylet import AuthenticationTokenLoader, Config
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
