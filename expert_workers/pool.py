@@ -119,29 +119,36 @@ class ExpertPool:
         else:
             # sized so every worker gets a CPU slot on this machine
             self._private_token()
-            # address="local": always a new cluster of its own (a bare ray.init() would join one that
-            # `ray start` recorded on this machine, or that RAY_ADDRESS names)
-            kw = dict(address="local", include_dashboard=False,
-                      num_cpus=max(os.cpu_count() or 1, self.num_workers), log_to_driver=True)
-            if not self.gpu:
-                ray.init(**kw)
-            else:
-                # The gateway keeps its own GPU: the private cluster sees only the others, so Ray
-                # never hands a worker the gateway's device (the raylet inherits this environment).
-                others = self._worker_gpus()
-                if len(others) < self.num_workers:
-                    raise PoolError(f"--workers {self.num_workers} on GPUs needs {self.num_workers} GPUs "
-                                    f"besides the gateway's {self.device}; this machine has {len(others)} more")
-                saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(others)
-                try:
-                    ray.init(num_gpus=len(others), **kw)
-                finally:
-                    if saved is None:
-                        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                    else:
-                        os.environ["CUDA_VISIBLE_DEVICES"] = saved
+            try:
+                self._start_private(ray)
+            except BaseException:
+                self._remove_token()  # nothing started: no token left behind
+                raise
             self._started_ray = True
+
+    def _start_private(self, ray) -> None:
+        # address="local": always a new cluster of its own (a bare ray.init() would join one that
+        # `ray start` recorded on this machine, or that RAY_ADDRESS names)
+        kw = dict(address="local", include_dashboard=False,
+                  num_cpus=max(os.cpu_count() or 1, self.num_workers), log_to_driver=True)
+        if not self.gpu:
+            ray.init(**kw)
+        else:
+            # The gateway keeps its own GPU: the private cluster sees only the others, so Ray
+            # never hands a worker the gateway's device (the raylet inherits this environment).
+            others = self._worker_gpus()
+            if len(others) < self.num_workers:
+                raise PoolError(f"--workers {self.num_workers} on GPUs needs {self.num_workers} GPUs "
+                                f"besides the gateway's {self.device}; this machine has {len(others)} more")
+            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(others)
+            try:
+                ray.init(num_gpus=len(others), **kw)
+            finally:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
     def _private_token(self) -> None:
         """Ray's token authentication for the private cluster, with a fresh token of its own in a
