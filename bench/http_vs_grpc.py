@@ -41,7 +41,7 @@ def start_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen,
     grpc_port, http_port = _free_port(), _free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     # WARNING: no access lines while timing
-    cmd = [sys.executable, "-m", "mesh.cli", "serve", "--port", str(grpc_port), "--http-port", str(http_port),
+    cmd = [sys.executable, "-m", "mesh_cli", "serve", "--port", str(grpc_port), "--http-port", str(http_port),
            "--log-level", "WARNING", *(["--model", model] if model else []), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                             stderr=log, start_new_session=True)

@@ -217,7 +217,7 @@ class ExpertPool:
             torch.cuda.set_device(torch.device(self.device).index or 0)
         init_mesh_group(init_method, 1 + self.num_workers, 0, backend=self.backend)
         self.dispatcher = CollectiveDispatcher(self.placement, 1, self.cfg.hidden_size, DTYPES[self.dtype],
-                                               device=self.device)
+                                               device=self.device, worker_threads=self.threads_per_worker)
         log.info("expert pool: %d workers joined in %.1fs (%s)", self.num_workers, time.perf_counter() - t0,
                  init_method)
         return self.dispatcher

@@ -99,8 +99,8 @@ class ExpertWorker:
         return {"rank": self.spec.expert_rank, "state": self.state, "error": self.error,
                 "host": socket.gethostname(), "pid": os.getpid(), "loaded_bytes": self.loaded_bytes,
                 "load_seconds": self.load_seconds,
-                "steps": getattr(srv, "steps", 0) if srv is not None else 0,
-                "compute_seconds": getattr(srv, "compute_seconds", 0.0) if srv is not None else 0.0}
+                "steps": srv.steps if srv is not None else 0,
+                "compute_seconds": srv.compute_seconds if srv is not None else 0.0}
 
 
 def _export_worker_metrics(server, rank: int) -> None:

@@ -1,6 +1,9 @@
-"""The `mesh` command line: init-model, generate, serve, loadtest, plan.
+"""The core's pieces of the `mesh` command line: the engine and sampling flags (shared by `generate`
+and `serve`), the engine configuration they make, and `init-model`.
 
-Every flag also reads a `MESH_*` environment variable where one is named in its help.
+The command itself (`mesh`, module mesh_cli) composes these with the edge's commands; mesh/ imports no
+edge package (router_service, expert_workers). Every flag also reads a `MESH_*` environment variable
+where one is named in its help.
 """
 
 from __future__ import annotations
@@ -25,42 +28,11 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent / "builtin"
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    """`org/name` (one slash, no leading dot or slash): a Hugging Face Hub id, unless such a directory exists."""
-    parts = model.split("/")
-    return (len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and not Path(model).exists())
-
-
-def resolve_model(model: str | None, load_format: str = "auto", revision: str | None = None) -> Path:
-    """--model DIR or a Hub id, else $MESH_MODEL, else the built-in default (created on first use)."""
-    model = model or _env("MESH_MODEL")
-    if model:
-        path = Path(model)
-        if _looks_like_hub_id(model):
-            from router_service.hub import resolve_hub_model  # huggingface_hub (an HTTP client) lives at the edge
-            path = resolve_hub_model(model, revision, weights=load_format != "dummy")
-        elif revision:
-            raise SystemExit(f"mesh: error: --revision {revision}: applies to Hugging Face Hub ids, and "
-                             f"--model {model} is a directory")
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"mesh: error: --model {model}: no config.json there "
-                             f"(create one with `mesh init-model --out {model}`)")
-        if load_format != "dummy" and not any(path.glob("*.safetensors")):
-            raise SystemExit(f"mesh: error: --model {model}: no *.safetensors weights there (a config-only "
-                             f"model directory runs with --load-format dummy)")
-        return path
-    path = default_model_dir()
-    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        raise SystemExit(f"mesh: error: the built-in model is missing from this installation ({path}); reinstall "
-                         f"moe-mesh, or pass --model")
-    return path
-
-
-def _progress(msg: str) -> None:
+def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -268,115 +240,13 @@ def cmd_init_model(args) -> int:
     from mesh.presets import init_model
     t0 = time.perf_counter()
     try:
-        out = init_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype, progress=_progress,
+        out = init_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype, progress=progress,
                          config_only=args.config_only)
     except ValueError as e:
         raise SystemExit(f"mesh: error: {e}") from None
-    _progress(f"wrote {args.arch}/{args.preset} to {out} in {time.perf_counter() - t0:.1f}s")
+    progress(f"wrote {args.arch}/{args.preset} to {out} in {time.perf_counter() - t0:.1f}s")
     if args.json:
         print(json.dumps({"model_dir": str(out), "arch": args.arch, "preset": args.preset, "seed": args.seed}))
     return 0
 
 
-def cmd_generate(args) -> int:
-    if args.target:
-        reject_engine_flags(args)
-        from router_service.client_cli import generate_remote
-        return generate_remote(args)
-    given = [f for f, v in (("--tls", args.tls), ("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
-                            ("--tls-key", args.tls_key), ("--tls-server-name", args.tls_server_name),
-                            ("--token-file", args.token_file)) if v]
-    if given:
-        raise SystemExit(f"mesh: error: {', '.join(given)}: connection flags need --target HOST:PORT")
-    from mesh.engine.engine import Engine
-    from mesh.types import InvalidRequest
-    params = sampling_params(args)
-    model = resolve_model(args.model, args.load_format, args.revision)
-    engine = Engine(model, engine_config(args))
-    try:
-        req = engine.make_request(prompt=args.prompt, prompt_token_ids=args.prompt_ids, sampling=params)
-        t0 = time.perf_counter()
-        if args.json or params.n > 1:
-            for result in engine.generate([req]):
-                if args.json:
-                    print(json.dumps(result.as_dict()))
-                else:
-                    print(f"--- completion {result.index} ({result.finish_reason.value})")
-                    print(result.text if engine.tokenizer else " ".join(map(str, result.token_ids)))
-        else:
-            engine.add_request(req)
-            while engine.has_unfinished():
-                for out in engine.step():
-                    text = out.new_text if engine.tokenizer else " ".join(map(str, out.new_token_ids)) + " "
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-            sys.stdout.write("\n")
-        _progress(f"[{engine.model_config.family}, {args.dtype}] {time.perf_counter() - t0:.2f}s")
-    except InvalidRequest as e:
-        raise SystemExit(f"mesh: error: {e}") from None
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from mesh.presets import ARCHS, PRESETS
-    parser = argparse.ArgumentParser(prog="mesh", description="moe-mesh: serve Mixture-of-Experts code models")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("init-model", help="write a random-weight checkpoint and tokenizer in HF format",
-                       description="Write a random-weight Hugging Face checkpoint (config.json, safetensors, "
-                                   "a byte-level BPE tokenizer.json trained on local Python source).")
-    p.add_argument("--arch", choices=sorted(ARCHS), default=DEFAULT_ARCH,
-                   help="architecture family: qwen3_moe (Qwen3-Coder), qwen3_next (the hybrid Qwen3-Coder-Next), "
-                        "qwen2_moe, mixtral (default qwen3_moe)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                   help="model size: tiny (tests), small (demos), bench (~64M params), "
-                        "coder-30b-a3b, coder-480b-a35b (--arch qwen3_moe) and coder-next (--arch qwen3_next): "
-                        "the Qwen3-Coder models' real shapes, with --config-only")
-    p.add_argument("--config-only", action="store_true",
-                   help="write config.json and the tokenizer but no weights (serve them with --load-format dummy)")
-    p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype on disk")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.set_defaults(func=cmd_init_model)
-
-    p = sub.add_parser("generate", help="generate from one prompt, in-process or against a server",
-                       description="Generate a completion. With --model (or none: the built-in model) it runs "
-                                   "in this process; with --target HOST:PORT it calls a running `mesh serve`, "
-                                   "whose engine settings apply (engine flags are refused there).")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--model", help="model directory in HF format, or a Hugging Face Hub id such as "
-                                       "Qwen/Qwen3-Coder-30B-A3B-Instruct (env MESH_MODEL; default: the built-in "
-                                       "model)")
-    where.add_argument("--target", help="HOST:PORT of a running `mesh serve`")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
-    what.add_argument("--prompt-ids", type=_int_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
-    add_sampling_flags(p)
-    add_engine_flags(p)
-    add_client_security_flags(p)
-    p.add_argument("--json", action="store_true",
-                   help='print each completion as one JSON object on its own line: {"request_id", "index", '
-                        '"token_ids", "text", "finish_reason", "usage"} (and "logprobs" with --logprobs)')
-    p.set_defaults(func=cmd_generate)
-
-    for extra in _extra_commands():
-        extra(sub)
-    return parser
-
-
-def _extra_commands():
-    """Subcommands that live with their edge packages (imported lazily: grpc, ray and redis load only
-    when such a command runs)."""
-    from router_service.cli import register as serve_register
-    from router_service.loadtest.cli import register as loadtest_register
-    return [serve_register, loadtest_register]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args) or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,9 +20,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from mesh.types import FinishReason, InvalidRequest, Request, RequestOutput, Usage
+
+if TYPE_CHECKING:
+    from mesh.engine.engine import Engine
 from router_service import DEFAULT_MAX_QUEUED
 
 log = logging.getLogger("mesh.serve")
@@ -47,7 +50,7 @@ class _Route:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Any, max_queued: int = DEFAULT_MAX_QUEUED,
+    def __init__(self, engine: Engine, max_queued: int = DEFAULT_MAX_QUEUED,
                  on_failure: Callable[[BaseException], None] | None = None):
         """`on_failure(error)` runs in the engine thread if the engine dies (after every request in
         flight has been failed with EngineError)."""
@@ -178,9 +181,7 @@ class AsyncEngine:
                     busy, cpu = time.perf_counter() - t0, time.thread_time() - c0
                     self.busy_seconds += busy
                     self.busy_cpu_seconds += cpu
-                    work = getattr(getattr(self.engine, "observer", None), "work", None)
-                    if work is not None:
-                        work.end_pass(busy, cpu)  # the step's own record (GetServerStats' recent_steps)
+                    self.engine.observer.work.end_pass(busy, cpu)  # the step's record (GetServerStats' recent_steps)
                 stats = self._snapshot()
                 with self._lock:
                     self._stats = stats
@@ -202,13 +203,11 @@ class AsyncEngine:
                     log.exception("the engine failure hook failed")
 
     def _close_engine(self) -> None:
-        # Engines with background work (a remote prefix-cache writer) flush it in close().
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - shutting down anyway
-                log.exception("closing the engine failed")
+        # The engine flushes its background work (a remote prefix-cache writer) in close().
+        try:
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            log.exception("closing the engine failed")
 
     def _handle(self, kind: str, arg: Any, route: _Route | None) -> None:
         if kind == "add":

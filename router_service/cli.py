@@ -1,4 +1,4 @@
-"""`mesh serve`: registered into the `mesh` CLI by mesh.cli when this package is importable."""
+"""`mesh serve`: registered into the `mesh` command by mesh_cli; builds on the core's engine flags (mesh.cli)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def build_engine_factory(args):
     actors (a private local Ray cluster, or --ray-address), reached over a torch.distributed group;
     health turns SERVING once every worker has loaded its shard and joined. --redis adds the shared
     prefix-cache tier."""
-    from mesh.cli import engine_config, resolve_model
+    from mesh.cli import engine_config
+    from router_service.hub import resolve_model
     if args.workers < 0:
         raise SystemExit(f"mesh: error: --workers must be 0 or more, got {args.workers}")
     model = resolve_model(args.model, args.load_format, args.revision)
@@ -130,10 +131,7 @@ def build_engine_factory(args):
     def factory():
         from mesh.engine.engine import Engine
         dispatcher = pool.start() if pool is not None else None
-        engine = Engine(model, config, dispatcher=dispatcher, prefix_tier=tier)
-        engine.num_expert_workers = args.workers
-        engine.expert_worker_threads = pool.threads_per_worker if pool is not None else 0
-        return engine
+        return Engine(model, config, dispatcher=dispatcher, prefix_tier=tier)
 
     if pool is None:
         return factory, None, None
@@ -172,9 +170,9 @@ def served_model_name(args) -> str:
     """--served-model-name, else the Hub id given as --model, else the model directory's name."""
     if args.served_model_name:
         return args.served_model_name
-    from mesh.cli import _looks_like_hub_id
+    from router_service.hub import looks_like_hub_id
     given = args.model or os.environ.get("MESH_MODEL")
-    if given and _looks_like_hub_id(given):
+    if given and looks_like_hub_id(given):
         return given
     return args.resolved_model.name
 

@@ -3,7 +3,7 @@
 Same sampling flags, same output: streamed text (token ids when the model has no tokenizer) then a
 newline, or with --json one object per completion {"request_id", "index", "token_ids", "text",
 "finish_reason", "usage"} (and "logprobs"); a timing line on stderr. gRPC errors print
-`mesh: error: <CODE>: <details>` and exit 1. Engine flags are refused before this runs (mesh.cli).
+`mesh: error: <CODE>: <details>` and exit 1. Engine flags are refused before this runs (mesh_cli).
 """
 
 from __future__ import annotations

@@ -1,9 +1,42 @@
-"""Hugging Face Hub ids as models: `--model ORG/NAME` becomes a snapshot directory in the Hugging Face
-cache, through huggingface_hub (an HTTP client, so it lives at the edge, not in mesh/)."""
+"""Where `--model` points: a model directory, a Hugging Face Hub id (`ORG/NAME`, a snapshot directory in
+the Hugging Face cache, through huggingface_hub: an HTTP client, so it lives at the edge, not in mesh/),
+$MESH_MODEL, or the built-in model. Imported by the `mesh` commands that load a model (serve, generate)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+
+def looks_like_hub_id(model: str) -> bool:
+    """`org/name` (one slash, no leading dot or slash): a Hugging Face Hub id, unless such a directory exists."""
+    parts = model.split("/")
+    return (len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and not Path(model).exists())
+
+
+def resolve_model(model: str | None, load_format: str = "auto", revision: str | None = None) -> Path:
+    """--model DIR or a Hub id, else $MESH_MODEL, else the built-in model (mesh.cli.default_model_dir)."""
+    from mesh.cli import default_model_dir
+    model = model or os.environ.get("MESH_MODEL")
+    if model:
+        path = Path(model)
+        if looks_like_hub_id(model):
+            path = resolve_hub_model(model, revision, weights=load_format != "dummy")
+        elif revision:
+            raise SystemExit(f"mesh: error: --revision {revision}: applies to Hugging Face Hub ids, and "
+                             f"--model {model} is a directory")
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"mesh: error: --model {model}: no config.json there "
+                             f"(create one with `mesh init-model --out {model}`)")
+        if load_format != "dummy" and not any(path.glob("*.safetensors")):
+            raise SystemExit(f"mesh: error: --model {model}: no *.safetensors weights there (a config-only "
+                             f"model directory runs with --load-format dummy)")
+        return path
+    path = default_model_dir()
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise SystemExit(f"mesh: error: the built-in model is missing from this installation ({path}); reinstall "
+                         f"moe-mesh, or pass --model")
+    return path
 
 
 def resolve_hub_model(repo_id: str, revision: str | None = None, weights: bool = True) -> Path:

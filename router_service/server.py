@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from google.protobuf.message import DecodeError
 
 from mesh import telemetry
+from mesh.engine.stats import EngineStats
 from mesh.types import InvalidRequest, Request
 from router_service import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_MAX_QUEUED, DEFAULT_PORT, convert
 from router_service.async_engine import AsyncEngine, EngineError, Overloaded
@@ -128,7 +129,7 @@ class Gateway:
 
     async def load(self) -> None:
         self.engine = await _in_daemon_thread(self.engine_factory)
-        self.num_workers = getattr(self.engine, "num_expert_workers", self.num_workers)
+        self.num_workers = self.engine.stats().pool.num_workers
         loop = asyncio.get_running_loop()
         self.aengine = AsyncEngine(self.engine, self.max_queued,
                                    on_failure=lambda e: loop.call_soon_threadsafe(self._engine_failed, e))
@@ -522,46 +523,40 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def GetServerStats(self, request, context):
         # Read off the engine thread: the queue/KV figures come from AsyncEngine's own snapshot; the
-        # counters are plain ints (atomic reads) and the load tensor is cloned (a row may be one step
-        # newer than another: fine for load figures).
+        # engine's stats are plain counters and a copy of the load tensor (a row may be one step newer
+        # than another: fine for load figures).
         aengine = await self._engine(context)
-        s, eng = aengine.stats(), aengine.engine
-        load = getattr(eng.dispatcher, "expert_load", None)
-        load = load.clone() if load is not None else None  # [L, E] int64
-        cfg = eng.config
+        s, st = aengine.stats(), aengine.engine.stats(expert_load=True)
+        load = st.pool.expert_load  # [L, E] int64
         return pb.ServerStats(
             running=s["running"], waiting=s["waiting"], kv_blocks_used=s["blocks_used"],
-            kv_blocks_free=s["blocks_free"], steps=eng.num_steps, in_flight=s["in_flight"],
-            expert_load=[] if load is None else load.reshape(-1).clamp_(min=0).tolist(),
-            moe_layers=0 if load is None else load.shape[0], num_experts=0 if load is None else load.shape[1],
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            preemptions=getattr(eng.scheduler, "num_preemptions", 0),
-            **_step_counters(aengine, request.steps_after if request.HasField("steps_after") else None))
+            kv_blocks_free=s["blocks_free"], steps=st.steps, in_flight=s["in_flight"],
+            expert_load=load.reshape(-1).clamp_(min=0).tolist(), moe_layers=st.pool.moe_layers,
+            num_experts=st.pool.num_experts, max_num_seqs=st.max_num_seqs,
+            max_num_batched_tokens=st.max_num_batched_tokens, preemptions=st.preemptions,
+            **_step_counters(aengine, st, request.steps_after if request.HasField("steps_after") else None))
 
 
-def _step_counters(aengine: AsyncEngine, steps_after: int | None = None) -> dict:
+def _step_counters(aengine: AsyncEngine, st: EngineStats, steps_after: int | None = None) -> dict:
     """ServerStats' step-time counters (see the proto): what `mesh loadtest` records for `mesh plan`."""
     import torch
-    eng = aengine.engine
-    work = getattr(getattr(eng, "observer", None), "work", None)
+    work = aengine.engine.observer.work
     out = {"busy_seconds": aengine.busy_seconds, "busy_cpu_seconds": aengine.busy_cpu_seconds,
-           "expert_seconds": getattr(eng.dispatcher, "expert_seconds", 0.0),
-           "expert_cpu_seconds": getattr(eng.dispatcher, "expert_cpu_seconds", 0.0),
-           "worker_compute_seconds": list(getattr(eng.dispatcher, "worker_compute_seconds", ())),
+           "expert_seconds": st.pool.expert_seconds, "expert_cpu_seconds": st.pool.expert_cpu_seconds,
+           "worker_compute_seconds": list(st.pool.worker_compute_seconds),
            "arrival_hop_seconds": aengine.arrival_hop_seconds, "arrivals": aengine.arrivals,
            "delivery_hop_seconds": aengine.delivery_hop_seconds, "deliveries": aengine.deliveries,
            "compute_threads": torch.get_num_threads(),
-           "worker_threads": getattr(eng, "expert_worker_threads", 0)}
-    if work is not None:
-        out["recent_steps"] = [pb.StepRecord(
-            step=r[0], sequences=r[1], decode_tokens=r[2], prefill_tokens=r[3], context_tokens=r[4], busy_seconds=r[5],
-            forward_seconds=r[6], expert_seconds=r[7], worker_compute_seconds=r[8], busy_cpu_seconds=r[9],
-            forward_cpu_seconds=r[10], expert_cpu_seconds=r[11])
-            for r in (work.since(steps_after) if steps_after is not None else ())]
-        out.update(forward_seconds=work.forward_seconds, forward_cpu_seconds=work.forward_cpu_seconds,
-                   decode_tokens=work.decode_tokens,
-                   prefill_tokens=work.prefill_tokens, context_tokens=work.context_tokens,
-                   scheduled_sequences=work.sequences)
+           "worker_threads": st.pool.worker_threads}
+    out["recent_steps"] = [pb.StepRecord(
+        step=r[0], sequences=r[1], decode_tokens=r[2], prefill_tokens=r[3], context_tokens=r[4], busy_seconds=r[5],
+        forward_seconds=r[6], expert_seconds=r[7], worker_compute_seconds=r[8], busy_cpu_seconds=r[9],
+        forward_cpu_seconds=r[10], expert_cpu_seconds=r[11])
+        for r in (work.since(steps_after) if steps_after is not None else ())]
+    out.update(forward_seconds=work.forward_seconds, forward_cpu_seconds=work.forward_cpu_seconds,
+               decode_tokens=work.decode_tokens,
+               prefill_tokens=work.prefill_tokens, context_tokens=work.context_tokens,
+               scheduled_sequences=work.sequences)
     return out
 
 

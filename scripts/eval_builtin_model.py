@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show", type=int, default=0, help="print this many completions in full")
     args = p.parse_args(argv)
 
-    from mesh.cli import resolve_model
+    from router_service.hub import resolve_model
     from mesh.config import EngineConfig
     from mesh.engine.engine import Engine
     from mesh.types import FinishReason, SamplingParams

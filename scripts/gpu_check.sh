@@ -25,9 +25,9 @@ for step in $steps; do
   case $step in
     smoke)
       # a tiny model: greedy tokens of the cuda backend (graphs) against the CPU's
-      $PY -m mesh.cli init-model --arch qwen3_moe --preset tiny --out /tmp/mesh-tiny --seed 0 >/dev/null 2>&1
+      $PY -m mesh_cli init-model --arch qwen3_moe --preset tiny --out /tmp/mesh-tiny --seed 0 >/dev/null 2>&1
       for dev in cpu cuda; do
-        timeout 120 $PY -m mesh.cli generate --model /tmp/mesh-tiny --device $dev --dtype float32 \
+        timeout 120 $PY -m mesh_cli generate --model /tmp/mesh-tiny --device $dev --dtype float32 \
           --prompt "def add(a, b):" --max-tokens 24 --ignore-eos --max-num-seqs 16 --json \
           > "$OUT/smoke_$dev.json" 2>"$OUT/smoke_$dev.err"; echo "$dev rc=$?"
       done
@@ -44,7 +44,7 @@ print('smoke cpu == cuda:', a['token_ids'] == b['token_ids'], len(a['token_ids']
       tail -5 "$OUT/bench_next.err" ;;
     tests)
       MESH_TEST_DEVICE=cuda timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -x -p no:cacheprovider -o addopts= \
-        tests/engine/test_cuda_engine.py tests/test_model_parity.py tests/model/test_paged_attention.py \
+        tests/engine/test_cuda_engine.py tests/model/test_model_parity.py tests/model/test_paged_attention.py \
         tests/model/test_fused_moe.py 2>&1 | tee "$OUT/tests_cuda.log" | tail -15 ;;
   esac
   echo "== $step: $(( $(date +%s) - t0 )) s"

@@ -163,3 +163,10 @@ def native_env(monkeypatch, name: str, value: str | None) -> None:
     else:
         monkeypatch.setenv(name, value)
     native.refresh_settings()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """The tiny preset checkpoint, with a tokenizer.json (the gateway, CLI, chat and prefix-cache tests)."""
+    from mesh.presets import init_model
+    return init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("gw") / "tiny")  # has tokenizer.json

@@ -20,14 +20,24 @@ def test_every_kernel_source_is_package_data():
 
 
 def test_the_core_imports_no_rpc_cache_or_http_library():
-    """mesh/ (the engine, the CLI's parser) loads none of the edge's libraries: grpc, ray, redis, the HTTP
-    server and clients, huggingface_hub. The edge imports them when a command needs them."""
+    """mesh/ (the engine, the CLI's flags) and the `mesh` command's parser (mesh_cli, all commands) load
+    none of the edge's libraries: grpc, ray, redis, the HTTP server and clients, huggingface_hub. The
+    edge imports them when a command needs them."""
     import subprocess
     import sys
-    code = ("import sys, mesh.engine.engine, mesh.cli; mesh.cli.build_parser(); "
+    code = ("import sys, mesh.engine.engine, mesh.cli, mesh_cli; mesh_cli.build_parser(); "
             "edge = {'grpc', 'ray', 'redis', 'starlette', 'uvicorn', 'httpx', 'httpx2', 'huggingface_hub', 'openai'}; "
             "print(sorted(edge & {m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_mesh_command_is_the_composing_package():
+    """The console script `mesh` runs mesh_cli.main, the one module that imports both core and edge."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"mesh": "mesh_cli:main"}
+    import mesh_cli
+    assert {"init-model", "generate", "serve", "loadtest", "plan"} <= set(
+        mesh_cli.build_parser()._subparsers._group_actions[0].choices)

@@ -18,11 +18,13 @@ from mesh.cache.tier import PrefixTier
 from mesh.config import ConfigError, EngineConfig, ModelConfig
 from mesh.engine.block_manager import BlockManager
 from mesh.engine.cuda_graphs import DecodeGraphs
-from mesh.engine.model_runner import ModelRunner, keep_freed_memory
+from mesh.engine.model_runner import ModelRunner
+from mesh.engine.process import keep_freed_memory
 from mesh.engine.observe import EngineObserver
 from mesh.engine.sampler import sample
 from mesh.engine.scheduler import Scheduler
 from mesh.engine.sequence import Sequence, Status
+from mesh.engine.stats import EngineStats, PoolStats
 from mesh.engine.state_cache import StateCache
 from mesh.model.attention import KVCache
 from mesh.model.backend import make_backend
@@ -41,7 +43,7 @@ class Engine:
         """`dispatcher` None: all experts load here and run through the local dispatcher.
         `prefix_tier`: a remote prefix-cache tier (e.g. Redis) behind the local block pool."""
         self.config = config = config or EngineConfig()
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # process-wide (mesh/engine/process.py)
         self.model_dir = Path(model_dir)
         self.model_config: ModelConfig = ModelConfig.from_dir(model_dir)
         mc = self.model_config
@@ -95,7 +97,7 @@ class Engine:
             graphs = DecodeGraphs(self.model, self.kv, self.dispatcher, config.max_num_seqs, self.max_model_len)
             graphs.capture()
         if torch.device(config.device).type == "cpu":
-            keep_freed_memory()  # process-wide: a CPU engine owns its process's allocator settings
+            keep_freed_memory()  # process-wide: a CPU engine owns its process's allocator (mesh/engine/process.py)
         self.runner = ModelRunner(self.model, self.kv, self.dispatcher, micro_batches=micro, graphs=graphs,
                                   states=self.state_cache)
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -221,25 +223,39 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def stats(self, expert_load: bool = False) -> EngineStats:
+        """A snapshot of the engine and its experts' pool. Safe to call from another thread while the
+        engine steps (plain counters; figures may be one step apart). `expert_load` adds the per-expert
+        routed rows (a copy from the device where the experts run in-process on a GPU)."""
+        d, cfg = self.dispatcher, self.config
+        return EngineStats(
+            steps=self.num_steps, running=self.num_running, waiting=self.num_waiting,
+            kv_blocks_used=self.blocks.num_used, kv_blocks_free=self.blocks.num_free,
+            preemptions=self.scheduler.num_preemptions, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            pool=PoolStats(num_workers=d.num_workers, worker_threads=d.worker_threads,
+                           expert_seconds=d.expert_seconds, expert_cpu_seconds=d.expert_cpu_seconds,
+                           worker_compute_seconds=tuple(d.worker_compute_seconds),
+                           expert_load=d.expert_load.clone() if expert_load else None))
+
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        if not plan.scheduled:
+        batch = self.scheduler.schedule()  # this step's sequences and token counts
+        if not batch.scheduled:
             return []
-        for s in plan.scheduled:
+        for s in batch.scheduled:
             if s.seq.queue_span is not None:
                 self.observer.on_admit(s.seq)
-        span = self.observer.start_step(plan.scheduled)
+        span = self.observer.start_step(batch.scheduled)
         ctx = span.get_span_context()
-        if hasattr(self.dispatcher, "next_step_trace"):  # the step header carries the ids to experts
-            # only a sampled step's ids travel: the experts' spans are exported only under a kept parent
-            sampled = ctx.is_valid and ctx.trace_flags.sampled
-            self.dispatcher.next_step_trace = (ctx.trace_id, ctx.span_id) if sampled else (0, 0)
+        # only a sampled step's ids travel to expert workers: their spans are exported only under a kept parent
+        sampled = ctx.is_valid and ctx.trace_flags.sampled
+        self.dispatcher.set_step_trace(*((ctx.trace_id, ctx.span_id) if sampled else (0, 0)))
         try:
-            samplers, logits = self.runner.run(plan.scheduled)
+            samplers, logits = self.runner.run(batch.scheduled)
         finally:
-            self.observer.end_step(span, plan.scheduled)
-        for s in plan.scheduled:
+            self.observer.end_step(span, batch.scheduled)
+        for s in batch.scheduled:
             s.seq.num_computed_tokens += s.num_tokens
             hashed = self.blocks.commit(s.seq)
             if hashed and self.prefix_cache is not None:

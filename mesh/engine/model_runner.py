@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import array
-import ctypes
-import sys
 
 import torch
 
@@ -208,23 +206,3 @@ def _split(batch: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
         if acc * 2 >= total:
             break
     return [batch[:cut], batch[cut:]]
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def keep_freed_memory() -> None:
-    """Let glibc serve tensors up to 32 MiB from its heap and keep freed memory, process-wide.
-
-    By default a freed multi-megabyte tensor goes back to the kernel, and the next step's tensor of
-    the same size faults in fresh zeroed pages: at prefill sizes that costs more than the op itself
-    (an 8 MiB gather runs ~4x slower). 32 MiB is glibc's ceiling for the mmap threshold.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...): leave its allocator alone
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)

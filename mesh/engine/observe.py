@@ -17,6 +17,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from mesh import telemetry as t
 from mesh.engine.sequence import Sequence
+from mesh.model.dispatch import Dispatcher
 
 
 # Bucket bounds in seconds (the SDK's defaults are meant for milliseconds).
@@ -95,9 +96,7 @@ class _Instruments:
         # summed per (layer, expert) over the live engines, whatever their shapes
         total: dict[tuple[int, int], int] = {}
         for e in list(self.engines):
-            load = getattr(e.dispatcher, "expert_load", None)
-            if load is None:
-                continue
+            load = e.stats(expert_load=True).pool.expert_load
             for layer, row in enumerate(load.tolist()):
                 for expert, n in enumerate(row):
                     total[layer, expert] = total.get((layer, expert), 0) + n
@@ -155,20 +154,19 @@ class StepWork:
         self.recent.append([self.steps, len(batch), dec, pre, ctx, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
         self._open = True
 
-    def begin(self, dispatcher) -> None:
+    def begin(self, dispatcher: Dispatcher) -> None:
         self._t0, self._c0 = time.perf_counter(), time.thread_time()
-        self._e0 = getattr(dispatcher, "expert_seconds", 0.0)
-        self._ec0 = getattr(dispatcher, "expert_cpu_seconds", 0.0)
+        self._e0, self._ec0 = dispatcher.expert_seconds, dispatcher.expert_cpu_seconds
 
-    def end(self, dispatcher) -> None:
+    def end(self, dispatcher: Dispatcher) -> None:
         wall, cpu = time.perf_counter() - self._t0, time.thread_time() - self._c0
         self.forward_seconds += wall
         self.forward_cpu_seconds += cpu
         rec = self.recent[-1]
         rec[6], rec[10] = wall, cpu
-        rec[7] = getattr(dispatcher, "expert_seconds", 0.0) - self._e0
-        rec[11] = getattr(dispatcher, "expert_cpu_seconds", 0.0) - self._ec0
-        workers = list(getattr(dispatcher, "worker_compute_seconds", ()))
+        rec[7] = dispatcher.expert_seconds - self._e0
+        rec[11] = dispatcher.expert_cpu_seconds - self._ec0
+        workers = list(dispatcher.worker_compute_seconds)
         if workers and len(workers) == len(self._workers) and len(self.recent) >= 2:
             # this step's header carried the workers' totals through the previous step
             self.recent[-2][8] = max(b - a for a, b in zip(self._workers, workers))
@@ -251,14 +249,14 @@ class EngineObserver:
                 s.seq.chunk_span = None
         span.end()
         d = self._engine().dispatcher
-        seconds = getattr(d, "layer_seconds", None)
-        if seconds is not None:
+        seconds = d.layer_seconds  # [] without a transport
+        if seconds:
             prev = self._layer_seconds or [0.0] * len(seconds)
             for now, before in zip(seconds, prev):
                 if now > before:
                     self.m.dispatch_seconds.record(now - before)
             self._layer_seconds = list(seconds)
-            total = getattr(d, "total_bytes_sent", 0) + getattr(d, "total_bytes_received", 0)
+            total = d.total_bytes_sent + d.total_bytes_received
             if total > self._bytes:
                 self.m.dispatch_bytes.add(total - self._bytes)
                 self._bytes = total

@@ -17,6 +17,21 @@ class Dispatcher(Protocol):
     # Whether a step through it can be captured in a CUDA graph: no host round trip per layer (the
     # local one; the collective one reads each layer's row counts on the host).
     graph_capturable: bool
+    # Expert worker processes behind it (0: every expert in this process), and the CPU threads each
+    # computes with (0 where there are none).
+    num_workers: int
+    worker_threads: int
+    # Counters since start, never reset (the engine's stats and the step records read them):
+    # host seconds spent reaching the experts (in-process: computing them), wall and this thread's CPU;
+    expert_seconds: float
+    expert_cpu_seconds: float
+    # each worker's compute seconds as of the last step header ([] without workers);
+    worker_compute_seconds: list[float]
+    # transport seconds per MoE layer since the last `reset_counters` ([] without a transport), and the
+    # bytes moved to and from the workers.
+    layer_seconds: list[float]
+    total_bytes_sent: int
+    total_bytes_received: int
 
     @property
     def expert_load(self) -> torch.Tensor:
@@ -25,6 +40,10 @@ class Dispatcher(Protocol):
 
     def reset_counters(self) -> None:
         """Zero the load counters."""
+
+    def set_step_trace(self, trace_id: int, span_id: int) -> None:
+        """The engine's span of the next step ((0, 0): not sampled), which a dispatcher with workers
+        sends them so that their spans join the step's trace; in-process, nothing to do."""
 
     def begin_step(self, num_tokens: int, micro_batches: int = 1) -> None:
         """Called once per model forward, before the first layer (the collective backend announces

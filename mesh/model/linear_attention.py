@@ -113,42 +113,56 @@ def _prepare(q, k, v, g, beta, value_heads: int):
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
             state: torch.Tensor, cuts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """One sequence's chunk: q, k [T, Hk, dk], v [T, Hv, dv], g, beta [T, Hv], state [Hv, dk, dv]
-    -> (o [T, Hv, dv] float32, final state, [state after the first c tokens for c in cuts])."""
+    -> (o [T, Hv, dv] float32, final state, [state after the first c tokens for c in cuts]).
+
+    The chunk runs in pieces of `CHUNK` tokens whatever the cuts; a state asked for inside a piece is
+    read off that piece's deltas (they do not depend on where the piece ends), so asking for a state
+    every block costs a [dk, C] x [C, dv] product per cut, not a piece per block."""
     t = q.shape[0]
     qh, kh, vh, gh, bh = _prepare(q, k, v, g, beta, v.shape[1])  # [H, T, *]
-    bounds = sorted({c for c in (cuts or []) if 0 < c < t})
-    pieces, start = [], 0
-    for c in bounds + [t]:
-        while c - start > CHUNK:
-            pieces.append((start, start + CHUNK))
-            start += CHUNK
-        if c > start:
-            pieces.append((start, c))
-            start = c
+    wanted = sorted({c for c in (cuts or []) if 0 < c <= t})
     out = torch.empty_like(vh)  # [H, T, dv]
     snaps, s = {}, state.float()
-    for a, b in pieces:
-        out[:, a:b], s = _chunk(qh[:, a:b], kh[:, a:b], vh[:, a:b], gh[:, a:b], bh[:, a:b], s)
+    for a in range(0, t, CHUNK):
+        b = min(a + CHUNK, t)
+        inner = [c - a for c in wanted if a < c < b]
+        out[:, a:b], s, inner_states = _chunk(qh[:, a:b], kh[:, a:b], vh[:, a:b], gh[:, a:b], bh[:, a:b], s, inner)
+        snaps.update({a + j: st for j, st in zip(inner, inner_states)})
         snaps[b] = s
     return out.transpose(0, 1), s, [snaps[c] if c in snaps else state.float() for c in (cuts or [])]
 
 
-def _chunk(q, k, v, g, beta, s0):
-    """One piece for all heads: q, k [H, C, dk], v [H, C, dv], g, beta [H, C], s0 [H, dk, dv]."""
+_MASKS: dict = {}
+
+
+def _masks(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal mask [C, C] (bool, diagonal included) and the identity [C, C], kept per size."""
+    key = (c, device)
+    if key not in _MASKS:
+        _MASKS[key] = (torch.ones(c, c, dtype=torch.bool, device=device).tril(), torch.eye(c, device=device))
+    return _MASKS[key]
+
+
+def _chunk(q, k, v, g, beta, s0, inner: list[int] = ()):
+    """One piece for all heads: q, k [H, C, dk], v [H, C, dv], g, beta [H, C], s0 [H, dk, dv]
+    -> (o [H, C, dv], the state after the piece, [the state after the first j tokens for j in inner])."""
     c = q.shape[1]
     logd = g.cumsum(dim=1)  # [H, C] log a_t
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    causal, eye = _masks(c, q.device)
     # decay between s and t (t >= s): a_t / a_s = exp(log a_t - log a_s); masked above the diagonal
     ratio = torch.where(causal, logd[:, :, None] - logd[:, None, :], float("-inf")).exp()  # [H, C, C]
     a = logd.exp()[..., None]  # [H, C, 1]
     kk = k @ k.transpose(1, 2)  # [H, C, C]
-    system = torch.eye(c, device=q.device) + (beta[..., None] * ratio * kk).tril(-1)
+    system = eye + (beta[..., None] * ratio * kk).tril(-1)
     rhs = beta[..., None] * (v - a * (k @ s0))  # [H, C, dv]
     u = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)  # [H, C, dv]
     o = a * (q @ s0) + (ratio * (q @ k.transpose(1, 2))) @ u  # [H, C, dv]
-    last = (logd[:, -1:] - logd).exp()[..., None]  # [H, C, 1]: a_C / a_s
-    s = a[:, -1:] * s0 + (k * last).transpose(1, 2) @ u
-    return o, s
+
+    def state_after(j: int) -> torch.Tensor:
+        back = (logd[:, j - 1:j] - logd[:, :j]).exp()[..., None]  # [H, j, 1]: a_j / a_s
+        return a[:, j - 1:j] * s0 + (k[:, :j] * back).transpose(1, 2) @ u[:, :j]
+
+    return o, state_after(c), [state_after(j) for j in inner]
 
 
 def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -160,11 +174,11 @@ def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     q = q * q.shape[-1] ** -0.5
     if rep > 1:
         q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
-    s = state.float() * g.float().exp()[..., None, None]
-    mem = (s * k[..., None]).sum(dim=2)  # [B, Hv, dv]: S^T k
+    s = state.float() * g.float().exp()[..., None, None]  # a new tensor: the caller's state is kept
+    mem = (k[..., None, :] @ s).squeeze(-2)  # [B, Hv, dv]: S^T k
     u = (v.float() - mem) * beta.float()[..., None]
-    s = s + k[..., None] * u[:, :, None, :]
-    return (s * q[..., None]).sum(dim=2), s
+    s += k[..., :, None] * u[..., None, :]
+    return (q[..., None, :] @ s).squeeze(-2), s
 
 
 def gated_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -147,8 +147,11 @@ class CollectiveDispatcher(_MeshRank):
     graph_capturable = False  # every layer reads its row counts on the host
 
     def __init__(self, placement: Placement, num_attention: int, hidden_size: int, dtype: torch.dtype,
-                 group=None, device=None):
+                 group=None, device=None, worker_threads: int = 0):
+        """`worker_threads`: the CPU threads each expert rank computes with, as its pool started them
+        (reported in the engine's stats; 0: not known)."""
         self.hidden_size, self.dtype = hidden_size, dtype
+        self.worker_threads = worker_threads
         layout = [PROTOCOL_VERSION, num_attention, placement.num_ranks, placement.slots_per_rank,
                   placement.num_experts, placement.num_layers, hidden_size, _DTYPES.index(dtype),
                   placement.fingerprint()]
@@ -168,6 +171,10 @@ class CollectiveDispatcher(_MeshRank):
         self.expert_seconds = self.expert_cpu_seconds = 0.0
         self.worker_compute_seconds = [0.0] * self.W  # each expert rank's, as of the last header
 
+    @property
+    def num_workers(self) -> int:
+        return self.W
+
     def reset_counters(self) -> None:
         self.expert_load = torch.zeros(self.L, self.placement.num_experts, dtype=torch.int64)
         self.slot_load = torch.zeros(self.L, self.placement.num_slots, dtype=torch.int64)
@@ -175,6 +182,9 @@ class CollectiveDispatcher(_MeshRank):
 
     step_flags = 0  # header flags for steps the model starts (benchmarks set ECHO)
     next_step_trace = (0, 0)  # (trace id, span id) of the engine's step span, for the next header
+
+    def set_step_trace(self, trace_id: int, span_id: int) -> None:
+        self.next_step_trace = (trace_id, span_id)
 
     def begin_step(self, num_tokens: int, micro_batches: int = 1, trace_id: int = 0, span_id: int = 0,
                    flags: int | None = None) -> None:

@@ -18,6 +18,8 @@ class LocalDispatcher:
     # Nothing in a step waits on the host: a decode step through this dispatcher can be captured in a
     # CUDA graph (the collective dispatcher's per-layer host counts cannot).
     graph_capturable = True
+    num_workers = worker_threads = 0  # every expert in this process
+    total_bytes_sent = total_bytes_received = 0  # no transport
 
     def __init__(self, experts: ExpertShard, num_experts: int):
         if experts.num_slots != num_experts:
@@ -30,6 +32,8 @@ class LocalDispatcher:
         # host seconds inside dispatch since start: the experts' compute on the CPU (on a GPU only the
         # launches), which capacity planning splits from the rest of a step
         self.expert_seconds = self.expert_cpu_seconds = 0.0  # wall, and this thread's CPU
+        self.worker_compute_seconds: list[float] = []
+        self.layer_seconds: list[float] = []
 
     @property
     def expert_load(self) -> torch.Tensor:
@@ -38,6 +42,9 @@ class LocalDispatcher:
 
     def reset_counters(self) -> None:
         self._load.zero_()
+
+    def set_step_trace(self, trace_id: int, span_id: int) -> None:
+        pass  # no workers to tell
 
     def begin_step(self, num_tokens: int, micro_batches: int = 1) -> None:
         pass

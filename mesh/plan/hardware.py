@@ -3,7 +3,7 @@
 Sources: the models' config.json files and model cards, vendor data sheets, DeepEP's and vLLM's
 published measurements (the models' figures: their config.json files and model cards). Every efficiency below is an assumption stated where
 it is used; the planner's roofline is checked against the published vLLM throughput of
-Qwen3-Coder-30B-A3B on one H100 in tests/test_plan.py.
+Qwen3-Coder-30B-A3B on one H100 in tests/plan/test_plan.py.
 
 Figures per device are what serving kernels achieve, not peaks:
 - memory bandwidth: the measured device-to-device copy (3.0 TB/s H100, 4.3 TB/s H200), times 0.85

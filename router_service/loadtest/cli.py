@@ -1,4 +1,4 @@
-"""`mesh loadtest` and `mesh plan`: registered into the `mesh` CLI by mesh.cli (`register`), or run
+"""`mesh loadtest` and `mesh plan`: registered into the `mesh` command by mesh_cli (`register`), or run
 on their own: `python -m router_service.loadtest loadtest ...`."""
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class LocalServer:
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "mesh.cli", "serve", "--workers", str(self.workers), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "mesh_cli", "serve", "--workers", str(self.workers), "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "WARNING"]
         if self.model:
             cmd += ["--model", str(self.model)]

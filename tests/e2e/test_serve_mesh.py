@@ -40,7 +40,7 @@ def _processes(tag: str) -> set[int]:
 def _start(model_dir, workers=2, tag=""):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), MESH_TEST_TAG=tag)
-    proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(model_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(model_dir),
                              "--workers", str(workers), "--port", str(port), "--dtype", "float32",
                              "--grace-period", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

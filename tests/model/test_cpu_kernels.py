@@ -412,28 +412,6 @@ def test_native_rms_norm_matches_the_torch_spelling(dtype):
         native.rms_norm(x, torch.ones(95, dtype=dtype), 1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_norm", [True, False])
-def test_native_qk_norm_rope_matches_norm_then_rotate(dtype, with_norm):
-    """The q/k heads of a fused qkv projection (a strided view) through per-head RMSNorm (Qwen3) or
-    none (Qwen2-MoE, Mixtral), then the rotary embedding at each token's position."""
-    _need_native()
-    from mesh.model.layers import RotaryTable, rms_norm, rotate
-    g = torch.Generator().manual_seed(6)
-    t, hq, hk, d = 7, 8, 2, 64
-    qkv = (torch.randn(t, hq + 2 * hk, d, generator=g) * 2).to(dtype)
-    qk = qkv[:, :hq + hk]
-    weight = torch.randn(hq + hk, d, generator=g).to(dtype) if with_norm else None
-    cos, sin = RotaryTable(d, 10000.0, 4096, dtype).at(torch.tensor([0, 5, 17, 300, 301, 4000, 2]))
-    want = rotate(rms_norm(qk, weight, 1e-6) if with_norm else qk, cos, sin)
-    got = native.qk_norm_rope(qk, weight, cos, sin, 1e-6)
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    else:
-        diff = (got.float() - want.float()).abs()
-        assert (diff <= want.float().abs() * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.98
-
-
 @pytest.mark.parametrize("dtype,weights_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                  (torch.bfloat16, torch.float32)])
 def test_native_local_moe_matches_sort_experts_and_combine(dtype, weights_dtype, monkeypatch):
@@ -680,35 +658,15 @@ def test_native_add_rms_norm_matches_add_then_norm(dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_kv_write_matches_index_copy(dtype):
-    """New K/V rows (strided views of the projections, as the decoder passes them) into pool slots."""
-    _need_native()
-    g = torch.Generator().manual_seed(15)
-    hk, n, bs, d, t = 2, 6, 16, 32, 21
-    k_cache, v_cache = torch.randn(2, hk, n, bs, d, generator=g).to(dtype)
-    qkv = torch.randn(t, 8 + 2 * hk, d, generator=g).to(dtype)
-    k_new, v_new = qkv[:, 8:8 + hk], qkv[:, 8 + hk:]
-    slots = torch.randperm(n * bs, generator=g)[:t]
-    want_k, want_v = k_cache.clone(), v_cache.clone()
-    want_k.view(hk, -1, d).index_copy_(1, slots, k_new.transpose(0, 1))
-    want_v.view(hk, -1, d).index_copy_(1, slots, v_new.transpose(0, 1))
-    assert native.kv_write(k_cache, v_cache, slots, k_new, v_new)
-    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
-    with pytest.raises(ValueError, match="outside"):
-        native.kv_write(k_cache, v_cache, torch.full((t,), n * bs), k_new, v_new)
-    assert torch.equal(k_cache, want_k)  # checked before writing anything
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 48])  # 48: not a multiple of 32, the portable path
 @pytest.mark.parametrize("with_norm", [True, False])
 @pytest.mark.parametrize("t", [9, 1500])  # 1500 tokens: split over threads
 def test_native_qkv_rope_write_matches_norm_rope_then_slot_writes(dtype, d, with_norm, t):
     """The fused projection's q heads normed and rotated into a contiguous q, its k heads normed,
-    rotated and written to their pool slots, its v heads copied there: exactly what qk_norm_rope then
-    kv_write produce."""
+    rotated and written to their pool slots, its v heads copied there: what the torch spelling
+    (layers.rms_norm, then layers.rotate, then the slot writes) produces; no other slot changes."""
     _need_native()
-    from mesh.model.layers import RotaryTable
+    from mesh.model.layers import RotaryTable, rms_norm, rotate
     g = torch.Generator().manual_seed(16)
     hq, hk, bs = 8, 2, 16
     n = -(-t // bs) + 3
@@ -717,14 +675,26 @@ def test_native_qkv_rope_write_matches_norm_rope_then_slot_writes(dtype, d, with
     cos, sin = RotaryTable(d, 10000.0, 4096, dtype).at(torch.randint(0, 4096, (t,), generator=g))
     caches = torch.randn(2, hk, n, bs, d, generator=g).to(dtype)
     slots = torch.randperm(n * bs, generator=g)[:t]
+    qk = qkv[:, :hq + hk]
+    ref = rotate(rms_norm(qk, weight, 1e-6) if with_norm else qk, cos, sin)  # [t, hq + hk, d]
     want = caches.clone()
-    qk = native.qk_norm_rope(qkv[:, :hq + hk], weight, cos, sin, 1e-6)
-    assert native.kv_write(want[0], want[1], slots, qk[:, hq:], qkv[:, hq + hk:])
+    want[0].view(hk, -1, d)[:, slots] = ref[:, hq:].transpose(0, 1)
+    want[1].view(hk, -1, d)[:, slots] = qkv[:, hq + hk:].transpose(0, 1)
     k_cache, v_cache = caches[0], caches[1]
     q = native.qkv_rope_write(qkv, hq, weight, cos, sin, 1e-6, k_cache, v_cache, slots)
     assert q.shape == (t, hq, d) and q.is_contiguous()
-    assert torch.equal(q, qk[:, :hq])
-    assert torch.equal(caches, want)
+    for got, ref_ in ((q, ref[:, :hq]), (caches[0], want[0])):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref_, atol=1e-6, rtol=1e-6)
+        else:  # a summation-order difference in the norm may move a normed value by one bf16 step, rarely,
+            # which the rotation carries into outputs of any size (x cos - y sin may cancel): bound it by the head's scale
+            diff, scale = (got.float() - ref_.float()).abs(), ref_.float().abs().amax(-1, keepdim=True)
+            assert (diff <= scale * 2 ** -7 + 1e-6).all() and (diff == 0).float().mean() > 0.98
+    assert torch.equal(caches[1], want[1])  # v copied as it is
+    untouched = torch.ones(n * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(caches[0].view(hk, -1, d)[:, untouched], want[0].view(hk, -1, d)[:, untouched])
+    want = caches.clone()
     with pytest.raises(ValueError, match="outside"):
         native.qkv_rope_write(qkv, hq, weight, cos, sin, 1e-6, k_cache, v_cache, torch.full((t,), n * bs))
     assert torch.equal(caches, want)  # checked before writing anything

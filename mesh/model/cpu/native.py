@@ -216,10 +216,6 @@ def _build() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    fn = lib.mesh_qk_norm_rope
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float,
-                                                                                       ctypes.c_int]
     fn = lib.mesh_add_rms_norm
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
@@ -228,10 +224,6 @@ def _build() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_void_p,
                                                                                        ctypes.c_int64, ctypes.c_float,
                                                                                        ctypes.c_int, ctypes.c_int]
-    fn = lib.mesh_kv_write
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p] + [ctypes.c_int64] * 5
     fn = lib.mesh_argmax_rows
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -639,37 +631,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return out
 
 
-def qk_norm_rope(qk: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                 eps: float) -> torch.Tensor | None:
-    """The q/k heads [T, B, D] (a view with unit stride along D) through the optional per-head RMSNorm
-    (weight [B, D]) and the rotary embedding (cos, sin [T, 1, D]) in one pass -> [T, B, D], rounding as
-    `layers.rotate(layers.rms_norm(qk, weight, eps), cos, sin)` does. None where it does not apply."""
-    if qk.device.type != "cpu" or qk.dtype not in (torch.float32, torch.bfloat16) or qk.dim() != 3:
-        return None
-    lib = library()
-    t, b, d = qk.shape
-    if lib is None or qk.stride(-1) != 1 or d % 2 or d > 1024:
-        return None
-    cos, sin = cos.reshape(t, d), sin.reshape(t, d)
-    if cos.dtype != qk.dtype or not (cos.is_contiguous() and sin.is_contiguous()):
-        return None
-    if weight is not None and (weight.shape != (b, d) or weight.dtype != qk.dtype or not weight.is_contiguous()):
-        raise ValueError(f"qk_norm_rope: weight {tuple(weight.shape)} for heads {tuple(qk.shape)}")
-    out = torch.empty(qk.shape, dtype=qk.dtype)
-    lib.mesh_qk_norm_rope(qk.data_ptr(), t, b, qk.stride(0), qk.stride(1),
-                          None if weight is None else weight.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                          out.data_ptr(), d, float(eps), int(qk.dtype == torch.bfloat16))
-    return out
-
-
 def qkv_rope_write(qkv: torch.Tensor, num_heads: int, weight: torch.Tensor | None, cos: torch.Tensor,
                    sin: torch.Tensor, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> torch.Tensor | None:
     """The fused projection's output qkv [T, Hq + 2 Hk, D] (contiguous) -> q [T, Hq, D] through the
     optional per-head RMSNorm (weight [Hq + Hk, D]) and the rotary embedding (cos, sin [T, 1, D]), with
     the k heads (normed and rotated) and the v heads written straight into their pool slots (caches
-    [Hk, N, bs, D]): `qk_norm_rope` and `kv_write` in one pass, rounding as they do. None where it does
-    not apply (the caller runs those two)."""
+    [Hk, N, bs, D]) in one pass, rounding as `layers.rotate(layers.rms_norm(...))` does. None where it does
+    not apply (the caller runs the torch ops)."""
     if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.bfloat16) or qkv.dim() != 3:
         return None
     lib = library()
@@ -726,25 +695,3 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     lib.mesh_add_rms_norm(h.data_ptr(), delta.data_ptr(), weight.data_ptr(), h_out.data_ptr(), x.data_ptr(),
                           h.shape[0], h.shape[1], float(eps), int(h.dtype == torch.bfloat16), _threads())
     return h_out, x
-
-
-def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_new: torch.Tensor,
-             v_new: torch.Tensor) -> bool:
-    """Write the new tokens' K, V [T, Hk, D] (views with the heads of a row contiguous) into pool slots
-    (caches [Hk, N, bs, D]): what two index_copy_ calls do, without their per-element cost (~200 us at
-    2048 tokens). False where it does not apply (the caller runs index_copy_)."""
-    if k_cache.device.type != "cpu" or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return False
-    lib = library()
-    if lib is None or k_new.dtype != k_cache.dtype or v_new.dtype != k_cache.dtype:
-        return False
-    t, hk, d = k_new.shape
-    if (k_new.stride(1), k_new.stride(2), v_new.stride(1), v_new.stride(2)) != (d, 1, d, 1):
-        return False
-    slots = slot_mapping.to(torch.int64).contiguous()
-    hk_c, n, bs, _ = k_cache.shape
-    rc = lib.mesh_kv_write(k_cache.data_ptr(), v_cache.data_ptr(), n * bs, slots.data_ptr(), k_new.data_ptr(),
-                           k_new.stride(0), v_new.data_ptr(), v_new.stride(0), t, hk, d, k_cache.element_size())
-    if rc == -5:
-        raise ValueError(f"KV slots outside the pool's {n * bs}")
-    return True

@@ -201,23 +201,6 @@ __attribute__((optimize("fp-contract=off"))) static void head_row(const void *xr
     }
 }
 
-/* q/k heads: the optional per-head RMSNorm, then the rotary embedding, as mesh/model/decoder.py spells
- * them in torch (layers.rms_norm, then layers.rotate: x * cos + rotate_half(x) * sin, each product and
- * the sum rounded to the model dtype).
- *   x        [T, B, D] with element strides (sT, sB, 1): the q and k heads of the fused projection
- *   w        [B, D] per-head norm weights, or NULL (no q/k norm: Qwen2-MoE, Mixtral)
- *   cos, sin [T, D] contiguous, the model dtype
- *   out      [T, B, D] contiguous */
-void mesh_qk_norm_rope(const void *x, int64_t T, int64_t B, int64_t sT, int64_t sB, const void *w, const void *cos,
-                       const void *sin, void *out, int64_t D, float eps, int bf16) {
-    const int64_t es = bf16 ? 2 : 4;
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t b = 0; b < B; b++)
-            head_row((const char *)x + (t * sT + b * sB) * es, w ? (const char *)w + b * D * es : NULL,
-                     (const char *)cos + t * D * es, (const char *)sin + t * D * es, (char *)out + (t * B + b) * D * es,
-                     D, eps, bf16);
-}
-
 /* The attention inputs of a step from the fused projection, in one pass: x [T, Hq + 2 Hk, D] (row
  * stride sT elements, heads contiguous) -> q heads normed and rotated into q_out [T, Hq, D]; k heads
  * normed and rotated, and v heads as they are, straight into their pool slots (caches [Hk, slots, D]).
@@ -304,18 +287,3 @@ void mesh_add_rms_norm(const void *h, const void *delta, const void *w, void *h_
     }
 }
 
-/* New tokens' K and V into their pool slots: k_new, v_new [T, Hk, D] with row strides sk, sv (elements;
- * the heads of a row contiguous), caches [Hk, slots, D]. Returns 0, or -5 for a slot outside
- * [0, slots) (checked first: nothing is written then). */
-int mesh_kv_write(void *k_cache, void *v_cache, int64_t slots, const int64_t *slot, const void *k_new, int64_t sk,
-                  const void *v_new, int64_t sv, int64_t T, int64_t Hk, int64_t D, int64_t esz) {
-    for (int64_t t = 0; t < T; t++)
-        if (slot[t] < 0 || slot[t] >= slots) return -5;
-    const size_t row = (size_t)(D * esz);
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < Hk; h++) {
-            memcpy((char *)k_cache + (h * slots + slot[t]) * row, (const char *)k_new + (t * sk + h * D) * esz, row);
-            memcpy((char *)v_cache + (h * slots + slot[t]) * row, (const char *)v_new + (t * sv + h * D) * esz, row);
-        }
-    return 0;
-}

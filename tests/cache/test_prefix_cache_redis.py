@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import FAMILIES, ROOT, RedisServer
-from test_grpc_gateway import tiny_dir  # noqa: F401  (fixture)
 from mesh.cache.codec import decode_block, encode_block
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
@@ -200,7 +199,7 @@ def test_tenant_metadata_over_grpc_isolates_the_cache(tiny_dir, redis_server):
     import grpc as grpc_
     from router_service.protos import inference_pb2 as pb
     from router_service.protos import inference_pb2_grpc as pb_grpc
-    from test_grpc_gateway import LiveGateway
+    from gateway_harness import LiveGateway
     gw = LiveGateway(lambda: Engine(tiny_dir, EngineConfig(dtype="float32", kv_cache_memory=4 << 20),
                                     prefix_tier=RedisTier(redis_server.url)))
     try:

@@ -3,7 +3,7 @@ mutated serialized requests and arbitrary bytes, many cancelled streams and an o
 the server is SERVING, logged no traceback, and every KV block is back in the pool.
 
 The number of generated examples per fuzz test is MESH_FUZZ_EXAMPLES (default 150, so the suite stays
-short); `MESH_FUZZ_EXAMPLES=10000 pytest tests/test_fuzz.py` is the long run."""
+short); `MESH_FUZZ_EXAMPLES=10000 pytest tests/router_service/test_fuzz.py` is the long run."""
 
 from __future__ import annotations
 

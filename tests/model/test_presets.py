@@ -251,7 +251,7 @@ def test_dummy_weights_follow_the_config_alone(tiny, tmp_path):
 def test_cli_config_only_and_dummy_flags(cache_env, tmp_path, capsys):
     """`mesh init-model --config-only`, then `mesh generate --load-format dummy`; without the flag the
     CLI names it instead of failing on the missing weights."""
-    from mesh.cli import main
+    from mesh_cli import main
     out = tmp_path / "c"
     assert main(["init-model", "--preset", "tiny", "--config-only", "--out", str(out)]) == 0
     assert not list(out.glob("*.safetensors"))

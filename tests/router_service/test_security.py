@@ -31,7 +31,7 @@ from router_service.protos import inference_pb2 as pb
 from router_service.server import Gateway
 from router_service.tls import TlsError, TlsFiles
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = dict(dtype="float32", kv_cache_memory=4 << 20)
 GENERATE = "/mesh.v1.Inference/Generate"
 COMPLETE = "/mesh.v1.Inference/Complete"
@@ -397,7 +397,7 @@ def test_tls_and_mutual_tls(tiny_dir, certs):
 
 
 def _mesh(*args, timeout=60, env=None):
-    return subprocess.run([sys.executable, "-m", "mesh.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "mesh_cli", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, **(env or {})})
 
 
@@ -416,7 +416,7 @@ def test_mesh_serve_with_tls_and_tokens_and_remote_generate(tiny_dir, certs, tmp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(tiny_dir), "--port", str(port),
                              "--dtype", "float32", "--tls-cert", str(certs["server"]), "--tls-key",
                              str(certs["server-key"]), "--tls-client-ca", str(certs["ca"]),
                              "--auth-tokens-file", str(tokens)],

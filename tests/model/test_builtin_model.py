@@ -19,7 +19,7 @@ from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILTIN = default_model_dir()
 PROMPT = "def fibonacci(n):"
 
@@ -52,7 +52,7 @@ def test_transformers_and_the_engine_generate_the_same_code():
 
 
 def test_mesh_generate_defaults_to_it_and_the_readme_shows_what_it_writes():
-    out = subprocess.run([sys.executable, "-m", "mesh.cli", "generate", "--prompt", PROMPT, "--dtype", "float32",
+    out = subprocess.run([sys.executable, "-m", "mesh_cli", "generate", "--prompt", PROMPT, "--dtype", "float32",
                           "--kv-cache-memory", "64M", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr

@@ -22,7 +22,7 @@ import pytest
 
 from router_service.client import MeshClient, MeshError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STOP_WITHIN = 20.0  # what Kubernetes/systemd give a process between SIGTERM and SIGKILL
 
 
@@ -44,7 +44,7 @@ def _session(sid: int) -> list[str]:
 
 
 def _serve(tiny_dir, port, *extra, log):
-    return subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
+    return subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(tiny_dir), "--port", str(port),
                              "--dtype", "float32", *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own session and process group, as under systemd
 
@@ -78,7 +78,7 @@ def test_signal_to_the_process_group_drains_and_exits(tiny_dir, tmp_path, worker
             # another server's attempt to use "auto" must not join this one's private cluster
             env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "no-ray-start")}
             (tmp_path / "no-ray-start").mkdir()
-            other = subprocess.run([sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_dir), "--port",
+            other = subprocess.run([sys.executable, "-m", "mesh_cli", "serve", "--model", str(tiny_dir), "--port",
                                     str(_port()), "--workers", "1", "--ray-address", "auto"], cwd=ROOT, env=env,
                                    capture_output=True, text=True, timeout=120)
             assert other.returncode != 0

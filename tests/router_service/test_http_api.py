@@ -17,7 +17,7 @@ import pytest
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from router_service.client import MeshClient
-from test_grpc_gateway import LiveGateway, SlowEngine, tiny_dir  # noqa: F401  (fixture)
+from gateway_harness import LiveGateway, SlowEngine
 
 CONFIG = dict(dtype="float32", kv_cache_memory=4 << 20)
 MODEL = "tiny-coder"

@@ -25,57 +25,15 @@ from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 from router_service.async_engine import AsyncEngine, EngineError
 from router_service.client import MeshClient, MeshError
-from router_service.server import Gateway
+from gateway_harness import LiveGateway, SlowEngine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = dict(dtype="float32", kv_cache_memory=4 << 20)  # 8 KiB blocks of 16 tokens: a few hundred
 LONG = dict(max_tokens=1500, temperature=0, ignore_eos=True)  # outlives any check below
 
 
 def _engine(model_dir):
     return Engine(model_dir, EngineConfig(**CONFIG))
-
-
-class LiveGateway:
-    """A Gateway on a free loopback port, its event loop in a background thread."""
-
-    def __init__(self, engine_factory, load=True, **kw):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.gw = Gateway(engine_factory, "127.0.0.1", 0, **kw)
-        self.call(self.gw.start())
-        self.target = f"127.0.0.1:{self.gw.port}"
-        self.loading = asyncio.run_coroutine_threadsafe(self.gw.load(), self.loop)
-        if load:
-            self.loading.result(60)
-
-    def call(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stats(self):
-        return self.gw.aengine.stats()
-
-    def wait_idle(self, timeout=10.0):
-        """Until no request is in flight and every KV block is back (the engine's own count)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = self.stats()
-            if s["in_flight"] == 0 and s["blocks_used"] == 0 and self.gw.engine.blocks.num_used == 0:
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"requests or KV blocks not freed: {self.stats()}")
-
-    def close(self):
-        self.call(self.gw.stop(grace=0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from mesh.presets import init_model
-    return init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("gw") / "tiny")  # has tokenizer.json
 
 
 @pytest.fixture(scope="module")
@@ -256,20 +214,6 @@ def test_health_and_reflection(tiny):
     assert files.file_descriptor_response.file_descriptor_proto
 
 
-class SlowEngine:
-    """Any object with the Engine's interface serves; this one takes 5 ms a step (timing-proof drain)."""
-
-    def __init__(self, engine, delay=0.005):
-        self._e, self._delay = engine, delay
-
-    def __getattr__(self, name):
-        return getattr(self._e, name)
-
-    def step(self):
-        time.sleep(self._delay)
-        return self._e.step()
-
-
 def test_not_serving_until_ready_then_drains_in_flight_streams(hf_checkpoints):
     ready, shut = threading.Event(), threading.Event()
     live = LiveGateway(lambda: SlowEngine(_engine(hf_checkpoints["qwen3_moe"])), load=False,
@@ -327,18 +271,14 @@ def test_engine_thread_failure_reaches_every_caller(hf_checkpoints):
 
 
 def _mesh(*args, timeout=60):
-    # mesh.cli imports its remote client from mesh.client_cli; alias ours there so this test runs
-    # both before and after mesh.cli points at router_service.client_cli.
-    code = ("import sys, mesh.cli, router_service.client_cli as cc; sys.modules.setdefault('mesh.client_cli', cc); "
-            "sys.exit(mesh.cli.main())")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mesh_cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_mesh_serve_subprocess_remote_generate_and_sigterm(tiny_dir, tmp_path):
     log = tmp_path / "serve.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MESH_PORT": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_dir), "--dtype",
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(tiny_dir), "--dtype",
                              "float32", "--kv-cache-memory", "4M", "--grace-period", "0"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
                             start_new_session=True)

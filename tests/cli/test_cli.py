@@ -19,13 +19,12 @@ import pytest
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
-from test_grpc_gateway import tiny_dir  # noqa: F401  (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mesh(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "mesh.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mesh_cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
@@ -78,7 +77,8 @@ def test_generate_target_refuses_engine_flags():
 
 
 def test_the_cli_and_the_apis_share_their_defaults():
-    from mesh.cli import build_parser, sampling_params
+    from mesh.cli import sampling_params
+    from mesh_cli import build_parser
     from router_service import convert
     from router_service.protos import inference_pb2 as pb
     args = build_parser().parse_args(["generate", "--prompt", "x"])
@@ -127,7 +127,7 @@ def test_mesh_serve_http_with_json_logs(tiny_dir, tmp_path):
     import openai
     log = tmp_path / "serve.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_dir), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(tiny_dir), "--port", "0",
                              "--http-port", "0", "--dtype", "float32", "--kv-cache-memory", "4M", "--grace-period",
                              "0", "--log-format", "json", "--served-model-name", "coder"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)

@@ -16,7 +16,7 @@ from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 from router_service.otlp_sink import OtlpSink
-from test_grpc_gateway import LiveGateway, tiny_dir  # noqa: F401  (fixture)
+from gateway_harness import LiveGateway
 
 TRACE_ID, PARENT_ID = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
 
