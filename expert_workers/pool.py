@@ -54,6 +54,25 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
+def _resolve_auto() -> str:
+    """`--ray-address auto`: RAY_ADDRESS, else the cluster that `ray start` recorded on this machine.
+    Never Ray's own fallback of joining any Ray instance it can see running here: that may be another
+    `mesh serve`'s private cluster, whose CPUs this server would then wait for."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env and env != "auto":
+        log.info("--ray-address auto: joining the Ray cluster at %s (RAY_ADDRESS)", env)
+        return env
+    from ray._private.utils import read_ray_address
+    found = read_ray_address()
+    if not found:
+        raise PoolError("--ray-address auto: no Ray cluster started with `ray start` was found on this machine "
+                        "(nor RAY_ADDRESS); start one (`ray start --head`), give its address, or leave "
+                        "--ray-address out for a private cluster. Private clusters of other servers are never "
+                        "joined")
+    log.info("--ray-address auto: joining the Ray cluster that `ray start` recorded at %s", found)
+    return found
+
+
 class ExpertPool:
     def __init__(self, model_dir: str, dtype: str, num_workers: int, ray_address: str | None = None,
                  threads_per_worker: int | None = None, worker_cpus: float | None = None,
@@ -97,6 +116,10 @@ class ExpertPool:
         self.dispatcher = None
         self._started_ray = False
         self._pg = None
+        self.clean = True  # False after a shutdown that could not stop the cluster itself
+        self._token_dir: str | None = None
+        self._saved_auth_mode: str | None = None
+        self.shutdown_done = False
 
     # ---- start -----------------------------------------------------------------------------
     def connect(self) -> None:
@@ -108,30 +131,66 @@ class ExpertPool:
         if ray.is_initialized():
             return
         if self.ray_address:
-            ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=True)
+            address = _resolve_auto() if self.ray_address == "auto" else self.ray_address
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            except ConnectionError as e:
+                raise PoolError(f"--ray-address {self.ray_address}: cannot join the Ray cluster at {address}: "
+                                f"{e}") from None
         else:
-            # every worker gets a CPU slot, with headroom for workers added at runtime (ExpertPool.scale)
-            kw = dict(include_dashboard=False,
-                      num_cpus=max(os.cpu_count() or 1, self.num_workers) + LOCAL_HEADROOM_CPUS, log_to_driver=True)
-            if not self.gpu:
-                ray.init(**kw)
-            else:
-                # The gateway keeps its own GPU: the private cluster sees only the others, so Ray
-                # never hands a worker the gateway's device (the raylet inherits this environment).
-                others = self._worker_gpus()
-                if len(others) < self.num_workers:
-                    raise PoolError(f"--workers {self.num_workers} on GPUs needs {self.num_workers} GPUs "
-                                    f"besides the gateway's {self.device}; this machine has {len(others)} more")
-                saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(others)
-                try:
-                    ray.init(num_gpus=len(others), **kw)
-                finally:
-                    if saved is None:
-                        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                    else:
-                        os.environ["CUDA_VISIBLE_DEVICES"] = saved
+            self._private_token()
+            try:
+                self._start_private(ray)
+            except BaseException:
+                self._remove_token()  # nothing started: no token left behind
+                raise
             self._started_ray = True
+
+    def _start_private(self, ray) -> None:
+        # address="local": always a new cluster of its own (a bare ray.init() would join one that
+        # `ray start` recorded on this machine, or that RAY_ADDRESS names)
+        # every worker gets a CPU slot, with headroom for workers added at runtime (ExpertPool.scale)
+        kw = dict(address="local", include_dashboard=False,
+                  num_cpus=max(os.cpu_count() or 1, self.num_workers) + LOCAL_HEADROOM_CPUS, log_to_driver=True)
+        if not self.gpu:
+            ray.init(**kw)
+        else:
+            # The gateway keeps its own GPU: the private cluster sees only the others, so Ray
+            # never hands a worker the gateway's device (the raylet inherits this environment).
+            others = self._worker_gpus()
+            if len(others) < self.num_workers:
+                raise PoolError(f"--workers {self.num_workers} on GPUs needs {self.num_workers} GPUs "
+                                f"besides the gateway's {self.device}; this machine has {len(others)} more")
+            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(others)
+            try:
+                ray.init(num_gpus=len(others), **kw)
+            finally:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+    def _private_token(self) -> None:
+        """Ray's token authentication for the private cluster, with a fresh token of its own in a
+        directory only this user can read (removed at shutdown), rather than the ~/.ray/auth_token
+        that Ray would create (world-readable, and shared by every cluster this user starts). An
+        explicit RAY_AUTH_MODE, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is left as it is."""
+        import secrets
+        import tempfile
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or \
+                os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            return
+        self._token_dir = tempfile.mkdtemp(prefix="mesh-ray-")  # mode 0700
+        path = os.path.join(self._token_dir, "auth_token")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        self._saved_auth_mode = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = path  # the raylet and the workers inherit it
+        self._reload_ray_auth()  # this process read Ray's settings when ray was imported
+        log.info("expert pool: private Ray cluster with token authentication (token in %s)", path)
 
     def _worker_gpus(self) -> list[str]:
         """This machine's GPUs (as CUDA_VISIBLE_DEVICES names them) other than the gateway's."""
@@ -156,7 +215,7 @@ class ExpertPool:
         bundle = {"CPU": cpus, "GPU": 1} if self.gpu else {"CPU": cpus}
         self._bundle, self._cpus = bundle, cpus
         self._pg = placement_group([bundle] * self.num_workers, strategy="SPREAD")
-        ray.get(self._pg.ready(), timeout=self.load_timeout)
+        self._wait_resources(bundle)
         host = _node_ip() if self.ray_address else "127.0.0.1"
         init_method = f"tcp://{host}:{_free_port(host)}"
         actor_cls = make_actor_class()
@@ -188,9 +247,30 @@ class ExpertPool:
                  init_method)
         return self.dispatcher
 
+    def _wait_resources(self, bundle: dict, every: float = 10.0) -> None:
+        """Wait for the placement group, saying every `every` seconds what the cluster lacks."""
+        import ray
+        ready = self._pg.ready()
+        t0 = time.monotonic()
+        while not ray.wait([ready], timeout=min(every, max(0.1, t0 + self.load_timeout - time.monotonic())))[0]:
+            waited = time.monotonic() - t0
+            need = {k: v * self.num_workers for k, v in bundle.items()}
+            try:
+                free, total = ray.available_resources(), ray.cluster_resources()
+                have = ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k in need)
+            except Exception as e:  # noqa: BLE001 - the message is what matters
+                have = f"cluster resources unknown ({e})"
+            what = (f"expert pool: waiting {waited:.0f}s for Ray resources: {self.num_workers} workers need "
+                    f"{', '.join(f'{k} {v:g}' for k, v in need.items())} (one bundle of {bundle} each, spread); "
+                    f"the cluster has {have}")
+            if waited >= self.load_timeout:
+                raise PoolError(what.replace("waiting", "gave up after", 1))
+            log.warning("%s", what)
+
     def _wait_loaded(self) -> None:
         import ray
         deadline = time.monotonic() + self.load_timeout
+        t0 = last_note = time.monotonic()
         while True:
             done, _ = ray.wait(self.serve_refs, timeout=0)
             for ref in done:  # serve() returned before the group formed: it failed
@@ -207,6 +287,10 @@ class ExpertPool:
             if time.monotonic() > deadline:
                 raise PoolError(f"expert workers not loaded after {self.load_timeout:.0f}s: "
                                 f"{[s['state'] for s in states]}")
+            if time.monotonic() - last_note >= 10.0:
+                last_note = time.monotonic()
+                log.info("expert pool: waiting %.0fs for workers to load: %s", last_note - t0,
+                         ", ".join(f"rank {s['rank']} {s['state']}" for s in states))
             time.sleep(0.1)
 
     # ---- live rebalancing -------------------------------------------------------------------
@@ -417,6 +501,15 @@ class ExpertPool:
             return False
 
     # ---- stop ------------------------------------------------------------------------------
+    def ray_alive(self) -> bool:
+        """False when the private cluster this pool started has lost a process (GCS, raylet)."""
+        try:
+            from ray._private import worker
+            node = worker._global_node
+            return node is None or bool(node.remaining_processes_alive())
+        except Exception:  # noqa: BLE001 - an internal API: assume alive, as before
+            return True
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Release the workers from their loop, then stop them and (if we started it) Ray.
 
@@ -427,8 +520,21 @@ class ExpertPool:
 
         if self.policy is not None:
             self.policy.stop()
+        if self._started_ray and not self.ray_alive():
+            # The private cluster is gone (a signal to the whole process group reached Ray's processes
+            # too): every Ray call would wait for its GCS to come back (a minute). Nothing is left to stop.
+            log.warning("expert pool: the private Ray cluster has already stopped (signalled with this "
+                        "process group?); not waiting for it")
+            self.clean = False
+            self.dispatcher, self.actors, self._pg = None, [], None
+            self._remove_token()
+            return
         if self.dispatcher is not None:
             try:
+                # SHUTDOWN is a collective: only with every worker still there to take part
+                states = self.statuses(timeout=min(2.0, timeout))
+                if not all(st["state"] == "joined" for st in states):
+                    raise PoolError(f"worker states {[st['state'] for st in states]}")
                 self.dispatcher.shutdown()
                 ray.get(self.serve_refs, timeout=timeout)
             except Exception as e:  # a worker already gone: fall through to killing the actors
@@ -452,4 +558,27 @@ class ExpertPool:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
+        self._remove_token()
+        self.shutdown_done = True
+
+    def _remove_token(self) -> None:
+        """Remove the private cluster's token and the settings that pointed at it (a later pool in
+        this process makes its own)."""
+        if self._token_dir is not None:
+            import shutil
+            shutil.rmtree(self._token_dir, ignore_errors=True)
+            self._token_dir = None
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+            if self._saved_auth_mode is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = self._saved_auth_mode
+            self._reload_ray_auth()
+
+    @staticmethod
+    def _reload_ray_auth() -> None:
+        """Make this process's Ray read its auth settings (and token) again: it caches both."""
+        from ray._raylet import AuthenticationTokenLoader, Config
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 

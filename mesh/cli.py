@@ -188,6 +188,45 @@ def sampling_params(args):
     return SamplingParams(**sampling_kwargs(args))
 
 
+def add_client_security_flags(p) -> None:
+    """How a client reaches a server with TLS and/or bearer tokens (only with --target)."""
+    g = p.add_argument_group("connection to the server (with --target)")
+    g.add_argument("--tls", action="store_true",
+                   help="connect over TLS, verifying the server with the system's CA certificates (implied by "
+                        "--tls-ca)")
+    g.add_argument("--tls-ca", default=None,
+                   help="PEM file of the CA that signed the server's certificate; connects over TLS (env MESH_TLS_CA)")
+    g.add_argument("--tls-cert", default=None,
+                   help="this client's certificate (PEM), for servers that require client certificates "
+                        "(mutual TLS; env MESH_TLS_CLIENT_CERT)")
+    g.add_argument("--tls-key", default=None,
+                   help="the private key of --tls-cert (PEM; env MESH_TLS_CLIENT_KEY)")
+    g.add_argument("--tls-server-name", default=None,
+                   help="the name to expect in the server's certificate when it differs from --target's host")
+    g.add_argument("--token-file", default=None,
+                   help="file holding the bearer token for servers started with --auth-tokens-file (env "
+                        "MESH_TOKEN_FILE, or the token itself in MESH_API_TOKEN)")
+
+
+def client_security(args) -> dict:
+    """MeshClient keyword arguments from add_client_security_flags' flags; SystemExit naming a bad one."""
+    env = os.environ.get
+    token, token_file = env("MESH_API_TOKEN") or None, args.token_file or env("MESH_TOKEN_FILE")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"mesh: error: --token-file {token_file}: {e.strerror or e}") from None
+        if not token:
+            raise SystemExit(f"mesh: error: --token-file {token_file} is empty")
+    ca = args.tls_ca or env("MESH_TLS_CA")
+    cert, key = args.tls_cert or env("MESH_TLS_CLIENT_CERT"), args.tls_key or env("MESH_TLS_CLIENT_KEY")
+    if (cert is None) != (key is None):
+        raise SystemExit("mesh: error: --tls-cert and --tls-key go together: give both")
+    return dict(token=token, tls=args.tls, tls_ca=ca, tls_cert=cert, tls_key=key,
+                tls_server_name=args.tls_server_name)
+
+
 def reject_engine_flags(args) -> None:
     """With --target the server's engine runs: a flag of this process's engine would be ignored."""
     given = getattr(args, "given_engine_flags", None)

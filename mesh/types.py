@@ -11,6 +11,18 @@ class InvalidRequest(ValueError):
     """The caller sent something the engine cannot serve; the message says what and how to fix it."""
 
 
+def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int, field: str = "max_tokens") -> None:
+    """A request that asks for more tokens than the context can hold is refused (as vLLM does) rather
+    than run until the context is full: InvalidRequest naming the field and the numbers."""
+    if prompt_tokens + max_tokens > max_model_len:
+        room = max_model_len - prompt_tokens
+        raise InvalidRequest(
+            f"{field}: this model's context holds {max_model_len} tokens, but the request asks for "
+            f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} to generate); "
+            + (f"set {field} to at most {room}" if room > 0 else "shorten the prompt")
+            + (" or shorten the prompt" if room > 0 else ""))
+
+
 # The defaults of every front end (the CLI, gRPC and HTTP): a request that names none of these gets
 # the same completion whichever way it came. Greedy, because code completion wants the likeliest code.
 DEFAULT_MAX_TOKENS = 64

@@ -15,8 +15,9 @@ import json
 import sys
 import time
 
-from mesh.cli import (DEFAULT_ARCH, DEFAULT_PRESET, add_engine_flags, add_sampling_flags, cmd_init_model,
-                      engine_config, int_list, progress, reject_engine_flags, sampling_params)
+from mesh.cli import (DEFAULT_ARCH, DEFAULT_PRESET, add_client_security_flags, add_engine_flags,
+                      add_sampling_flags, cmd_init_model, engine_config, int_list, progress, reject_engine_flags,
+                      sampling_params)
 from mesh.presets import ARCHS, PRESETS
 from mesh.kuberay import register as deploy_register
 from router_service.admin_cli import register as admin_register
@@ -30,6 +31,11 @@ def cmd_generate(args) -> int:
         reject_engine_flags(args)
         from router_service.client_cli import generate_remote  # grpc loads here
         return generate_remote(args)
+    given = [f for f, v in (("--tls", args.tls), ("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+                            ("--tls-key", args.tls_key), ("--tls-server-name", args.tls_server_name),
+                            ("--token-file", args.token_file)) if v]
+    if given:
+        raise SystemExit(f"mesh: error: {', '.join(given)}: connection flags need --target HOST:PORT")
     from mesh.engine.engine import Engine
     from mesh.types import InvalidRequest
     params = sampling_params(args)
@@ -95,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt-ids", type=int_list, help="prompt as comma-separated token ids, e.g. 1,2,3")
     add_sampling_flags(p)
     add_engine_flags(p)
+    add_client_security_flags(p)
     p.add_argument("--json", action="store_true",
                    help='print each completion as one JSON object on its own line: {"request_id", "index", '
                         '"token_ids", "text", "finish_reason", "usage"} (and "logprobs" with --logprobs)')

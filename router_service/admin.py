@@ -2,7 +2,8 @@
 served on the gateway's gRPC server beside mesh.v1.Inference.
 
 Every call first checks the admin token (`auth.check_admin`, the `x-admin-token` metadata against the
-file of `--admin-token-file`): UNAUTHENTICATED without it. Pool changes block on Ray and on a step
+file of `--admin-token-file`): UNAUTHENTICATED without it; a server started with `--auth-tokens-file`
+also wants a bearer token with the `admin` role (PERMISSION_DENIED for another role). Pool changes block on Ray and on a step
 boundary, so they run in a thread; one change at a time (a second one gets ABORTED).
 """
 
@@ -67,6 +68,9 @@ class AdminServicer(apb_grpc.AdminServicer):
         self._busy = asyncio.Lock()
 
     async def _authorize(self, context) -> None:
+        # with --auth-tokens-file the bearer token must also carry the admin role
+        from router_service.server import authorize
+        await authorize(context, self.gateway, role="admin")
         try:
             check_admin(dict(context.invocation_metadata() or ()), self.token)
         except Unauthenticated as e:

@@ -59,6 +59,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_queued = max_queued
         self.on_failure = on_failure
+        self.stopping = False  # set by the server when it starts draining
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Guards _in_flight and _error together with putting onto the inbox, so a request is either
         # refused up front or seen by the engine thread (which fails it if the engine has died).
@@ -191,7 +192,14 @@ class AsyncEngine:
                 with self._lock:
                     self._stats = stats
         except BaseException as e:  # noqa: BLE001 - whatever killed the loop must reach the callers
-            log.exception("the engine thread failed")
+            if self.stopping:
+                # A stop signal sent to the whole process group reached the expert workers too: an
+                # expected end, said in a line rather than a traceback.
+                log.warning("the engine stopped while the server was draining (its expert workers went "
+                            "away: a stop signal to the whole process group reaches them too): %s: %s",
+                            type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            else:
+                log.exception("the engine thread failed")
             error = EngineError(f"the engine failed: {type(e).__name__}: {e}")
             self._fail(error, cmds)
             if self.on_failure is not None:

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                     "GetModelInfo), the standard grpc.health.v1 health service and server reflection.\n"
                     "With --http-port, also the OpenAI-compatible HTTP API: POST /v1/completions, POST "
                     "/v1/chat/completions (both streaming with \"stream\": true), GET /v1/models, GET /health.\n"
-                    "Both protocols take the tenant from the x-tenant-id header (tenants never share cached "
+                    "Both protocols take the tenant from the x-tenant-id header, or with --auth-tokens-file from the "
+                    "caller's bearer token (tenants never share cached "
                     "prefixes) and write one access-log line per request.\n"
                     "Health reports NOT_SERVING until the model (and all expert workers) are loaded, and "
                     "again while draining.\nSIGTERM or SIGINT drains: new requests get UNAVAILABLE, "
@@ -82,6 +83,18 @@ def register(subparsers) -> None:
     p.add_argument("--grace-period", type=float, default=_env("MESH_GRACE_PERIOD", str(DEFAULT_GRACE)),
                    help="seconds in-flight requests get to finish on shutdown before they are aborted "
                         f"(default {DEFAULT_GRACE:g}; env MESH_GRACE_PERIOD)")
+    sec = p.add_argument_group("security (without these flags the ports are open and in plain text)")
+    sec.add_argument("--auth-tokens-file", default=_env("MESH_AUTH_TOKENS_FILE"),
+                     help="require 'authorization: Bearer <token>' on every inference call (gRPC and HTTP; health "
+                          "stays open); the file maps tokens to tenants and roles, one 'TOKEN TENANT [ROLE]' per "
+                          "line (ROLE: admin or user, default user; TOKEN may be sha256:<hex digest>). The tenant "
+                          "then comes from the token and x-tenant-id is ignored (env MESH_AUTH_TOKENS_FILE)")
+    sec.add_argument("--tls-cert", default=_env("MESH_TLS_CERT"),
+                     help="serve gRPC (and --http-port) over TLS with this certificate chain, PEM (env MESH_TLS_CERT)")
+    sec.add_argument("--tls-key", default=_env("MESH_TLS_KEY"),
+                     help="the private key of --tls-cert, PEM (env MESH_TLS_KEY)")
+    sec.add_argument("--tls-client-ca", default=_env("MESH_TLS_CLIENT_CA"),
+                     help="mutual TLS: require client certificates signed by this CA, PEM (env MESH_TLS_CLIENT_CA)")
     p.add_argument("--log-level", default=_env("MESH_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level; INFO includes one access line per request (default INFO; env MESH_LOG_LEVEL)")
@@ -145,10 +158,11 @@ def build_engine_factory(args):
     except PoolError as e:
         raise SystemExit(f"mesh: error: {e}") from None
     _watch_workers(pool)
-    # Both block on Ray calls: run them off the event loop.
-    import asyncio
-    return (factory, lambda: asyncio.to_thread(pool.ready),
-            lambda: asyncio.to_thread(pool.shutdown, 3.0), pool)
+    # Both block on Ray calls: run them off the event loop, in daemon threads, so that a Ray call that
+    # hangs (its cluster gone) cannot hold up the process's exit.
+    from router_service.server import _in_daemon_thread
+    return (factory, lambda: _in_daemon_thread(pool.ready),
+            lambda: _in_daemon_thread(lambda: pool.shutdown(3.0)), pool)
 
 
 def _watch_workers(pool) -> None:
@@ -177,6 +191,23 @@ def served_model_name(args) -> str:
     if given and looks_like_hub_id(given):
         return given
     return args.resolved_model.name
+
+
+def security(args):
+    """(TokenTable or None, TlsFiles or None) from the security flags; SystemExit naming a bad one."""
+    from router_service.auth import TokenTable, TokenFileError
+    from router_service.tls import TlsError, TlsFiles
+    tokens = None
+    if args.auth_tokens_file:
+        try:
+            tokens = TokenTable.load(args.auth_tokens_file)
+        except TokenFileError as e:
+            raise SystemExit(f"mesh: error: --auth-tokens-file: {e}") from None
+    try:
+        tls = TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except TlsError as e:
+        raise SystemExit(f"mesh: error: {e}") from None
+    return tokens, tls
 
 
 def cmd_serve(args) -> int:
@@ -210,11 +241,12 @@ def cmd_serve(args) -> int:
         except ValueError as e:
             raise SystemExit(f"mesh: error: {e}") from None
     factory, ready, on_shutdown, pool = build_engine_factory(args)
+    tokens, tls = security(args)
     try:
-        return run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
+        code = run_server(factory, args.host, args.port, max_queued=args.max_queued_requests,
                           grace=args.grace_period, num_workers=args.workers, ready=ready,
                           on_shutdown=on_shutdown, http_port=args.http_port, model_name=served_model_name(args),
-                          admin_token=admin_token, expert_pool=pool)
+                          admin_token=admin_token, expert_pool=pool, tokens=tokens, tls=tls)
     except RuntimeError as e:
         if "HTTP" in str(e):  # router_service.http_api names its address itself
             raise SystemExit(f"mesh: error: --http-port: {e}") from None
@@ -222,3 +254,11 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"mesh: error: cannot listen on {args.host}:{args.port}: {e}") from None
     finally:
         telemetry.shutdown()  # flush the last spans and metrics
+    pool = getattr(args, "pool", None)
+    if pool is not None and (not pool.clean or not pool.shutdown_done or not pool.ray_alive()):
+        # Ray's exit hooks would wait about a minute for a cluster that is gone: leave now (Ray's own
+        # processes die with us: they share our fate).
+        log.info("mesh serve: exiting without waiting for the stopped Ray cluster")
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -57,13 +57,28 @@ def _logprobs(msgs) -> list[dict]:
 
 
 class MeshClient:
-    def __init__(self, target: str, timeout: float | None = None, channel: grpc.Channel | None = None,
+    def __init__(self, target: str, timeout: float | None = None, channel: grpc.Channel | None = None, *,
+                 token: str | None = None, tls: bool = False, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_server_name: str | None = None,
                  admin_token: str | None = None):
-        """`timeout`: default deadline in seconds for every call (None: no deadline). `admin_token`:
-        sent with the mesh.v1.Admin calls (get_pool, rebalance, scale_pool, set_autoscaling)."""
+        """`timeout`: default deadline in seconds for every call (None: no deadline).
+        `token`: sent as `authorization: Bearer <token>` on every call (servers with --auth-tokens-file).
+        TLS: `tls=True` (or any of the tls_* arguments) connects over TLS; `tls_ca` is the PEM file that
+        verifies the server (default: the system's roots); `tls_cert`/`tls_key` are this client's
+        certificate for mutual TLS; `tls_server_name` overrides the name checked in the server's
+        certificate (default: the target's host). `admin_token`: sent with the mesh.v1.Admin calls
+        (get_pool, rebalance, scale_pool, set_autoscaling) in `x-admin-token`."""
         self.target, self.timeout = target, timeout
         self.admin_token = admin_token
-        self._channel = channel or grpc.insecure_channel(target)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if channel is None:
+            if tls or tls_ca or tls_cert or tls_key:
+                from router_service.tls import client_credentials
+                opts = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+                channel = grpc.secure_channel(target, client_credentials(tls_ca, tls_cert, tls_key), options=opts)
+            else:
+                channel = grpc.insecure_channel(target)
+        self._channel = channel
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._admin = apb_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -103,7 +118,8 @@ class MeshClient:
                  timeout: float | None = None, **kw) -> Iterator[RequestOutput]:
         """Stream deltas: each RequestOutput holds the new token ids and text (and `logprobs` when
         asked) of completion `index`; each completion's last has `finished` and `finish_reason`."""
-        call = self._stub.Generate(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout))
+        call = self._stub.Generate(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout),
+                                   metadata=self._metadata)
         try:
             for msg in call:
                 yield convert.output_from_pb(msg)
@@ -118,7 +134,8 @@ class MeshClient:
         0, with "logprobs" ([{"token_id", "logprob", "top": [[id, logprob], ...]}]) when asked and, for
         n > 1, "completions": every completion as {"index", "token_ids", "text", "finish_reason", ...}."""
         try:
-            msg = self._stub.Complete(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout))
+            msg = self._stub.Complete(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout),
+                                      metadata=self._metadata)
         except grpc.RpcError as e:
             raise MeshError.from_rpc(e) from None
         out = {"request_id": msg.request_id, "token_ids": list(msg.token_ids), "text": msg.text,
@@ -135,13 +152,15 @@ class MeshClient:
 
     def tokenize(self, text: str, timeout: float | None = None) -> list[int]:
         try:
-            return list(self._stub.Tokenize(pb.TokenizeRequest(text=text), timeout=self._timeout(timeout)).token_ids)
+            return list(self._stub.Tokenize(pb.TokenizeRequest(text=text), timeout=self._timeout(timeout),
+                                            metadata=self._metadata).token_ids)
         except grpc.RpcError as e:
             raise MeshError.from_rpc(e) from None
 
     def model_info(self, timeout: float | None = None) -> dict:
         try:
-            msg = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+            msg = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout),
+                                          metadata=self._metadata)
         except grpc.RpcError as e:
             raise MeshError.from_rpc(e) from None
         return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
@@ -150,7 +169,8 @@ class MeshClient:
         """The server's load snapshot: running, waiting, kv_blocks_used/free, steps, in_flight, ...,
         and `expert_load` as a [moe_layers][num_experts] list of tokens routed."""
         try:
-            msg = self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=self._timeout(timeout))
+            msg = self._stub.GetServerStats(pb.GetServerStatsRequest(), timeout=self._timeout(timeout),
+                                            metadata=self._metadata)
         except grpc.RpcError as e:
             raise MeshError.from_rpc(e) from None
         return stats_dict(msg)
@@ -159,7 +179,7 @@ class MeshClient:
     def _admin_call(self, method: str, msg, timeout: float | None) -> dict:
         from google.protobuf.json_format import MessageToDict
         from router_service.auth import ADMIN_TOKEN_HEADER
-        meta = [(ADMIN_TOKEN_HEADER, self.admin_token)] if self.admin_token else []
+        meta = list(self._metadata or ()) + ([(ADMIN_TOKEN_HEADER, self.admin_token)] if self.admin_token else [])
         try:
             out = getattr(self._admin, method)(msg, timeout=self._timeout(timeout), metadata=meta)
         except grpc.RpcError as e:

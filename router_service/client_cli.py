@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from mesh.cli import sampling_kwargs
+from mesh.cli import client_security, sampling_kwargs
 from router_service.client import MeshClient, MeshError
 
 
@@ -21,7 +21,13 @@ def generate_remote(args) -> int:
     # message the in-process form prints; the server validates everything again.
     sampling = sampling_kwargs(args)
     timeout = getattr(args, "timeout", None)
-    with MeshClient(args.target, timeout=timeout) as client:
+    security = client_security(args)
+    try:
+        client = MeshClient(args.target, timeout=timeout, **security)
+    except ValueError as e:  # router_service.tls.TlsError names the flag
+        print(f"mesh: error: {e}", file=sys.stderr)
+        return 2
+    with client:
         try:
             t0 = time.perf_counter()
             kw = dict(prompt=args.prompt, prompt_token_ids=args.prompt_ids, **sampling)

@@ -12,9 +12,10 @@ from typing import Any
 
 from mesh.config import ARCHITECTURES
 from mesh.types import (FinishReason, InvalidRequest, Request, RequestOutput, SamplingParams, TokenLogprob,
-                        Usage)
+                        Usage, check_context)
 from router_service.protos import inference_pb2 as pb
 
+MAX_REQUEST_ID_CHARS = 256
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "logprobs", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "min_tokens")
 
@@ -37,6 +38,18 @@ def request_from_pb(msg: pb.GenerateRequest, engine: Any, request_id: str, tenan
 
     Reads only the engine's tokenizer and immutable config (make_request does not touch engine
     state), so it may run off the engine thread."""
+    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id: {len(msg.request_id)} characters; at most {MAX_REQUEST_ID_CHARS} "
+                             "are accepted (it is echoed in every response)")
+    req = _request_from_pb(msg, engine, request_id, tenant, trace_context)
+    if msg.sampling.HasField("max_tokens"):
+        check_context(len(req.prompt_token_ids), req.sampling.max_tokens, engine.max_model_len,
+                      "sampling.max_tokens")
+    return req
+
+
+def _request_from_pb(msg: pb.GenerateRequest, engine: Any, request_id: str, tenant: str = "",
+                     trace_context: Any = None) -> Request:
     sources = [name for name, given in (("prompt", bool(msg.prompt)),
                                         ("prompt_token_ids", len(msg.prompt_token_ids) > 0),
                                         ("fim", msg.HasField("fim"))) if given]

@@ -49,7 +49,8 @@ log = logging.getLogger("mesh.serve")
 
 
 def _error(e: oa.ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 class _EventStream(StreamingResponse):
@@ -91,6 +92,10 @@ class OpenAIApp:
         return JSONResponse({"status": "ok"})
 
     async def models(self, request: Request) -> Response:
+        try:
+            identify(request.headers, self.gw.tokens)
+        except Unauthenticated as e:
+            return _error(oa.ApiError(401, str(e)))
         try:
             aengine = self.gw.available()
         except Unavailable as e:
@@ -139,12 +144,12 @@ class OpenAIApp:
         submitted: list = []
         try:
             try:
-                caller = identify(request.headers)
+                caller = identify(request.headers, self.gw.tokens)
             except Unauthenticated as e:
                 raise oa.ApiError(401, str(e)) from None
             rec.tenant = caller.tenant
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await _read_body(request))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise oa.ApiError(400, f"the request body is not valid JSON: {e}") from None
             if chat:
@@ -215,7 +220,7 @@ class OpenAIApp:
     async def _submit(self, item: dict, api: oa.ApiRequest, salt: str, trace_ctx):
         try:
             return await self.gw.submit(lambda engine, engine_id: oa.build_request(
-                item, api.sampling, engine, engine_id, salt, trace_ctx))
+                item, api.sampling, engine, engine_id, salt, trace_ctx, api.max_tokens_field))
         except InvalidRequest as e:
             raise oa.ApiError(400, str(e)) from None
         except Overloaded as e:
@@ -253,6 +258,24 @@ class OpenAIApp:
             span.set_attribute("http.response.status_code", 200)
             span.end()
             rec.emit()
+
+
+async def _read_body(request: Request, limit: int | None = None) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (the gRPC port's message limit) before
+    it is all in memory."""
+    from router_service.server import MAX_MESSAGE_BYTES
+    limit = MAX_MESSAGE_BYTES if limit is None else limit
+    declared = request.headers.get("content-length")
+    too_big = oa.ApiError(413, f"the request body is over {limit} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _collect(answer: "_Answer", streams: list) -> None:
@@ -427,7 +450,8 @@ class HttpServer:
         self._sock = sock
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(OpenAIApp(self.gw).app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1, server_header=False)
+                                timeout_graceful_shutdown=1, server_header=False,
+                                **(self.gw.tls.uvicorn_options() if getattr(self.gw, "tls", None) else {}))
         # uvicorn's own start/stop lines repeat the gateway's; its warnings and errors still show
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self.server = _EmbeddedServer(config)

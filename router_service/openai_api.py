@@ -18,14 +18,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mesh.types import FinishReason, InvalidRequest, Request, SamplingParams, TokenLogprob, Usage
+from mesh.types import FinishReason, InvalidRequest, Request, SamplingParams, TokenLogprob, Usage, check_context
 
 
 class ApiError(Exception):
     """An error the API answers with `status` and OpenAI's error object."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_server_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_server_error",
              503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -88,6 +88,11 @@ class ApiRequest:
     include_usage: bool = False
     return_token_ids: bool = False
     top_logprobs: int | None = None  # what the response reports (chat: top_logprobs when logprobs is true)
+    max_tokens_field: str | None = None  # the field that set max_tokens (None: the default, clamped to the context)
+
+
+def _given(body: dict, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if body.get(n) is not None), None)
 
 
 def _sampling(body: dict, max_tokens_names: tuple[str, ...], logprobs: int | None) -> SamplingParams:
@@ -159,7 +164,7 @@ def parse_completion(body: Any) -> ApiRequest:
         raise _bad("prompt", "the prompt is empty")
     return ApiRequest(body["model"], sampling, items, _bool(body, "stream"),
                       bool((body.get("stream_options") or {}).get("include_usage")), _bool(body, "return_token_ids"),
-                      logprobs)
+                      logprobs, _given(body, ("max_tokens",)))
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -200,12 +205,23 @@ def parse_chat(body: Any) -> tuple[ApiRequest, list[dict]]:
     messages = chat_messages(body)
     return ApiRequest(body["model"], sampling, [], _bool(body, "stream"),
                       bool((body.get("stream_options") or {}).get("include_usage")),
-                      _bool(body, "return_token_ids"), logprobs), messages
+                      _bool(body, "return_token_ids"), logprobs,
+                      _given(body, ("max_completion_tokens", "max_tokens"))), messages
 
 
 def build_request(item: dict, sampling: SamplingParams, engine: Any, engine_id: str, cache_salt: str,
-                  trace_context: Any) -> Request:
-    """One prompt of an ApiRequest as an engine request (tokenizing: runs off the event loop)."""
+                  trace_context: Any, max_tokens_field: str | None = None) -> Request:
+    """One prompt of an ApiRequest as an engine request (tokenizing: runs off the event loop).
+    `max_tokens_field`: the body field that set max_tokens; then prompt + max_tokens must fit the
+    context (as vLLM checks), else InvalidRequest. Unset, the default is cut short by the context."""
+    req = _build_request(item, sampling, engine, engine_id, cache_salt, trace_context)
+    if max_tokens_field is not None:
+        check_context(len(req.prompt_token_ids), sampling.max_tokens, engine.max_model_len, max_tokens_field)
+    return req
+
+
+def _build_request(item: dict, sampling: SamplingParams, engine: Any, engine_id: str, cache_salt: str,
+                   trace_context: Any) -> Request:
     kw = dict(sampling=sampling, request_id=engine_id, cache_salt=cache_salt, trace_context=trace_context)
     tok = engine.tokenizer
     if (sampling.stop or "prompt" in item or "fim" in item) and tok is None:

@@ -30,18 +30,20 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 from opentelemetry import propagate, trace
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
+from google.protobuf.message import DecodeError
 
 from mesh import telemetry
 from mesh.engine.stats import EngineStats
 from mesh.types import InvalidRequest, Request
 from router_service import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_MAX_QUEUED, DEFAULT_PORT, convert
 from router_service.async_engine import AsyncEngine, EngineError, Overloaded
-from router_service.auth import Caller, Unauthenticated, identify
+from router_service.auth import Caller, PermissionDenied, TokenTable, Unauthenticated, identify, require_role
 from router_service.logs import AccessRecord
 from router_service.protos import inference_pb2 as pb
 from router_service.protos import inference_pb2_grpc as pb_grpc
+from router_service.tls import TlsFiles
 
 log = logging.getLogger("mesh.serve")
 
@@ -68,8 +70,11 @@ class Gateway:
     def __init__(self, engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  *, ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
                  grace: float = DEFAULT_GRACE, num_workers: int = 0, http_port: int | None = None,
-                 model_name: str = "", admin_token: str | None = None, expert_pool: Any = None):
-        """`expert_pool`: the expert_workers.pool.ExpertPool behind the engine's dispatcher (None: the
+                 model_name: str = "", admin_token: str | None = None, expert_pool: Any = None,
+                 tokens: TokenTable | None = None, tls: TlsFiles | None = None):
+        """`tokens`: require bearer tokens (router_service.auth; None: the ports are open).
+        `tls`: serve gRPC (and HTTP) over TLS, mutual TLS when it has a client CA.
+        `expert_pool`: the expert_workers.pool.ExpertPool behind the engine's dispatcher (None: the
         experts run in the gateway), for the Admin API and placement switches.
         `http_port`: also serve the OpenAI-compatible HTTP API there (0: a free port; None: no HTTP).
         `model_name`: the model id the HTTP API lists and expects (default: the model directory's name).
@@ -77,6 +82,7 @@ class Gateway:
         self.admin_token, self.expert_pool = admin_token, expert_pool
         self.engine_factory, self.host, self.port = engine_factory, host, port
         self.http_port, self.model_name = http_port, model_name
+        self.tokens, self.tls = tokens, tls
         self.http = None  # router_service.http_api.HttpServer once started
         self.started_at = time.time()
         self.ready, self.on_shutdown = ready, on_shutdown
@@ -91,6 +97,7 @@ class Gateway:
         self._stopping = False
         self.stop_requested = asyncio.Event()  # a signal, or the engine's death: `serve` stops
         self.failed = False  # the engine died (an expert worker lost, ...): exit with code 1
+        self.stop_signalled = False  # SIGTERM/SIGINT received (set by `serve`)
         self.server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -99,16 +106,24 @@ class Gateway:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                           ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self), server)
+        # Registered through `_add_service` rather than the generated helpers: a request whose bytes
+        # do not parse gets INVALID_ARGUMENT (grpc itself answers UNKNOWN and logs a traceback), and
+        # the Inference and Admin calls check credentials first. Health stays open for orchestrators' probes.
         from router_service.admin import SERVICE as ADMIN_SERVICE
         from router_service.admin import AdminServicer
-        from router_service.protos import admin_pb2_grpc
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self, self.admin_token), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        from router_service.protos import admin_pb2
+        _add_service(server, pb.DESCRIPTOR.services_by_name["Inference"], InferenceServicer(self), pb, self)
+        _add_service(server, admin_pb2.DESCRIPTOR.services_by_name["Admin"], AdminServicer(self, self.admin_token),
+                     admin_pb2, self)
+        _add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], self.health, health_pb2, None)
         reflection.enable_server_reflection(
             [SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
-        self.port = server.add_insecure_port(f"{self.host}:{self.port}")  # port 0: the OS picks one
+        address = f"{self.host}:{self.port}"
+        if self.tls is not None:
+            self.port = server.add_secure_port(address, self.tls.server_credentials())
+        else:
+            self.port = server.add_insecure_port(address)  # port 0: the OS picks one
         await self._set_health(NOT_SERVING)
         await server.start()
         self.server = server
@@ -135,6 +150,11 @@ class Gateway:
         mc = self.engine.model_config
         self.model_name = self.model_name or self.engine.model_dir.name
         http = f" | HTTP (OpenAI API) on {self.host}:{self.http_port}" if self.http is not None else ""
+        log.info("mesh serve: %s; %s", self.tls.describe() if self.tls is not None else
+                 "NO TLS: traffic on these ports is plain text (--tls-cert/--tls-key to encrypt)",
+                 f"bearer tokens required ({len(self.tokens)} tokens from {self.tokens.source})"
+                 if self.tokens is not None else "NO AUTHENTICATION: anyone who reaches these ports may call "
+                 "them and name any tenant (--auth-tokens-file to require tokens)")
         log.info("mesh serve: listening on %s:%d%s | model %s %s (%s) | %s %s | %d expert workers | "
                  "max %d queued requests", self.host, self.port, http, self.model_name, mc.family,
                  self.engine.model_dir, self.engine.config.device, self.engine.config.dtype, self.num_workers,
@@ -149,6 +169,11 @@ class Gateway:
         """The engine thread died. A gateway cannot repair its collective group in place: report
         NOT_SERVING and let `serve` stop with exit code 1, for the supervisor to restart it."""
         if self.failed:
+            return
+        if self.draining or self.stop_signalled:  # stopping anyway: requests in flight got UNAVAILABLE
+            log.warning("mesh serve: expert workers gone while draining; stopping now")
+            self.serving = False
+            self._hurry.set()
             return
         log.error("mesh serve: %s; stopping (exit code 1) so that a supervisor restarts this gateway", error)
         self.serving, self.failed = False, True
@@ -192,6 +217,8 @@ class Gateway:
             await self._stopped.wait()
             return
         self._stopping, self.draining = True, True
+        if self.aengine is not None:
+            self.aengine.stopping = True
         grace = self.grace if grace is None else grace
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
         t0 = time.monotonic()
@@ -249,6 +276,103 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
     return await fut
 
 
+class _Malformed:
+    """What the request deserializer hands on for bytes that are not a valid message."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.type_name, self.error = type_name, error
+
+    def details(self) -> str:
+        why = str(self.error) or type(self.error).__name__
+        return f"the request is not a valid {self.type_name} message ({why}): send a serialized {self.type_name}"
+
+
+def _parser(cls) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError, TypeError, RuntimeError) as e:  # upb and python protobuf differ
+            return _Malformed(cls.DESCRIPTOR.full_name, e)
+    return parse
+
+
+async def _authorize(gw: "Gateway | None", method: str, context) -> bool:
+    """Check the caller's credentials (when the gateway requires tokens); abort if they fail."""
+    if gw is None or gw.tokens is None:
+        return True
+    try:
+        identify(dict(context.invocation_metadata() or ()), gw.tokens)
+        return True
+    except Unauthenticated as e:
+        rec = AccessRecord("grpc", method, status=grpc.StatusCode.UNAUTHENTICATED.name)
+        rec.emit()
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+    return False
+
+
+async def authorize(context, gw: "Gateway", role: str | None = None) -> Caller:
+    """The caller of a gRPC call, for services beyond Inference (an Admin service, ...): aborts with
+    UNAUTHENTICATED without valid credentials and, with `role`, PERMISSION_DENIED when the caller's
+    role is another (router_service.auth.require_role: a server without tokens has no roles)."""
+    try:
+        caller = identify(dict(context.invocation_metadata() or ()), gw.tokens)
+    except Unauthenticated as e:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+    if role is not None:
+        try:
+            require_role(caller, role)
+        except PermissionDenied as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+    return caller
+
+
+def _add_service(server: grpc.aio.Server, service, servicer: Any, module: Any, gw: "Gateway | None") -> None:
+    """Register `servicer`'s methods for `service` (a ServiceDescriptor) with request parsers that
+    turn unparseable bytes into INVALID_ARGUMENT, and (with a gateway) the credential check."""
+    handlers = {}
+    for m in service.methods:
+        impl = getattr(servicer, m.name)
+        parse = _parser(getattr(module, m.input_type.name))
+        serialize = getattr(module, m.output_type.name).SerializeToString
+        full = f"{service.full_name}/{m.name}"
+        if m.client_streaming:
+            raise TypeError(f"{full}: client-streaming methods are not supported here")
+        if m.server_streaming:
+            async def behavior(request, context, impl=impl, full=full):  # grpc wants an async generator function
+                async for item in _stream(impl, request, context, full, gw):
+                    yield item
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(
+                behavior, request_deserializer=parse, response_serializer=serialize)
+        else:
+            async def behavior(request, context, impl=impl, full=full):
+                if isinstance(request, _Malformed):
+                    await _reject_malformed(request, context, full)
+                if not await _authorize(gw, full, context):
+                    return None
+                return await impl(request, context)
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                behavior, request_deserializer=parse, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+async def _reject_malformed(request: _Malformed, context, method: str) -> None:
+    log.info("mesh serve: %s: rejected a malformed request: %s", method, request.error)
+    AccessRecord("grpc", method, status=grpc.StatusCode.INVALID_ARGUMENT.name).emit()
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details())
+
+
+async def _stream(impl, request, context, method: str, gw: "Gateway | None"):
+    if isinstance(request, _Malformed):
+        await _reject_malformed(request, context, method)
+    if not await _authorize(gw, method, context):
+        return
+    if inspect.isasyncgenfunction(impl):
+        async for item in impl(request, context):
+            yield item
+    else:  # a coroutine writing with context.write (grpc_health's Watch)
+        await impl(request, context)
+
+
 @contextmanager
 def _server_span(context, method: str):
     """The RPC's server span, child of the caller's W3C `traceparent` (gRPC metadata) when sent.
@@ -284,7 +408,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _caller(self, context, rec: AccessRecord | None = None) -> Caller:
         try:
-            caller = identify(dict(context.invocation_metadata() or ()))
+            caller = identify(dict(context.invocation_metadata() or ()), self.gw.tokens)
         except Unauthenticated as e:
             if rec is not None:
                 rec.status = grpc.StatusCode.UNAUTHENTICATED.name
@@ -454,6 +578,7 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
                 ready: Hook = None, on_shutdown: Hook = None, max_queued: int = DEFAULT_MAX_QUEUED,
                 grace: float = DEFAULT_GRACE, num_workers: int = 0, http_port: int | None = None,
                 model_name: str = "", admin_token: str | None = None, expert_pool: Any = None,
+                tokens: TokenTable | None = None, tls: TlsFiles | None = None,
                 started: Callable[[Gateway], Awaitable[None] | None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (a second one cuts the grace period short) or until the engine
     dies. Returns the exit code: 0 after a clean stop, 1 when the engine failed to load or failed
@@ -462,11 +587,14 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
     is built). `on_shutdown`: runs last."""
     gw = Gateway(engine_factory, host, port, ready=ready, on_shutdown=on_shutdown, max_queued=max_queued,
                  grace=grace, num_workers=num_workers, http_port=http_port, model_name=model_name,
-                 admin_token=admin_token, expert_pool=expert_pool)
+                 admin_token=admin_token, expert_pool=expert_pool, tokens=tokens, tls=tls)
     stop = gw.stop_requested
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
+        gw.stop_signalled = True
+        if gw.aengine is not None:
+            gw.aengine.stopping = True  # the same signal may be reaching the expert workers now
         if stop.is_set():
             log.info("mesh serve: %s again: aborting in-flight requests now", sig.name)
             gw.hurry()

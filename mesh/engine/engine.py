@@ -158,6 +158,9 @@ class Engine:
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t in req.sampling.stop_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise InvalidRequest(f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; this model serves at most {self.max_model_len} "
