@@ -21,7 +21,6 @@ from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 from router_service.client import MeshClient, MeshError
 
-pytest.importorskip("ray")
 TOKEN = "s3cret-admin-token"
 
 
@@ -33,7 +32,7 @@ def served(tmp_path_factory):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     log = open(d / "serve.log", "w")  # a file, not a pipe: access lines from many requests would fill a pipe
-    proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--model", str(model), "--workers", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(model), "--workers", "2",
                              "--port", str(port), "--dtype", "float32", "--grace-period", "2",
                              "--admin-token-file", str(d / "token")],
                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -166,12 +165,12 @@ def test_admin_api_under_load(served):
         assert pool["num_workers"] == 1 and len(pool["workers"]) == 1 and pool["workers"][0]["state"] == "joined"
         # the CLI, against the same server
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        out = subprocess.run([sys.executable, "-m", "mesh.cli", "admin", "status", "--target", f"127.0.0.1:{port}",
+        out = subprocess.run([sys.executable, "-m", "mesh_cli", "admin", "status", "--target", f"127.0.0.1:{port}",
                               "--admin-token-file", str(token_file)], env=env, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["num_workers"] == 1
-        out = subprocess.run([sys.executable, "-m", "mesh.cli", "admin", "status", "--target", f"127.0.0.1:{port}"],
+        out = subprocess.run([sys.executable, "-m", "mesh_cli", "admin", "status", "--target", f"127.0.0.1:{port}"],
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
     finally:

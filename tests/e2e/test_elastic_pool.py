@@ -16,7 +16,7 @@ from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402
 
 SP = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 

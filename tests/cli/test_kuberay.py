@@ -74,7 +74,7 @@ def test_render_carries_the_plan():
 def test_cli_renders_the_checked_in_example(tmp_path):
     example = ROOT / "infra" / "kuberay"
     out = tmp_path / "rc.yaml"
-    run = subprocess.run([sys.executable, "-m", "mesh.cli", "deploy", "kuberay", "--plan",
+    run = subprocess.run([sys.executable, "-m", "mesh_cli", "deploy", "kuberay", "--plan",
                           str(example / "example-plan.json"), "--image", "moe-mesh:0.1.0", "--max-workers", "6",
                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -83,11 +83,11 @@ def test_cli_renders_the_checked_in_example(tmp_path):
         _check(obj)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    run = subprocess.run([sys.executable, "-m", "mesh.cli", "deploy", "kuberay", "--plan", str(bad)],
+    run = subprocess.run([sys.executable, "-m", "mesh_cli", "deploy", "kuberay", "--plan", str(bad)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode != 0 and "--plan" in run.stderr and "not JSON" in run.stderr
     bad.write_text(json.dumps({"feasible": False, "reason": "no shape meets the SLOs"}))
-    run = subprocess.run([sys.executable, "-m", "mesh.cli", "deploy", "kuberay", "--plan", str(bad)],
+    run = subprocess.run([sys.executable, "-m", "mesh_cli", "deploy", "kuberay", "--plan", str(bad)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode != 0 and "not feasible" in run.stderr and "Traceback" not in run.stderr
     assert to_yaml([]) == ""
