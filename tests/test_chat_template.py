@@ -11,7 +11,6 @@ import shutil
 import pytest
 
 from router_service.chat import ChatTemplate, TemplateError
-from test_grpc_gateway import tiny_dir  # noqa: F401  (fixture)
 
 RICH = """{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}{%- set rest = messages[1:] %}
 {%- else %}{%- set system = 'You are a helpful coding assistant.' %}{%- set rest = messages %}{%- endif %}
