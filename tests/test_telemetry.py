@@ -28,7 +28,10 @@ def otel():
     t.setup("mesh-gateway", span_exporter=spans, metric_reader=reader)
     if not isinstance(trace.get_tracer_provider(), __import__("opentelemetry.sdk.trace", fromlist=["x"]).TracerProvider):
         pytest.fail("another test installed a tracer provider first")
-    return spans, reader
+    yield spans, reader
+    # The SDK cannot be uninstalled, but shut down it keeps nothing: tests that run later in this
+    # process (in any order) do not pay for spans and metric points piling up in these exporters.
+    t.shutdown()
 
 
 def _flush():
