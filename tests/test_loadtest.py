@@ -196,18 +196,16 @@ def test_closed_loop_keeps_the_concurrency():
 
 
 # ---- against the real gateway -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
+def _serve(model_dir):
+    """A Gateway on a free loopback port (its event loop in a thread) until the generator resumes."""
     from mesh.config import EngineConfig
     from mesh.engine.engine import Engine
-    from mesh.presets import init_model
     from router_service.server import Gateway
-    model = init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("lt") / "tiny")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     call = lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(60)  # noqa: E731
-    gw = Gateway(lambda: Engine(model, EngineConfig(dtype="float32", kv_cache_memory=4 << 20)), "127.0.0.1", 0)
+    gw = Gateway(lambda: Engine(model_dir, EngineConfig(dtype="float32", kv_cache_memory=4 << 20)), "127.0.0.1", 0)
     call(gw.start())
     call(gw.load())
     yield f"127.0.0.1:{gw.port}", gw
@@ -216,9 +214,20 @@ def gateway(tmp_path_factory):
     thread.join(5)
 
 
-def test_server_stats_report_queues_steps_and_expert_load(gateway):
+@pytest.fixture(scope="module")
+def gateway(tiny_dir):
+    yield from _serve(tiny_dir)
+
+
+@pytest.fixture
+def fresh_gateway(tiny_dir):
+    """A gateway no other test has sent requests to (its step counters start at zero)."""
+    yield from _serve(tiny_dir)
+
+
+def test_server_stats_report_queues_steps_and_expert_load(fresh_gateway):
     from router_service.client import MeshClient
-    target, gw = gateway
+    target, gw = fresh_gateway
     with MeshClient(target, timeout=30) as c:
         c.complete(prompt_token_ids=[1, 2, 3, 4], max_tokens=4, temperature=0, ignore_eos=True)
         deadline = time.monotonic() + 30  # the snapshot is the engine thread's last pass: it may lag one step
