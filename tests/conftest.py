@@ -32,6 +32,17 @@ def pytest_configure(config):
         raise pytest.UsageError(f"MESH_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: on a CPU run they are skipped, with the reason in the summary
+    (-rs), never passed without running; with MESH_TEST_DEVICE=cuda they run (or fail)."""
+    if DEVICE.startswith("cuda"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: run with MESH_TEST_DEVICE=cuda on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def build_hf_checkpoint(family: str, out: Path, seed: int = 0, num_experts: int = 8, **overrides) -> Path:
     """Save a tiny random model with transformers' own save_pretrained (per-expert keys on disk).
 
@@ -98,7 +109,9 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def free_port() -> int:
+def _unused_port() -> int:
+    """A loopback port nothing listens on now, for a server that cannot bind port 0 itself (the
+    caller retries on a collision)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,37 +119,118 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, started and stopped by the test."""
+    """A real redis-server on a free loopback port, started and stopped by the test.
 
-    def __init__(self, maxmemory: str = "256mb"):
+    redis-server cannot bind port 0 and say which port it got, so a port is picked and, should
+    another process take it before redis binds it, redis exits and the start is retried on another."""
+
+    def __init__(self, maxmemory: str = "256mb", attempts: int = 5):
         import shutil
-        import subprocess
-        import time as _time
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (scripts/test.sh installs it)")
-        self.port = free_port()
+        self.exe, self.maxmemory = exe, maxmemory
+        for _ in range(attempts):
+            self.port = _unused_port()
+            if self.start():
+                break
+        else:
+            raise RuntimeError(f"redis-server did not start in {attempts} attempts")
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self, timeout: float = 30.0) -> bool:
+        """Start (or restart) redis on self.port, loopback only; False when it exited (port taken)."""
+        import subprocess
+        import time as _time
+
         import redis
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = redis.Redis(port=self.port)
-        deadline = _time.monotonic() + 10
+        deadline = _time.monotonic() + timeout
         while True:
             try:
                 self.client.ping()
-                break
+                return True
             except redis.ConnectionError:
-                if _time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
+                if self.proc.poll() is not None:
+                    return False
+                if _time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("redis-server did not answer a ping in time")
                 _time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny preset checkpoint, with a tokenizer.json (the gateway, CLI, chat and prefix-cache tests)."""
+    from mesh.presets import init_model
+    return init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("tiny") / "tiny")  # has tokenizer.json
+
+
+
+class LiveGateway:
+    """A Gateway on a free loopback port, its event loop in a background thread."""
+
+    def __init__(self, engine_factory, load=True, **kw):
+        import asyncio
+        import threading
+
+        from router_service.server import Gateway
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.gw = Gateway(engine_factory, "127.0.0.1", 0, **kw)
+        self.call(self.gw.start())
+        self.target = f"127.0.0.1:{self.gw.port}"
+        self.loading = asyncio.run_coroutine_threadsafe(self.gw.load(), self.loop)
+        if load:
+            self.loading.result(60)
+
+    def call(self, coro, timeout=60):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stats(self):
+        return self.gw.aengine.stats()
+
+    def wait_idle(self, timeout=10.0):
+        """Until no request is in flight and every KV block is back (the engine's own count)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.stats()
+            if s["in_flight"] == 0 and s["blocks_used"] == 0 and self.gw.engine.blocks.num_used == 0:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"requests or KV blocks not freed: {self.stats()}")
+
+    def close(self):
+        self.call(self.gw.stop(grace=0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class SlowEngine:
+    """Any object with the Engine's interface serves; this one takes 5 ms a step (timing-proof drain)."""
+
+    def __init__(self, engine, delay=0.005):
+        self._e, self._delay = engine, delay
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+    def step(self):
+        import time
+        time.sleep(self._delay)
+        return self._e.step()
 
 
 @pytest.fixture
@@ -165,8 +259,66 @@ def native_env(monkeypatch, name: str, value: str | None) -> None:
     native.refresh_settings()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny preset checkpoint, with a tokenizer.json (the gateway, CLI, chat and prefix-cache tests)."""
-    from mesh.presets import init_model
-    return init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("gw") / "tiny")  # has tokenizer.json
+# --- an independent sampling reference (numpy, written from the definitions, not from the sampler) ---
+
+def reference_sampling_probs(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """The distribution a sampler should draw from, as float64 numpy: softmax(logits / T), restricted
+    to the top_k likeliest tokens (0: all), renormalised, then to the smallest set of likeliest tokens
+    whose mass reaches top_p (the first always kept), renormalised."""
+    import numpy as np
+    x = np.asarray(logits, dtype=np.float64) / temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    keep = order[:top_k] if top_k > 0 else order
+    kept = {i: p[i] for i in keep}
+    total = sum(kept.values())
+    out = np.zeros(len(p))
+    mass = 0.0
+    for i in keep:
+        if mass >= top_p and out.any():
+            break
+        out[i] = kept[i] / total
+        mass += out[i]
+    return out / out.sum()
+
+
+def chi_square_critical(df: int, alpha: float = 1e-6) -> float:
+    """The upper alpha quantile of the chi-square distribution (the Wilson-Hilferty approximation,
+    within a few percent of the exact value for small df and closer as df grows), with the normal
+    quantile found by bisection on erfc (scipy is not a dependency)."""
+    import math
+    lo, hi = 0.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 0.5 * math.erfc(mid / math.sqrt(2)) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    z = lo
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_matches_distribution(draws, probs, alpha: float = 1e-6) -> None:
+    """Every draw lies in the support of `probs`, every token of the support with an expected count
+    of 5 or more is drawn, and Pearson's chi-square over the support (tokens with expected counts
+    under 5 pooled) stays under the alpha critical value."""
+    import numpy as np
+    probs = np.asarray(probs, dtype=np.float64)
+    counts = np.bincount(np.asarray(draws, dtype=np.int64), minlength=len(probs)).astype(np.float64)
+    n = counts.sum()
+    outside = [int(t) for t in np.nonzero((probs == 0) & (counts > 0))[0]]
+    assert not outside, f"drew tokens {outside} that have no mass in the reference distribution"
+    expected = probs * n
+    big = expected >= 5
+    assert all(counts[big] > 0), f"tokens {np.nonzero(big & (counts == 0))[0].tolist()} never drawn"
+    obs = list(counts[big])
+    exp = list(expected[big])
+    small = (~big) & (probs > 0)
+    if small.any():
+        obs.append(counts[small].sum())
+        exp.append(expected[small].sum())
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    df = max(1, len(obs) - 1)
+    crit = chi_square_critical(df, alpha)
+    assert stat < crit, f"chi-square {stat:.1f} >= {crit:.1f} (df {df}): observed {obs} expected {exp}"

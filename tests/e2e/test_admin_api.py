@@ -5,6 +5,7 @@ no request fails and health stays SERVING. `mesh admin` runs against the same se
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import ROOT, build_hf_checkpoint, free_port
+from conftest import ROOT, build_hf_checkpoint
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
@@ -29,15 +30,25 @@ def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("admin")
     model = build_hf_checkpoint("qwen3_moe", d / "qwen3_moe_7", seed=3, num_experts=7)
     (d / "token").write_text(TOKEN + "\n")
-    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     log = open(d / "serve.log", "w")  # a file, not a pipe: access lines from many requests would fill a pipe
     proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(model), "--workers", "2",
-                             "--port", str(port), "--dtype", "float32", "--grace-period", "2",
+                             "--port", "0", "--dtype", "float32", "--grace-period", "2",
                              "--admin-token-file", str(d / "token")],
                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    client = MeshClient(f"127.0.0.1:{port}", timeout=120, admin_token=TOKEN)
+    # --port 0: the server binds a free port itself and logs it (no port picked here and reused)
     deadline = time.monotonic() + 150
+    port = None
+    while port is None:
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", (d / "serve.log").read_text())
+        if m:
+            port = int(m.group(1))
+        elif proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mesh serve did not start listening:\n{(d / 'serve.log').read_text()}")
+        else:
+            time.sleep(0.2)
+    client = MeshClient(f"127.0.0.1:{port}", timeout=120, admin_token=TOKEN)
     while True:
         try:
             if client.health(timeout=2) == "SERVING":

@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+import ray
 import torch
 
 from conftest import FAMILIES, hf_greedy
@@ -13,14 +14,25 @@ from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 
-ray = pytest.importorskip("ray")
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(include_dashboard=False, num_cpus=4, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def _expert_bytes(model_dir, experts) -> int:
+    """Bytes an expert worker holds for `experts` of every MoE layer, loaded and prepared by the same
+    loader and backend in this process."""
+    from mesh.model.backend import make_backend
+    from mesh.config import ModelConfig
+    from mesh.model.loader import load_experts
+    cfg = ModelConfig.from_dir(model_dir)
+    slots = [list(experts) for layer in range(cfg.num_layers) if cfg.moe_layers[layer]]
+    shard = load_experts(model_dir, cfg, torch.float32, slots=slots)
+    make_backend("auto", "cpu", cfg.rms_norm_eps, threads=1).prepare_experts(shard)
+    return shard.nbytes
 
 
 def _prompts(n=6, seed=5):
@@ -43,9 +55,12 @@ def test_mesh_matches_local_engine_and_transformers(family, ray_cluster, hf_chec
             time.sleep(0.1)
         statuses = pool.statuses()
         assert [s["state"] for s in statuses] == ["joined", "joined"]
-        # each worker loaded only its half of the experts
+        # each worker loaded only its half of the experts: the bytes of experts 0-3 (4-7) of every
+        # MoE layer loaded and prepared here, half of all eight's
         assert len({s["pid"] for s in statuses} | {os.getpid()}) == 3
-        assert statuses[0]["loaded_bytes"] == statuses[1]["loaded_bytes"] > 0
+        half = [_expert_bytes(model_dir, range(0, 4)), _expert_bytes(model_dir, range(4, 8))]
+        assert half[0] + half[1] == _expert_bytes(model_dir, range(8)) and half[0] > 0
+        assert [s["loaded_bytes"] for s in statuses] == half
         mesh = Engine(model_dir, EngineConfig(dtype="float32", max_num_batched_tokens=32, micro_batches=2),
                       dispatcher=dispatcher)
         assert mesh.dispatcher is dispatcher

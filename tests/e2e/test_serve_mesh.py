@@ -8,14 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
-from conftest import FAMILIES, ROOT, free_port, hf_greedy
+from conftest import FAMILIES, ROOT, hf_greedy
+from mesh.config import EngineConfig
+from mesh.engine.engine import Engine
+from mesh.types import SamplingParams
 from router_service.client import MeshClient, MeshError
 
 
@@ -37,22 +42,40 @@ def _processes(tag: str) -> set[int]:
     return out
 
 
+def _assert_nothing_left(tag: str, timeout: float = 30.0) -> None:
+    """Wait (generously: exiting processes take a moment to be reaped) until no process carries the tag."""
+    deadline = time.monotonic() + timeout
+    while (leftover := _processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leftover, f"processes left behind: {leftover}"
+
+
 def _start(model_dir, workers=2, tag=""):
-    port = free_port()
+    """`mesh serve --port 0` (the server binds a free port itself and logs it: no port picked here and
+    reused, which another process could take in between). Output goes to a file: `_log(proc)`."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), MESH_TEST_TAG=tag)
+    log = tempfile.NamedTemporaryFile("w+", prefix="mesh-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(model_dir),
-                             "--workers", str(workers), "--port", str(port), "--dtype", "float32",
+                             "--workers", str(workers), "--port", "0", "--dtype", "float32",
                              "--grace-period", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    client = MeshClient(f"127.0.0.1:{port}", timeout=60)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log_path = Path(log.name)
+    log.close()
     deadline = time.monotonic() + 120
-    while _health(client) != "SERVING":
+    client = None
+    while client is None or _health(client) != "SERVING":
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"mesh serve did not become SERVING:\n{proc.stdout.read()}")
+            pytest.fail(f"mesh serve did not become SERVING:\n{_log(proc)}")
+        if client is None and "listening on 127.0.0.1:" in (text := _log(proc)):
+            port = int(text.split("listening on 127.0.0.1:")[1].split()[0])
+            client = MeshClient(f"127.0.0.1:{port}", timeout=60)
         time.sleep(0.3)
     return proc, client
+
+
+def _log(proc) -> str:
+    return proc.log_path.read_text(errors="replace")
 
 
 def _health(client) -> str:
@@ -62,15 +85,13 @@ def _health(client) -> str:
         return "DOWN"
 
 
-def _stop(proc) -> float:
-    t0 = time.monotonic()
+def _stop(proc) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("mesh serve did not exit within 20 s of SIGTERM")
-    return time.monotonic() - t0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -88,15 +109,16 @@ def test_mesh_over_grpc_matches_local_and_transformers(family, hf_checkpoints, h
         streamed = [t for d in client.generate(prompt_token_ids=prompts[2], max_tokens=7, temperature=0,
                                                ignore_eos=True) for t in d.new_token_ids]
     finally:
-        took = _stop(proc)
-    assert proc.returncode == 0, proc.stdout.read()
-    assert took < 20
+        _stop(proc)
+    assert proc.returncode == 0, _log(proc)
+    local = Engine(hf_checkpoints[family], EngineConfig(dtype="float32"))
+    greedy = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    want_local = [o.token_ids for o in local.generate([local.make_request(prompt_token_ids=p, sampling=greedy)
+                                                       for p in prompts])]
     refs = [hf_greedy(hf_models[family], p, 7) for p in prompts]
-    assert [o["token_ids"] for o in outs] == refs
+    assert [o["token_ids"] for o in outs] == want_local == refs
     assert streamed == refs[2]
-    time.sleep(1.0)
-    leftover = _processes(tag)
-    assert not leftover, f"processes left behind: {leftover}"
+    _assert_nothing_left(tag)
 
 
 def test_lost_expert_worker_stops_the_gateway_with_exit_code_1(hf_checkpoints):
@@ -121,9 +143,7 @@ def test_lost_expert_worker_stops_the_gateway_with_exit_code_1(hf_checkpoints):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    log = proc.stdout.read()
+    log = _log(proc)
     assert proc.returncode == 1, log
     assert "so that a supervisor restarts this gateway" in log
-    time.sleep(1.0)
-    leftover = _processes(tag)
-    assert not leftover, f"processes left behind: {leftover}"
+    _assert_nothing_left(tag)

@@ -210,12 +210,6 @@ def test_kv_budget_too_small_is_a_config_error(hf_checkpoints):
         _engine(hf_checkpoints["qwen3_moe"], kv_cache_memory=1000)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from mesh.presets import init_model
-    return init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("eng") / "tiny")  # has tokenizer.json
-
-
 def test_stop_strings_end_the_text_where_they_first_appear(tiny_dir):
     """The streamed text (every step's new_text joined) stops right before the first occurrence of any
     stop string, wherever the token boundaries fall; text that could begin a stop string is held back,

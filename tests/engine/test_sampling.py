@@ -183,3 +183,112 @@ def test_aborting_a_multi_completion_request_frees_everything(hf_checkpoints):
     out = engine.generate([engine.make_request(prompt_token_ids=[1, 2], sampling=SamplingParams(
         n=2, max_tokens=1, temperature=0))])
     assert [r.finish_reason for r in out] == [FinishReason.LENGTH] * 2 and engine.blocks.num_used == 0
+
+
+# --- the draw itself, against an independent numpy reference (conftest.reference_sampling_probs) ---
+
+DRAWS = 20000
+LOGITS = [2.0, 1.5, 1.2, 0.7, 0.3, 0.0, -0.4, -1.0, -1.5, -3.0]  # distinct, well-spread probabilities
+
+
+def _draw(logits, n=DRAWS, seed=0, **sp) -> list[int]:
+    """n draws from one row of logits, as n rows of one batch sharing one seeded generator."""
+    row = torch.tensor(logits, dtype=torch.float32)
+    seq = _seq([1], [], **sp)
+    tokens, _ = sample(row.expand(n, -1).contiguous(), [seq] * n, torch.Generator().manual_seed(seed))
+    return tokens
+
+
+@pytest.mark.parametrize("sp", [
+    dict(temperature=1.0),
+    dict(temperature=0.5),
+    dict(temperature=2.0),
+    dict(temperature=1.0, top_k=4),
+    dict(temperature=0.7, top_p=0.8),
+    dict(temperature=1.5, top_k=6, top_p=0.9),
+], ids=lambda sp: ",".join(f"{k}={v}" for k, v in sp.items()))
+def test_draws_follow_the_tempered_truncated_softmax(sp):
+    from conftest import assert_matches_distribution, reference_sampling_probs
+    want = reference_sampling_probs(LOGITS, sp["temperature"], sp.get("top_k", 0), sp.get("top_p", 1.0))
+    assert_matches_distribution(_draw(LOGITS, **sp), want)
+
+
+def test_the_reference_and_the_draws_disagree_when_the_settings_do():
+    """The chi-square check has power: draws at one setting fail against another setting's reference."""
+    from conftest import assert_matches_distribution, reference_sampling_probs
+    draws = _draw(LOGITS, temperature=1.0)
+    for other in (dict(temperature=0.8), dict(temperature=1.0, top_k=9), dict(temperature=1.0, top_p=0.97)):
+        want = reference_sampling_probs(LOGITS, other["temperature"], other.get("top_k", 0), other.get("top_p", 1.0))
+        with pytest.raises(AssertionError):
+            assert_matches_distribution(draws, want)
+
+
+def test_top_k_one_is_greedy():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(64, V, generator=g) * 2
+    for temperature in (0.3, 1.0, 5.0):
+        seqs = [_seq([1], [], temperature=temperature, top_k=1, seed=i) for i in range(64)]
+        tokens, _ = sample(logits, seqs)
+        assert tokens == logits.argmax(-1).tolist()
+
+
+def test_top_p_keeps_the_smallest_head_reaching_p_and_drops_exactly_the_tail():
+    import numpy as np
+    probs = [0.5, 0.3, 0.15, 0.05]  # cumulative 0.5, 0.8, 0.95, 1.0
+    logits = np.log(probs).tolist()
+    for top_p, kept in ((0.3, {0}), (0.5, {0}), (0.55, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2}),
+                        (0.94, {0, 1, 2}), (0.96, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})):
+        drawn = set(_draw(logits, n=4000, temperature=1.0, top_p=top_p))
+        assert drawn == kept, f"top_p={top_p}: drew {sorted(drawn)}, the head reaching p is {sorted(kept)}"
+
+
+def test_temperature_moves_the_entropy_the_right_way():
+    import numpy as np
+    from conftest import reference_sampling_probs
+
+    def entropy(p):
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    temps = (0.25, 0.5, 1.0, 2.0, 4.0)
+    empirical = [entropy(np.bincount(_draw(LOGITS, temperature=t), minlength=len(LOGITS)) / DRAWS) for t in temps]
+    reference = [entropy(reference_sampling_probs(LOGITS, t)) for t in temps]
+    assert all(a < b for a, b in zip(empirical, empirical[1:])), empirical  # hotter: flatter
+    assert all(a < b for a, b in zip(reference, reference[1:]))
+    assert empirical == pytest.approx(reference, abs=0.03)
+
+
+def test_penalties_shift_the_sampled_distribution():
+    """With penalties the draws follow the reference softmax of the penalised logits."""
+    from conftest import assert_matches_distribution, reference_sampling_probs
+    prompt, output = [0, 1], [1, 2, 2]
+    sp = dict(temperature=1.0, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3)
+    seq = _seq(prompt, output, **sp)
+    row = torch.tensor(LOGITS, dtype=torch.float32)
+    penalised = _reference_logits(row, seq)
+    n = DRAWS
+    tokens, _ = sample(row.expand(n, -1).contiguous(), [seq] * n, torch.Generator().manual_seed(3))
+    assert_matches_distribution(tokens, reference_sampling_probs(penalised.tolist(), 1.0))
+    with pytest.raises(AssertionError):  # and not the unpenalised one
+        assert_matches_distribution(tokens, reference_sampling_probs(LOGITS, 1.0))
+
+
+def _next_token_logits(model, prompt) -> list[float]:
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0, -1].float().tolist()
+
+
+def test_engine_first_tokens_follow_the_reference_distribution(hf_checkpoints, hf_models):
+    """Through the engine (prefill, logits, sampler): first tokens of many seeded completions of one
+    prompt against the reference distribution over transformers' next-token logits."""
+    from conftest import assert_matches_distribution, reference_sampling_probs
+    engine = _engine(hf_checkpoints["qwen3_moe"])
+    prompt = [3, 17, 42, 99, 5]
+    logits = _next_token_logits(hf_models["qwen3_moe"], prompt)
+    for sp in (dict(temperature=2.0, top_k=8), dict(temperature=3.0, top_p=0.9)):
+        reqs = [engine.make_request(prompt_token_ids=prompt, sampling=SamplingParams(
+            max_tokens=1, n=16, seed=s, ignore_eos=True, **sp)) for s in range(100)]
+        draws = [r.token_ids[0] for r in engine.generate(reqs)]
+        assert len(draws) == 1600
+        want = reference_sampling_probs(logits, sp["temperature"], sp.get("top_k", 0), sp.get("top_p", 1.0))
+        assert_matches_distribution(draws, want)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
-import socket
+import shutil
+import tempfile
 import time
 import traceback
 
@@ -107,12 +108,12 @@ def _attention(rank, A, placement, dtype, steps, kind=""):
     return errors or "ok"
 
 
-def _worker(rank, A, W, port, kind, dtype_name, steps, results):
+def _worker(rank, A, W, init_method, kind, dtype_name, steps, results):
     torch.set_num_threads(1)
     try:
         if DEVICE.startswith("cuda"):
             torch.cuda.set_device(torch.device(DEVICE).index or 0)
-        init_mesh_group(f"tcp://127.0.0.1:{port}", A + W, rank, backend=BACKEND)
+        init_mesh_group(init_method, A + W, rank, backend=BACKEND)
         placement, dtype = make_placement(kind, W), getattr(torch, dtype_name)
         if kind == "contiguous-bf16-experts" and rank >= A:
             dtype = torch.bfloat16  # a misconfigured worker: the handshake must fail on every rank
@@ -134,14 +135,15 @@ def _worker(rank, A, W, port, kind, dtype_name, steps, results):
         raise
 
 
-def run_mesh(A: int, W: int, kind: str, dtype_name: str, steps, timeout: float = 40.0,
+def run_mesh(A: int, W: int, kind: str, dtype_name: str, steps, timeout: float = 180.0,
              exit_code: int = 0) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, A, W, port, kind, dtype_name, steps, results), daemon=True)
+    # rendezvous through a file store in a fresh directory: no TCP port to pick and free beforehand
+    # (one another process could take before rank 0 binds it)
+    rendezvous = tempfile.mkdtemp(prefix="mesh-collective-")
+    init_method = f"file://{rendezvous}/store"
+    procs = [ctx.Process(target=_worker, args=(r, A, W, init_method, kind, dtype_name, steps, results), daemon=True)
              for r in range(A + W)]
     try:
         for p in procs:
@@ -165,6 +167,7 @@ def run_mesh(A: int, W: int, kind: str, dtype_name: str, steps, timeout: float =
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        shutil.rmtree(rendezvous, ignore_errors=True)
 
 
 def check(reports: dict, A: int, W: int, steps) -> None:

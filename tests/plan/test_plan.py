@@ -91,10 +91,22 @@ def test_continuous_batching_step_by_step():
 
 def test_kv_pool_limits_and_preemption():
     # 4 blocks of 4 tokens: two sequences of 6 prompt + 6 output tokens need 3 blocks each at the end
-    recs = simulate([SimRequest(0.0, 6, 6), SimRequest(0.0, 6, 6)], lambda b: 1.0,
-                    Limits(max_num_batched_tokens=64, kv_blocks=4, block_size=4))
-    assert all(r["code"] == "OK" and r["output_tokens"] == 6 for r in recs)
-    assert max(r["end_s"] for r in recs) > 7  # one had to wait or be recomputed
+    def run(kv_blocks):
+        steps = []
+        recs = simulate([SimRequest(0.0, 6, 6), SimRequest(0.0, 6, 6)],
+                        lambda b: steps.append((b[0].prefill, b[0].decode)) or 1.0,
+                        Limits(max_num_batched_tokens=64, kv_blocks=kv_blocks, block_size=4))
+        assert all(r["code"] == "OK" and r["output_tokens"] == 6 for r in recs)
+        return steps, recs
+    roomy, _ = run(kv_blocks=6)  # 3 blocks each: both run to the end side by side
+    assert roomy == [(12, 0)] + [(0, 2)] * 5
+    tight, recs = run(kv_blocks=4)
+    # both prefill (2 blocks each, the pool is full), decode to 8 tokens each; the 9th token needs a
+    # third block: the last admitted is preempted, its blocks go to the other, which runs to the end;
+    # then the victim is recomputed: its prompt and the 3 tokens it had made (9 tokens) in one prefill
+    assert tight == [(12, 0), (0, 2), (0, 2), (0, 1), (0, 1), (0, 1), (9, 0), (0, 1), (0, 1)]
+    assert sum(p for p, _ in tight) - sum(p for p, _ in roomy) == 9  # the recomputed tokens
+    assert [r["end_s"] for r in recs] == [6.0, 9.0]
     # prefix-cache hits skip prefill tokens
     seen = []
     simulate([SimRequest(0.0, 100, 1, cached=96)], lambda b: seen.append(b[0].prefill) or 1.0, Limits())
@@ -413,6 +425,32 @@ def test_qwen3_coder_next_on_h100s_needs_an_expert_pool():
     assert any(a["what"] == "expert all-to-all" for a in out["assumptions"])  # published, not measured
     h200 = RooflineModel(hardware.device("h200"), hardware.model("qwen3-coder-next"))
     assert h200.feasible(Deployment(1, 2))  # 141 GB devices: two hold the experts
+
+
+def test_the_all_to_all_term_is_the_transport_time_of_the_busiest_rank():
+    """Isolate the pooled cost's all-to-all term: two devices equal but for the all-to-all bandwidth
+    and latency differ by exactly the transport time, counted from its definition: every MoE layer
+    dispatches and combines (2 all-to-alls), each a latency plus the busiest rank's rows of `hidden`
+    bf16 values over the bandwidth. Without workers the interconnect costs nothing."""
+    from dataclasses import replace
+    fast = hardware.device("h100")
+    slow = replace(fast, intra_bw=fast.intra_bw / 4, intra_lat=fast.intra_lat + 1e-3)
+    shape = hardware.model("qwen3-coder-30b-a3b")
+    m_fast, m_slow = RooflineModel(fast, shape), RooflineModel(slow, shape)
+    for W in (2, 4):
+        dep = Deployment(1, W)
+        for b in (Batch(seqs=8, decode=8, decode_ctx=8000), Batch(seqs=2, decode=1, prefill=700, ctx=2e5)):
+            rows = b.tokens * shape.top_k
+            per_worker = rows * m_fast.imbalance.factor(W, 0, rows) / W
+            busiest = max(b.tokens * shape.top_k, per_worker)  # the gateway sends all its rows; a worker gets its share
+            nbytes = busiest * shape.hidden * 2
+            def transport(dev):
+                return shape.moe_layers * 2 * (dev.intra_lat + nbytes / dev.intra_bw)
+            got = m_slow.cost(dep)([b]) - m_fast.cost(dep)([b])
+            assert got == pytest.approx(transport(slow) - transport(fast), rel=1e-9)
+            assert got > 0.2 * m_fast.cost(dep)([b])  # a term that matters, not rounding
+    for b in (Batch(seqs=8, decode=8, decode_ctx=8000),):
+        assert m_slow.cost(Deployment(1, 0))([b]) == m_fast.cost(Deployment(1, 0))([b])
 
 
 def test_redundant_experts_even_out_a_skewed_load():

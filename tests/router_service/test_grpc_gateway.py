@@ -20,12 +20,12 @@ import grpc
 import pytest
 import torch
 
+from conftest import LiveGateway, SlowEngine
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 from router_service.async_engine import AsyncEngine, EngineError
 from router_service.client import MeshClient, MeshError
-from gateway_harness import LiveGateway, SlowEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = dict(dtype="float32", kv_cache_memory=4 << 20)  # 8 KiB blocks of 16 tokens: a few hundred
@@ -99,6 +99,34 @@ def test_concurrent_streams_and_complete_match_the_engine(hf, hf_checkpoints):
         assert deltas[-1].usage.prompt_tokens == len(prompts[i])
         assert completes[i]["token_ids"] == expect[i]
         assert completes[i]["finish_reason"] == "length"
+    hf.wait_idle()
+
+
+def test_sampled_tokens_over_grpc_follow_the_reference_distribution(hf, hf_checkpoints, hf_models):
+    """Temperature, top-k and top-p over real gRPC: first tokens of many seeded completions against
+    the reference distribution over transformers' next-token logits, and each seed's draws equal the
+    in-process engine's (a seeded request's draws do not depend on its batch)."""
+    from conftest import assert_matches_distribution, reference_sampling_probs
+    prompt = [3, 17, 42, 99, 5]
+    with torch.no_grad():
+        logits = hf_models["qwen3_moe"](torch.tensor([prompt])).logits[0, -1].float().tolist()
+    sp = dict(temperature=2.5, top_k=10, top_p=0.95)
+    seeds = range(60)
+
+    def draw(seed):
+        with MeshClient(hf.target, timeout=60) as c:
+            out = c.complete(prompt_token_ids=prompt, max_tokens=1, n=16, seed=seed, ignore_eos=True, **sp)
+        return [comp["token_ids"][0] for comp in out["completions"]]
+
+    with ThreadPoolExecutor(4) as pool:
+        draws = list(pool.map(draw, seeds))
+    assert all(len(d) == 16 for d in draws)
+    want = reference_sampling_probs(logits, sp["temperature"], sp["top_k"], sp["top_p"])
+    assert_matches_distribution([t for d in draws for t in d], want)
+    ref = _engine(hf_checkpoints["qwen3_moe"])
+    local = ref.generate([ref.make_request(prompt_token_ids=prompt, sampling=SamplingParams(
+        max_tokens=1, n=16, seed=s, ignore_eos=True, **sp)) for s in seeds[:5]])
+    assert [r.token_ids[0] for r in local] == [t for d in draws[:5] for t in d]
     hf.wait_idle()
 
 
@@ -179,10 +207,9 @@ def test_cancel_and_deadline_free_kv_blocks(tiny):
         gen.close()  # cancels the call
         tiny.wait_idle(2.0)
         for call in (c.complete, lambda **k: list(c.generate(**k))):
-            t0 = time.monotonic()
-            with pytest.raises(MeshError) as e:
+            with pytest.raises(MeshError) as e:  # LONG outlives the deadline: the call is cut off by it
                 call(prompt_token_ids=list(range(1, 40)), timeout=0.3, **LONG)
-            assert e.value.code is grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 2
+            assert e.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
             tiny.wait_idle(2.0)
 
 
@@ -248,7 +275,7 @@ def test_not_serving_until_ready_then_drains_in_flight_streams(hf_checkpoints):
         stream = c.generate(prompt_token_ids=[1, 2, 3], max_tokens=300, temperature=0, ignore_eos=True)
         first = next(stream)
         stopping = asyncio.run_coroutine_threadsafe(live.gw.stop(), live.loop)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while c.health() != "NOT_SERVING" and time.monotonic() < deadline:
             time.sleep(0.01)
         assert c.health() == "NOT_SERVING"
@@ -326,12 +353,11 @@ def test_mesh_serve_subprocess_remote_generate_and_sigterm(tiny_dir, tmp_path):
         with MeshClient(target, timeout=30) as c:
             stream = c.generate(prompt_token_ids=[1, 2, 3], **LONG)
             next(stream)
-            t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             rest = list(stream)
         assert rest[-1].finish_reason.value == "abort"  # --grace-period 0: aborted, and told so
-        proc.wait(20)
-        assert time.monotonic() - t0 < 20 and proc.returncode == 0, log.read_text()
+        proc.wait(60)  # a generous bound: it exits on its own, not only when killed
+        assert proc.returncode == 0, log.read_text()
         with pytest.raises(ProcessLookupError):  # nothing of its process group is left
             os.killpg(proc.pid, 0)
     finally:
