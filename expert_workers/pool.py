@@ -357,14 +357,7 @@ class ExpertPool:
             done = self.dispatcher.request_switch(new)
             if self.wake is not None:
                 self.wake()
-            deadline = time.monotonic() + timeout
-            while not done.wait(1.0):
-                failed = [s for s in self.statuses(timeout=10.0) if s["state"] == "failed"]
-                if failed:  # a worker that died on the switch: the group is broken, say why
-                    raise PoolError(f"expert worker {failed[0]['rank']} failed at the placement switch:\n"
-                                    f"{failed[0]['error']}")
-                if time.monotonic() > deadline:
-                    raise PoolError(f"the engine did not reach a step boundary within {timeout:.0f}s to switch")
+            self._wait_switch(done, timeout)
             self.placement = new
             record.update(changed=True, loaded_bytes=sum(r["loaded_bytes"] for r in staged),
                           moved_experts=sum(r["new_experts"] for r in staged),

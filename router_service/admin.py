@@ -76,6 +76,20 @@ class AdminServicer(apb_grpc.AdminServicer):
         except Unauthenticated as e:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
 
+    async def _act(self, pool, context, kind: str, reason: str, **kw) -> apb.PoolChange:
+        """One pool change (`policy.act`), one at a time: a second one meanwhile gets ABORTED, a
+        failure INTERNAL with its reason (logged as one line)."""
+        if self._busy.locked():
+            await context.abort(grpc.StatusCode.ABORTED, "another pool change is in progress; retry after it")
+        async with self._busy:
+            policy = self._policy(pool)
+            try:
+                rec = await asyncio.to_thread(policy.act, kind, reason, **kw)
+            except Exception as e:  # noqa: BLE001 - the operator gets the reason
+                log.error("admin: %s failed: %s: %s", kind, type(e).__name__, e)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{kind} failed: {type(e).__name__}: {e}")
+        return _change(rec)
+
     async def _pool(self, context):
         await self._authorize(context)
         engine = self.gateway.engine
@@ -102,32 +116,14 @@ class AdminServicer(apb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"slots_per_rank={S} on {W} workers holds {S * W} slots, fewer than the model's "
                                 f"{E} experts: give at least {-(-E // W)}")
-        if self._busy.locked():
-            await context.abort(grpc.StatusCode.ABORTED, "another pool change is in progress; retry after it")
-        async with self._busy:
-            policy = self._policy(pool)
-            try:
-                rec = await asyncio.to_thread(policy.act, "rebalance", "operator request", slots_per_rank=S or None)
-            except Exception as e:  # noqa: BLE001 - the operator gets the reason
-                log.exception("admin: rebalance failed")
-                await context.abort(grpc.StatusCode.INTERNAL, f"rebalance failed: {type(e).__name__}: {e}")
-        return _change(rec)
+        return await self._act(pool, context, "rebalance", "operator request", slots_per_rank=S or None)
 
     async def ScalePool(self, request, context):
         pool = await self._pool(context)
         if request.workers < 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"workers must be at least 1, got {request.workers}")
-        if self._busy.locked():
-            await context.abort(grpc.StatusCode.ABORTED, "another pool change is in progress; retry after it")
-        async with self._busy:
-            policy = self._policy(pool)
-            try:
-                rec = await asyncio.to_thread(policy.act, "scale", f"operator request: {request.workers} workers",
-                                              workers=request.workers)
-            except Exception as e:  # noqa: BLE001 - the operator gets the reason
-                log.exception("admin: scale failed")
-                await context.abort(grpc.StatusCode.INTERNAL, f"scaling failed: {type(e).__name__}: {e}")
-        return _change(rec)
+        return await self._act(pool, context, "scale", f"operator request: {request.workers} workers",
+                               workers=request.workers)
 
     async def SetAutoscaling(self, request, context):
         pool = await self._pool(context)
