@@ -34,6 +34,17 @@ def read_token_file(path: str) -> str:
     return token
 
 
+def token_from_flag(path: str | None) -> str | None:
+    """--admin-token-file's token (None without the flag); an unusable file exits with a CLI error
+    naming the flag (`mesh serve` and `mesh admin` both take it)."""
+    if not path:
+        return None
+    try:
+        return read_token_file(path)
+    except ValueError as e:
+        raise SystemExit(f"mesh: error: {e}") from None
+
+
 def pool_message(pool, policy=None) -> apb.Pool:
     p = pool.placement
     load = pool.window_load()  # [L, E]

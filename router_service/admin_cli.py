@@ -66,14 +66,9 @@ def register(subparsers) -> None:
 
 
 def cmd_admin(args) -> int:
-    from router_service.admin import read_token_file
+    from router_service.admin import token_from_flag
     from router_service.client import MeshClient, MeshError
-    token = None
-    if args.admin_token_file:
-        try:
-            token = read_token_file(args.admin_token_file)
-        except ValueError as e:
-            raise SystemExit(f"mesh: error: {e}") from None
+    token = token_from_flag(args.admin_token_file)
     if args.admin_command == "rebalance" and args.slots_per_rank < 0:
         raise SystemExit(f"mesh: error: --slots-per-rank must be 0 or more, got {args.slots_per_rank}")
     if args.admin_command == "scale" and args.workers < 1:

@@ -233,13 +233,8 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"mesh: error: --metrics-port {args.metrics_port}: {e}") from None
     except RuntimeError as e:
         raise SystemExit(f"mesh: error: {e}") from None
-    admin_token = None
-    if args.admin_token_file:
-        from router_service.admin import read_token_file
-        try:
-            admin_token = read_token_file(args.admin_token_file)
-        except ValueError as e:
-            raise SystemExit(f"mesh: error: {e}") from None
+    from router_service.admin import token_from_flag
+    admin_token = token_from_flag(args.admin_token_file)
     factory, ready, on_shutdown, pool = build_engine_factory(args)
     tokens, tls = security(args)
     try:

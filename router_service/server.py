@@ -19,6 +19,7 @@ blocks come back before the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -443,27 +444,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         await self.gw.engine_lost()
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}; retry on another gateway")
 
+    async def _outputs(self, started, context, rec: AccessRecord):
+        """A started request's outputs, each noted in the access record (tokens, finish reasons, usage).
+        Leaving early (cancellation, a deadline, the caller's error) aborts the request so its KV
+        blocks are freed now: callers iterate under contextlib.aclosing. A lost engine -> UNAVAILABLE."""
+        aengine, engine_id, stream, _ = started
+        done = False
+        try:
+            async for out in stream:
+                if out.new_token_ids:
+                    rec.token()
+                if out.finished:
+                    rec.finish_reasons.append(out.finish_reason.value)
+                rec.usage = out.usage
+                yield out
+            done = True
+        except EngineError as e:
+            await self._engine_lost(context, e, rec)
+        finally:
+            if not done:
+                aengine.abort(engine_id)
+
     async def Generate(self, request, context):
         rec = AccessRecord("grpc", f"{SERVICE}/Generate")
         try:
             with _server_span(context, "Generate") as trace_ctx:
-                aengine, engine_id, stream, rid = await self._start(request, context, rec, trace_ctx)
-                done = False
-                try:
-                    async for out in stream:
-                        if out.new_token_ids:
-                            rec.token()
-                        if out.finished:
-                            rec.finish_reasons.append(out.finish_reason.value)
-                        rec.usage = out.usage
-                        yield convert.output_to_pb(out, rid)
-                    done = True
-                except EngineError as e:
-                    await self._engine_lost(context, e, rec)
-                finally:
-                    # Cancellation and deadlines land here (CancelledError): free the KV blocks now.
-                    if not done:
-                        aengine.abort(engine_id)
+                started = await self._start(request, context, rec, trace_ctx)
+                async with contextlib.aclosing(self._outputs(started, context, rec)) as outputs:
+                    async for out in outputs:
+                        yield convert.output_to_pb(out, started[3])
         except asyncio.CancelledError:
             rec.status = grpc.StatusCode.CANCELLED.name
             raise
@@ -482,31 +491,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             rec.emit()
 
     async def _complete(self, request, context, rec: AccessRecord, trace_ctx):
-        aengine, engine_id, stream, rid = await self._start(request, context, rec, trace_ctx)
+        started = await self._start(request, context, rec, trace_ctx)
+        rid = started[3]
         n = request.sampling.n if request.sampling.HasField("n") else 1
         ids: list[list[int]] = [[] for _ in range(max(1, n))]
         text: list[list[str]] = [[] for _ in ids]
         logprobs: list[list] = [[] for _ in ids]
         reasons: list = [None] * len(ids)
-        last, done = None, False
-        try:
-            async for out in stream:
-                if out.new_token_ids:
-                    rec.token()
+        last = None
+        async with contextlib.aclosing(self._outputs(started, context, rec)) as outputs:
+            async for out in outputs:
                 ids[out.index] += out.new_token_ids
                 text[out.index].append(out.new_text)
                 logprobs[out.index] += out.logprobs or ()
                 if out.finished:
                     reasons[out.index] = out.finish_reason
-                    rec.finish_reasons.append(out.finish_reason.value)
-                rec.usage = out.usage
                 last = out
-            done = True
-        except EngineError as e:
-            await self._engine_lost(context, e, rec)
-        finally:
-            if not done:
-                aengine.abort(engine_id)
         if last is None:
             rec.status = grpc.StatusCode.INTERNAL.name
             await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without output")

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from mesh import telemetry
 from mesh.model.moe import ExpertShard, weighted_scatter
-from mesh.parallel.placement import Placement
+from mesh.parallel.placement import Placement, pick_replicas
 
 STEP, SHUTDOWN, SWITCH = 1, 2, 3
 ECHO = 1  # header flag: expert ranks return rows unchanged (measures transport alone)
@@ -230,6 +230,8 @@ class CollectiveDispatcher(_MeshRank):
         # the per-expert counters follow from the slot counts (no second bincount over the ids).
         self._single = bool((placement.logcnt == 1).all())
         self._slot_of = placement.log2phy[:, :, 0].to(self.device) if self._single else None  # [L, E]
+        # with replicas: the tables each step's choice reads, on the device once per placement
+        self._replicas = None if self._single else (placement.log2phy.to(self.device), placement.logcnt.to(self.device))
         self.slot_load = torch.zeros(self.L, placement.num_slots, dtype=torch.int64)
 
     def reset_counters(self) -> None:
@@ -331,17 +333,16 @@ class CollectiveDispatcher(_MeshRank):
             phys = self._slot_of[moe_index].index_select(0, topk_ids.reshape(-1))  # [T*K]
         else:
             # replica choice rotates per gateway and per step (deterministic: the same tokens, same slots)
-            phys = self.placement.choose_slots(moe_index, topk_ids, offset=self.rank + self.steps).reshape(-1)  # [T*K]
+            log2phy, logcnt = self._replicas
+            phys = pick_replicas(log2phy[moe_index], logcnt[moe_index], topk_ids,
+                                 offset=self.rank + self.steps).reshape(-1)  # [T*K]
         # Global slot p = w * S + local slot: sorting by p groups rows by expert rank, then slot.
         order = torch.argsort(phys, stable=True)  # [T*K]
         slot_counts = torch.bincount(phys, minlength=P)  # [P]
         host_counts = slot_counts.cpu()  # the one device -> host read of this layer
         self.slot_load[moe_index] += host_counts
-        if self._single:
-            self.expert_load[moe_index].index_add_(0, self.placement.phy2log[moe_index], host_counts)
-        else:
-            self.expert_load[moe_index] += torch.bincount(topk_ids.reshape(-1).cpu(),
-                                                          minlength=self.placement.num_experts)
+        # each slot's rows counted to the expert it holds (replicas add up to their expert)
+        self.expert_load[moe_index].index_add_(0, self.placement.phy2log[moe_index], host_counts)
         counts_send = torch.zeros(self.world, self.S, dtype=torch.int64, device=self.device)  # [world, S]
         counts_send[self.A:] = slot_counts.view(self.W, self.S)
         counts_recv = torch.empty_like(counts_send)

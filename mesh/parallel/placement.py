@@ -32,6 +32,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+def pick_replicas(log2phy: torch.Tensor, logcnt: torch.Tensor, topk_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """One layer's tables (log2phy [E, R], logcnt [E], on topk_ids' device) and topk_ids [T, K] ->
+    physical slots [T, K]: token t takes replica (t + offset) % logcnt[e] of expert e
+    (`Placement.choose_slots`; a dispatcher keeps the tables on its device and calls this per step)."""
+    cnt = logcnt[topk_ids]  # [T, K]
+    tok = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None] + offset  # [T, 1]
+    return log2phy[topk_ids, tok % cnt]  # [T, K]
+
+
 @dataclass(frozen=True, eq=False)
 class Placement:
     phy2log: torch.Tensor  # [L, P] int64
@@ -101,9 +110,7 @@ class Placement:
         same weights, so the choice changes where a row is computed, never its result.
         """
         dev = topk_ids.device
-        cnt = self.logcnt[layer].to(dev)[topk_ids]  # [T, K]
-        tok = torch.arange(topk_ids.shape[0], device=dev)[:, None] + offset  # [T, 1]
-        return self.log2phy[layer].to(dev)[topk_ids, tok % cnt]  # [T, K]
+        return pick_replicas(self.log2phy[layer].to(dev), self.logcnt[layer].to(dev), topk_ids, offset)
 
     def rank_load(self, load: torch.Tensor) -> torch.Tensor:
         """load [L, E] rows per logical expert -> [L, num_ranks] expected rows per rank, counting an

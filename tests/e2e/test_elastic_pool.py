@@ -75,13 +75,38 @@ def test_seven_experts_on_any_worker_count(workers, redundant, ray_cluster, seve
     assert [o.token_ids for o in outs] == [reference[tuple(p)] for p in prompts]
 
 
+
+def _streams_while(mesh, prompts, operator, max_rounds: int) -> list[list[list[int]]]:
+    """Run `operator` (pool changes) in a thread while the 8 prompts are generated again and again
+    (a closed loop, at least twice, until the operator is done); the operator's exception fails the
+    test. Returns each round's token ids per prompt."""
+    results, errors, done = [], [], threading.Event()
+
+    def run():
+        try:
+            operator()
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    while not done.is_set() or len(results) < 2:
+        outs = mesh.generate([mesh.make_request(prompt_token_ids=p, sampling=SP) for p in prompts])
+        results.append([o.token_ids for o in outs])
+        assert len(results) < max_rounds, "pool changes did not finish"
+    t.join(60)
+    assert not errors, errors
+    return results
+
+
 def test_live_rebalancing_under_load(ray_cluster, seven_experts, reference):
     """Three rebalances under Zipf loads, one from the measured window, a replica slot added and
     removed: all while 8 greedy streams run in a closed loop; every stream matches the reference."""
     pool = ExpertPool(str(seven_experts), "float32", num_workers=2)
     prompts = [list(p) for p in reference]
-    results, errors, records = [], [], []
-    changes_done = threading.Event()
+    records = []
     try:
         dispatcher = pool.start()
         mesh = Engine(seven_experts, EngineConfig(dtype="float32", max_num_batched_tokens=48),
@@ -89,28 +114,14 @@ def test_live_rebalancing_under_load(ray_cluster, seven_experts, reference):
         L, E = dispatcher.L, 7
 
         def operator():
-            try:
-                for seed in (1, 2, 3):
-                    load = _zipf_load(L, E, seed)
-                    # a skewed load on the current placement is badly balanced; rebalancing evens it out
-                    records.append(pool.rebalance(load))
-                records.append(pool.rebalance(slots_per_rank=pool.placement.slots_per_rank + 1))  # add replicas
-                records.append(pool.rebalance(slots_per_rank=pool.placement.slots_per_rank - 1))  # and remove
-            except BaseException as e:  # noqa: BLE001 - reported by the main thread
-                errors.append(e)
-            finally:
-                changes_done.set()
+            for seed in (1, 2, 3):
+                load = _zipf_load(L, E, seed)
+                # a skewed load on the current placement is badly balanced; rebalancing evens it out
+                records.append(pool.rebalance(load))
+            records.append(pool.rebalance(slots_per_rank=pool.placement.slots_per_rank + 1))  # add replicas
+            records.append(pool.rebalance(slots_per_rank=pool.placement.slots_per_rank - 1))  # and remove
 
-        t = threading.Thread(target=operator, daemon=True)
-        t.start()
-        rounds = 0
-        while not changes_done.is_set() or rounds < 2:  # the closed loop: 8 streams, again and again
-            outs = mesh.generate([mesh.make_request(prompt_token_ids=p, sampling=SP) for p in prompts])
-            results.append([o.token_ids for o in outs])
-            rounds += 1
-            assert rounds < 200, "placement changes did not finish"
-        t.join(60)
-        assert not errors, errors
+        results = _streams_while(mesh, prompts, operator, max_rounds=200)
         statuses = pool.statuses()
     finally:
         pool.shutdown()
@@ -131,33 +142,18 @@ def test_scale_two_three_one_two_under_load(ray_cluster, seven_experts, referenc
     while 8 greedy streams run in a closed loop; every stream matches the reference."""
     pool = ExpertPool(str(seven_experts), "float32", num_workers=2)
     prompts = [list(p) for p in reference]
-    results, errors, records, shapes = [], [], [], []
-    changes_done = threading.Event()
+    records, shapes = [], []
     try:
         dispatcher = pool.start()
         mesh = Engine(seven_experts, EngineConfig(dtype="float32", max_num_batched_tokens=48),
                       dispatcher=dispatcher)
 
         def operator():
-            try:
-                for w in (3, 1, 2):
-                    records.append(pool.scale(w))
-                    shapes.append((dispatcher.W, dispatcher.world, len(pool.actors)))
-            except BaseException as e:  # noqa: BLE001 - reported by the main thread
-                errors.append(e)
-            finally:
-                changes_done.set()
+            for w in (3, 1, 2):
+                records.append(pool.scale(w))
+                shapes.append((dispatcher.W, dispatcher.world, len(pool.actors)))
 
-        t = threading.Thread(target=operator, daemon=True)
-        t.start()
-        rounds = 0
-        while not changes_done.is_set() or rounds < 2:
-            outs = mesh.generate([mesh.make_request(prompt_token_ids=p, sampling=SP) for p in prompts])
-            results.append([o.token_ids for o in outs])
-            rounds += 1
-            assert rounds < 300, "pool changes did not finish"
-        t.join(60)
-        assert not errors, errors
+        results = _streams_while(mesh, prompts, operator, max_rounds=300)
         statuses = pool.statuses()
         per_rank = dispatcher.slot_load.view(dispatcher.L, 2, -1).sum(-1)
     finally:
