@@ -29,6 +29,12 @@ def bench_model(arch: str = "qwen3_moe", preset: str = "bench") -> Path:
     return out
 
 
+def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile of xs (nearest rank)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
 def hardware() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

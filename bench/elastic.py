@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from common import bench_model, emit, hardware
+from common import bench_model, emit, hardware, pct
 
 from expert_workers.pool import ExpertPool
 from mesh.config import EngineConfig
@@ -43,11 +43,6 @@ def zipf_load(L: int, E: int, s: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     base = 1000.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
     return torch.stack([base[torch.randperm(E, generator=g)] for _ in range(L)])  # [L, E]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def main() -> int:

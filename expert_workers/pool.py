@@ -34,6 +34,9 @@ PLACEMENT_WAIT_S = 120.0
 # A private local Ray cluster's logical CPUs beyond the machine's: room for workers added at runtime
 # (logical CPUs only gate Ray's scheduling; each worker's threads are set by threads_per_worker).
 LOCAL_HEADROOM_CPUS = 32
+# How long re-forming a pool after a lost worker waits for the survivors to load and join (a survivor
+# that fails meanwhile makes the supervisor try again with those left).
+RECOVERY_JOIN_S = 120.0
 
 
 class PoolError(RuntimeError):
@@ -120,6 +123,13 @@ class ExpertPool:
         self._token_dir: str | None = None
         self._saved_auth_mode: str | None = None
         self.shutdown_done = False
+        # the supervisor: re-forms the pool when a worker is lost, then brings it back to `target_workers`
+        self.target_workers = num_workers
+        self.replace_lost = True
+        self._trouble = threading.Event()  # set by the dispatcher when one of its collectives failed
+        self._stopping = threading.Event()
+        self._no_recovery = False  # the server is stopping: a lost worker ends the pool instead
+        self._supervisor: threading.Thread | None = None
 
     # ---- start -----------------------------------------------------------------------------
     def connect(self) -> None:
@@ -207,7 +217,7 @@ class ExpertPool:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from mesh.parallel.collective import CollectiveDispatcher, init_mesh_group
+        from mesh.parallel.collective import CollectiveDispatcher, init_mesh_group, new_group
 
         t0 = time.perf_counter()
         self.connect()
@@ -217,14 +227,20 @@ class ExpertPool:
         self._pg = placement_group([bundle] * self.num_workers, strategy="SPREAD")
         self._wait_resources(bundle)
         host = _node_ip() if self.ray_address else "127.0.0.1"
-        init_method = f"tcp://{host}:{_free_port(host)}"
+        port = _free_port(host)
+        # NCCL: torch.distributed's default group. gloo: a group of the pool's own (its own TCP store,
+        # served by the gateway), like every later one: no process-wide state, and a group given up
+        # after a lost worker is simply dropped (a process may start several pools)
+        init_method = f"tcp://{host}:{port}" if self.gpu else ""
+        group_host, group_port = ("", 0) if self.gpu else (host, port)
         actor_cls = make_actor_class()
         phy2log = self.placement.phy2log.tolist()
         for w in range(self.num_workers):
             spec = WorkerSpec(self.model_dir, self.dtype, w, 1, phy2log, self.placement.num_ranks,
                               self.placement.slots_per_rank, init_method, self.threads_per_worker,
                               device="cuda" if self.gpu else "cpu",  # Ray shows each worker its own GPU
-                              backend=self.model_backend, load_format=self.load_format)
+                              backend=self.model_backend, load_format=self.load_format,
+                              group_host=group_host, group_port=group_port)
             actor = actor_cls.options(
                 num_cpus=cpus, num_gpus=1 if self.gpu else 0, name=None,
                 runtime_env={"env_vars": _telemetry_env()},
@@ -234,17 +250,24 @@ class ExpertPool:
             self.serve_refs.append(actor.serve.remote())
         self._wait_loaded()
         # Every worker joins right after loading; rank 0 completes the rendezvous.
+        group = None
         if self.gpu:
             import torch
             torch.cuda.set_device(torch.device(self.device).index or 0)
-        init_mesh_group(init_method, 1 + self.num_workers, 0, backend=self.backend)
+            init_mesh_group(init_method, 1 + self.num_workers, 0, backend=self.backend)
+        else:
+            group = new_group(host, port, 1 + self.num_workers, 0, timeout=timedelta(seconds=self.load_timeout))
         self.dispatcher = CollectiveDispatcher(self.placement, 1, self.cfg.hidden_size, DTYPES[self.dtype],
-                                               device=self.device, worker_threads=self.threads_per_worker)
+                                               group=group, device=self.device, worker_threads=self.threads_per_worker)
         from expert_workers.policy import RebalancePolicy
         self.policy = RebalancePolicy(self)  # off until configured (Admin SetAutoscaling)
         self.sample_load()
-        log.info("expert pool: %d workers joined in %.1fs (%s)", self.num_workers, time.perf_counter() - t0,
-                 init_method)
+        if not self.gpu:  # re-forming needs gloo (an NCCL communicator cannot be abandoned mid-collective)
+            self.dispatcher.on_lost = lambda reason: self._trouble.set()
+            self._supervisor = threading.Thread(target=self._supervise, name="mesh-pool-supervisor", daemon=True)
+            self._supervisor.start()
+        log.info("expert pool: %d workers joined in %.1fs (%s %s:%d)", self.num_workers, time.perf_counter() - t0,
+                 self.backend, host, port)
         return self.dispatcher
 
     def _wait_resources(self, bundle: dict, every: float = 10.0) -> None:
@@ -392,6 +415,7 @@ class ExpertPool:
         if num_workers < 1:
             raise ValueError(f"workers must be at least 1, got {num_workers}")
         timeout = self.load_timeout if timeout is None else timeout
+        self.target_workers = num_workers
         with self._change_lock:
             t0 = time.perf_counter()
             W, old = self.num_workers, self.placement
@@ -466,9 +490,204 @@ class ExpertPool:
                      record["decision_to_serving_s"], S)
             return record
 
+    # ---- a lost worker ------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        """Watch every worker's serve loop (its Ray object ref resolves when the actor dies or the loop
+        ends) and the dispatcher's failure signal; on either, re-form the pool (`recover`)."""
+        import ray
+        while not self._stopping.is_set():
+            refs = list(self.serve_refs)
+            try:
+                done = ray.wait(refs, num_returns=1, timeout=0.5)[0] if refs else []
+            except Exception:  # noqa: BLE001 - Ray going away at shutdown
+                done = []
+                self._stopping.wait(0.5)
+            if self._stopping.is_set():
+                return
+            if not done and not self._trouble.is_set():
+                if not refs:
+                    self._stopping.wait(0.5)
+                continue
+            try:
+                self.recover()
+            except Exception:  # noqa: BLE001 - keep supervising; the engine waits or gives up on its own
+                log.exception("expert pool: re-forming the pool failed")
+                self._stopping.wait(1.0)
+
+    def recover(self, timeout: float | None = None) -> dict | None:
+        """Re-form the pool without its lost workers (actor dead or serve loop ended; with none of
+        those but a failed collective, with every worker): the gateway's dispatcher gives up the broken
+        group, the survivors keep their slots and take the lost ones' experts into added slots
+        (`Placement.heal`: nothing to load where replicas survive), everyone joins a new group, and the
+        engine's next step runs on it; the interrupted step's requests run again from their tokens.
+        Then, outside the pool's lock, the pool grows back to `target_workers` (`scale`). Returns the
+        record of what happened, or None when nothing was lost."""
+        import ray
+
+        from mesh.parallel.collective import group_handshake
+
+        timeout = min(self.load_timeout, RECOVERY_JOIN_S) if timeout is None else timeout
+        with self._change_lock:
+            if self.dispatcher is None or self._stopping.is_set():
+                return None
+            t0 = time.perf_counter()
+            W = self.num_workers
+            done = set(ray.wait(self.serve_refs, num_returns=W, timeout=0)[0])
+            lost = {r: self._why_lost(r) for r, ref in enumerate(self.serve_refs) if ref in done}
+            if not lost and not self._trouble.is_set():
+                return None
+            if not lost:  # a collective failed first: give Ray a moment to report the death, then ask each
+                lost = self._find_lost()
+            self._trouble.clear()
+            if self._no_recovery:
+                self.dispatcher.give_up("the server is stopping and its expert pool lost a worker")
+                return None
+            why = "; ".join(f"worker {r}: {w}" for r, w in lost.items()) or "a collective failed, every worker alive"
+            self.dispatcher.mark_lost(why)
+            log.warning("expert pool: lost %s; re-forming the pool from %d of %d workers", why, W - len(lost), W)
+            for r in lost:
+                try:
+                    ray.kill(self.actors[r])
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            keep = [r for r in range(W) if r not in lost]
+            lost.update(self._unresponsive(keep))  # died at about the same time: not part of the next group
+            keep = [r for r in range(W) if r not in lost]
+            record = {"kind": "recover", "lost_ranks": sorted(lost), "reason": why, "workers_before": W,
+                      "workers_after": len(keep), "changed": bool(keep), "loaded_bytes": 0, "moved_experts": 0,
+                      "slots_per_rank": self.placement.slots_per_rank, "decision_to_serving_s": 0.0}
+            if not keep:
+                self.dispatcher.give_up(f"every expert worker of this gateway is lost ({why}); it cannot serve "
+                                        f"without its experts until it is restarted")
+                self.actors, self.serve_refs, self.num_workers = [], [], 0
+                self.history.append(record)
+                log.error("expert pool: no expert worker is left (%s)", why)
+                return record
+            load = self.window_load()
+            new = self.placement.heal(set(lost), load)
+            host = _node_ip() if self.ray_address else "127.0.0.1"
+            port = _free_port(host)
+            refs = [self.actors[r].recover.remote(new.phy2log.tolist(), len(keep), new.slots_per_rank, host, port, i)
+                    for i, r in enumerate(keep)]
+            try:
+                group = self._join(host, port, 1 + len(keep), refs, timeout)
+                group_handshake(group, self.dispatcher.layout(new))
+                staged = ray.get(refs, timeout=timeout)
+                if any(r["fingerprint"] != new.fingerprint() for r in staged):
+                    raise PoolError(f"expert workers staged different placements: "
+                                    f"{[r['fingerprint'] for r in staged]}")
+            except BaseException:
+                self._trouble.set()  # another survivor failed on the way: the supervisor tries again
+                raise
+            self.dispatcher.install_recovery(new, group)
+            self.actors = [self.actors[r] for r in keep]
+            self.serve_refs = [self.serve_refs[r] for r in keep]
+            self.num_workers, self.placement = len(keep), new
+            record.update(slots_per_rank=new.slots_per_rank, imbalance_after=self._imbalance_of(new, load),
+                          loaded_bytes=sum(r["loaded_bytes"] for r in staged),
+                          moved_experts=sum(r["new_experts"] for r in staged),
+                          decision_to_serving_s=time.perf_counter() - t0)
+            self.history.append(record)
+            log.warning("expert pool: re-formed with %d workers in %.2fs (%d slots per worker; %d experts moved, "
+                        "%.1f MB loaded)", len(keep), record["decision_to_serving_s"], new.slots_per_rank,
+                        record["moved_experts"], record["loaded_bytes"] / 1e6)
+        if self.replace_lost and self.num_workers < self.target_workers and not self._stopping.is_set():
+            log.info("expert pool: adding %d worker(s) to return to %d", self.target_workers - self.num_workers,
+                     self.target_workers)
+            try:
+                record["restored"] = self.scale(self.target_workers)
+            except Exception as e:  # noqa: BLE001 - serving on the smaller pool goes on
+                log.error("expert pool: could not return to %d workers: %s", self.target_workers, e)
+        return record
+
+    def begin_stop(self) -> None:
+        """The server is stopping (any thread; no Ray call): a worker lost from now on is not replaced,
+        and a re-forming the engine is waiting for ends at once (its step fails, as the drain expects:
+        a signal to the whole process group stops the workers too)."""
+        self._no_recovery = True
+        if self.dispatcher is not None and self.dispatcher.lost:
+            self.dispatcher.give_up("the server is stopping and its expert pool lost a worker")
+
+    def _unresponsive(self, ranks: list[int], timeout: float = 5.0) -> dict[int, str]:
+        """Of `ranks`, the workers that do not answer a status call (a dead actor fails it at once)."""
+        import ray
+        refs = {self.actors[r].status.remote(): r for r in ranks}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        out = {}
+        for ref, r in refs.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError(f"no answer within {timeout:.0f}s")
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - dead or hung: either way out
+                out[r] = f"it does not answer ({type(e).__name__})"
+                try:
+                    ray.kill(self.actors[r])
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        return out
+
+    @staticmethod
+    def _join(host: str, port: int, size: int, refs: list, timeout: float):
+        """The gateway's end of a new group whose other members join through `refs` (their actor
+        calls): returns the group once all joined; raises as soon as one of those calls fails (a member
+        that dies meanwhile), instead of waiting out the rendezvous."""
+        import ray
+
+        from mesh.parallel.collective import new_group
+        box: dict = {}
+
+        def join():
+            try:
+                box["group"] = new_group(host, port, size, 0, timeout=timedelta(seconds=timeout))
+            except BaseException as e:  # noqa: BLE001 - reported below, or dropped if given up
+                box["error"] = e
+
+        t = threading.Thread(target=join, name="mesh-pool-join", daemon=True)
+        t.start()
+        deadline = time.monotonic() + timeout
+        while t.is_alive():
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
+            for ref in done:
+                ray.get(ref)  # a member's call failed: raise its error (the join thread times out alone)
+            if time.monotonic() > deadline:
+                raise PoolError(f"the new expert group did not form within {timeout:.0f}s")
+        if "error" in box:
+            raise box["error"]
+        return box["group"]
+
+    def _find_lost(self, grace_s: float = 5.0) -> dict[int, str]:
+        import ray
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            done = set(ray.wait(self.serve_refs, num_returns=len(self.serve_refs), timeout=0.5)[0])
+            if done:
+                return {r: self._why_lost(r) for r, ref in enumerate(self.serve_refs) if ref in done}
+        lost = {}
+        for r, a in enumerate(self.actors):
+            try:
+                ray.get(a.status.remote(), timeout=5.0)
+            except Exception as e:  # noqa: BLE001 - dead or hung: either way not part of the next group
+                lost[r] = f"it does not answer ({type(e).__name__})"
+        return lost
+
+    def _why_lost(self, r: int) -> str:
+        """Why worker r's serve loop ended, in a few words."""
+        import ray
+        try:
+            ray.get(self.serve_refs[r], timeout=0)
+            return "its serve loop ended"
+        except ray.exceptions.RayActorError:
+            return "its process died"
+        except Exception as e:  # noqa: BLE001 - the loop raised
+            return f"its serve loop failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
     def _wait_switch(self, done, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not done.wait(1.0):
+            if self.dispatcher.lost:
+                raise PoolError("an expert worker was lost during the change: the pool re-forms without it, "
+                                "on its current placement")
             failed = [s for s in self.statuses(timeout=10.0) if s["state"] == "failed"]
             if failed:  # a worker that died on the switch: the group is broken, say why
                 raise PoolError(f"expert worker {failed[0]['rank']} failed at the placement switch:\n"
@@ -511,6 +730,7 @@ class ExpertPool:
         import ray
         import torch.distributed as dist
 
+        self._stopping.set()
         if self.policy is not None:
             self.policy.stop()
         if self._started_ray and not self.ray_alive():
@@ -533,7 +753,7 @@ class ExpertPool:
             except Exception as e:  # a worker already gone: fall through to killing the actors
                 log.warning("expert pool: workers did not stop cleanly: %s", e)
             self.dispatcher = None
-        if dist.is_initialized():
+        if dist.is_initialized():  # NCCL pools: the default group
             dist.destroy_process_group()
         for a in self.actors:
             try:

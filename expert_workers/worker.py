@@ -143,6 +143,38 @@ class ExpertWorker:
         return {"rank": s.expert_rank, "fingerprint": fp, "loaded_bytes": nbytes,
                 "new_experts": new_experts, "seconds": time.perf_counter() - t0}
 
+    def recover(self, phy2log: list[list[int]], num_ranks: int, slots_per_rank: int, group_host: str,
+                group_port: int, new_rank: int) -> dict:
+        """The pool lost a member and re-forms without it: this worker becomes expert rank `new_rank`
+        of `phy2log`'s placement. It keeps its shard when its slots are unchanged (else loads them from
+        the checkpoint), joins the new group on group_host:group_port, and hands both to its serve
+        loop, which leaves the broken group for them. Returns what `prepare` does."""
+        s = self.spec
+        srv = self.server
+        if srv is None or self.state != "joined":
+            raise RuntimeError(f"expert worker {s.expert_rank} is {self.state}: only a serving worker re-forms")
+        t0 = time.perf_counter()
+        cfg = ModelConfig.from_dir(s.model_dir)
+        new = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+        slots, old = new.local_slots(new_rank), srv.placement.local_slots(srv.rank - srv.A)
+        if slots == old:
+            shard, nbytes = srv.experts, 0  # nothing moved here: the shard in memory serves on
+        else:
+            shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=slots, device=s.device,
+                                 reader=open_reader(s.model_dir, s.load_format, s.device, seed=1 + new_rank))
+            nbytes = shard.nbytes
+            make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
+        new_experts = sum(len(set(n) - set(o)) for n, o in zip(slots, old))  # (layer, expert) pairs new here
+        from mesh.parallel.collective import PROTOCOL_VERSION, _DTYPES, group_handshake, new_group
+        A = s.num_attention
+        group = new_group(group_host, group_port, A + num_ranks, A + new_rank)
+        group_handshake(group, [PROTOCOL_VERSION, A, num_ranks, slots_per_rank, cfg.num_experts, new.num_layers,
+                                cfg.hidden_size, _DTYPES.index(DTYPES[s.dtype]), new.fingerprint()])
+        fp = srv.stage_recovery(new, shard, group)
+        s.expert_rank = new_rank
+        return {"rank": new_rank, "fingerprint": fp, "loaded_bytes": nbytes, "new_experts": new_experts,
+                "seconds": time.perf_counter() - t0}
+
     def status(self) -> dict:
         srv = self.server
         return {"rank": self.spec.expert_rank, "state": self.state, "error": self.error,
@@ -150,6 +182,7 @@ class ExpertWorker:
                 "load_seconds": self.load_seconds,
                 "steps": srv.steps if srv is not None else 0,
                 "switches": srv.switches if srv is not None else 0,
+                "recoveries": srv.recoveries if srv is not None else 0,
                 "slots": srv.placement.local_slots(srv.rank - srv.A) if srv is not None and not srv.left else None,
                 "compute_seconds": srv.compute_seconds if srv is not None else 0.0}
 
@@ -182,8 +215,9 @@ def make_actor_class():
     """The Ray actor shell, built on demand so importing this module does not import Ray."""
     import ray
 
-    # one thread serves the collective loop, one answers status(), one loads a new placement (prepare)
-    @ray.remote(max_concurrency=3)
+    # one thread serves the collective loop, one answers status(), one loads a new placement (prepare,
+    # recover), one spare: a status() call must never queue behind a slow load
+    @ray.remote(max_concurrency=4)
     class RayExpertWorker:
         def __init__(self, spec: WorkerSpec):
             self.worker = ExpertWorker(spec)
@@ -199,5 +233,8 @@ def make_actor_class():
 
         def leave(self, phy2log, num_ranks, slots_per_rank) -> dict:
             return self.worker.leave(phy2log, num_ranks, slots_per_rank)
+
+        def recover(self, phy2log, num_ranks, slots_per_rank, group_host, group_port, new_rank) -> dict:
+            return self.worker.recover(phy2log, num_ranks, slots_per_rank, group_host, group_port, new_rank)
 
     return RayExpertWorker

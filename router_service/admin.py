@@ -54,10 +54,14 @@ def pool_message(pool, policy=None) -> apb.Pool:
         statuses = [{"rank": r, "state": "unreachable"} for r in range(pool.num_workers)]
     msg = apb.Pool(num_workers=p.num_ranks, slots_per_rank=p.slots_per_rank, num_experts=p.num_experts,
                    imbalance=pool.imbalance(load), load_window_s=pool.load_window_s,
-                   changes=sum(1 for h in pool.history if h["changed"]))
+                   changes=sum(1 for h in pool.history if h["changed"]),
+                   recoveries=sum(1 for h in pool.history if h["kind"] == "recover"),
+                   lost_workers=sum(len(h["lost_ranks"]) for h in pool.history if h["kind"] == "recover"),
+                   target_workers=pool.target_workers)
     for s in statuses:
         msg.workers.add(rank=s["rank"], state=s["state"], host=s.get("host", ""), pid=s.get("pid", 0),
-                        steps=s.get("steps", 0), switches=s.get("switches", 0))
+                        steps=s.get("steps", 0), switches=s.get("switches", 0),
+                        recoveries=s.get("recoveries", 0))
     for layer in range(p.num_layers):
         msg.layers.add(slots=p.phy2log[layer].tolist(), replicas=p.logcnt[layer].tolist(),
                        load=[int(x) for x in load[layer].tolist()])

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
+from mesh.model.dispatch import ExpertsUnavailable
 from mesh.types import FinishReason, InvalidRequest, Request, RequestOutput, Usage
 
 if TYPE_CHECKING:
@@ -198,9 +199,12 @@ class AsyncEngine:
                 log.warning("the engine stopped while the server was draining (its expert workers went "
                             "away: a stop signal to the whole process group reaches them too): %s: %s",
                             type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            elif isinstance(e, ExpertsUnavailable):  # said in the product's words, no traceback
+                log.error("mesh serve: %s", e)
             else:
                 log.exception("the engine thread failed")
-            error = EngineError(f"the engine failed: {type(e).__name__}: {e}")
+            error = EngineError(str(e) if isinstance(e, ExpertsUnavailable) else
+                                f"the engine failed: {type(e).__name__}: {e}")
             self._fail(error, cmds)
             if self.on_failure is not None:
                 try:

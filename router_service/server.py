@@ -220,6 +220,8 @@ class Gateway:
         self._stopping, self.draining = True, True
         if self.aengine is not None:
             self.aengine.stopping = True
+        if self.expert_pool is not None:
+            self.expert_pool.begin_stop()
         grace = self.grace if grace is None else grace
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and stays so
         t0 = time.monotonic()
@@ -595,6 +597,8 @@ async def serve(engine_factory: EngineFactory, host: str = DEFAULT_HOST, port: i
         gw.stop_signalled = True
         if gw.aengine is not None:
             gw.aengine.stopping = True  # the same signal may be reaching the expert workers now
+        if gw.expert_pool is not None:
+            gw.expert_pool.begin_stop()  # ...so a worker lost now is not replaced
         if stop.is_set():
             log.info("mesh serve: %s again: aborting in-flight requests now", sig.name)
             gw.hurry()

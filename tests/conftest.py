@@ -176,6 +176,73 @@ def tiny_dir(tmp_path_factory):
 
 
 
+class MeshServe:
+    """`python -m mesh_cli serve --port 0 ARGS` in a session of its own, its log in `dir/serve.log` (a
+    file: access lines from many requests would fill a pipe). Returns once it is SERVING; `port` is
+    the port it bound and logged itself (none picked here and reused)."""
+
+    def __init__(self, dir: Path, *args: str, admin_token: str | None = None, timeout: float = 150.0):
+        import re
+        import subprocess
+        import time
+
+        from router_service.client import MeshClient, MeshError
+        self.dir, self.log_path = Path(dir), Path(dir) / "serve.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--port", "0", *args],
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=self._log,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        self.port = None
+        while self.port is None:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log())
+            if m:
+                self.port = int(m.group(1))
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"mesh serve did not start listening:\n{self.log()}")
+            else:
+                time.sleep(0.2)
+        self.target = f"127.0.0.1:{self.port}"
+        self.client = MeshClient(self.target, timeout=120, admin_token=admin_token)
+        while True:
+            try:
+                if self.client.health(timeout=2) == "SERVING":
+                    break
+            except MeshError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"mesh serve did not become SERVING:\n{self.log()}")
+            time.sleep(0.3)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def kill(self) -> None:
+        import signal
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM; fails the test if it does not exit within `timeout`. Returns the exit code."""
+        import signal
+        import subprocess
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail("mesh serve did not stop on SIGTERM")
+        self._log.close()
+        return self.proc.returncode
+
+
 class LiveGateway:
     """A Gateway on a free loopback port, its event loop in a background thread."""
 

@@ -7,6 +7,7 @@ One step: schedule -> model forward (attention over paged KV, routed experts thr
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from pathlib import Path
 
@@ -30,11 +31,13 @@ from mesh.model.attention import KVCache
 from mesh.model.backend import make_backend
 from mesh.model.linear_attention import StatePool
 from mesh.model.loader import load_model
-from mesh.model.dispatch import Dispatcher
+from mesh.model.dispatch import Dispatcher, ExpertsLost
 from mesh.parallel.local import LocalDispatcher
 from mesh.tokenizer import IncrementalDetokenizer, Tokenizer
 from mesh.types import (CompletionResult, FinishReason, InvalidRequest, Request, RequestOutput,
                         SamplingParams, TokenLogprob, Usage)
+
+log = logging.getLogger("mesh.engine")
 
 
 class Engine:
@@ -114,6 +117,7 @@ class Engine:
         self._stop_text: dict[Sequence, tuple[str, str]] = {}  # completions with stop strings: (emitted tail, held)
         self._ids = itertools.count()
         self.num_steps = 0
+        self.num_lost_steps = 0  # steps voided by a lost expert worker (their sequences recomputed)
         self.observer = EngineObserver(self)
 
     @staticmethod
@@ -253,6 +257,15 @@ class Engine:
         self.dispatcher.set_step_trace(*((ctx.trace_id, ctx.span_id) if sampled else (0, 0)))
         try:
             samplers, logits = self.runner.run(batch.scheduled)
+        except ExpertsLost as e:
+            # The expert pool lost a member mid-step: nothing this step computed is kept. Its sequences
+            # go back to the queue with every token they have and are recomputed (prefix-cache hits
+            # where their blocks are full) on the re-formed pool, giving the tokens they would have.
+            self.scheduler.requeue([s.seq for s in batch.scheduled])
+            self.num_lost_steps += 1
+            log.warning("step %d lost its experts; %d sequences requeued: %s", self.num_steps,
+                        len(batch.scheduled), e)
+            return []
         finally:
             self.observer.end_step(span, batch.scheduled)
         for s in batch.scheduled:

@@ -115,6 +115,15 @@ class Scheduler:
             budget -= n
         return out
 
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Undo a step that failed before its results were kept: each running sequence in `seqs` is
+        preempted by recompute (blocks released, back to the queue front in its order, every token
+        kept), as the pool running dry would."""
+        out = SchedulerOutput()
+        for seq in reversed(seqs):  # appendleft: the first of them ends up first
+            if seq.status is Status.RUNNING:
+                self._preempt(seq, out)
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.blocks.release(seq)

@@ -59,3 +59,14 @@ class Dispatcher(Protocol):
 
     def end_step(self) -> None:
         """Called once per model forward, after the last layer."""
+
+
+class ExpertsLost(RuntimeError):
+    """A step could not reach its experts: a member of the expert pool was lost (its process died, or
+    the collective between them failed) while the step ran. The step's work is void (no token of it
+    may be kept); the dispatcher waits for its pool to re-form at the next `begin_step`."""
+
+
+class ExpertsUnavailable(RuntimeError):
+    """The dispatcher cannot reach experts any more and will not recover: every expert worker is gone,
+    or the pool could not be re-formed. Nothing can be served."""

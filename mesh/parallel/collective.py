@@ -33,6 +33,7 @@ idle gateway still joins each step with 0 tokens (see `idle_step`).
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -44,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from mesh import telemetry
+from mesh.model.dispatch import ExpertsLost, ExpertsUnavailable
 from mesh.model.moe import ExpertShard, weighted_scatter
 from mesh.parallel.placement import Placement, pick_replicas
 
@@ -57,10 +59,22 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _HANDSHAKE = ["protocol version", "attention ranks", "expert ranks", "slots per rank", "experts",
               "MoE layers", "hidden size", "dtype", "placement fingerprint"]
 
+log = logging.getLogger("mesh.collective")
+
 # Expert ranks block in the step-header collective whenever no request is running, possibly for
 # hours; gloo and NCCL would otherwise fail that wait after the default 30 minutes. Liveness of a
 # stuck peer is the control plane's job (Ray health checks), not the collective timeout's.
 GROUP_TIMEOUT = timedelta(days=365)
+# gloo waits are polled at this interval so that another thread can make a rank give up a group whose
+# peer died (`_MeshRank.abandon`); a wait that completes returns at once, not at the next poll.
+POLL = timedelta(milliseconds=200)
+# How long an expert rank whose group broke waits for the gateway to re-form the pool around it.
+ORPHAN_WAIT_S = 300.0
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective of the mesh's group failed (a peer died: gloo's connection errors) or was abandoned
+    (`_MeshRank.abandon` set while waiting). The group is unusable from here on."""
 
 
 def init_mesh_group(init_method: str, world_size: int, rank: int, backend: str | None = None) -> None:
@@ -76,6 +90,15 @@ def new_group(host: str, port: int, world_size: int, rank: int, timeout: timedel
     group). Blocks until all `world_size` members joined."""
     store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
     return dist.ProcessGroupGloo(dist.PrefixStore(f"mesh-{port}/", store), rank, world_size, GROUP_TIMEOUT)
+
+
+def _keep_forever(group) -> None:
+    """A group given up after a lost member may still run a wait that will never end (a peer that
+    stopped answering without closing its connection). Destroying it would join that thread
+    (ProcessGroupGloo's destructor does), so it is never destroyed: one leaked reference keeps it, and
+    the thread, until the process exits."""
+    import ctypes
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
 
 
 def _is_raw(group) -> bool:
@@ -123,6 +146,9 @@ class _MeshRank:
         self.total_bytes_sent = self.total_bytes_received = 0
         self.steps = 0
         self.layer_seconds = [0.0] * self.L  # cumulative, per MoE layer
+        # set by another thread: give up the pending and any further waits on this group (it broke)
+        self.abandon = threading.Event()
+        self._polled = self.device.type == "cpu"  # gloo; an NCCL wait is a stream dependency, not a block
         self._handshake(layout)
 
     def _handshake(self, mine: list[int]) -> None:
@@ -137,21 +163,54 @@ class _MeshRank:
         """all_gather a small int64 vector from every rank -> [world, n] on the CPU."""
         x = x.to(self.device)
         out = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(out, x, group=self.group)
+        try:
+            work = dist.all_gather(out, x, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise self._failed(e) from e
+        self._wait(work)
         self._count(x.numel() * 8, x.numel() * 8 * self.world)
         return torch.stack(out).cpu()
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, async_op=False):
         # Collective over the whole group: every rank must call this, in the same order.
-        if _is_raw(self.group):  # a group formed by new_group: its own all-to-all entry point
-            work = self.group.alltoall_base(out, inp, out_splits or [], in_splits or [], dist.AllToAllOptions())
-            if not async_op:
-                work.wait()
-                work = None
-        else:
-            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+        try:
+            if _is_raw(self.group):  # a group formed by new_group: its own all-to-all entry point
+                work = self.group.alltoall_base(out, inp, out_splits or [], in_splits or [], dist.AllToAllOptions())
+            else:
+                work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise self._failed(e) from e
+        if not async_op:
+            self._wait(work)
+            work = None
         self._count(inp.numel() * inp.element_size(), out.numel() * out.element_size())
         return work
+
+    def _wait(self, work) -> None:
+        """Wait for a collective; a peer's death (gloo's error) or `abandon` raises `_failed`'s error.
+        On gloo the wait is polled, so that a rank blocked on a peer that will never answer (a ring
+        neighbour stuck behind the dead one) can still give up when told to."""
+        if not self._polled:
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise self._failed(e) from e
+            return
+        while True:
+            try:
+                work.wait(timeout=POLL)
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise self._failed(e) from e
+            if self.abandon.is_set():
+                raise self._failed(None)
+
+    def _failed(self, error: BaseException | None) -> Exception:
+        """The exception a failed (`error`) or abandoned (None) collective raises on this rank."""
+        if error is None:
+            return CollectiveFailed("the mesh's group was abandoned while this rank waited on it")
+        return CollectiveFailed(f"a collective of the mesh's group failed (a peer died?): {error}")
 
     def _count(self, sent: int, received: int) -> None:
         self.step_bytes_sent += sent
@@ -202,6 +261,13 @@ class CollectiveDispatcher(_MeshRank):
         self._pending_switch: tuple | None = None
         self.switches = 0
         self.retired_groups: list = []  # groups of earlier pool memberships
+        # a lost member: `abandon` set, the reason, and the re-formed pool the engine thread takes up
+        self._lost_reason: str | None = None
+        self._recovered = threading.Event()
+        self._recovery: tuple | None = None  # (placement, group)
+        self._dead: str | None = None  # the pool gave up: every later step raises ExpertsUnavailable
+        self.recoveries = 0
+        self.recovery_timeout = 600.0  # longest a step waits for the pool to re-form
         self._in_step = self._closed = False
         self._next_layer = 0
         self._micro_batches, self._exchanges = 1, 0
@@ -262,6 +328,8 @@ class CollectiveDispatcher(_MeshRank):
     def apply_pending(self) -> bool:
         """Engine thread, between steps: send the SWITCH header of a pending switch and use the new
         placement from the next step on. True if a switch happened."""
+        if self.abandon.is_set():  # the pool is re-forming: a change staged for the old one is void
+            return False
         with self._switch_lock:
             pending, self._pending_switch = self._pending_switch, None
         if pending is None:
@@ -283,6 +351,76 @@ class CollectiveDispatcher(_MeshRank):
         done.set()
         return True
 
+    # ---- a lost member: the pool re-forms the group around the survivors ----------------------
+    # run (on the engine thread) when one of this side's collectives fails, with the reason: how the
+    # pool's supervisor learns of a failure it has not seen yet
+    on_lost = None
+
+    def _failed(self, error: BaseException | None) -> Exception:
+        if not hasattr(self, "_switch_lock"):  # the construction-time handshake: nothing to re-form yet
+            return super()._failed(error)
+        self._in_step, self._pending, self._next_layer, self._exchanges = False, None, 0, 0
+        reason = f"a collective failed: {error}" if error is not None else "the pool's supervisor abandoned the group"
+        with self._switch_lock:
+            self._lost_reason = self._lost_reason or reason
+            reason = self._lost_reason
+        self.abandon.set()
+        if self.on_lost is not None:
+            self.on_lost(reason)
+        return ExpertsLost(f"the expert pool lost a member during this step ({reason}); the step runs again "
+                           f"once the pool has re-formed")
+
+    def mark_lost(self, reason: str) -> None:
+        """Any thread (the pool's supervisor): a member is gone; give up the current group. A step in
+        flight raises ExpertsLost, the next `begin_step` waits for `install_recovery`."""
+        with self._switch_lock:
+            self._lost_reason = self._lost_reason or reason
+        self.abandon.set()
+
+    @property
+    def lost(self) -> bool:
+        """True from a lost member until the engine thread takes up the re-formed pool."""
+        return self.abandon.is_set()
+
+    def install_recovery(self, placement: Placement, group) -> None:
+        """Any thread: the re-formed pool (`group`, from `new_group`, every member joined and
+        handshook for `placement`). The engine thread moves to it at its next `begin_step`; no header
+        travels on the broken group."""
+        with self._switch_lock:
+            self._recovery = (placement, group)
+        self._recovered.set()
+
+    def give_up(self, reason: str) -> None:
+        """Any thread: the pool cannot re-form; the waiting step and every later one raise
+        ExpertsUnavailable(reason)."""
+        self._dead = reason
+        self.abandon.set()
+        self._recovered.set()
+
+    def _await_recovery(self) -> None:
+        t0 = time.monotonic()
+        while not self._recovered.wait(10.0):
+            waited = time.monotonic() - t0
+            log.warning("waiting %.0fs for the expert pool to re-form (%s)", waited, self._lost_reason)
+            if waited > self.recovery_timeout and self._dead is None:
+                self._dead = f"the expert pool did not re-form within {self.recovery_timeout:.0f}s after " \
+                             f"losing a member ({self._lost_reason})"
+        if self._dead is not None:
+            self._closed = True
+            raise ExpertsUnavailable(self._dead)
+        with self._switch_lock:
+            (placement, group), self._recovery = self._recovery, None
+            self._pending_switch = None  # staged for the old pool: void
+            self._recovered.clear()
+            self._lost_reason = None
+        _keep_forever(self.group)  # broken: never used again, never destroyed
+        self.group, self.rank, self.world = group, group.rank(), group.size()
+        self.W = placement.num_ranks
+        self.worker_compute_seconds = [0.0] * self.W
+        self._use_placement(placement)
+        self.recoveries += 1
+        self.abandon.clear()
+
     step_flags = 0  # header flags for steps the model starts (benchmarks set ECHO)
     next_step_trace = (0, 0)  # (trace id, span id) of the engine's step span, for the next header
 
@@ -292,9 +430,13 @@ class CollectiveDispatcher(_MeshRank):
     def begin_step(self, num_tokens: int, micro_batches: int = 1, trace_id: int = 0, span_id: int = 0,
                    flags: int | None = None) -> None:
         if self._closed:
+            if self._dead is not None:
+                raise ExpertsUnavailable(self._dead)
             raise RuntimeError("the mesh dispatcher is shut down")
         if self._in_step:
             raise RuntimeError("begin_step called twice without end_step")
+        if self.abandon.is_set():
+            self._await_recovery()  # a member was lost: this step runs on the re-formed pool
         if self._pending_switch is not None:
             self.apply_pending()  # a step boundary: the switch goes before this step's header
         self.step_bytes_sent = self.step_bytes_received = 0
@@ -364,7 +506,7 @@ class CollectiveDispatcher(_MeshRank):
         back = torch.empty_like(handle.rows)  # [N, H]
         self._a2a(back, handle.rows[:0], handle.splits, [0] * self.world)
         for w in handle.works:
-            w.wait()
+            self._wait(w)
         t, k = handle.topk_weights.shape
         out = weighted_scatter(back, handle.order, handle.topk_weights, t, k).to(self.dtype)  # [T, H]
         # With M micro-batches each layer is M dispatch/combine pairs before the next layer's.
@@ -419,6 +561,9 @@ class CollectiveDispatcher(_MeshRank):
         steps. Does not destroy the process group (its owner does)."""
         if self._closed:
             return
+        if self.abandon.is_set():  # the group is broken: nobody to tell (the pool stops the workers)
+            self._closed = True
+            return
         if self._in_step:
             raise RuntimeError("shutdown inside a step: the expert ranks are waiting for MoE layers")
         self._gather(torch.tensor([SHUTDOWN, 0, self.steps, 0, 0, 0, 0, 0], dtype=torch.int64))
@@ -454,6 +599,8 @@ class ExpertServer(_MeshRank):
         self.switches = 0
         self.left = False  # a SWITCH removed this rank from the pool
         self.retired_groups: list = []
+        self._recovery: tuple | None = None  # (placement, shard, group) of a re-formed pool, once staged
+        self.recoveries = 0
 
     def stage_leave(self, placement: Placement) -> int:
         """This rank is not part of `placement`'s pool: at its SWITCH the serve loop ends."""
@@ -497,11 +644,40 @@ class ExpertServer(_MeshRank):
         self.switches += 1
         return True
 
+    def stage_recovery(self, placement: Placement, experts: ExpertShard, group) -> int:
+        """The pool re-formed without a lost member: `group` (joined and handshook) and this rank's
+        shard of `placement` replace the broken group. The serve loop gives up whatever it waits for
+        on the old group and serves the next step on the new one. Returns the placement's fingerprint."""
+        if experts.num_slots != placement.slots_per_rank or len(experts.layers) != self.L:
+            raise ValueError(f"recovery shard has {experts.num_slots} slots x {len(experts.layers)} layers, the "
+                             f"placement {placement.slots_per_rank} x {self.L}")
+        with self._stage_lock:
+            self._recovery = (placement, experts, group)
+        self.abandon.set()
+        return placement.fingerprint()
+
+    def _take_recovery(self) -> None:
+        with self._stage_lock:
+            (placement, experts, group), self._recovery = self._recovery, None
+            self._staged.clear()  # staged for the old pool
+        _keep_forever(self.group)  # broken: never used again, never destroyed
+        self.group, self.rank, self.world, self.W = group, group.rank(), group.size(), placement.num_ranks
+        self.placement, self.experts, self.S = placement, experts, placement.slots_per_rank
+        self.slot_load = torch.zeros(self.L, self.S, dtype=torch.int64)
+        self.recoveries += 1
+        self.abandon.clear()
+
     def run(self) -> int:
-        """Serve until SHUTDOWN; returns the number of steps served."""
-        while self.serve_step():
-            pass
-        return self.steps
+        """Serve until SHUTDOWN; returns the number of steps served. When the group breaks (a peer
+        died), wait up to ORPHAN_WAIT_S for the pool to re-form (`stage_recovery`) and go on there."""
+        while True:
+            try:
+                if not self.serve_step():
+                    return self.steps
+            except CollectiveFailed:
+                if not self.abandon.wait(ORPHAN_WAIT_S) or self._recovery is None:
+                    raise
+                self._take_recovery()
 
     def serve_step(self) -> bool:
         """Wait for the next step header (blocking while idle) and serve its layers; False on SHUTDOWN."""

@@ -168,6 +168,50 @@ class Placement:
             out.append(n)
         return out
 
+    def heal(self, lost: set[int] | list[int], load: torch.Tensor | None = None) -> Placement:
+        """The placement after the ranks in `lost` are gone, moving as little as possible: every
+        surviving rank keeps its slots as they are (renumbered 0..W'-1 in their old order); experts
+        that lived only on lost ranks go to added slots (heaviest first, each to the least-loaded
+        survivor with a free added slot); added slots left over hold replicas of the experts with the
+        most load per replica. With a replica of every expert among the survivors, nothing is added
+        and nothing needs loading. `load` [L, E] defaults to uniform."""
+        lost = set(int(r) for r in lost)
+        keep = [r for r in range(self.num_ranks) if r not in lost]
+        if not keep:
+            raise ValueError("every rank is lost: no placement is left to heal")
+        if any(not 0 <= r < self.num_ranks for r in lost):
+            raise ValueError(f"lost ranks {sorted(lost)} outside [0, {self.num_ranks})")
+        E, S, W = self.num_experts, self.slots_per_rank, len(keep)
+        load = torch.ones(self.num_layers, E, dtype=torch.float64) if load is None else \
+            torch.as_tensor(load, dtype=torch.float64).cpu()
+        held = [[self.local_slots(r)[l] for r in keep] for l in range(self.num_layers)]  # [L][W'][S]
+        missing = [[e for e in range(E) if not any(e in h for h in held[l])] for l in range(self.num_layers)]
+        extra = max((-(-len(m) // W) for m in missing), default=0)
+        rows = []
+        for l in range(self.num_layers):
+            cnt = torch.bincount(torch.tensor([e for h in held[l] for e in h], dtype=torch.int64), minlength=E)
+            ranks = [list(h) for h in held[l]]
+            added = [[] for _ in range(W)]
+
+            def rank_sum(r):
+                return sum(float(load[l, e]) / max(1, int(cnt[e])) for e in ranks[r] + added[r])
+
+            order = sorted(missing[l], key=lambda e: (-float(load[l, e]), e))
+            for e in order:  # the lost experts first, so every expert is placed
+                r = min((r for r in range(W) if len(added[r]) < extra), key=lambda r: (rank_sum(r), r))
+                added[r].append(e)
+                cnt[e] += 1
+            for r in range(W):  # spare added slots: replicas of the hottest per replica, not already on r
+                while len(added[r]) < extra:
+                    mine = set(ranks[r] + added[r])
+                    cand = [e for e in range(E) if e not in mine] or list(range(E))
+                    e = max(cand, key=lambda e: (float(load[l, e]) / int(cnt[e]), -e))
+                    added[r].append(e)
+                    cnt[e] += 1
+            rows.append([e for r in range(W) for e in ranks[r] + added[r]])
+        return Placement(torch.tensor(rows, dtype=torch.int64).view(self.num_layers, W * (S + extra)), W,
+                         S + extra, E)
+
     @classmethod
     def contiguous(cls, num_layers: int, num_experts: int, num_ranks: int, redundant: int = 0) -> Placement:
         """Expert e on rank e // (E / W) in local slot e % (E / W), the same for every layer.

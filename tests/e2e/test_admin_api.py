@@ -5,8 +5,6 @@ no request fails and health stays SERVING. `mesh admin` runs against the same se
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import ROOT, build_hf_checkpoint
+from conftest import ROOT, MeshServe, build_hf_checkpoint
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
@@ -30,45 +28,10 @@ def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("admin")
     model = build_hf_checkpoint("qwen3_moe", d / "qwen3_moe_7", seed=3, num_experts=7)
     (d / "token").write_text(TOKEN + "\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    log = open(d / "serve.log", "w")  # a file, not a pipe: access lines from many requests would fill a pipe
-    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(model), "--workers", "2",
-                             "--port", "0", "--dtype", "float32", "--grace-period", "2",
-                             "--admin-token-file", str(d / "token")],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    # --port 0: the server binds a free port itself and logs it (no port picked here and reused)
-    deadline = time.monotonic() + 150
-    port = None
-    while port is None:
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", (d / "serve.log").read_text())
-        if m:
-            port = int(m.group(1))
-        elif proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mesh serve did not start listening:\n{(d / 'serve.log').read_text()}")
-        else:
-            time.sleep(0.2)
-    client = MeshClient(f"127.0.0.1:{port}", timeout=120, admin_token=TOKEN)
-    while True:
-        try:
-            if client.health(timeout=2) == "SERVING":
-                break
-        except MeshError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mesh serve did not become SERVING:\n{(d / 'serve.log').read_text()}")
-        time.sleep(0.3)
-    yield model, client, port, d / "token"
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mesh serve did not stop on SIGTERM")
-    finally:
-        log.close()
-    assert proc.returncode == 0, (d / "serve.log").read_text()[-4000:]
+    server = MeshServe(d, "--model", str(model), "--workers", "2", "--dtype", "float32", "--grace-period", "2",
+                       "--admin-token-file", str(d / "token"), admin_token=TOKEN)
+    yield model, server.client, server.port, d / "token"
+    assert server.stop() == 0, server.log()[-4000:]
 
 
 def _prompts(n=8, seed=21):

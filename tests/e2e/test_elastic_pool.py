@@ -5,7 +5,10 @@ with redundant replicas on top; then the pool rebalances three times under a Zip
 replica slots and removes them again, while a closed loop keeps 8 greedy streams running. Every
 stream's tokens equal the single-process engine's."""
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from conftest import build_hf_checkpoint
 from expert_workers.pool import ExpertPool
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
+from mesh.model.dispatch import ExpertsUnavailable
 from mesh.types import SamplingParams
 
 import ray  # noqa: E402
@@ -165,3 +169,55 @@ def test_scale_two_three_one_two_under_load(ray_cluster, seven_experts, referenc
     assert [r["slots_per_rank"] for r in records] == [3, 9, 5]  # the 8 (then 9, then 9) slots spread out
     assert [s["state"] for s in statuses] == ["joined", "joined"]
     assert (per_rank.sum(0) > 0).all(), per_rank  # both workers of the final pool served rows
+
+
+def test_worker_sigkilled_under_load_pool_reforms_and_regrows(ray_cluster, seven_experts, reference):
+    """One of three workers (two replica slots) is SIGKILLed while 8 greedy streams run in a closed
+    loop: the pool re-forms from the two survivors (the lost experts loaded into added slots) and grows
+    back to three workers; every stream matches the reference, before, across and after the loss."""
+    pool = ExpertPool(str(seven_experts), "float32", num_workers=3, redundant=2)
+    prompts = [list(p) for p in reference]
+    try:
+        dispatcher = pool.start()
+        mesh = Engine(seven_experts, EngineConfig(dtype="float32", max_num_batched_tokens=48),
+                      dispatcher=dispatcher)
+        victim = pool.statuses()[1]["pid"]
+
+        def operator():
+            while dispatcher.steps < 8:
+                time.sleep(0.01)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 180
+            while not any(h["kind"] == "recover" and "restored" in h for h in pool.history):
+                assert time.monotonic() < deadline, pool.history
+                time.sleep(0.1)
+
+        results = _streams_while(mesh, prompts, operator, max_rounds=400)
+        statuses = pool.statuses()
+    finally:
+        pool.shutdown()
+    want = [reference[tuple(p)] for p in prompts]
+    assert all(r == want for r in results), "a stream's tokens changed across the lost worker"
+    rec = [h for h in pool.history if h["kind"] == "recover"]
+    assert len(rec) == 1 and rec[0]["lost_ranks"] == [1] and rec[0]["workers_after"] == 2, rec
+    assert "process died" in rec[0]["reason"] and rec[0]["loaded_bytes"] > 0  # its experts moved to survivors
+    assert rec[0]["restored"]["workers_after"] == 3 and rec[0]["restored"]["changed"]
+    assert dispatcher.recoveries == 1 and dispatcher.W == 3
+    assert [s["state"] for s in statuses] == ["joined"] * 3 and victim not in {s["pid"] for s in statuses}
+    assert [s["recoveries"] for s in statuses] == [1, 1, 0]  # the survivors re-formed; the new one joined after
+
+
+def test_every_worker_lost_is_unavailable_in_the_products_words(ray_cluster, seven_experts, reference):
+    pool = ExpertPool(str(seven_experts), "float32", num_workers=1)
+    prompt = list(next(iter(reference)))
+    try:
+        dispatcher = pool.start()
+        mesh = Engine(seven_experts, EngineConfig(dtype="float32"), dispatcher=dispatcher)
+        assert mesh.generate([mesh.make_request(prompt_token_ids=prompt, sampling=SP)])[0].token_ids == \
+            reference[tuple(prompt)]
+        os.kill(pool.statuses()[0]["pid"], signal.SIGKILL)
+        with pytest.raises(ExpertsUnavailable, match="every expert worker of this gateway is lost"):
+            mesh.generate([mesh.make_request(prompt_token_ids=prompt, sampling=SP)])
+    finally:
+        pool.shutdown()
+    assert pool.history[-1]["kind"] == "recover" and pool.history[-1]["workers_after"] == 0

@@ -121,7 +121,9 @@ def test_mesh_over_grpc_matches_local_and_transformers(family, hf_checkpoints, h
     _assert_nothing_left(tag)
 
 
-def test_lost_expert_worker_stops_the_gateway_with_exit_code_1(hf_checkpoints):
+def test_every_expert_worker_lost_stops_the_gateway_with_exit_code_1(hf_checkpoints):
+    """Both workers SIGKILLed (one lost worker is survived: tests/e2e/test_worker_loss.py): a request
+    gets UNAVAILABLE saying so in the product's words, and the gateway exits with code 1."""
     tag = uuid.uuid4().hex
     proc, client = _start(hf_checkpoints["qwen3_moe"], tag=tag)
     try:
@@ -134,10 +136,12 @@ def test_lost_expert_worker_stops_the_gateway_with_exit_code_1(hf_checkpoints):
             except OSError:
                 pass
         assert len(workers) == 2, workers
-        os.kill(workers[0], signal.SIGKILL)  # what an OOM kill or a lost node does
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)  # what an OOM kill or a lost node does
         with pytest.raises(MeshError) as err:
             client.complete(prompt_token_ids=[4, 5, 6], max_tokens=2, temperature=0)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "every expert worker of this gateway is lost" in err.value.details, err.value
         assert "retry on another gateway" in err.value.details
         proc.wait(timeout=20)  # it stops by itself, for its supervisor to restart it
     finally:
@@ -146,4 +150,5 @@ def test_lost_expert_worker_stops_the_gateway_with_exit_code_1(hf_checkpoints):
     log = _log(proc)
     assert proc.returncode == 1, log
     assert "so that a supervisor restarts this gateway" in log
+    assert "Traceback" not in log, log[-3000:]
     _assert_nothing_left(tag)

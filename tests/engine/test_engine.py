@@ -8,6 +8,7 @@ from conftest import DEVICE, FAMILIES, hf_greedy, native_env
 from mesh.config import ConfigError, EngineConfig, ModelConfig
 from mesh.engine.engine import Engine
 from mesh.model.attention import KVCache
+from mesh.model.dispatch import ExpertsLost
 from mesh.types import FinishReason, InvalidRequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -74,6 +75,44 @@ def test_greedy_batch_of_16_matches_transformers(family, mode, hf_checkpoints, r
     if mode == "chunked":
         assert engine.num_steps > len(prompts) + GREEDY.max_tokens  # prompts really were split
     assert engine.blocks.num_used == 0  # every block came back
+
+
+class LosingDispatcher:
+    """The real in-process dispatcher with a lost expert pool injected: in each step listed, the
+    second MoE layer's dispatch raises ExpertsLost (what the collective dispatcher raises when a
+    worker dies mid-step), after the first layer's attention wrote KV and, in a hybrid model, advanced
+    recurrent states."""
+
+    def __init__(self, inner, steps):
+        self._inner, self.steps, self.fired, self._step = inner, set(steps), 0, -1
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def begin_step(self, num_tokens, micro_batches=1):
+        self._step += 1
+        self._inner.begin_step(num_tokens, micro_batches)
+
+    def dispatch(self, moe_index, hidden, topk_ids, topk_weights):
+        if self._step in self.steps and moe_index == 1:
+            self.steps.discard(self._step)
+            self.fired += 1
+            raise ExpertsLost("injected: expert worker 1 died")
+        return self._inner.dispatch(moe_index, hidden, topk_ids, topk_weights)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_lost_mid_forward_are_recomputed_to_the_same_tokens(family, hf_checkpoints, references):
+    """A step that loses its experts half-way (prefill, mixed and decode steps) is void: its sequences
+    go back to the queue with their tokens and come out with exactly transformers' greedy tokens, every
+    KV block and state slot returned."""
+    prompts, refs = references
+    engine = _engine(hf_checkpoints[family], max_num_batched_tokens=64)
+    engine.dispatcher = engine.runner.dispatcher = LosingDispatcher(engine.dispatcher, steps={0, 3, 9, 20})
+    outs = engine.generate([engine.make_request(prompt_token_ids=p, sampling=GREEDY) for p in prompts])
+    assert engine.dispatcher.fired == 4 and engine.num_lost_steps == 4
+    assert [o.token_ids for o in outs] == refs[family]
+    assert engine.blocks.num_used == 0
 
 
 def test_shared_prefixes_share_blocks_and_give_identical_outputs(hf_checkpoints):

@@ -281,3 +281,29 @@ def test_rebalance_reduces_peak_rank_load():
     assert q.logcnt[0, 0] >= 2  # the hottest expert got a replica...
     assert set(q.rank_of_slot(int(s)) for s in q.log2phy[0, 0] if s >= 0) == {0, 1}  # ...on the other rank
     assert torch.equal(rebalance(SKEWED_LOAD, 2, 5).phy2log, q.phy2log)  # deterministic
+
+
+def test_heal_keeps_survivors_slots_and_places_every_lost_expert():
+    p = Placement.initial(2, 7, 3, redundant=2)  # 3 slots per rank: 0 1 2 | 3 4 5 | 6 0 1
+    assert p.local_slots(1) == [[3, 4, 5]] * 2
+    load = torch.tensor([[1.0, 1, 1, 9, 1, 2, 1], [1.0, 1, 1, 1, 1, 1, 1]])
+    q = p.heal({1}, load)  # experts 3, 4, 5 lived only on rank 1
+    assert q.num_ranks == 2 and q.slots_per_rank == 5 and (q.logcnt >= 1).all()
+    for new, old in ((0, 0), (1, 2)):  # the survivors keep their slots, renumbered, the added ones after
+        assert [row[:3] for row in q.local_slots(new)] == p.local_slots(old)
+    # layer 0: the heaviest lost expert (3) goes to the less loaded survivor first; every lost one placed
+    assert {e for r in range(2) for e in q.local_slots(r)[0][3:]} >= {3, 4, 5}
+    # a survivor never gets a second copy of an expert it holds while others are free to take
+    assert all(len(set(row)) == len(row) for r in range(2) for row in q.local_slots(r))
+    assert torch.equal(p.heal({1}, load).phy2log, q.phy2log)  # deterministic
+
+
+def test_heal_with_surviving_replicas_moves_nothing():
+    p = Placement(torch.tensor([[0, 1, 2, 3, 0, 1]]), 3, 2, 4)  # 0 1 | 2 3 | 0 1
+    q = p.heal([2])  # experts 0 and 1 still live on rank 0
+    assert q.phy2log.tolist() == [[0, 1, 2, 3]] and q.slots_per_rank == 2
+    assert p.moved_slots(q) == [0, 0]
+    with pytest.raises(ValueError, match="every rank is lost"):
+        p.heal({0, 1, 2})
+    with pytest.raises(ValueError, match="outside"):
+        p.heal({3})
