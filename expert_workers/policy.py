@@ -8,6 +8,12 @@ Sizing (settings named as Ray Serve's autoscaling config): the routed tokens per
 on KubeRay the autoscaler adds pods for it); when it stays below for `downscale_delay_s` it shrinks.
 `max_workers` 0 turns sizing off.
 
+Pressure signals, each off until set: requests waiting per worker above `max_queue_per_worker`, and
+the p90 TTFT or TPOT over `look_back_period_s` above `ttft_slo_s` / `tpot_slo_s`. Any of them wants one
+worker more than the pool has (within `max_workers`) and holds off shrinking; the gateway supplies the
+figures (`signals`). A bigger pool spreads the expert compute; it does not shorten the gateway's own
+attention and dense layers, which is why the signals ask for one worker at a time.
+
 Every `interval_s` it samples the dispatcher's load counters (the window's points) and computes the
 imbalance of the current placement over the last `look_back_period_s` seconds: max / mean rows per
 worker, worst MoE layer. When that stays above `imbalance_threshold` for a whole look-back period (and
@@ -39,6 +45,12 @@ class PolicyConfig:
     target_tokens_per_worker: float = 100.0  # routed tokens per second per worker
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
+    # pressure signals (0: not watched): requests waiting for a batch slot per worker, and the p90
+    # TTFT / TPOT over the look-back period against these SLOs (seconds). Any of them above its
+    # bound wants one worker more than the current count (within max_workers), and blocks shrinking.
+    max_queue_per_worker: float = 0.0
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
 
     def validate(self) -> None:
         if self.max_workers and not 1 <= self.min_workers <= self.max_workers:
@@ -49,6 +61,9 @@ class PolicyConfig:
         if self.imbalance_threshold < 1.0:
             raise ValueError(f"imbalance_threshold must be >= 1.0 (1.0 is perfect balance), got "
                              f"{self.imbalance_threshold}")
+        if self.max_queue_per_worker < 0 or self.ttft_slo_s < 0 or self.tpot_slo_s < 0:
+            raise ValueError(f"max_queue_per_worker, ttft_slo_s and tpot_slo_s must be >= 0 (0: not watched), got "
+                             f"{self.max_queue_per_worker}, {self.ttft_slo_s}, {self.tpot_slo_s}")
         if self.look_back_period_s <= 0 or self.interval_s <= 0:
             raise ValueError(f"look_back_period_s and interval_s must be > 0, got {self.look_back_period_s}, "
                              f"{self.interval_s}")
@@ -63,6 +78,10 @@ class RebalancePolicy:
         self._above_since: float | None = None
         self._want_since: tuple[int, float] | None = None  # (wanted worker count, since when)
         self.last_tokens_per_s = 0.0
+        # the gateway's own signals, set by the server: f(look_back_s) -> {"waiting": requests queued,
+        # "ttft_p90_s", "tpot_p90_s": over the last look_back_s} (None: tokens and imbalance only)
+        self.signals = None
+        self.last_signals: dict = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -118,6 +137,9 @@ class RebalancePolicy:
             tokens_per_s = self.pool.window_tokens_per_s(load)
             self.last_tokens_per_s = tokens_per_s
             want, have = self.wanted_workers(tokens_per_s), self.pool.num_workers
+            pressure = self.pressure(have)
+            if pressure:  # a queue or a missed SLO: one more worker, and never fewer
+                want = max(want, min(cfg.max_workers, have + 1), have)
             if want == have:
                 self._want_since = None
             else:
@@ -127,7 +149,8 @@ class RebalancePolicy:
                 if now - self._want_since[1] >= delay:
                     self._want_since = None
                     reason = (f"{'upscale' if want > have else 'downscale'}: {tokens_per_s:.0f} tokens/s over "
-                              f"{have} workers, target {cfg.target_tokens_per_worker:g} per worker -> {want} workers "
+                              f"{have} workers, target {cfg.target_tokens_per_worker:g} per worker"
+                              f"{'; ' + '; '.join(pressure) if pressure else ''} -> {want} workers "
                               f"(held {delay:g}s)")
                     return self.act("scale", reason, workers=want)
         imb = self.pool.imbalance(load)
@@ -142,6 +165,22 @@ class RebalancePolicy:
         reason = (f"imbalance {imb:.2f} above {cfg.imbalance_threshold:.2f} for "
                   f"{now - self._above_since:.1f}s over {rows} rows")
         return self.act("rebalance", reason)
+
+    def pressure(self, workers: int) -> list[str]:
+        """The watched signals over their bounds, each as a few words (empty: none)."""
+        cfg = self.config
+        if self.signals is None or not (cfg.max_queue_per_worker or cfg.ttft_slo_s or cfg.tpot_slo_s):
+            return []
+        sig = self.signals(cfg.look_back_period_s)
+        self.last_signals = sig
+        out = []
+        if cfg.max_queue_per_worker and sig.get("waiting", 0) > cfg.max_queue_per_worker * workers:
+            out.append(f"{sig['waiting']} requests waiting, above {cfg.max_queue_per_worker:g} per worker")
+        for name, slo in (("ttft", cfg.ttft_slo_s), ("tpot", cfg.tpot_slo_s)):
+            got = sig.get(f"{name}_p90_s", 0.0)
+            if slo and got > slo:
+                out.append(f"{name.upper()} p90 {got * 1e3:.0f} ms above the {slo * 1e3:.0f} ms SLO")
+        return out
 
     def act(self, action: str, reason: str, **kw) -> dict:
         """Carry out one decision, logged, counted and traced with its reason."""
@@ -168,4 +207,5 @@ class RebalancePolicy:
                 "look_back_period_s": c.look_back_period_s, "interval_s": c.interval_s,
                 "min_workers": c.min_workers, "max_workers": c.max_workers,
                 "target_tokens_per_worker": c.target_tokens_per_worker, "upscale_delay_s": c.upscale_delay_s,
-                "downscale_delay_s": c.downscale_delay_s}
+                "downscale_delay_s": c.downscale_delay_s, "max_queue_per_worker": c.max_queue_per_worker,
+                "ttft_slo_s": c.ttft_slo_s, "tpot_slo_s": c.tpot_slo_s}

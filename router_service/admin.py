@@ -153,7 +153,9 @@ class AdminServicer(apb_grpc.AdminServicer):
                            max_workers=request.max_workers or c.max_workers,
                            target_tokens_per_worker=request.target_tokens_per_worker or c.target_tokens_per_worker,
                            upscale_delay_s=request.upscale_delay_s or c.upscale_delay_s,
-                           downscale_delay_s=request.downscale_delay_s or c.downscale_delay_s)
+                           downscale_delay_s=request.downscale_delay_s or c.downscale_delay_s,
+                           **{f: getattr(request, f) if request.HasField(f) else getattr(c, f)
+                              for f in ("max_queue_per_worker", "ttft_slo_s", "tpot_slo_s")})
         try:
             await asyncio.to_thread(policy.configure, cfg)
         except ValueError as e:

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
                     "             adds or removes replica slots); returns once the pool serves on it\n"
                     "  scale      grow or shrink the pool to --workers N while it serves\n"
                     "  autoscale  turn the policy loop on (--on) or off (--off): rebalancing on imbalance, and\n"
-                    "             with --max-workers sizing the pool from tokens per worker\n"
+                    "             with --max-workers sizing the pool from tokens per worker, the queue and\n"
+                    "             TTFT/TPOT SLOs\n"
                     "Every call carries the admin token; without it the gateway answers UNAUTHENTICATED.")
     sub = p.add_subparsers(dest="admin_command", required=True, metavar="{status,rebalance,scale,autoscale}")
 
@@ -62,6 +63,15 @@ def register(subparsers) -> None:
                     help="seconds more workers must be wanted before adding them (default: as now)")
     au.add_argument("--downscale-delay-s", type=float, default=0.0,
                     help="seconds fewer workers must be wanted before removing some (default: as now)")
+    au.add_argument("--max-queue-per-worker", type=float, default=None,
+                    help="add a worker while more requests than this per worker wait for a batch slot "
+                         "(0: do not watch; default: as now)")
+    au.add_argument("--ttft-slo-ms", type=float, default=None,
+                    help="add a worker while the p90 time to first token over the look-back period is above "
+                         "this (0: do not watch; default: as now)")
+    au.add_argument("--tpot-slo-ms", type=float, default=None,
+                    help="add a worker while the p90 time per output token over the look-back period is above "
+                         "this (0: do not watch; default: as now)")
     common(au)
 
 
@@ -85,13 +95,16 @@ def cmd_admin(args) -> int:
                 out = client.scale_pool(args.workers)
             else:
                 for flag in ("min_workers", "max_workers", "target_tokens_per_worker", "upscale_delay_s",
-                             "downscale_delay_s", "imbalance_threshold", "look_back_period_s", "interval_s"):
-                    if getattr(args, flag) < 0:
+                             "downscale_delay_s", "imbalance_threshold", "look_back_period_s", "interval_s",
+                             "max_queue_per_worker", "ttft_slo_ms", "tpot_slo_ms"):
+                    if (getattr(args, flag) or 0) < 0:
                         raise SystemExit(f"mesh: error: --{flag.replace('_', '-')} must be 0 or more")
+                ms = lambda v: None if v is None else v / 1e3  # noqa: E731
                 out = client.set_autoscaling(args.enabled, args.imbalance_threshold, args.look_back_period_s,
                                              args.interval_s, args.min_workers, args.max_workers,
                                              args.target_tokens_per_worker, args.upscale_delay_s,
-                                             args.downscale_delay_s)
+                                             args.downscale_delay_s, args.max_queue_per_worker,
+                                             ms(args.ttft_slo_ms), ms(args.tpot_slo_ms))
         except MeshError as e:
             print(f"mesh: error: {e.code.name}: {e.details}", file=sys.stderr)
             return 1

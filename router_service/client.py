@@ -201,14 +201,19 @@ class MeshClient:
     def set_autoscaling(self, enabled: bool, imbalance_threshold: float = 0.0, look_back_period_s: float = 0.0,
                         interval_s: float = 0.0, min_workers: int = 0, max_workers: int = 0,
                         target_tokens_per_worker: float = 0.0, upscale_delay_s: float = 0.0,
-                        downscale_delay_s: float = 0.0, timeout: float | None = None) -> dict:
+                        downscale_delay_s: float = 0.0, max_queue_per_worker: float | None = None,
+                        ttft_slo_s: float | None = None, tpot_slo_s: float | None = None,
+                        timeout: float | None = None) -> dict:
         """Turn the policy loop (rebalancing, and sizing the pool when max_workers is set) on or off;
-        0 keeps a setting as it is."""
+        0 keeps a setting as it is. The pressure signals (max_queue_per_worker, ttft_slo_s,
+        tpot_slo_s): None keeps, 0 stops watching."""
+        pressure = {k: v for k, v in (("max_queue_per_worker", max_queue_per_worker), ("ttft_slo_s", ttft_slo_s),
+                                      ("tpot_slo_s", tpot_slo_s)) if v is not None}
         return self._admin_call("SetAutoscaling", apb.AutoscalingConfig(
             enabled=enabled, imbalance_threshold=imbalance_threshold, look_back_period_s=look_back_period_s,
             interval_s=interval_s, min_workers=min_workers, max_workers=max_workers,
             target_tokens_per_worker=target_tokens_per_worker, upscale_delay_s=upscale_delay_s,
-            downscale_delay_s=downscale_delay_s), timeout)
+            downscale_delay_s=downscale_delay_s, **pressure), timeout)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service name."""

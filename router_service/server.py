@@ -148,6 +148,8 @@ class Gateway:
         if pool is not None:  # placement switches reach an idle engine through its thread
             aengine = self.aengine
             pool.wake = lambda: aengine.call_between_steps(pool.dispatcher.apply_pending)
+            if pool.policy is not None:
+                pool.policy.signals = _pressure_signals(self.engine)
         mc = self.engine.model_config
         self.model_name = self.model_name or self.engine.model_dir.name
         http = f" | HTTP (OpenAI API) on {self.host}:{self.http_port}" if self.http is not None else ""
@@ -254,6 +256,16 @@ class Gateway:
 
     def hurry(self) -> None:
         self._hurry.set()
+
+
+def _pressure_signals(engine) -> Callable[[float], dict]:
+    """What the expert pool's autoscaler reads besides the routed load: requests waiting for a batch
+    slot, and the p90 TTFT and TPOT over the look-back period (from the engine's latency window)."""
+    def signals(look_back_s: float) -> dict:
+        lat = engine.observer.latencies
+        return {"waiting": engine.num_waiting, "ttft_p90_s": lat.percentile("ttft", 90, look_back_s)[0],
+                "tpot_p90_s": lat.percentile("tpot", 90, look_back_s)[0]}
+    return signals
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:

@@ -9,6 +9,7 @@ expert ranks in the step header. With no SDK installed every call here is a no-o
 from __future__ import annotations
 
 import collections
+import threading
 import time
 import weakref
 
@@ -188,6 +189,30 @@ class StepWork:
         return [list(r) for r in recs[max(0, step - recs[0][0] + 1):]]
 
 
+class LatencyWindow:
+    """The latest TTFT and TPOT samples (seconds, with the time each was taken), for a reader in
+    another thread that asks for a percentile over the last few seconds (the autoscaler's SLO check).
+    Bounded: the newest `size` samples of each."""
+
+    def __init__(self, size: int = 4096):
+        self._samples = {"ttft": collections.deque(maxlen=size), "tpot": collections.deque(maxlen=size)}
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            self._samples[kind].append((time.monotonic(), seconds))
+
+    def percentile(self, kind: str, q: float, since_s: float) -> tuple[float, int]:
+        """(q-th percentile (nearest rank) of the samples of the last `since_s` seconds, how many);
+        (0.0, 0) without samples."""
+        cutoff = time.monotonic() - since_s
+        with self._lock:
+            xs = sorted(v for t_, v in self._samples[kind] if t_ >= cutoff)
+        if not xs:
+            return 0.0, 0
+        return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))], len(xs)
+
+
 class EngineObserver:
     def __init__(self, engine):
         # A weak reference: the engine owns its observer, and a cycle would keep the engine (and its
@@ -200,6 +225,7 @@ class EngineObserver:
         self._bytes = 0
         self.tokens = {"prompt": 0, "cached": 0, "output": 0}  # read by the M_TOKENS callback
         self.work = StepWork()  # read by GetServerStats (capacity planning)
+        self.latencies = LatencyWindow()  # recent TTFT/TPOT, read by the expert pool's autoscaler
 
     # ---- request lifecycle ---------------------------------------------------------------------
     def on_add(self, seq: Sequence) -> None:
@@ -266,6 +292,7 @@ class EngineObserver:
         if seq.num_output_tokens == 1:
             seq.first_token_time = time.time()
             self.m.ttft.record(seq.first_token_time - seq.request.arrival_time)
+            self.latencies.add("ttft", seq.first_token_time - seq.request.arrival_time)
             seq.decode_span = self.tracer.start_span(t.SPAN_DECODE, context=seq.trace_parent)
 
     def on_finish(self, seq: Sequence, reason: str) -> None:
@@ -282,6 +309,7 @@ class EngineObserver:
         self.m.e2e.record(now - seq.request.arrival_time, {"finish_reason": reason})
         if seq.num_output_tokens > 1 and seq.first_token_time is not None:
             self.m.tpot.record((now - seq.first_token_time) / (seq.num_output_tokens - 1))
+            self.latencies.add("tpot", (now - seq.first_token_time) / (seq.num_output_tokens - 1))
 
 
 def _span_context(ctx):

@@ -146,6 +146,7 @@ class _MeshRank:
         self.total_bytes_sent = self.total_bytes_received = 0
         self.steps = 0
         self.layer_seconds = [0.0] * self.L  # cumulative, per MoE layer
+        self.retired_groups: list = []  # default groups of earlier memberships (NCCL), kept until shutdown
         # set by another thread: give up the pending and any further waits on this group (it broke)
         self.abandon = threading.Event()
         self._polled = self.device.type == "cpu"  # gloo; an NCCL wait is a stream dependency, not a block
@@ -185,6 +186,13 @@ class _MeshRank:
             work = None
         self._count(inp.numel() * inp.element_size(), out.numel() * out.element_size())
         return work
+
+    def _retire(self, group) -> None:
+        """The previous membership's group, right after its last (SWITCH) round: nothing is pending on
+        it. A group of the pool's own is torn down as this reference goes (its connections and TCP
+        store closed); torch.distributed's default group (NCCL pools) stays until shutdown destroys it."""
+        if not _is_raw(group):
+            self.retired_groups.append(group)
 
     def _wait(self, work) -> None:
         """Wait for a collective; a peer's death (gloo's error) or `abandon` raises `_failed`'s error.
@@ -260,7 +268,6 @@ class CollectiveDispatcher(_MeshRank):
         self._switch_lock = threading.Lock()
         self._pending_switch: tuple | None = None
         self.switches = 0
-        self.retired_groups: list = []  # groups of earlier pool memberships
         # a lost member: `abandon` set, the reason, and the re-formed pool the engine thread takes up
         self._lost_reason: str | None = None
         self._recovered = threading.Event()
@@ -342,7 +349,7 @@ class CollectiveDispatcher(_MeshRank):
                                   dtype=torch.int64))
         self.expert_seconds += time.perf_counter() - t0
         if group is not None:  # the next header round is the new group's first
-            self.retired_groups.append(self.group)  # idle from now on; dropped at shutdown
+            self._retire(self.group)
             self.group, self.rank, self.world = group, group.rank(), group.size()
             self.W = placement.num_ranks
             self.worker_compute_seconds = [0.0] * self.W
@@ -598,7 +605,6 @@ class ExpertServer(_MeshRank):
         self._stage_lock = threading.Lock()
         self.switches = 0
         self.left = False  # a SWITCH removed this rank from the pool
-        self.retired_groups: list = []
         self._recovery: tuple | None = None  # (placement, shard, group) of a re-formed pool, once staged
         self.recoveries = 0
 
@@ -637,7 +643,7 @@ class ExpertServer(_MeshRank):
             self.left = True
             return False  # removed from the pool: its slots live on the survivors now
         if group is not None:
-            self.retired_groups.append(self.group)
+            self._retire(self.group)
             self.group, self.rank, self.world, self.W = group, group.rank(), group.size(), placement.num_ranks
         self.placement, self.experts, self.S = placement, experts, placement.slots_per_rank
         self.slot_load = torch.zeros(self.L, self.S, dtype=torch.int64)  # the old slots' shard is freed here

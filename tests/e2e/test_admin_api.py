@@ -119,17 +119,24 @@ def test_admin_api_under_load(served):
         assert on["enabled"] and on["imbalance_threshold"] == pytest.approx(1.05)
         assert client.get_pool()["autoscaling"]["enabled"]
         time.sleep(2)
-        # sizing: a tiny per-worker target under load wants max_workers; a huge one wants min_workers
-        client.set_autoscaling(True, imbalance_threshold=50, min_workers=1, max_workers=3,
-                               target_tokens_per_worker=0.5, upscale_delay_s=0.5, downscale_delay_s=0.5,
-                               look_back_period_s=2.0, interval_s=0.2)
+
         def wait_for(size):
             deadline = time.monotonic() + 90
             while client.get_pool()["num_workers"] != size:
                 assert time.monotonic() < deadline, f"the policy did not size the pool to {size}: {client.get_pool()}"
                 time.sleep(0.5)
 
-        wait_for(3)  # under load: up to max_workers
+        # pressure: a TPOT SLO no step meets wants one worker more at a time, though the routed tokens
+        # (against a huge per-worker target) want only min_workers
+        on = client.set_autoscaling(True, imbalance_threshold=50, min_workers=1, max_workers=3,
+                                    target_tokens_per_worker=1e9, upscale_delay_s=0.5, downscale_delay_s=0.5,
+                                    look_back_period_s=2.0, interval_s=0.2, tpot_slo_s=1e-6)
+        assert on["tpot_slo_s"] == pytest.approx(1e-6)
+        wait_for(3)
+        # sizing: a tiny per-worker target under load wants max_workers; a huge one wants min_workers
+        off = client.set_autoscaling(True, target_tokens_per_worker=0.5, tpot_slo_s=0.0)
+        assert "tpot_slo_s" not in off or off["tpot_slo_s"] == 0
+        assert client.get_pool()["num_workers"] == 3  # under load: max_workers
         stop.set()  # the streams end: idle, the pool goes back down to min_workers
         for t in threads:
             t.join(120)

@@ -221,3 +221,20 @@ def test_every_worker_lost_is_unavailable_in_the_products_words(ray_cluster, sev
     finally:
         pool.shutdown()
     assert pool.history[-1]["kind"] == "recover" and pool.history[-1]["workers_after"] == 0
+
+
+def test_pressure_signals_name_what_is_over_its_bound():
+    from expert_workers.policy import PolicyConfig, RebalancePolicy
+    policy = RebalancePolicy(None, PolicyConfig(max_workers=4, max_queue_per_worker=2, ttft_slo_s=0.5,
+                                                tpot_slo_s=0.05))
+    assert policy.pressure(2) == []  # no signals from a gateway: nothing to watch
+    seen = []
+    policy.signals = lambda look_back: seen.append(look_back) or {"waiting": 5, "ttft_p90_s": 0.2,
+                                                                  "tpot_p90_s": 0.08}
+    assert policy.pressure(2) == ["5 requests waiting, above 2 per worker", "TPOT p90 80 ms above the 50 ms SLO"]
+    assert seen == [PolicyConfig().look_back_period_s]
+    assert policy.pressure(3) == ["TPOT p90 80 ms above the 50 ms SLO"]  # 5 waiting is within 2 x 3
+    policy.config = PolicyConfig(max_workers=4)  # nothing watched: the signals are not even read
+    assert policy.pressure(2) == [] and len(seen) == 2
+    with pytest.raises(ValueError, match="ttft_slo_s"):
+        PolicyConfig(ttft_slo_s=-1).validate()

@@ -60,3 +60,18 @@ def test_stats_are_frozen_and_extend_with_defaults():
         pass
     else:
         raise AssertionError("EngineStats must be immutable: readers on other threads share it")
+
+
+def test_latency_window_percentiles_over_the_last_seconds(monkeypatch):
+    from mesh.engine import observe
+    clock = [100.0]
+    monkeypatch.setattr(observe.time, "monotonic", lambda: clock[0])
+    w = observe.LatencyWindow(size=8)
+    assert w.percentile("ttft", 90, 10.0) == (0.0, 0)
+    for i in range(10):  # 10 samples, one a second; the window keeps the newest 8
+        w.add("ttft", float(i))
+        clock[0] += 1.0
+    assert w.percentile("ttft", 50, 100.0) == (6.0, 8)  # 2..9: nearest rank of the median
+    assert w.percentile("ttft", 90, 100.0) == (8.0, 8)
+    assert w.percentile("ttft", 90, 3.0) == (9.0, 3)  # 7, 8, 9: taken in the last 3 s
+    assert w.percentile("tpot", 90, 100.0) == (0.0, 0)
