@@ -115,6 +115,11 @@ class Request:
     use_prefix_cache: bool = True
     arrival_time: float = 0.0
     trace_context: object | None = None  # the caller's tracing context (an OpenTelemetry Context)
+    # Output tokens this request already produced and sent (a stream resumed after its gateway was
+    # lost): they follow the prompt, count toward max_tokens, min_tokens and the penalties, and are not
+    # sent again; a seeded request's generator skips their draws, so the continuation is the one the
+    # lost stream would have produced. n must be 1.
+    resume_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

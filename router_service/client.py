@@ -6,12 +6,15 @@
         c.complete(prompt_token_ids=[1, 2, 3], max_tokens=8)  # {"token_ids", "text", ...}
 
 Errors come back as `MeshError` with the gRPC status `code` and the server's `details`.
+Several gateways ("host1:port1,host2:port2"): a call that gets UNAVAILABLE moves to the next one, and
+a stream that already delivered tokens resumes there from them (see `MeshClient`).
 Stopping the iteration of `generate` early (break, close, garbage collection) cancels the call, and
 the server aborts the request and frees its KV cache.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterator
 
@@ -24,6 +27,22 @@ from router_service.protos import admin_pb2 as apb
 from router_service.protos import admin_pb2_grpc as apb_grpc
 from router_service.protos import inference_pb2 as pb
 from router_service.protos import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("mesh.client")
+
+# For clients in any language: round-robin over several gateways and retry UNAVAILABLE on the next,
+# for calls that have not received a response message yet (gRPC never retries a stream after its
+# first message; resuming one is `resume_token_ids`' job). Use with a target listing every gateway,
+# e.g. "ipv4:10.0.0.1:50051,10.0.0.2:50051" or a DNS name resolving to all of them, and the channel
+# option grpc.service_config = json.dumps(SERVICE_CONFIG).
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "mesh.v1.Inference"}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "n", "logprobs",
                     "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")
@@ -60,31 +79,64 @@ class MeshClient:
     def __init__(self, target: str, timeout: float | None = None, channel: grpc.Channel | None = None, *,
                  token: str | None = None, tls: bool = False, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, tls_server_name: str | None = None,
-                 admin_token: str | None = None):
+                 admin_token: str | None = None, failover_rounds: int = 2):
         """`timeout`: default deadline in seconds for every call (None: no deadline).
         `token`: sent as `authorization: Bearer <token>` on every call (servers with --auth-tokens-file).
         TLS: `tls=True` (or any of the tls_* arguments) connects over TLS; `tls_ca` is the PEM file that
         verifies the server (default: the system's roots); `tls_cert`/`tls_key` are this client's
         certificate for mutual TLS; `tls_server_name` overrides the name checked in the server's
         certificate (default: the target's host). `admin_token`: sent with the mesh.v1.Admin calls
-        (get_pool, rebalance, scale_pool, set_autoscaling) in `x-admin-token`."""
-        self.target, self.timeout = target, timeout
+        (get_pool, rebalance, scale_pool, set_autoscaling) in `x-admin-token`.
+
+        Several gateways: `target` "host1:port1,host2:port2,...". A call that gets UNAVAILABLE (the
+        gateway is gone, draining or still loading) goes to the next gateway in turn, up to
+        `failover_rounds` times around the list; a stream that has already delivered tokens continues
+        there from them (`resume_token_ids`), so the caller sees one unbroken stream (n = 1 only; a
+        greedy or seeded stream continues exactly as it would have). Admin and health calls go to the
+        gateway in use (`target`)."""
+        self.targets = [t.strip() for t in target.split(",") if t.strip()] if channel is None else [target]
+        if not self.targets:
+            raise ValueError("target: give at least one host:port")
+        self.timeout, self.failover_rounds = timeout, failover_rounds
         self.admin_token = admin_token
+        self.failovers = 0  # calls moved to another gateway
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        if channel is None:
-            if tls or tls_ca or tls_cert or tls_key:
+        self._tls = (tls or tls_ca or tls_cert or tls_key, tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channels: dict[int, grpc.Channel] = {}
+        if channel is not None:
+            self._channels[0] = channel
+        self._use(0)
+
+    def _use(self, i: int) -> None:
+        """Talk to gateway i of `targets` from now on (its channel made on first use)."""
+        if i not in self._channels:
+            secure, ca, cert, key, name = self._tls
+            if secure:
                 from router_service.tls import client_credentials
-                opts = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
-                channel = grpc.secure_channel(target, client_credentials(tls_ca, tls_cert, tls_key), options=opts)
+                opts = [("grpc.ssl_target_name_override", name)] if name else []
+                self._channels[i] = grpc.secure_channel(self.targets[i], client_credentials(ca, cert, key), options=opts)
             else:
-                channel = grpc.insecure_channel(target)
-        self._channel = channel
+                self._channels[i] = grpc.insecure_channel(self.targets[i])
+        self._index, self.target, self._channel = i, self.targets[i], self._channels[i]
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._admin = apb_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
+    def _fail_over(self, e: grpc.RpcError, attempt: int) -> bool:
+        """After `e` on attempt `attempt` (0 first): move to the next gateway and return True when the
+        call should be tried there."""
+        if e.code() != grpc.StatusCode.UNAVAILABLE or len(self.targets) < 2 or \
+                attempt + 1 >= len(self.targets) * self.failover_rounds:
+            return False
+        log.warning("gateway %s: UNAVAILABLE (%s); trying %s", self.target, e.details(),
+                    self.targets[(self._index + 1) % len(self.targets)])
+        self._use((self._index + 1) % len(self.targets))
+        self.failovers += 1
+        return True
+
     def close(self) -> None:
-        self._channel.close()
+        for ch in self._channels.values():
+            ch.close()
 
     def __enter__(self) -> "MeshClient":
         return self
@@ -118,26 +170,43 @@ class MeshClient:
                  timeout: float | None = None, **kw) -> Iterator[RequestOutput]:
         """Stream deltas: each RequestOutput holds the new token ids and text (and `logprobs` when
         asked) of completion `index`; each completion's last has `finished` and `finish_reason`."""
-        call = self._stub.Generate(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout),
-                                   metadata=self._metadata)
-        try:
-            for msg in call:
-                yield convert.output_from_pb(msg)
-        except grpc.RpcError as e:
-            raise MeshError.from_rpc(e) from None
-        finally:
-            call.cancel()  # a no-op once the stream ended; frees the request if the caller stopped early
+        sent: list[int] = []  # completion 0's tokens delivered so far (what a failover resumes from)
+        multi, delivered = (kw.get("n") or 1) > 1, False
+        attempt = 0
+        while True:
+            msg_in = self.request(prompt, prompt_token_ids, **kw)
+            msg_in.resume_token_ids.extend(sent)
+            call = self._stub.Generate(msg_in, timeout=self._timeout(timeout), metadata=self._metadata)
+            try:
+                for msg in call:
+                    out = convert.output_from_pb(msg)
+                    if out.index == 0:
+                        sent += out.new_token_ids
+                    delivered = True
+                    yield out
+                return
+            except grpc.RpcError as e:
+                if (multi and delivered) or not self._fail_over(e, attempt):  # n > 1 cannot resume mid-stream
+                    raise MeshError.from_rpc(e) from None
+                attempt += 1
+            finally:
+                call.cancel()  # a no-op once the stream ended; frees the request if the caller stopped early
 
     def complete(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, *,
                  timeout: float | None = None, **kw) -> dict:
         """The whole result: {"request_id", "token_ids", "text", "finish_reason", "usage"} of completion
         0, with "logprobs" ([{"token_id", "logprob", "top": [[id, logprob], ...]}]) when asked and, for
         n > 1, "completions": every completion as {"index", "token_ids", "text", "finish_reason", ...}."""
-        try:
-            msg = self._stub.Complete(self.request(prompt, prompt_token_ids, **kw), timeout=self._timeout(timeout),
-                                      metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise MeshError.from_rpc(e) from None
+        attempt = 0
+        while True:
+            try:
+                msg = self._stub.Complete(self.request(prompt, prompt_token_ids, **kw),
+                                          timeout=self._timeout(timeout), metadata=self._metadata)
+                break
+            except grpc.RpcError as e:  # nothing was delivered: the whole call goes to the next gateway
+                if not self._fail_over(e, attempt):
+                    raise MeshError.from_rpc(e) from None
+                attempt += 1
         out = {"request_id": msg.request_id, "token_ids": list(msg.token_ids), "text": msg.text,
                "finish_reason": convert.finish_reason_name(msg.finish_reason),
                "usage": convert.usage_from_pb(msg.usage).as_dict()}

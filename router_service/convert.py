@@ -64,7 +64,8 @@ def _request_from_pb(msg: pb.GenerateRequest, engine: Any, request_id: str, tena
                              "use stop_token_ids instead")
     # The tenant salts the prefix-cache hashes: no tenant can hit, or time, another's cached prefix.
     kw = dict(sampling=sampling, request_id=request_id, use_prefix_cache=not msg.disable_prefix_cache,
-              cache_salt=f"tenant:{tenant}" if tenant else "", trace_context=trace_context)
+              cache_salt=f"tenant:{tenant}" if tenant else "", trace_context=trace_context,
+              resume_token_ids=list(msg.resume_token_ids))
     if msg.HasField("fim"):
         if tok is None:
             raise InvalidRequest("fill-in-the-middle needs the model's tokenizer, and this model has none")

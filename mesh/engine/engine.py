@@ -171,6 +171,19 @@ class Engine:
                 f"tokens per sequence including at least one output token")
         if req.request_id in self._seqs:
             raise InvalidRequest(f"request id {req.request_id!r} is already in flight")
+        resumed = req.resume_token_ids
+        if resumed:
+            bad = [t for t in resumed if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                raise InvalidRequest(f"resume_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            if req.sampling.n != 1:
+                raise InvalidRequest(f"resume_token_ids resume one completion; n is {req.sampling.n}")
+            if len(resumed) >= req.sampling.max_tokens:
+                raise InvalidRequest(f"resume_token_ids: {len(resumed)} tokens already reach max_tokens "
+                                     f"({req.sampling.max_tokens}): nothing is left to generate")
+            if len(ids) + len(resumed) >= self.max_model_len:
+                raise InvalidRequest(f"the prompt ({len(ids)} tokens) and resume_token_ids ({len(resumed)}) fill "
+                                     f"the {self.max_model_len}-token context: nothing is left to generate")
 
     def add_request(self, req: Request) -> None:
         self.validate(req)
@@ -178,8 +191,8 @@ class Engine:
         self._seqs[req.request_id] = seqs[0]
         self._groups[req.request_id] = seqs
         for seq in seqs:
-            if self.tokenizer is not None:
-                self._detok[seq] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+            if self.tokenizer is not None:  # context only: resumed tokens' text was sent already
+                self._detok[seq] = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
             self.observer.on_add(seq)
         self.scheduler.add(seqs[0])
         if len(seqs) > 1:
@@ -330,7 +343,9 @@ class Engine:
     def _usage(self, seq: Sequence) -> Usage:
         """The prompt once, the tokens of all the request's completions, the first one's cached tokens."""
         seqs = self._groups.get(seq.request_id) or [seq]
-        return Usage(seq.num_prompt_tokens, sum(s.num_output_tokens for s in seqs), seqs[0].num_cached_tokens)
+        # a resumed request's earlier tokens were counted by the call that sent them
+        return Usage(seq.num_prompt_tokens, sum(s.num_output_tokens - s.num_resumed for s in seqs),
+                     seqs[0].num_cached_tokens)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is not Status.FINISHED:

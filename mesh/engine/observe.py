@@ -259,7 +259,7 @@ class EngineObserver:
             t.ATTR_BATCH: len(batch), t.ATTR_TOKENS: sum(s.num_tokens for s in batch),
             t.ATTR_KIND: kinds.pop() if len(kinds) == 1 else "mixed"})
         for s in batch:
-            if s.num_tokens > 1 or s.seq.num_output_tokens == 0:  # a prefill chunk of this request
+            if s.num_tokens > 1 or s.seq.num_new_tokens == 0:  # a prefill chunk of this request
                 s.seq.chunk_span = self.tracer.start_span(
                     t.SPAN_PREFILL, context=s.seq.trace_parent, links=[trace.Link(span.get_span_context())],
                     attributes={t.ATTR_TOKENS: s.num_tokens})
@@ -289,7 +289,7 @@ class EngineObserver:
 
     def on_token(self, seq: Sequence) -> None:
         self.tokens["output"] += 1
-        if seq.num_output_tokens == 1:
+        if seq.num_new_tokens == 1:
             seq.first_token_time = time.time()
             self.m.ttft.record(seq.first_token_time - seq.request.arrival_time)
             self.latencies.add("ttft", seq.first_token_time - seq.request.arrival_time)
@@ -302,14 +302,14 @@ class EngineObserver:
             seq.queue_span = None
         span = seq.decode_span
         if span is not None:
-            span.set_attribute(t.ATTR_TOKENS, seq.num_output_tokens)
+            span.set_attribute(t.ATTR_TOKENS, seq.num_new_tokens)
             span.add_event("finish", {t.ATTR_FINISH: reason})
             span.end()
             seq.decode_span = None
         self.m.e2e.record(now - seq.request.arrival_time, {"finish_reason": reason})
-        if seq.num_output_tokens > 1 and seq.first_token_time is not None:
-            self.m.tpot.record((now - seq.first_token_time) / (seq.num_output_tokens - 1))
-            self.latencies.add("tpot", (now - seq.first_token_time) / (seq.num_output_tokens - 1))
+        if seq.num_new_tokens > 1 and seq.first_token_time is not None:
+            self.m.tpot.record((now - seq.first_token_time) / (seq.num_new_tokens - 1))
+            self.latencies.add("tpot", (now - seq.first_token_time) / (seq.num_new_tokens - 1))
 
 
 def _span_context(ctx):

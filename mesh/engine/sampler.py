@@ -64,6 +64,10 @@ def _pick(logits: torch.Tensor, seqs: list[Sequence], generator, argmax) -> list
     noise = torch.empty(probs.shape, dtype=probs.dtype)
     for r, i in enumerate(rows):
         g = seqs[i].generator or generator
+        if seqs[i].skip_draws:  # a resumed seeded request: the draws its earlier tokens took elsewhere
+            for _ in range(seqs[i].skip_draws):
+                torch.empty_like(noise[r]).exponential_(generator=g)
+            seqs[i].skip_draws = 0
         noise[r].exponential_(generator=g)
     pick = (probs / noise.to(dev)).argmax(dim=-1)  # [R] positions in sorted order
     out[idx] = order.gather(1, pick[:, None]).squeeze(1)

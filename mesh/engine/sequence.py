@@ -23,8 +23,10 @@ class Sequence:
         self.request_id = request.request_id
         self.index = index
         self.sampling = request.sampling
-        self.token_ids: list[int] = list(request.prompt_token_ids)  # prompt + generated
+        # prompt + generated (a resumed request's earlier output first: it counts as generated)
+        self.token_ids: list[int] = list(request.prompt_token_ids) + list(request.resume_token_ids)
         self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.num_resumed = len(request.resume_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V sit in this sequence's blocks
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far
@@ -57,10 +59,18 @@ class Sequence:
             if index:
                 seed = int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little")
             self.generator = torch.Generator().manual_seed(seed % (2**63))
+            self.skip_draws = self.num_resumed  # the sampler's per-token draws the resumed tokens took
+        else:
+            self.skip_draws = 0
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Output tokens generated here (a resumed request's earlier ones excluded)."""
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_resumed
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -150,6 +150,37 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(hf_checkpoints):
     assert diff.token_ids != alone
 
 
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_a_resumed_request_continues_as_the_lost_stream_would_have(kind, tiny_dir):
+    """A stream cut after k tokens and resumed from them (resume_token_ids) produces exactly the rest of
+    the uninterrupted one, text included, and counts only its own tokens in usage."""
+    engine = _engine(tiny_dir)
+    sp = dict(max_tokens=16, ignore_eos=True)
+    sp.update(temperature=0) if kind == "greedy" else sp.update(temperature=1.0, top_p=0.9, seed=7)
+    prompt = "def fibonacci(n):"
+    whole = engine.generate([engine.make_request(prompt=prompt, sampling=SamplingParams(**sp))])[0]
+    for k in (1, 6, 15):
+        req = engine.make_request(prompt=prompt, sampling=SamplingParams(**sp), resume_token_ids=whole.token_ids[:k])
+        rest = engine.generate([req])[0]
+        assert rest.token_ids == whole.token_ids[k:], k
+        assert engine.tokenizer.decode(whole.token_ids[:k]) + rest.text == whole.text
+        assert rest.usage.completion_tokens == 16 - k and rest.finish_reason is FinishReason.LENGTH
+    assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"resume_token_ids": [1] * 16}, "already reach max_tokens"),
+    ({"resume_token_ids": [10 ** 6]}, "resume_token_ids: token id 1000000 is outside the vocabulary"),
+    ({"resume_token_ids": [1], "n": 2}, "resume one completion; n is 2"),
+])
+def test_bad_resumes_are_rejected_clearly(kw, message, tiny_dir):
+    engine = _engine(tiny_dir)
+    n = kw.pop("n", 1)
+    req = engine.make_request(prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=16, n=n), **kw)
+    with pytest.raises(InvalidRequest, match=message):
+        engine.add_request(req)
+
+
 def test_stop_token_ids_and_max_tokens(hf_checkpoints, references):
     prompts, refs = references
     engine = _engine(hf_checkpoints["qwen2_moe"])
