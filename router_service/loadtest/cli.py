@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from mesh.cli import add_client_security_flags, client_security
 from mesh.plan.workload import DIST_HELP
 
 HARDWARE = ("cpu", "h100", "h200")
@@ -106,6 +107,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots and the HTML page")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print each level's figures as one JSON object per line")
+    add_client_security_flags(p)
     p.set_defaults(func=cmd_loadtest)
 
     r = subparsers.add_parser(
@@ -282,7 +284,8 @@ def loadtest_from_args(args):
                     prompt=_dist("--prompt-tokens", args.prompt_tokens),
                     output=_dist("--output-tokens", args.output_tokens), trace=trace, tenant=args.tenant,
                     slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, channels=args.channels,
-                    progress=not args.no_progress, plots=not args.no_plots, seed=args.seed)
+                    progress=not args.no_progress, plots=not args.no_plots, seed=args.seed,
+                    security=client_security(args))
 
 
 def _line(r: dict) -> str:
@@ -300,10 +303,13 @@ def cmd_loadtest(args) -> int:
     import grpc
     from router_service.loadtest.runner import run_loadtest
     lt = loadtest_from_args(args)
+    from router_service.tls import TlsError
     try:
         report = run_loadtest(lt)
     except grpc.aio.AioRpcError as e:
         raise SystemExit(f"mesh: error: --target {lt.target}: {e.code().name}: {e.details()}") from None
+    except TlsError as e:
+        raise SystemExit(f"mesh: error: {e}") from None
     for r in report["runs"]:
         if args.json:
             print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "timeline")}))

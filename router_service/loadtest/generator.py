@@ -136,12 +136,25 @@ class Progress:
 class LoadGenerator:
     """Drives one target. Use `await gen.run(spec, requests)` per load level, inside one event loop."""
 
-    def __init__(self, target: str, channels: int = 4, progress_stream=None):
+    def __init__(self, target: str, channels: int = 4, progress_stream=None, security: dict | None = None):
+        """`security`: MeshClient's keyword arguments for TLS and a bearer token (token, tls, tls_ca,
+        tls_cert, tls_key, tls_server_name); None: plain text."""
+        sec = security or {}
         opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        token = sec.get("token")
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         # Several HTTP/2 connections: one connection's flow control and its single I/O path would
         # otherwise cap thousands of concurrent streams.
-        self._channels = [grpc.aio.insecure_channel(target, options=opts + [("grpc.channel_id", i)])
-                          for i in range(max(1, channels))]
+        if sec.get("tls") or sec.get("tls_ca") or sec.get("tls_cert"):
+            from router_service.tls import client_credentials
+            creds = client_credentials(sec.get("tls_ca"), sec.get("tls_cert"), sec.get("tls_key"))
+            if sec.get("tls_server_name"):
+                opts.append(("grpc.ssl_target_name_override", sec["tls_server_name"]))
+            self._channels = [grpc.aio.secure_channel(target, creds, options=opts + [("grpc.channel_id", i)])
+                              for i in range(max(1, channels))]
+        else:
+            self._channels = [grpc.aio.insecure_channel(target, options=opts + [("grpc.channel_id", i)])
+                              for i in range(max(1, channels))]
         self._stubs = [pb_grpc.InferenceStub(c) for c in self._channels]
         self.target = target
         self.progress_stream = progress_stream
@@ -151,13 +164,15 @@ class LoadGenerator:
             await c.close()
 
     async def model_info(self, timeout: float = 30.0) -> dict:
-        msg = await self._stubs[0].GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, wait_for_ready=True)
+        msg = await self._stubs[0].GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, wait_for_ready=True,
+                                                metadata=self._auth or None)
         return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
 
     async def server_stats(self, timeout: float = 10.0) -> dict | None:
         """None when the server does not implement GetServerStats."""
         try:
-            return stats_dict(await self._stubs[0].GetServerStats(pb.GetServerStatsRequest(), timeout=timeout))
+            return stats_dict(await self._stubs[0].GetServerStats(pb.GetServerStatsRequest(), timeout=timeout,
+                                                                  metadata=self._auth or None))
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return None
@@ -168,7 +183,7 @@ class LoadGenerator:
         times = []
         for _ in range(n):
             t = time.perf_counter()
-            await self._stubs[0].GetModelInfo(pb.GetModelInfoRequest(), timeout=10.0)
+            await self._stubs[0].GetModelInfo(pb.GetModelInfoRequest(), timeout=10.0, metadata=self._auth or None)
             times.append((time.perf_counter() - t) * 1000.0)
         return percentile(times, 50)
 
@@ -194,7 +209,7 @@ class LoadGenerator:
                    "output_tokens": 0, "itl_ms": [], "code": "OK", "error": "", "finish_reason": None}
             records.append(rec)
             counts["sent"] += 1
-            md = ((TENANT_HEADER, s.tenant),) if s.tenant else None
+            md = (((TENANT_HEADER, s.tenant),) if s.tenant else ()) + self._auth or None
             call = next(stubs).Generate(msg, metadata=md, timeout=spec.timeout)
             last, itl, out = None, rec["itl_ms"], 0
             try:

@@ -34,6 +34,9 @@ class LoadTest:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     channels: int = 4
+    # how to reach a server with TLS and/or tokens: MeshClient's keyword arguments (token, tls, tls_ca,
+    # tls_cert, tls_key, tls_server_name); None: plain text, no token
+    security: dict | None = None
     progress: bool = True
     plots: bool = True
     seed: int = 0
@@ -60,7 +63,7 @@ def _model_config(info: dict) -> dict | None:
 
 
 async def _run(lt: LoadTest) -> tuple[dict, list[dict]]:
-    gen = LoadGenerator(lt.target, lt.channels, sys.stderr if lt.progress else None)
+    gen = LoadGenerator(lt.target, lt.channels, sys.stderr if lt.progress else None, security=lt.security)
     try:
         info = await gen.model_info()
         rtt = await gen.rtt_ms()

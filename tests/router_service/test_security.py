@@ -416,11 +416,13 @@ def test_mesh_serve_with_tls_and_tokens_and_remote_generate(tiny_dir, certs, tmp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log_file = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(tiny_dir), "--port", str(port),
                              "--dtype", "float32", "--tls-cert", str(certs["server"]), "--tls-key",
                              str(certs["server-key"]), "--tls-client-ca", str(certs["ca"]),
                              "--auth-tokens-file", str(tokens)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            # a file, not a pipe: the load test's access lines would fill a pipe nobody reads
+                            cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     target = f"127.0.0.1:{port}"
     try:
         with MeshClient(target, tls_ca=str(certs["ca"]), tls_cert=str(certs["client"]),
@@ -436,9 +438,20 @@ def test_mesh_serve_with_tls_and_tokens_and_remote_generate(tiny_dir, certs, tmp
         assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
         out = _mesh("generate", *conn, "--prompt-ids", "1,2,3", "--max-tokens", "3", env={"MESH_API_TOKEN": TOKEN_A})
         assert out.returncode == 0, out.stderr
+        # the load generator over the same TLS, with and without the token
+        lt = ["loadtest", *conn, "--concurrency", "2", "--duration", "2", "--prompt-tokens", "8", "--output-tokens",
+              "4", "--no-plots", "--no-progress", "--json", "--timeout", "30"]
+        out = _mesh(*lt, "--out", str(tmp_path / "lt"), "--token-file", str(tmp_path / "token"), timeout=120)
+        assert out.returncode == 0, out.stderr
+        run = json.loads(out.stdout.splitlines()[0])
+        assert run["requests"]["completed"] > 0 and run["requests"]["failed"] == 0, run["requests"]
+        out = _mesh(*lt, "--out", str(tmp_path / "lt2"), timeout=120)
+        assert out.returncode != 0 and "UNAUTHENTICATED" in out.stderr and "Traceback" not in out.stderr
     finally:
         proc.terminate()
-        log = proc.communicate(timeout=30)[0]
+        proc.wait(timeout=30)
+        log_file.close()
+    log = (tmp_path / "serve.log").read_text()
     assert proc.returncode == 0, log
     assert "TLS with certificate" in log and "client certificates required" in log
     assert "bearer tokens required (1 tokens" in log and "Traceback" not in log
