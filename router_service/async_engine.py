@@ -88,6 +88,7 @@ class AsyncEngine:
         request. `received_at`: time.perf_counter() when the request arrived (counted in
         arrival_hop_seconds)."""
         loop = asyncio.get_running_loop()
+        self.check_room()
         if received_at is not None:
             self.arrival_hop_seconds += time.perf_counter() - received_at
             self.arrivals += 1
@@ -142,6 +143,14 @@ class AsyncEngine:
         with self._lock:
             return {**self._stats, "in_flight": self._in_flight, "max_queued": self.max_queued,
                     "alive": self._error is None}
+
+    def check_room(self) -> None:
+        """Raise Overloaded now if a request would be refused for want of room: a caller checks this
+        before the work of building a request (parsing, tokenizing in a thread), so that refusing an
+        overload costs next to nothing. `generate` checks again when it admits."""
+        if self._in_flight >= self.max_queued:
+            raise Overloaded(f"the server is at its limit of {self.max_queued} queued and running "
+                             f"requests; retry later")
 
     @property
     def in_flight(self) -> int:

@@ -206,6 +206,7 @@ class Gateway:
         request's arrival hop (capacity planning reads it)."""
         received = time.perf_counter()
         aengine = self.available()
+        aengine.check_room()  # an overload is refused before the request is built
         engine_id = uuid.uuid4().hex
         req = await asyncio.to_thread(build, aengine.engine, engine_id)
         return aengine, engine_id, await aengine.generate(req, received_at=received)
