@@ -43,6 +43,10 @@ class PoolError(RuntimeError):
     pass
 
 
+class PlacementChanged(PoolError):
+    """A joining gateway read a placement that is no longer the pool's: it reads again and retries."""
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -129,6 +133,7 @@ class ExpertPool:
         self._trouble = threading.Event()  # set by the dispatcher when one of its collectives failed
         self._stopping = threading.Event()
         self._no_recovery = False  # the server is stopping: a lost worker ends the pool instead
+        self.attached = 0  # other gateways attached so far (attach_gateway)
         self._supervisor: threading.Thread | None = None
 
     # ---- start -----------------------------------------------------------------------------
@@ -489,6 +494,28 @@ class ExpertPool:
             log.info("expert pool: %d -> %d workers in %.2fs (%d slots per worker)", W, num_workers,
                      record["decision_to_serving_s"], S)
             return record
+
+    # ---- more gateways ------------------------------------------------------------------------
+    def attach_gateway(self, host: str, port: int, fingerprint: int, timeout: float = 120.0) -> dict:
+        """Another gateway serves from this pool: every worker joins a group of its own with it (the
+        gateway's TCP store on host:port, gateway rank 0) and serves it from another thread, from the
+        experts it holds for the current placement, which must be the one the gateway read
+        (`fingerprint`). Independent of this gateway's group: no lockstep between gateways; a later
+        placement change here leaves the attached groups on the experts they were formed with, and a
+        worker that leaves or dies breaks them (the joined gateway then attaches again)."""
+        import ray
+        if self.dispatcher is None:
+            raise PoolError("the expert pool is not running")
+        with self._change_lock:
+            if self.placement.fingerprint() != fingerprint:
+                raise PlacementChanged(f"the pool's placement changed (now {self.placement.fingerprint():#x}, "
+                                       f"read {fingerprint:#x}): read it again")
+            refs = [a.attach.remote(host, port, self.placement.phy2log.tolist(), self.num_workers,
+                                    self.placement.slots_per_rank) for a in self.actors]
+            ray.get(refs, timeout=timeout)
+            self.attached += 1
+            log.info("expert pool: a gateway at %s:%d attached (%d attachments so far)", host, port, self.attached)
+            return {"num_workers": self.num_workers, "gateways": 1 + self.attached}
 
     # ---- a lost worker ------------------------------------------------------------------------
     def _supervise(self) -> None:

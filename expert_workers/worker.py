@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ class ExpertWorker:
         self.server = None
         self.loaded_bytes = 0
         self.load_seconds = 0.0
+        self.attached: set = set()  # ExpertServers of other gateways' groups (attach)
+        self.compute_lock = threading.Lock()  # one expert compute at a time across those servers
 
     def placement(self) -> Placement:
         s = self.spec
@@ -91,7 +94,8 @@ class ExpertWorker:
             else:
                 init_mesh_group(s.init_method, s.num_attention + s.num_ranks, s.num_attention + s.expert_rank,
                                 backend="nccl" if gpu else "gloo")
-            self.server = ExpertServer(shard, placement, s.num_attention, group=group, device=s.device)
+            self.server = ExpertServer(shard, placement, s.num_attention, group=group, device=s.device,
+                                       compute_lock=self.compute_lock)
             _export_worker_metrics(self.server, s.expert_rank)
             self.state = "joined"
             steps = self.server.run()
@@ -175,6 +179,41 @@ class ExpertWorker:
         return {"rank": new_rank, "fingerprint": fp, "loaded_bytes": nbytes, "new_experts": new_experts,
                 "seconds": time.perf_counter() - t0}
 
+    def attach(self, group_host: str, group_port: int, phy2log: list[list[int]], num_ranks: int,
+               slots_per_rank: int) -> dict:
+        """Serve another gateway too: join a group of its own with it (its TCP store on
+        group_host:group_port, gateway rank 0, this worker rank 1 + its expert rank), from the shard
+        this worker holds for that placement, in a thread of its own. Returns once the group's
+        handshake passed; the thread ends when that gateway leaves or its group breaks."""
+        from mesh.parallel.collective import ExpertServer, new_group
+        s, srv = self.spec, self.server
+        if srv is None or self.state != "joined":
+            raise RuntimeError(f"expert worker {s.expert_rank} is {self.state}: only a serving worker attaches")
+        cfg = ModelConfig.from_dir(s.model_dir)
+        placement = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+        if placement.fingerprint() != srv.placement.fingerprint():
+            raise RuntimeError(f"attach: placement {placement.fingerprint():#x} is not this worker's "
+                               f"({srv.placement.fingerprint():#x})")
+        rank = srv.rank - srv.A
+        group = new_group(group_host, group_port, 1 + num_ranks, 1 + rank)
+        attached = ExpertServer(srv.experts, placement, 1, group=group, device=s.device, orphan_wait_s=0.0,
+                                compute_lock=self.compute_lock)
+
+        def serve():
+            try:
+                attached.run()
+            except Exception as e:  # noqa: BLE001 - that gateway left or its group broke: this loop ends
+                import logging
+                logging.getLogger("mesh.worker").warning("expert worker %d: the loop of the gateway at %s:%d "
+                                                         "ended: %s", rank, group_host, group_port,
+                                                         str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            finally:
+                self.attached.discard(attached)
+
+        self.attached.add(attached)
+        threading.Thread(target=serve, name=f"mesh-attached-{group_port}", daemon=True).start()
+        return {"rank": rank, "fingerprint": placement.fingerprint()}
+
     def status(self) -> dict:
         srv = self.server
         return {"rank": self.spec.expert_rank, "state": self.state, "error": self.error,
@@ -183,6 +222,7 @@ class ExpertWorker:
                 "steps": srv.steps if srv is not None else 0,
                 "switches": srv.switches if srv is not None else 0,
                 "recoveries": srv.recoveries if srv is not None else 0,
+                "gateways": 1 + len(self.attached),
                 "slots": srv.placement.local_slots(srv.rank - srv.A) if srv is not None and not srv.left else None,
                 "compute_seconds": srv.compute_seconds if srv is not None else 0.0}
 
@@ -217,7 +257,7 @@ def make_actor_class():
 
     # one thread serves the collective loop, one answers status(), one loads a new placement (prepare,
     # recover), one spare: a status() call must never queue behind a slow load
-    @ray.remote(max_concurrency=4)
+    @ray.remote(max_concurrency=8)
     class RayExpertWorker:
         def __init__(self, spec: WorkerSpec):
             self.worker = ExpertWorker(spec)
@@ -236,5 +276,8 @@ def make_actor_class():
 
         def recover(self, phy2log, num_ranks, slots_per_rank, group_host, group_port, new_rank) -> dict:
             return self.worker.recover(phy2log, num_ranks, slots_per_rank, group_host, group_port, new_rank)
+
+        def attach(self, group_host, group_port, phy2log, num_ranks, slots_per_rank) -> dict:
+            return self.worker.attach(group_host, group_port, phy2log, num_ranks, slots_per_rank)
 
     return RayExpertWorker

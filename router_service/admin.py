@@ -57,7 +57,7 @@ def pool_message(pool, policy=None) -> apb.Pool:
                    changes=sum(1 for h in pool.history if h["changed"]),
                    recoveries=sum(1 for h in pool.history if h["kind"] == "recover"),
                    lost_workers=sum(len(h["lost_ranks"]) for h in pool.history if h["kind"] == "recover"),
-                   target_workers=pool.target_workers)
+                   target_workers=pool.target_workers, placement_fingerprint=p.fingerprint())
     for s in statuses:
         msg.workers.add(rank=s["rank"], state=s["state"], host=s.get("host", ""), pid=s.get("pid", 0),
                         steps=s.get("steps", 0), switches=s.get("switches", 0),
@@ -132,6 +132,23 @@ class AdminServicer(apb_grpc.AdminServicer):
                                 f"slots_per_rank={S} on {W} workers holds {S * W} slots, fewer than the model's "
                                 f"{E} experts: give at least {-(-E // W)}")
         return await self._act(pool, context, "rebalance", "operator request", slots_per_rank=S or None)
+
+    async def AttachGateway(self, request, context):
+        pool = await self._pool(context)
+        if not request.host or not 0 < request.port < 65536:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host and port (1-65535) of the joining gateway's "
+                                                                  "group store are required")
+        from expert_workers.pool import PlacementChanged, PoolError
+        try:
+            rec = await asyncio.to_thread(pool.attach_gateway, request.host, request.port,
+                                          request.placement_fingerprint)
+        except PlacementChanged as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except (PoolError, Exception) as e:  # noqa: BLE001 - the joining gateway reports it
+            log.error("admin: attaching a gateway at %s:%d failed: %s: %s", request.host, request.port,
+                      type(e).__name__, e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"attaching failed: {type(e).__name__}: {e}")
+        return apb.AttachGatewayReply(num_workers=rec["num_workers"], gateways=rec["gateways"])
 
     async def ScalePool(self, request, context):
         pool = await self._pool(context)

@@ -58,6 +58,11 @@ def register(subparsers) -> None:
                    help="file holding the token that mesh.v1.Admin calls (mesh admin ...) must carry in the "
                         "x-admin-token metadata; without it every Admin call is refused UNAUTHENTICATED "
                         "(env MESH_ADMIN_TOKEN_FILE)")
+    p.add_argument("--join", default=_env("MESH_JOIN"), metavar="HOST:PORT",
+                   help="serve from the expert pool of the gateway at HOST:PORT (started with --workers N and "
+                        "--admin-token-file) instead of starting workers: its workers also serve this gateway, "
+                        "each gateway on a group of its own; give the same --model and --admin-token-file "
+                        "(env MESH_JOIN; CPU pools)")
     p.add_argument("--ray-address", default=_env("MESH_RAY_ADDRESS"),
                    help="Ray cluster to start expert workers in, e.g. ray://head:10001 or auto "
                         "(default: a local Ray instance; env MESH_RAY_ADDRESS; used with --workers >= 1)")
@@ -120,6 +125,11 @@ def build_engine_factory(args):
         raise SystemExit(f"mesh: error: --workers must be 0 or more, got {args.workers}")
     if args.redundant_experts < 0:
         raise SystemExit(f"mesh: error: --redundant-experts must be 0 or more, got {args.redundant_experts}")
+    if args.join and (args.workers or args.redundant_experts or args.ray_address):
+        raise SystemExit("mesh: error: --join serves from another gateway's expert pool: drop --workers, "
+                         "--redundant-experts and --ray-address (the pool's owner has them)")
+    if args.join and ":" not in args.join:
+        raise SystemExit(f"mesh: error: --join: expected HOST:PORT of the pool's gateway, got {args.join!r}")
     if args.redundant_experts and args.workers == 0:
         raise SystemExit("mesh: error: --redundant-experts needs --workers >= 1 (with --workers 0 every expert "
                          "lives once in the gateway)")
@@ -145,11 +155,24 @@ def build_engine_factory(args):
         except ValueError as e:
             raise SystemExit(f"mesh: error: {e}") from None
 
+    joined = None
+    if args.join:
+        from router_service.admin import token_from_flag
+        from router_service.join import JoinedPool
+        try:
+            joined = JoinedPool(args.join, token_from_flag(args.admin_token_file), str(model), config.dtype,
+                                device=config.device)
+        except ValueError as e:
+            raise SystemExit(f"mesh: error: --join: {e}") from None
+
     def factory():
         from mesh.engine.engine import Engine
-        dispatcher = pool.start() if pool is not None else None
+        dispatcher = pool.start() if pool is not None else joined.start() if joined is not None else None
         return Engine(model, config, dispatcher=dispatcher, prefix_tier=tier)
 
+    if joined is not None:
+        from router_service.server import _in_daemon_thread
+        return factory, None, lambda: _in_daemon_thread(joined.shutdown), None
     if pool is None:
         return factory, None, None, None
     from expert_workers.pool import PoolError

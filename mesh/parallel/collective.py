@@ -586,7 +586,13 @@ class ExpertServer(_MeshRank):
     """
 
     def __init__(self, experts: ExpertShard, placement: Placement, num_attention: int, group=None,
-                 device=None):
+                 device=None, orphan_wait_s: float = ORPHAN_WAIT_S, compute_lock=None):
+        """`orphan_wait_s`: how long `run` waits for the pool to re-form when the group breaks (0: the
+        loop ends, as for another gateway's group that gateway left). `compute_lock`: held around the
+        expert compute, shared by the servers of one process that serve several gateways from one
+        shard (a backend's kernels may keep scratch state)."""
+        self.orphan_wait_s = orphan_wait_s
+        self._compute_lock = compute_lock if compute_lock is not None else nullcontext()
         self.experts = experts
         self.dtype, self.hidden_size = experts.dtype, experts.hidden_size
         layout = [PROTOCOL_VERSION, num_attention, placement.num_ranks, experts.num_slots,
@@ -681,7 +687,7 @@ class ExpertServer(_MeshRank):
                 if not self.serve_step():
                     return self.steps
             except CollectiveFailed:
-                if not self.abandon.wait(ORPHAN_WAIT_S) or self._recovery is None:
+                if not self.abandon.wait(self.orphan_wait_s) or self._recovery is None:
                     raise
                 self._take_recovery()
 
@@ -737,10 +743,12 @@ class ExpertServer(_MeshRank):
             # (keeping source order within a slot) into the grouping ExpertShard.forward expects.
             slot_of_row = torch.repeat_interleave(torch.arange(S).repeat(A), counts.reshape(-1))  # [N]
             perm = torch.argsort(slot_of_row, stable=True).to(self.device)  # [N]
-            out = torch.empty_like(recv).index_copy_(
-                0, perm, self.experts.forward(layer, recv.index_select(0, perm), slot_counts.tolist()))
+            with self._compute_lock:
+                computed = self.experts.forward(layer, recv.index_select(0, perm), slot_counts.tolist())
+            out = torch.empty_like(recv).index_copy_(0, perm, computed)
         else:
-            out = self.experts.forward(layer, recv, slot_counts.tolist())  # [N, H]
+            with self._compute_lock:
+                out = self.experts.forward(layer, recv, slot_counts.tolist())  # [N, H]
         self.compute_seconds[layer] += time.perf_counter() - t1
         self._a2a(out[:0], out, zeros, per_source)
         self.layer_seconds[layer] += time.perf_counter() - t0
