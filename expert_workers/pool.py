@@ -218,7 +218,6 @@ class ExpertPool:
 
     def start(self):
         """Start Ray (or join it), the actors, and the group; returns the gateway's CollectiveDispatcher."""
-        import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

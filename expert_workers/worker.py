@@ -129,11 +129,16 @@ class ExpertWorker:
         t0 = time.perf_counter()
         cfg = ModelConfig.from_dir(s.model_dir)
         new = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
-        shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=new.local_slots(s.expert_rank),
-                             device=s.device, reader=open_reader(s.model_dir, s.load_format, s.device,
-                                                                 seed=1 + s.expert_rank))
+
+        def load():
+            shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=new.local_slots(s.expert_rank),
+                                 device=s.device, reader=open_reader(s.model_dir, s.load_format, s.device,
+                                                                     seed=1 + s.expert_rank))
+            make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
+            return shard
+
+        shard = _behind_serving(load)  # the serving loops of this and every other process come first
         nbytes = shard.nbytes
-        make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
         new_experts = self.server.placement.moved_slots(new)[s.expert_rank]
         group = None
         if group_port:  # the pool changes membership: join its next group now, beside the serving one
@@ -225,6 +230,35 @@ class ExpertWorker:
                 "gateways": 1 + len(self.attached),
                 "slots": srv.placement.local_slots(srv.rank - srv.A) if srv is not None and not srv.left else None,
                 "compute_seconds": srv.compute_seconds if srv is not None else 0.0}
+
+
+# Niceness of the thread that loads a new placement's experts while the pool serves (Linux: per
+# thread). Serving threads, here and in the gateway, then win the CPU whenever both want it, so a
+# rebalance or scale costs the steps that run meanwhile less; the load takes longer only on a busy CPU.
+LOAD_NICE = 10
+
+
+def _behind_serving(fn):
+    """fn() in a thread of its own at niceness LOAD_NICE (where the OS lets a thread lower its own
+    priority); returns its result or raises its error."""
+    box: dict = {}
+
+    def run():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICE)  # this thread only (Linux)
+        except (AttributeError, OSError):
+            pass  # elsewhere: at the caller's priority
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="mesh-load", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _export_worker_metrics(server, rank: int) -> None:

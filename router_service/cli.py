@@ -170,8 +170,10 @@ def build_engine_factory(args):
         dispatcher = pool.start() if pool is not None else joined.start() if joined is not None else None
         return Engine(model, config, dispatcher=dispatcher, prefix_tier=tier)
 
+    # The hooks below block on Ray or gRPC calls: run them off the event loop, in daemon threads, so that
+    # a call that hangs (its cluster gone) cannot hold up the process's exit.
+    from router_service.server import _in_daemon_thread
     if joined is not None:
-        from router_service.server import _in_daemon_thread
         return factory, None, lambda: _in_daemon_thread(joined.shutdown), None
     if pool is None:
         return factory, None, None, None
@@ -181,9 +183,6 @@ def build_engine_factory(args):
     except PoolError as e:
         raise SystemExit(f"mesh: error: {e}") from None
     _watch_workers(pool)
-    # Both block on Ray calls: run them off the event loop, in daemon threads, so that a Ray call that
-    # hangs (its cluster gone) cannot hold up the process's exit.
-    from router_service.server import _in_daemon_thread
     return (factory, lambda: _in_daemon_thread(pool.ready),
             lambda: _in_daemon_thread(lambda: pool.shutdown(3.0)), pool)
 

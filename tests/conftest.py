@@ -243,6 +243,35 @@ class MeshServe:
         return self.proc.returncode
 
 
+ADMIN_TOKEN = "s3cret-admin-token"
+
+
+def pool_checkpoint(d: Path) -> tuple[Path, Path]:
+    """The 7-expert checkpoint the expert-pool tests serve (no worker count divides it) and a file
+    holding ADMIN_TOKEN, both under `d`."""
+    model = build_hf_checkpoint("qwen3_moe", d / "qwen3_moe_7", seed=3, num_experts=7)
+    (d / "token").write_text(ADMIN_TOKEN + "\n")
+    return model, d / "token"
+
+
+def watch_health(target: str, stop, health: list):
+    """A started daemon thread that appends the gateway's health to `health` every 0.2 s until `stop`."""
+    import threading
+    import time
+
+    from router_service.client import MeshClient
+
+    def watch():
+        c = MeshClient(target, timeout=10)
+        while not stop.is_set():
+            health.append(c.health(timeout=5))
+            time.sleep(0.2)
+        c.close()
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
 class LiveGateway:
     """A Gateway on a free loopback port, its event loop in a background thread."""
 

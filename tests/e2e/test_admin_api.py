@@ -14,23 +14,22 @@ import grpc
 import pytest
 import torch
 
-from conftest import ROOT, MeshServe, build_hf_checkpoint
+from conftest import ADMIN_TOKEN, ROOT, MeshServe, pool_checkpoint, watch_health
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 from router_service.client import MeshClient, MeshError
 
-TOKEN = "s3cret-admin-token"
+TOKEN = ADMIN_TOKEN
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("admin")
-    model = build_hf_checkpoint("qwen3_moe", d / "qwen3_moe_7", seed=3, num_experts=7)
-    (d / "token").write_text(TOKEN + "\n")
+    model, token = pool_checkpoint(d)
     server = MeshServe(d, "--model", str(model), "--workers", "2", "--dtype", "float32", "--grace-period", "2",
-                       "--admin-token-file", str(d / "token"), admin_token=TOKEN)
-    yield model, server.client, server.port, d / "token"
+                       "--admin-token-file", str(token), admin_token=TOKEN)
+    yield model, server.client, server.port, token
     assert server.stop() == 0, server.log()[-4000:]
 
 
@@ -61,17 +60,10 @@ def test_admin_api_under_load(served):
                 failures.append(f"stream {i}: {e}")
         c.close()
 
-    def watch():
-        c = MeshClient(f"127.0.0.1:{port}", timeout=10)
-        while not stop.is_set():
-            health.append(c.health(timeout=5))
-            time.sleep(0.2)
-        c.close()
-
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(prompts))]
-    threads.append(threading.Thread(target=watch, daemon=True))
     for t in threads:
         t.start()
+    threads.append(watch_health(f"127.0.0.1:{port}", stop, health))
     try:
         # no token, a wrong token: UNAUTHENTICATED, and nothing changes
         for bad in (None, "wrong"):

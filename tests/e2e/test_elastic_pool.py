@@ -105,32 +105,38 @@ def _streams_while(mesh, prompts, operator, max_rounds: int) -> list[list[list[i
     return results
 
 
-def test_live_rebalancing_under_load(ray_cluster, seven_experts, reference):
-    """Three rebalances under Zipf loads, one from the measured window, a replica slot added and
-    removed: all while 8 greedy streams run in a closed loop; every stream matches the reference."""
-    pool = ExpertPool(str(seven_experts), "float32", num_workers=2)
+def _under_load(pool, model, reference, operator, max_rounds: int, what: str):
+    """Start `pool`, run `operator(dispatcher)` while the reference prompts stream in a closed loop,
+    stop the pool, and check every round of every stream against the reference. Returns the
+    dispatcher and the workers' statuses as the operator left them."""
     prompts = [list(p) for p in reference]
-    records = []
     try:
         dispatcher = pool.start()
-        mesh = Engine(seven_experts, EngineConfig(dtype="float32", max_num_batched_tokens=48),
-                      dispatcher=dispatcher)
-        L, E = dispatcher.L, 7
-
-        def operator():
-            for seed in (1, 2, 3):
-                load = _zipf_load(L, E, seed)
-                # a skewed load on the current placement is badly balanced; rebalancing evens it out
-                records.append(pool.rebalance(load))
-            records.append(pool.rebalance(slots_per_rank=pool.placement.slots_per_rank + 1))  # add replicas
-            records.append(pool.rebalance(slots_per_rank=pool.placement.slots_per_rank - 1))  # and remove
-
-        results = _streams_while(mesh, prompts, operator, max_rounds=200)
+        mesh = Engine(model, EngineConfig(dtype="float32", max_num_batched_tokens=48), dispatcher=dispatcher)
+        results = _streams_while(mesh, prompts, lambda: operator(dispatcher), max_rounds)
         statuses = pool.statuses()
     finally:
         pool.shutdown()
     want = [reference[tuple(p)] for p in prompts]
-    assert all(r == want for r in results), "a stream's tokens changed across a placement change"
+    assert all(r == want for r in results), f"a stream's tokens changed across {what}"
+    return dispatcher, statuses
+
+
+def test_live_rebalancing_under_load(ray_cluster, seven_experts, reference):
+    """Three rebalances under Zipf loads, one from the measured window, a replica slot added and
+    removed: all while 8 greedy streams run in a closed loop; every stream matches the reference."""
+    pool = ExpertPool(str(seven_experts), "float32", num_workers=2)
+    records = []
+
+    def operator(dispatcher):
+        for seed in (1, 2, 3):
+            load = _zipf_load(dispatcher.L, 7, seed)
+            # a skewed load on the current placement is badly balanced; rebalancing evens it out
+            records.append(pool.rebalance(load))
+        records.append(pool.rebalance(slots_per_rank=pool.placement.slots_per_rank + 1))  # add replicas
+        records.append(pool.rebalance(slots_per_rank=pool.placement.slots_per_rank - 1))  # and remove
+
+    dispatcher, statuses = _under_load(pool, seven_experts, reference, operator, 200, "a placement change")
     assert len(records) == 5 and all(r["changed"] for r in records), records
     for r in records[:3]:
         assert r["imbalance_after"] <= r["imbalance_before"], r
@@ -145,25 +151,15 @@ def test_scale_two_three_one_two_under_load(ray_cluster, seven_experts, referenc
     """Workers added and removed at runtime (a new gloo group formed beside the serving one each time)
     while 8 greedy streams run in a closed loop; every stream matches the reference."""
     pool = ExpertPool(str(seven_experts), "float32", num_workers=2)
-    prompts = [list(p) for p in reference]
     records, shapes = [], []
-    try:
-        dispatcher = pool.start()
-        mesh = Engine(seven_experts, EngineConfig(dtype="float32", max_num_batched_tokens=48),
-                      dispatcher=dispatcher)
 
-        def operator():
-            for w in (3, 1, 2):
-                records.append(pool.scale(w))
-                shapes.append((dispatcher.W, dispatcher.world, len(pool.actors)))
+    def operator(dispatcher):
+        for w in (3, 1, 2):
+            records.append(pool.scale(w))
+            shapes.append((dispatcher.W, dispatcher.world, len(pool.actors)))
 
-        results = _streams_while(mesh, prompts, operator, max_rounds=300)
-        statuses = pool.statuses()
-        per_rank = dispatcher.slot_load.view(dispatcher.L, 2, -1).sum(-1)
-    finally:
-        pool.shutdown()
-    want = [reference[tuple(p)] for p in prompts]
-    assert all(r == want for r in results), "a stream's tokens changed across a pool change"
+    dispatcher, statuses = _under_load(pool, seven_experts, reference, operator, 300, "a pool change")
+    per_rank = dispatcher.slot_load.view(dispatcher.L, 2, -1).sum(-1)
     assert [r["workers_after"] for r in records] == [3, 1, 2] and all(r["changed"] for r in records)
     assert shapes == [(3, 4, 3), (1, 2, 1), (2, 3, 2)]
     assert [r["slots_per_rank"] for r in records] == [3, 9, 5]  # the 8 (then 9, then 9) slots spread out
@@ -176,34 +172,25 @@ def test_worker_sigkilled_under_load_pool_reforms_and_regrows(ray_cluster, seven
     loop: the pool re-forms from the two survivors (the lost experts loaded into added slots) and grows
     back to three workers; every stream matches the reference, before, across and after the loss."""
     pool = ExpertPool(str(seven_experts), "float32", num_workers=3, redundant=2)
-    prompts = [list(p) for p in reference]
-    try:
-        dispatcher = pool.start()
-        mesh = Engine(seven_experts, EngineConfig(dtype="float32", max_num_batched_tokens=48),
-                      dispatcher=dispatcher)
-        victim = pool.statuses()[1]["pid"]
+    victim = []
 
-        def operator():
-            while dispatcher.steps < 8:
-                time.sleep(0.01)
-            os.kill(victim, signal.SIGKILL)
-            deadline = time.monotonic() + 180
-            while not any(h["kind"] == "recover" and "restored" in h for h in pool.history):
-                assert time.monotonic() < deadline, pool.history
-                time.sleep(0.1)
+    def operator(dispatcher):
+        while dispatcher.steps < 8:
+            time.sleep(0.01)
+        victim.append(pool.statuses()[1]["pid"])
+        os.kill(victim[0], signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while not any(h["kind"] == "recover" and "restored" in h for h in pool.history):
+            assert time.monotonic() < deadline, pool.history
+            time.sleep(0.1)
 
-        results = _streams_while(mesh, prompts, operator, max_rounds=400)
-        statuses = pool.statuses()
-    finally:
-        pool.shutdown()
-    want = [reference[tuple(p)] for p in prompts]
-    assert all(r == want for r in results), "a stream's tokens changed across the lost worker"
+    dispatcher, statuses = _under_load(pool, seven_experts, reference, operator, 400, "the lost worker")
     rec = [h for h in pool.history if h["kind"] == "recover"]
     assert len(rec) == 1 and rec[0]["lost_ranks"] == [1] and rec[0]["workers_after"] == 2, rec
     assert "process died" in rec[0]["reason"] and rec[0]["loaded_bytes"] > 0  # its experts moved to survivors
     assert rec[0]["restored"]["workers_after"] == 3 and rec[0]["restored"]["changed"]
     assert dispatcher.recoveries == 1 and dispatcher.W == 3
-    assert [s["state"] for s in statuses] == ["joined"] * 3 and victim not in {s["pid"] for s in statuses}
+    assert [s["state"] for s in statuses] == ["joined"] * 3 and victim[0] not in {s["pid"] for s in statuses}
     assert [s["recoveries"] for s in statuses] == [1, 1, 0]  # the survivors re-formed; the new one joined after
 
 

@@ -11,14 +11,11 @@ import time
 import pytest
 import torch
 
-from conftest import MeshServe, build_hf_checkpoint
+from conftest import ADMIN_TOKEN, MeshServe, pool_checkpoint
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 from router_service.client import MeshClient, MeshError
-
-TOKEN = "s3cret-admin-token"
-
 
 def _prompts(n=6, seed=13):
     g = torch.Generator().manual_seed(seed)
@@ -28,15 +25,14 @@ def _prompts(n=6, seed=13):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("join")
-    model = build_hf_checkpoint("qwen3_moe", d / "qwen3_moe_7", seed=3, num_experts=7)
-    (d / "token").write_text(TOKEN + "\n")
+    model, token = pool_checkpoint(d)
     (d / "owner").mkdir()
     (d / "joined").mkdir()
     owner = MeshServe(d / "owner", "--model", str(model), "--workers", "2", "--dtype", "float32", "--grace-period",
-                      "1", "--admin-token-file", str(d / "token"), admin_token=TOKEN)
+                      "1", "--admin-token-file", str(token), admin_token=ADMIN_TOKEN)
     try:
         joined = MeshServe(d / "joined", "--model", str(model), "--join", owner.target, "--dtype", "float32",
-                           "--grace-period", "1", "--admin-token-file", str(d / "token"))
+                           "--grace-period", "1", "--admin-token-file", str(token))
     except BaseException:
         owner.stop()
         raise

@@ -12,23 +12,21 @@ import time
 import pytest
 import torch
 
-from conftest import MeshServe, build_hf_checkpoint
+from conftest import ADMIN_TOKEN, MeshServe, pool_checkpoint, watch_health
 from mesh.config import EngineConfig
 from mesh.engine.engine import Engine
 from mesh.types import SamplingParams
 from router_service.client import MeshClient, MeshError
 
-TOKEN = "s3cret-admin-token"
 MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("loss")
-    model = build_hf_checkpoint("qwen3_moe", d / "qwen3_moe_7", seed=3, num_experts=7)
-    (d / "token").write_text(TOKEN + "\n")
+    model, token = pool_checkpoint(d)
     server = MeshServe(d, "--model", str(model), "--workers", "3", "--redundant-experts", "2", "--dtype", "float32",
-                       "--grace-period", "2", "--admin-token-file", str(d / "token"), admin_token=TOKEN)
+                       "--grace-period", "2", "--admin-token-file", str(token), admin_token=ADMIN_TOKEN)
     yield model, server
     assert server.stop() == 0, server.log()[-4000:]
 
@@ -66,17 +64,10 @@ def test_worker_sigkilled_mid_stream_under_eight_streams(served):
             got[i].append(tokens)
         c.close()
 
-    def watch():
-        c = MeshClient(server.target, timeout=10)
-        while not stop.is_set():
-            health.append(c.health(timeout=5))
-            time.sleep(0.2)
-        c.close()
-
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(prompts))]
-    threads.append(threading.Thread(target=watch, daemon=True))
     for t in threads:
         t.start()
+    threads.append(watch_health(server.target, stop, health))
     admin = server.client
     try:
         deadline = time.monotonic() + 120
