@@ -98,9 +98,10 @@ def decode_roofline(engine: Engine, batch: int = 64, ctx: int = 256, rounds: int
     el = torch.finfo(engine.config.torch_dtype).bits // 8
     expert_params = 3 * H * I
     dense_params = sum(t.numel() for t in _dense_tensors(engine)) - cfg.vocab_size * H  # embedding rows: gathered
+    # a hybrid model's recurrent states (float32) are read and written once per step besides the KV
     bytes_moved = (dense_params + sum(touched) / len(touched) * expert_params) * el \
-        + batch * ctx * cfg.kv_bytes_per_token * el
-    attn_flops = 4 * batch * ctx * cfg.num_heads * cfg.head_dim * cfg.num_layers
+        + batch * ctx * cfg.kv_bytes_per_token * el + 2 * batch * cfg.state_bytes_per_sequence
+    attn_flops = 4 * batch * ctx * cfg.num_heads * cfg.head_dim * cfg.num_kv_layers
     flops = 2 * batch * (dense_params + cfg.num_moe_layers * cfg.top_k * expert_params) + attn_flops
     rows = [{"step_ms": t * 1e3, "roofline_ms": max(flops / p, bytes_moved / b) * 1e3,
              "fraction": max(flops / p, bytes_moved / b) / t, "gemm_gflop_per_s": p / 1e9, "read_gbytes_per_s": b / 1e9,
@@ -118,12 +119,13 @@ def _dense_tensors(engine: Engine):
     if w.lm_head is not w.embed:
         yield w.lm_head
     for layer in w.layers:
-        for t in (layer.input_norm, layer.post_norm, layer.attn.qkv, layer.attn.o, layer.mlp_gate_up,
-                  layer.mlp_down):
+        a, lin, moe = layer.attn, layer.linear, layer.moe
+        for t in (layer.input_norm, layer.post_norm, layer.mlp_gate_up, layer.mlp_down,
+                  *((a.qkv, a.o) if a is not None else ()),  # full attention
+                  *((lin.in_proj, lin.conv, lin.out) if lin is not None else ()),  # Gated DeltaNet (hybrid)
+                  *((moe.router, moe.shared_gate_up, moe.shared_down, moe.shared_gate) if moe is not None else ())):
             if t is not None:
                 yield t
-        if layer.moe is not None:
-            yield layer.moe.router
 
 
 def main() -> int:

@@ -263,9 +263,8 @@ def _pressure_signals(engine) -> Callable[[float], dict]:
     """What the expert pool's autoscaler reads besides the routed load: requests waiting for a batch
     slot, and the p90 TTFT and TPOT over the look-back period (from the engine's latency window)."""
     def signals(look_back_s: float) -> dict:
-        lat = engine.observer.latencies
-        return {"waiting": engine.num_waiting, "ttft_p90_s": lat.percentile("ttft", 90, look_back_s)[0],
-                "tpot_p90_s": lat.percentile("tpot", 90, look_back_s)[0]}
+        return {"waiting": engine.num_waiting, "ttft_p90_s": engine.latency_percentile("ttft", 90, look_back_s),
+                "tpot_p90_s": engine.latency_percentile("tpot", 90, look_back_s)}
     return signals
 
 

@@ -240,6 +240,11 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def latency_percentile(self, kind: str, q: float, since_s: float) -> float:
+        """The q-th percentile of "ttft" or "tpot" (seconds) over requests of the last `since_s` seconds
+        (0.0 without any); safe from another thread (the expert pool's autoscaler asks)."""
+        return self.observer.latencies.percentile(kind, q, since_s)[0]
+
     def stats(self, expert_load: bool = False) -> EngineStats:
         """A snapshot of the engine and its experts' pool. Safe to call from another thread while the
         engine steps (plain counters; figures may be one step apart). `expert_load` adds the per-expert
