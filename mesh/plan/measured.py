@@ -47,10 +47,11 @@ from mesh.plan.simulate import Batch, Limits, StepCost
 # a header exchange and per MoE layer three all-to-alls (counts, rows, outputs), rows moved twice
 # (there and back) at 1 GB/s. Each collective waits for every rank's process to run: with a core for
 # each (the gateway's threads plus every worker's fit the machine) 100 us + 40 us per rank; when the
-# processes outnumber the cores, scheduling decides, 2 ms each (a --workers 2 profile of a 2-core VM,
-# gateway and workers on one thread each, measured 27 ms of transport per step for its 4 MoE layers:
-# 13 collectives). An assumption either way; a `--workers N` profile replaces it.
-ASSUMED_TRANSPORT = {"collective_s": 100e-6, "per_rank_s": 40e-6, "oversubscribed_s": 2e-3, "bandwidth": 1e9}
+# processes outnumber the cores, scheduling decides, 1.4 ms each (a --workers 2 profile of a 2-core VM,
+# gateway and workers on one thread each, measured about 18 ms of transport per step for its 4 MoE
+# layers, 13 collectives, with nothing else running; 27 ms while other jobs shared the machine). An
+# assumption either way (its interval spans both); a `--workers N` profile replaces it.
+ASSUMED_TRANSPORT = {"collective_s": 100e-6, "per_rank_s": 40e-6, "oversubscribed_s": 1.4e-3, "bandwidth": 1e9}
 # A worker's fixed expert cost per step against the gateway's in-process one: the same kernels per row,
 # but a worker makes a call per MoE layer after its rows arrive (the counts copied to the host, the
 # receive buffers, the slot bookkeeping) where the gateway makes one fused call per layer. On the
