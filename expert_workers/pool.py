@@ -564,12 +564,14 @@ class ExpertPool:
                 return None
             if not lost:  # a collective failed first: give Ray a moment to report the death, then ask each
                 lost = self._find_lost()
+            why = "; ".join(f"worker {r}: {w}" for r, w in lost.items()) or "a collective failed, every worker alive"
+            # given up before the signal is cleared: a collective of the old group failing from now on is
+            # this loss, not a new one (the dispatcher signals only losses it had not been told of)
+            self.dispatcher.mark_lost(why)
             self._trouble.clear()
             if self._no_recovery:
                 self.dispatcher.give_up("the server is stopping and its expert pool lost a worker")
                 return None
-            why = "; ".join(f"worker {r}: {w}" for r, w in lost.items()) or "a collective failed, every worker alive"
-            self.dispatcher.mark_lost(why)
             log.warning("expert pool: lost %s; re-forming the pool from %d of %d workers", why, W - len(lost), W)
             for r in lost:
                 try:

@@ -371,8 +371,9 @@ class CollectiveDispatcher(_MeshRank):
         with self._switch_lock:
             self._lost_reason = self._lost_reason or reason
             reason = self._lost_reason
-        self.abandon.set()
-        if self.on_lost is not None:
+            known = self.abandon.is_set()  # given up already (the pool's supervisor saw the loss first)
+            self.abandon.set()
+        if self.on_lost is not None and not known:  # a loss nobody has seen: tell the supervisor
             self.on_lost(reason)
         return ExpertsLost(f"the expert pool lost a member during this step ({reason}); the step runs again "
                            f"once the pool has re-formed")
@@ -382,7 +383,7 @@ class CollectiveDispatcher(_MeshRank):
         flight raises ExpertsLost, the next `begin_step` waits for `install_recovery`."""
         with self._switch_lock:
             self._lost_reason = self._lost_reason or reason
-        self.abandon.set()
+            self.abandon.set()
 
     @property
     def lost(self) -> bool:

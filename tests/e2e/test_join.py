@@ -1,7 +1,7 @@
 """Two gateways on one expert pool: `mesh serve --workers 2` (7 experts) and `mesh serve --join` onto
-it, each serving greedy streams with the single-process engine's tokens, through a rebalance and a
-scale-up and -down on the owner (the joined gateway attaches again when a worker it used is removed),
-and the owner still serving after the joined gateway is SIGKILLed."""
+it, each serving greedy streams with the single-process engine's tokens, through a rebalance, a
+scale-up, a worker SIGKILLed (the owner re-forms its pool; the joined gateway attaches again) and a
+scale-down on the owner, and the owner still serving after the joined gateway is SIGKILLed."""
 
 import os
 import signal
@@ -86,9 +86,19 @@ def test_two_gateways_share_one_pool_through_changes_and_a_lost_gateway(pair):
         served("joined", 6)
         assert admin.scale_pool(3)["workers"] == 3
         served("joined", 6)
-        assert admin.scale_pool(1)["workers"] == 1  # worker 1 leaves: the joined gateway's group breaks
+        # worker 1 is SIGKILLed: the owner re-forms its pool and grows it back to 3; the joined gateway's
+        # group (workers 0 and 1) breaks and it attaches again to the re-formed pool
+        os.kill(admin.get_pool()["workers"][1]["pid"], signal.SIGKILL)
         served("joined", 12)
+        served("owner", 12)
         assert "attaching again" in joined.log()
+        deadline = time.monotonic() + 120
+        while (p := admin.get_pool()).get("recoveries") != 1 or p["num_workers"] != 3:
+            assert time.monotonic() < deadline, p
+            time.sleep(0.5)
+        assert admin.scale_pool(1)["workers"] == 1  # workers leave: the joined gateway attaches once more
+        served("joined", 12)
+        assert joined.log().count("attaching again") >= 2
         stop_joined.set()
         os.killpg(joined.proc.pid, signal.SIGKILL)
         joined.proc.wait(10)
