@@ -20,43 +20,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import bench_model, emit, hardware, pct
+from common import bench_model, emit, hardware, pct, start_serve, stop_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from router_service.client import MeshClient, MeshError  # noqa: E402
-
-
-def start_server(model: Path, workers: int, redundant: int, work: Path, token: str) -> tuple[subprocess.Popen, int]:
-    (work / "token").write_text(token + "\n")
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(model), "--port", "0",
-                             "--workers", str(workers), "--redundant-experts", str(redundant), "--dtype", "float32",
-                             "--admin-token-file", str(work / "token"), "--grace-period", "2"],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while True:
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", (work / "serve.log").read_text())
-        if m:
-            port = int(m.group(1))
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"chaos: mesh serve did not start:\n{(work / 'serve.log').read_text()[-3000:]}")
-        time.sleep(0.2)
-    MeshClient(f"127.0.0.1:{port}").wait_ready(timeout=300)
-    return proc, port
 
 
 def main() -> int:
@@ -80,8 +56,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mesh-chaos-"))
     print(f"chaos: starting mesh serve --workers {args.workers} --redundant-experts {args.redundant_experts} "
           f"on {model} (log {work / 'serve.log'})", file=sys.stderr)
-    proc, port = start_server(model, args.workers, args.redundant_experts, work, token)
-    target = f"127.0.0.1:{port}"
+    (work / "token").write_text(token + "\n")
+    proc, target = start_serve(work, "--model", str(model), "--workers", str(args.workers), "--redundant-experts",
+                               str(args.redundant_experts), "--dtype", "float32", "--admin-token-file",
+                               str(work / "token"), "--grace-period", "2")
+    MeshClient(target).wait_ready(timeout=300)
     admin = MeshClient(target, timeout=60, admin_token=token)
     emit({"bench": "chaos", "hardware": hardware(), "model": str(model), "workers": args.workers,
           "redundant_experts": args.redundant_experts, "streams": args.streams})
@@ -160,11 +139,7 @@ def main() -> int:
         for t in threads:
             t.join(300)
         admin.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_serve(proc)
 
     # phases: steady, then after each kill
     bounds = [t_start] + [t_start + r["t"] for r in kills] + [float("inf")]

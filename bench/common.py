@@ -29,6 +29,36 @@ def bench_model(arch: str = "qwen3_moe", preset: str = "bench") -> Path:
     return out
 
 
+def start_serve(work: Path, *args: str, timeout: float = 300.0):
+    """`mesh serve --port 0 ARGS` in a session of its own, logging to WORK/serve.log (a file: access
+    lines would fill a pipe); returns (process, "127.0.0.1:PORT") once it listens. The caller stops it
+    (SIGTERM; the session's group on a timeout)."""
+    import re
+    import subprocess
+    log = open(work / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--port", "0", *args], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()  # the child holds its own descriptor
+    deadline = time.monotonic() + timeout
+    while not (m := re.search(r"listening on 127\.0\.0\.1:(\d+)", (work / "serve.log").read_text())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"mesh serve did not start:\n{(work / 'serve.log').read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc, f"127.0.0.1:{m.group(1)}"
+
+
+def stop_serve(proc, timeout: float = 30.0) -> None:
+    import signal
+    import subprocess
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def pct(xs: list[float], q: float) -> float:
     """The q-th percentile of xs (nearest rank)."""
     xs = sorted(xs)

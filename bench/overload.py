@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import bench_model, emit, hardware
+from common import bench_model, emit, hardware, start_serve, stop_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,18 +88,9 @@ def main() -> int:
 
     model = bench_model("qwen3_moe", args.preset)
     work = Path(tempfile.mkdtemp(prefix="mesh-overload-"))
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "serve", "--model", str(model), "--port", "0",
-                             "--workers", "0", "--dtype", "float32", "--max-queued-requests", str(args.max_queued)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc, target = start_serve(work, "--model", str(model), "--workers", "0", "--dtype", "float32",
+                               "--max-queued-requests", str(args.max_queued))
     try:
-        deadline = time.monotonic() + 120
-        while not (m := re.search(r"listening on 127\.0\.0\.1:(\d+)", (work / "serve.log").read_text())):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"overload: mesh serve did not start:\n{(work / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        target = f"127.0.0.1:{m.group(1)}"
         emit({"bench": "overload", "hardware": hardware(), "model": str(model), "max_queued": args.max_queued})
         print(f"overload: capacity: {args.max_queued} callers for {args.duration:g}s ...", file=sys.stderr)
         with PeakRss(proc.pid) as base_mem:
@@ -135,12 +124,7 @@ def main() -> int:
               "errors": errors})
         return 0 if proc.poll() is None and q["failed"] == refused else 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop_serve(proc)
 
 
 if __name__ == "__main__":

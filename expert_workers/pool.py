@@ -12,12 +12,12 @@ import collections
 import logging
 from datetime import timedelta
 import os
-import socket
 import threading
 import time
 
 from expert_workers.worker import WorkerSpec, make_actor_class
 from mesh.config import DTYPES, ModelConfig
+from mesh.parallel.collective import free_port
 from mesh.parallel.placement import Placement, rebalance
 
 log = logging.getLogger("mesh.pool")
@@ -45,12 +45,6 @@ class PoolError(RuntimeError):
 
 class PlacementChanged(PoolError):
     """A joining gateway read a placement that is no longer the pool's: it reads again and retries."""
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _node_ip() -> str:
@@ -231,7 +225,7 @@ class ExpertPool:
         self._pg = placement_group([bundle] * self.num_workers, strategy="SPREAD")
         self._wait_resources(bundle)
         host = _node_ip() if self.ray_address else "127.0.0.1"
-        port = _free_port(host)
+        port = free_port(host)
         # NCCL: torch.distributed's default group. gloo: a group of the pool's own (its own TCP store,
         # served by the gateway), like every later one: no process-wide state, and a group given up
         # after a lost worker is simply dropped (a process may start several pools)
@@ -434,7 +428,7 @@ class ExpertPool:
             S = -(-old.num_slots // num_workers)  # the same slots, spread over the new workers
             new = rebalance(load, num_workers, S)
             host = _node_ip() if self.ray_address else "127.0.0.1"
-            port = _free_port(host)
+            port = free_port(host)
             keep = min(W, num_workers)
             added, added_refs = [], []
             if num_workers > W:
@@ -562,8 +556,8 @@ class ExpertPool:
             lost = {r: self._why_lost(r) for r, ref in enumerate(self.serve_refs) if ref in done}
             if not lost and not self._trouble.is_set():
                 return None
-            if not lost:  # a collective failed first: give Ray a moment to report the death, then ask each
-                lost = self._find_lost()
+            if not lost:  # a collective failed first: give Ray a moment to report the death
+                lost = self._reported_lost()
             why = "; ".join(f"worker {r}: {w}" for r, w in lost.items()) or "a collective failed, every worker alive"
             # given up before the signal is cleared: a collective of the old group failing from now on is
             # this loss, not a new one (the dispatcher signals only losses it had not been told of)
@@ -572,15 +566,16 @@ class ExpertPool:
             if self._no_recovery:
                 self.dispatcher.give_up("the server is stopping and its expert pool lost a worker")
                 return None
-            log.warning("expert pool: lost %s; re-forming the pool from %d of %d workers", why, W - len(lost), W)
             for r in lost:
                 try:
                     ray.kill(self.actors[r])
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+            # the others are asked: one that died at about the same time, or hangs, is not part of the next group
+            lost.update(self._unresponsive([r for r in range(W) if r not in lost]))
+            why = "; ".join(f"worker {r}: {w}" for r, w in lost.items()) or why
             keep = [r for r in range(W) if r not in lost]
-            lost.update(self._unresponsive(keep))  # died at about the same time: not part of the next group
-            keep = [r for r in range(W) if r not in lost]
+            log.warning("expert pool: lost %s; re-forming the pool from %d of %d workers", why, len(keep), W)
             record = {"kind": "recover", "lost_ranks": sorted(lost), "reason": why, "workers_before": W,
                       "workers_after": len(keep), "changed": bool(keep), "loaded_bytes": 0, "moved_experts": 0,
                       "slots_per_rank": self.placement.slots_per_rank, "decision_to_serving_s": 0.0}
@@ -594,7 +589,7 @@ class ExpertPool:
             load = self.window_load()
             new = self.placement.heal(set(lost), load)
             host = _node_ip() if self.ray_address else "127.0.0.1"
-            port = _free_port(host)
+            port = free_port(host)
             refs = [self.actors[r].recover.remote(new.phy2log.tolist(), len(keep), new.slots_per_rank, host, port, i)
                     for i, r in enumerate(keep)]
             try:
@@ -684,20 +679,16 @@ class ExpertPool:
             raise box["error"]
         return box["group"]
 
-    def _find_lost(self, grace_s: float = 5.0) -> dict[int, str]:
+    def _reported_lost(self, grace_s: float = 5.0) -> dict[int, str]:
+        """The workers whose serve loop Ray reports ended within `grace_s` (a collective may fail a
+        little before Ray learns that a process died)."""
         import ray
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             done = set(ray.wait(self.serve_refs, num_returns=len(self.serve_refs), timeout=0.5)[0])
             if done:
                 return {r: self._why_lost(r) for r, ref in enumerate(self.serve_refs) if ref in done}
-        lost = {}
-        for r, a in enumerate(self.actors):
-            try:
-                ray.get(a.status.remote(), timeout=5.0)
-            except Exception as e:  # noqa: BLE001 - dead or hung: either way not part of the next group
-                lost[r] = f"it does not answer ({type(e).__name__})"
-        return lost
+        return {}
 
     def _why_lost(self, r: int) -> str:
         """Why worker r's serve loop ended, in a few words."""

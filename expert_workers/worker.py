@@ -55,9 +55,32 @@ class ExpertWorker:
 
     def placement(self) -> Placement:
         s = self.spec
+        return self._placement_of(s.phy2log, s.num_ranks, s.slots_per_rank)
+
+    def _placement_of(self, phy2log: list[list[int]], num_ranks: int, slots_per_rank: int) -> Placement:
+        cfg = ModelConfig.from_dir(self.spec.model_dir)
+        return Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+
+    def _load(self, slots: list[list[int]], rank: int):
+        """This worker's experts for `slots` (per MoE layer, the logical expert of each local slot),
+        from the checkpoint (or random ones seeded by `rank`), prepared for the backend's compute (the
+        CPU's packs the weights once and drops the stacked copies)."""
+        s = self.spec
         cfg = ModelConfig.from_dir(s.model_dir)
-        return Placement(torch.tensor(s.phy2log, dtype=torch.int64), s.num_ranks, s.slots_per_rank,
-                         cfg.num_experts)
+        shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=slots, device=s.device,
+                             reader=open_reader(s.model_dir, s.load_format, s.device, seed=1 + rank))
+        make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
+        return shard
+
+    def _join_next_group(self, placement: Placement, host: str, port: int, rank: int):
+        """Join the pool's next group (`new_group` on host:port) as expert rank `rank` of `placement`
+        and pass its handshake, beside the group this worker serves on."""
+        from mesh.parallel.collective import group_handshake, mesh_layout, new_group
+        s = self.spec
+        cfg = ModelConfig.from_dir(s.model_dir)
+        group = new_group(host, port, s.num_attention + placement.num_ranks, s.num_attention + rank)
+        group_handshake(group, mesh_layout(s.num_attention, placement, cfg.hidden_size, DTYPES[s.dtype]))
+        return group
 
     def serve(self) -> int:
         """Load, join, and serve until the gateway sends SHUTDOWN. Returns the steps served."""
@@ -73,13 +96,8 @@ class ExpertWorker:
         try:
             self.state = "loading"
             t0 = time.perf_counter()
-            cfg = ModelConfig.from_dir(s.model_dir)
             placement = self.placement()
-            shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=placement.local_slots(s.expert_rank),
-                                 device=s.device, reader=open_reader(s.model_dir, s.load_format, s.device,
-                                                                     seed=1 + s.expert_rank))
-            # the backend's expert compute (the CPU's packs the weights once and drops the stacked copies)
-            make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
+            shard = self._load(placement.local_slots(s.expert_rank), s.expert_rank)
             self.loaded_bytes = shard.nbytes
             self.load_seconds = time.perf_counter() - t0
             self.state = "loaded"
@@ -111,8 +129,7 @@ class ExpertWorker:
 
     def leave(self, phy2log: list[list[int]], num_ranks: int, slots_per_rank: int) -> dict:
         """This rank is not in the new placement's pool: stop serving at its SWITCH."""
-        cfg = ModelConfig.from_dir(self.spec.model_dir)
-        new = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+        new = self._placement_of(phy2log, num_ranks, slots_per_rank)
         return {"rank": self.spec.expert_rank, "fingerprint": self.server.stage_leave(new), "loaded_bytes": 0,
                 "new_experts": 0, "seconds": 0.0}
 
@@ -127,27 +144,13 @@ class ExpertWorker:
             raise RuntimeError(f"expert worker {s.expert_rank} is {self.state}: it can take a new placement "
                                f"only once it serves")
         t0 = time.perf_counter()
-        cfg = ModelConfig.from_dir(s.model_dir)
-        new = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
-
-        def load():
-            shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=new.local_slots(s.expert_rank),
-                                 device=s.device, reader=open_reader(s.model_dir, s.load_format, s.device,
-                                                                     seed=1 + s.expert_rank))
-            make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
-            return shard
-
-        shard = _behind_serving(load)  # the serving loops of this and every other process come first
+        new = self._placement_of(phy2log, num_ranks, slots_per_rank)
+        # the serving loops of this and every other process come first
+        shard = _behind_serving(lambda: self._load(new.local_slots(s.expert_rank), s.expert_rank))
         nbytes = shard.nbytes
         new_experts = self.server.placement.moved_slots(new)[s.expert_rank]
-        group = None
-        if group_port:  # the pool changes membership: join its next group now, beside the serving one
-            from mesh.parallel.collective import PROTOCOL_VERSION, _DTYPES, group_handshake, new_group
-            A = s.num_attention
-            group = new_group(group_host, group_port, A + num_ranks, A + s.expert_rank)
-            group_handshake(group, [PROTOCOL_VERSION, A, num_ranks, slots_per_rank, cfg.num_experts,
-                                    new.num_layers, cfg.hidden_size, _DTYPES.index(DTYPES[s.dtype]),
-                                    new.fingerprint()])
+        # the pool changes membership: join its next group now, beside the serving one
+        group = self._join_next_group(new, group_host, group_port, s.expert_rank) if group_port else None
         fp = self.server.stage(new, shard, group=group)
         return {"rank": s.expert_rank, "fingerprint": fp, "loaded_bytes": nbytes,
                 "new_experts": new_experts, "seconds": time.perf_counter() - t0}
@@ -163,22 +166,15 @@ class ExpertWorker:
         if srv is None or self.state != "joined":
             raise RuntimeError(f"expert worker {s.expert_rank} is {self.state}: only a serving worker re-forms")
         t0 = time.perf_counter()
-        cfg = ModelConfig.from_dir(s.model_dir)
-        new = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+        new = self._placement_of(phy2log, num_ranks, slots_per_rank)
         slots, old = new.local_slots(new_rank), srv.placement.local_slots(srv.rank - srv.A)
         if slots == old:
             shard, nbytes = srv.experts, 0  # nothing moved here: the shard in memory serves on
         else:
-            shard = load_experts(s.model_dir, cfg, DTYPES[s.dtype], slots=slots, device=s.device,
-                                 reader=open_reader(s.model_dir, s.load_format, s.device, seed=1 + new_rank))
+            shard = self._load(slots, new_rank)
             nbytes = shard.nbytes
-            make_backend(s.backend, s.device, cfg.rms_norm_eps, threads=s.threads).prepare_experts(shard)
         new_experts = sum(len(set(n) - set(o)) for n, o in zip(slots, old))  # (layer, expert) pairs new here
-        from mesh.parallel.collective import PROTOCOL_VERSION, _DTYPES, group_handshake, new_group
-        A = s.num_attention
-        group = new_group(group_host, group_port, A + num_ranks, A + new_rank)
-        group_handshake(group, [PROTOCOL_VERSION, A, num_ranks, slots_per_rank, cfg.num_experts, new.num_layers,
-                                cfg.hidden_size, _DTYPES.index(DTYPES[s.dtype]), new.fingerprint()])
+        group = self._join_next_group(new, group_host, group_port, new_rank)
         fp = srv.stage_recovery(new, shard, group)
         s.expert_rank = new_rank
         return {"rank": new_rank, "fingerprint": fp, "loaded_bytes": nbytes, "new_experts": new_experts,
@@ -194,8 +190,7 @@ class ExpertWorker:
         s, srv = self.spec, self.server
         if srv is None or self.state != "joined":
             raise RuntimeError(f"expert worker {s.expert_rank} is {self.state}: only a serving worker attaches")
-        cfg = ModelConfig.from_dir(s.model_dir)
-        placement = Placement(torch.tensor(phy2log, dtype=torch.int64), num_ranks, slots_per_rank, cfg.num_experts)
+        placement = self._placement_of(phy2log, num_ranks, slots_per_rank)
         if placement.fingerprint() != srv.placement.fingerprint():
             raise RuntimeError(f"attach: placement {placement.fingerprint():#x} is not this worker's "
                                f"({srv.placement.fingerprint():#x})")

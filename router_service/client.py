@@ -284,6 +284,13 @@ class MeshClient:
             target_tokens_per_worker=target_tokens_per_worker, upscale_delay_s=upscale_delay_s,
             downscale_delay_s=downscale_delay_s, **pressure), timeout)
 
+    def attach_gateway(self, host: str, port: int, placement_fingerprint: int,
+                       timeout: float | None = None) -> dict:
+        """Ask this gateway's expert pool to serve another gateway whose group store listens on
+        host:port (what `mesh serve --join` does; the fingerprint is of the placement it read)."""
+        return self._admin_call("AttachGateway", apb.AttachGatewayRequest(
+            host=host, port=port, placement_fingerprint=placement_fingerprint), timeout)
+
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service name."""
         try:

@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 
 from mesh.config import DTYPES, ModelConfig
-from mesh.parallel.collective import CollectiveDispatcher, group_handshake, new_group
+from mesh.parallel.collective import CollectiveDispatcher, free_port, group_handshake, new_group
 from mesh.parallel.placement import Placement
 
 log = logging.getLogger("mesh.join")
@@ -40,12 +40,6 @@ def _advertised_host(owner_host: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((owner_host, 9))  # no packet is sent: this only picks the route
         return s.getsockname()[0]
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class JoinedPool:
@@ -81,10 +75,8 @@ class JoinedPool:
     def _attach(self, build) -> None:
         """Read the placement, open this gateway's store, ask the owner to attach; `build(placement,
         group)` runs beside the call (the group's first collective needs both sides)."""
-        from router_service.client import MeshError
-        from router_service.protos import admin_pb2 as apb
         placement = self._placement()
-        port = _free_port(self.host)
+        port = free_port(self.host)
         box: dict = {}
 
         def form():
@@ -97,11 +89,8 @@ class JoinedPool:
 
         t = threading.Thread(target=form, name="mesh-join", daemon=True)
         t.start()
-        try:
-            self.client._admin_call("AttachGateway", apb.AttachGatewayRequest(
-                host=self.host, port=port, placement_fingerprint=placement.fingerprint()), self.timeout)
-        except MeshError:
-            raise  # the group never forms; its thread times out on its own
+        # on an error the group never forms; its thread times out on its own
+        self.client.attach_gateway(self.host, port, placement.fingerprint(), self.timeout)
         t.join(self.timeout)
         if t.is_alive() or "error" in box:
             raise RuntimeError(f"the group with the pool's workers did not form: {box.get('error', 'timed out')}")

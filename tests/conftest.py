@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -270,6 +271,29 @@ def watch_health(target: str, stop, health: list):
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     return t
+
+
+def engine_factory(model_dir, **config):
+    """What a Gateway builds its engine with: the model in float32 with a small KV pool (4 MiB),
+    `config` overriding EngineConfig fields."""
+    from mesh.config import EngineConfig
+    from mesh.engine.engine import Engine
+    kw = {"dtype": "float32", "kv_cache_memory": 4 << 20, **config}
+    return lambda: Engine(model_dir, EngineConfig(**kw))
+
+
+class LogCapture(logging.Handler):
+    """Every log record, for tests that check what the server logged (tracebacks above all)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def tracebacks(self) -> list[str]:
+        return [self.format(r) for r in self.records if r.exc_info or "Traceback" in r.getMessage()]
 
 
 class LiveGateway:

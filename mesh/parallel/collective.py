@@ -84,6 +84,23 @@ def init_mesh_group(init_method: str, world_size: int, rank: int, backend: str |
                             timeout=GROUP_TIMEOUT)
 
 
+def mesh_layout(num_attention: int, placement: Placement, hidden_size: int, dtype: torch.dtype,
+                slots_per_rank: int | None = None, num_layers: int | None = None) -> list[int]:
+    """A rank's row of the handshake (`_HANDSHAKE`'s fields) for `placement`; an expert rank gives
+    the slots and layers of the shard it actually holds, so that a shard of the wrong shape fails it."""
+    return [PROTOCOL_VERSION, num_attention, placement.num_ranks,
+            placement.slots_per_rank if slots_per_rank is None else slots_per_rank, placement.num_experts,
+            placement.num_layers if num_layers is None else num_layers, hidden_size, _DTYPES.index(dtype),
+            placement.fingerprint()]
+
+
+def free_port(host: str) -> int:
+    """A port free on `host` now, for a group's TCP store (its rank 0 binds it next)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def new_group(host: str, port: int, world_size: int, rank: int, timeout: timedelta = timedelta(seconds=300)):
     """A gloo process group of its own (its own TCP store on host:port, rank 0 serving it), formed
     beside the default group: how a pool changes its membership (torch.distributed cannot grow a
@@ -256,10 +273,8 @@ class CollectiveDispatcher(_MeshRank):
         (reported in the engine's stats; 0: not known)."""
         self.hidden_size, self.dtype = hidden_size, dtype
         self.worker_threads = worker_threads
-        layout = [PROTOCOL_VERSION, num_attention, placement.num_ranks, placement.slots_per_rank,
-                  placement.num_experts, placement.num_layers, hidden_size, _DTYPES.index(dtype),
-                  placement.fingerprint()]
-        super().__init__(placement, num_attention, group, device, layout)
+        super().__init__(placement, num_attention, group, device,
+                         mesh_layout(num_attention, placement, hidden_size, dtype))
         if not 0 <= self.rank < self.A:
             raise ValueError(f"rank {self.rank} is an expert rank; attention ranks are 0..{self.A - 1}")
         self._use_placement(placement)
@@ -289,8 +304,7 @@ class CollectiveDispatcher(_MeshRank):
 
     def layout(self, placement: Placement) -> list[int]:
         """The handshake row of this gateway for `placement` (what a new group's members compare)."""
-        return [PROTOCOL_VERSION, self.A, placement.num_ranks, placement.slots_per_rank, placement.num_experts,
-                placement.num_layers, self.hidden_size, _DTYPES.index(self.dtype), placement.fingerprint()]
+        return mesh_layout(self.A, placement, self.hidden_size, self.dtype)
 
     def _use_placement(self, placement: Placement) -> None:
         if (placement.num_ranks, placement.num_layers, placement.num_experts) != \
@@ -596,10 +610,9 @@ class ExpertServer(_MeshRank):
         self._compute_lock = compute_lock if compute_lock is not None else nullcontext()
         self.experts = experts
         self.dtype, self.hidden_size = experts.dtype, experts.hidden_size
-        layout = [PROTOCOL_VERSION, num_attention, placement.num_ranks, experts.num_slots,
-                  placement.num_experts, len(experts.layers), self.hidden_size,
-                  _DTYPES.index(self.dtype), placement.fingerprint()]
-        super().__init__(placement, num_attention, group, device, layout)
+        super().__init__(placement, num_attention, group, device,
+                         mesh_layout(num_attention, placement, self.hidden_size, self.dtype, experts.num_slots,
+                                     len(experts.layers)))
         if self.rank < self.A:
             raise ValueError(f"rank {self.rank} is an attention rank; expert ranks are {self.A}..{self.world - 1}")
         self.slot_load = torch.zeros(self.L, self.S, dtype=torch.int64)

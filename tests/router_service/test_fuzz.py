@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from conftest import LiveGateway, LogCapture, engine_factory
 from router_service.client import MeshClient, MeshError
 from router_service.protos import inference_pb2 as pb
-from test_security import LiveGateway, LogCapture, tiny_dir  # noqa: F401  (fixture)
 
 EXAMPLES = int(os.environ.get("MESH_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False, database=None,
@@ -32,13 +32,13 @@ U32, U64 = 2**32 - 1, 2**64 - 1
 
 
 @pytest.fixture(scope="module")
-def served(tiny_dir):  # noqa: F811
+def served(tiny_dir):
     cap = LogCapture()
     root = logging.getLogger()
     old = root.level
     root.addHandler(cap)
     root.setLevel(logging.INFO)
-    live = LiveGateway(tiny_dir, max_queued=64)
+    live = LiveGateway(engine_factory(tiny_dir), max_queued=64)
     channel = grpc.insecure_channel(live.target)
     yield live, channel, cap
     channel.close()
@@ -141,21 +141,22 @@ def _raw_call(channel, method: str, payload: bytes, streaming: bool):
         return e.code()
 
 
+def _send(channel, r: dict, streaming: bool) -> grpc.StatusCode:
+    """Request `r` through Generate (streaming) or Complete; its status code."""
+    return _raw_call(channel, "/mesh.v1.Inference/" + ("Generate" if streaming else "Complete"),
+                     _message(r).SerializeToString(), streaming)
+
+
 @FUZZ
 @given(r=valid, streaming=st.booleans())
 def test_valid_requests_are_served(served, r, streaming):
-    live, channel, _ = served
-    code = _raw_call(channel, "/mesh.v1.Inference/" + ("Generate" if streaming else "Complete"),
-                     _message(r).SerializeToString(), streaming)
-    assert code == grpc.StatusCode.OK, r
+    assert _send(served[1], r, streaming) == grpc.StatusCode.OK, r
 
 
 @FUZZ
 @given(r=requests, streaming=st.booleans())
 def test_generated_requests(served, r, streaming):
-    live, channel, _ = served
-    code = _raw_call(channel, "/mesh.v1.Inference/" + ("Generate" if streaming else "Complete"),
-                     _message(r).SerializeToString(), streaming)
+    code = _send(served[1], r, streaming)
     event(code.name)  # --hypothesis-show-statistics shows how many were served and how many refused
 
 
@@ -211,7 +212,7 @@ def test_a_thousand_cancelled_streams_leak_no_block(served):
 
 
 def test_overload_is_resource_exhausted(tiny_dir):  # noqa: F811
-    live = LiveGateway(tiny_dir, max_queued=4)
+    live = LiveGateway(engine_factory(tiny_dir), max_queued=4)
     try:
         def one(i: int):
             with MeshClient(live.target, timeout=120) as c:

@@ -5,7 +5,6 @@ mutual TLS with certificates made on the fly; `mesh serve`/`mesh generate --targ
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import ipaddress
 import json
@@ -14,7 +13,6 @@ import os
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,62 +20,17 @@ import grpc
 import httpx2 as httpx  # the HTTP client the openai package is built on
 import pytest
 
-from mesh.config import EngineConfig
-from mesh.engine.engine import Engine
+from conftest import LiveGateway, LogCapture, engine_factory
 from router_service.auth import (Caller, PermissionDenied, TokenFileError, TokenTable, Unauthenticated, identify,
                                  require_role)
 from router_service.client import MeshClient, MeshError
 from router_service.protos import inference_pb2 as pb
-from router_service.server import Gateway
 from router_service.tls import TlsError, TlsFiles
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = dict(dtype="float32", kv_cache_memory=4 << 20)
 GENERATE = "/mesh.v1.Inference/Generate"
 COMPLETE = "/mesh.v1.Inference/Complete"
 TOKEN_A, TOKEN_B, TOKEN_ADMIN = "tok-a-" + "a" * 20, "tok-b-" + "b" * 20, "tok-admin-" + "c" * 20
-
-
-class LiveGateway:
-    """A Gateway on a free loopback port, its event loop in a background thread."""
-
-    def __init__(self, model_dir, factory=None, **kw):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.gw = Gateway(factory or (lambda: Engine(model_dir, EngineConfig(**CONFIG))), "127.0.0.1", 0, **kw)
-        self.call(self.gw.start())
-        self.target = f"127.0.0.1:{self.gw.port}"
-        self.call(self.gw.load())
-
-    def call(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def wait_idle(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = self.gw.aengine.stats()
-            if s["in_flight"] == 0 and s["blocks_used"] == 0 and self.gw.engine.blocks.num_used == 0:
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"requests or KV blocks not freed: {self.gw.aengine.stats()}")
-
-    def close(self):
-        self.call(self.gw.stop(grace=0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-class LogCapture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def tracebacks(self) -> list[str]:
-        return [self.format(r) for r in self.records if r.exc_info or "Traceback" in r.getMessage()]
 
 
 @pytest.fixture
@@ -93,14 +46,8 @@ def logs():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from mesh.presets import init_model
-    return init_model("qwen3_moe", "tiny", tmp_path_factory.mktemp("sec") / "tiny")  # has tokenizer.json
-
-
-@pytest.fixture(scope="module")
 def open_gw(tiny_dir):
-    live = LiveGateway(tiny_dir, http_port=0, model_name="tiny")
+    live = LiveGateway(engine_factory(tiny_dir), http_port=0, model_name="tiny")
     yield live
     live.close()
 
@@ -228,7 +175,7 @@ def test_token_file_parsing(tmp_path):
 def auth_gw(tiny_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("auth") / "tokens"
     path.write_text(f"{TOKEN_A} acme\n{TOKEN_B} beta\n{TOKEN_ADMIN} ops admin\n")
-    live = LiveGateway(tiny_dir, http_port=0, model_name="tiny", tokens=TokenTable.load(path))
+    live = LiveGateway(engine_factory(tiny_dir), http_port=0, model_name="tiny", tokens=TokenTable.load(path))
     yield live
     live.close()
 
@@ -357,7 +304,7 @@ def test_tls_files_are_checked_up_front(certs, tmp_path):
 
 def test_tls_and_mutual_tls(tiny_dir, certs):
     tls = TlsFiles.from_flags(str(certs["server"]), str(certs["server-key"]))
-    live = LiveGateway(tiny_dir, tls=tls, http_port=0, model_name="tiny")
+    live = LiveGateway(engine_factory(tiny_dir), tls=tls, http_port=0, model_name="tiny")
     try:
         with MeshClient(live.target, timeout=30, tls_ca=str(certs["ca"])) as c:
             assert len(c.complete(prompt_token_ids=[1, 2, 3], max_tokens=3)["token_ids"]) == 3
@@ -376,7 +323,7 @@ def test_tls_and_mutual_tls(tiny_dir, certs):
         live.close()
 
     mtls = TlsFiles.from_flags(str(certs["server"]), str(certs["server-key"]), str(certs["ca"]))
-    live = LiveGateway(tiny_dir, tls=mtls, http_port=0, model_name="tiny")
+    live = LiveGateway(engine_factory(tiny_dir), tls=mtls, http_port=0, model_name="tiny")
     try:
         url = f"https://127.0.0.1:{live.gw.http_port}/v1/models"
         ctx = ssl.create_default_context(cafile=str(certs["ca"]))
@@ -458,7 +405,7 @@ def test_mesh_serve_with_tls_and_tokens_and_remote_generate(tiny_dir, certs, tmp
 
 
 def test_open_server_says_so_in_its_log(tiny_dir, logs):
-    live = LiveGateway(tiny_dir)
+    live = LiveGateway(engine_factory(tiny_dir))
     live.close()
     text = "\n".join(r.getMessage() for r in logs.records)
     assert "NO AUTHENTICATION: anyone who reaches these ports may call" in text
@@ -497,6 +444,8 @@ def redis_tls(certs, tmp_path):
 
 
 def test_prefix_cache_over_redis_tls(tiny_dir, redis_tls, certs):
+    from mesh.config import EngineConfig
+    from mesh.engine.engine import Engine
     from mesh.types import SamplingParams
     from router_service.redis_tier import RedisTier
     url, port = redis_tls

@@ -159,14 +159,12 @@ def test_workers_gone_while_draining_is_an_orderly_stop(tiny_dir):
 
     import grpc
 
-    from mesh.config import EngineConfig
-    from mesh.engine.engine import Engine
-    from test_security import LiveGateway, LogCapture
+    from conftest import LiveGateway, LogCapture, engine_factory
 
     cap = LogCapture()
     logging.getLogger().addHandler(cap)
-    engine = WorkersGoneOnStop(Engine(tiny_dir, EngineConfig(dtype="float32", kv_cache_memory=4 << 20)))
-    live = LiveGateway(tiny_dir, factory=lambda: engine, grace=10)
+    engine = WorkersGoneOnStop(engine_factory(tiny_dir)())
+    live = LiveGateway(lambda: engine, grace=10)
     engine.aengine = live.gw.aengine
     try:
         with MeshClient(live.target, timeout=60) as c:

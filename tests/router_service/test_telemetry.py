@@ -2,7 +2,6 @@
 step spans linked to request spans, expert-worker spans exported over real OTLP/gRPC as children of the
 gateway's step spans across processes, and metric values after a known workload."""
 
-import os
 import time
 
 import grpc
